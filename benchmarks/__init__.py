@@ -1,0 +1,1 @@
+"""Benchmarks: load clients and recorded results for the serving stack."""

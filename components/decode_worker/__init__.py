@@ -1,0 +1,1 @@
+"""Decode worker: the entry point of disaggregation (or an aggregated prefill+decode worker)."""

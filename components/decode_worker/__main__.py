@@ -1,0 +1,56 @@
+"""``python -m triptych.components.decode_worker``
+
+``--disaggregation-mode decode`` (E/P/D, P/D): bootstrap with a prefill worker, decode from
+the KV cache it hands over. ``--disaggregation-mode agg`` (E/PD, EPD): prefill and decode here;
+with ``--dedicated-mm-encoder`` images come encoded from an encode worker, otherwise this worker
+encodes them itself.
+"""
+
+from collections.abc import Sequence
+
+from triptych.components.decode_worker.handler import AggregatedHandler, DisaggregatedHandler
+from triptych.components.worker import run_worker, worker_config, worker_parser
+from triptych.engines import (
+    Engine,
+    aggregated_engine,
+    decode_engine,
+    encode_engine,
+)
+from triptych.protocol import GenerateRequest
+from triptych.runtime import Runtime, Service
+
+
+def main() -> None:
+    """Parse flags and serve until stopped."""
+    parser = worker_parser("triptych decode worker")
+    parser.add_argument("--disaggregation-mode", choices=("decode", "agg"), default="decode")
+    parser.add_argument("--dedicated-mm-encoder", action="store_true",
+                        help="images arrive encoded from an encode worker")
+    args = parser.parse_args()
+    config = worker_config(args)
+
+    async def setup(runtime: Runtime, service: Service) -> Sequence[Engine]:
+        engines: list[Engine] = []
+        if args.disaggregation_mode == "decode":
+            engine = decode_engine(config.engine)
+            await engine.start()
+            engines.append(engine)
+            handler = DisaggregatedHandler(engine, await runtime.client("prefill"))
+            service.add_endpoint("generate", GenerateRequest, handler.generate)
+            return engines
+        agg = aggregated_engine(config.engine)
+        await agg.start()
+        engines.append(agg)
+        encoder = None
+        if not args.dedicated_mm_encoder:
+            encoder = encode_engine(config.engine)
+            await encoder.start()
+            engines.append(encoder)
+        service.add_endpoint("generate", GenerateRequest, AggregatedHandler(agg, encoder).generate)
+        return engines
+
+    run_worker(config, "decode", setup)
+
+
+if __name__ == "__main__":
+    main()

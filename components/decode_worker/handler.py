@@ -1,0 +1,55 @@
+"""The decode worker's request handlers: disaggregated and aggregated."""
+
+from collections.abc import AsyncIterator
+
+from triptych.engines import AggregatedEngine, DecodeEngine, EncodeEngine
+from triptych.protocol import BootstrapInfo, ErrorCode, GenerateRequest, ServiceError, TokenChunk
+from triptych.runtime import Client, Context
+from triptych.transfer import ImageEmbeddings, read_simulated
+
+
+async def _stream(chunks: AsyncIterator[TokenChunk], ctx: Context) -> None:
+    async for chunk in chunks:
+        await ctx.stream.send(chunk, end=chunk.finish_reason is not None)
+
+
+class DisaggregatedHandler:
+    """Asks a prefill instance for a bootstrap room, then decodes from the KV it hands over."""
+
+    def __init__(self, engine: DecodeEngine, prefill: Client) -> None:
+        self.engine = engine
+        self.prefill = prefill
+
+    async def generate(self, request: GenerateRequest, ctx: Context) -> None:
+        """Bootstrap with prefill (same request id: a cancel reaches both), then stream tokens."""
+        answer = await self.prefill.call(request, request_id=ctx.request_id,
+                                         deadline=ctx.deadline)
+        try:
+            bootstrap = await answer.next_model(BootstrapInfo)
+        finally:
+            answer.close()
+        await _stream(self.engine.generate(ctx.request_id, request, bootstrap), ctx)
+
+
+class AggregatedHandler:
+    """Prefill and decode in this process; images are encoded here unless already encoded."""
+
+    def __init__(self, engine: AggregatedEngine, encoder: EncodeEngine | None) -> None:
+        self.engine = engine
+        self.encoder = encoder
+
+    async def generate(self, request: GenerateRequest, ctx: Context) -> None:
+        """Gather the embeddings, then stream tokens."""
+        embeddings = await self._embeddings(request, ctx.request_id)
+        await _stream(self.engine.generate(ctx.request_id, request, embeddings), ctx)
+
+    async def _embeddings(self, request: GenerateRequest,
+                          request_id: str) -> ImageEmbeddings | None:
+        if request.embeddings is not None:
+            return read_simulated(request.embeddings)
+        if not request.images:
+            return None
+        if self.encoder is None:
+            raise ServiceError(ErrorCode.INTERNAL,
+                               "images arrived unencoded at a worker with a dedicated encoder")
+        return await self.encoder.encode(request_id, request.images)

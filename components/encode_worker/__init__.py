@@ -1,0 +1,1 @@
+"""Encode worker: runs the vision tower and forwards the request, embeddings attached, to decode."""

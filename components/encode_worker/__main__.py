@@ -1,0 +1,27 @@
+"""``python -m triptych.components.encode_worker``"""
+
+from collections.abc import Sequence
+
+from triptych.components.encode_worker.handler import EncodeHandler
+from triptych.components.worker import run_worker, worker_config, worker_parser
+from triptych.engines import Engine, encode_engine
+from triptych.protocol import GenerateRequest
+from triptych.runtime import Runtime, Service
+
+
+def main() -> None:
+    """Parse flags and serve until stopped."""
+    config = worker_config(worker_parser("triptych encode worker").parse_args())
+
+    async def setup(runtime: Runtime, service: Service) -> Sequence[Engine]:
+        engine = encode_engine(config.engine)
+        await engine.start()
+        handler = EncodeHandler(engine, await runtime.client("decode"))
+        service.add_endpoint("generate", GenerateRequest, handler.generate)
+        return [engine]
+
+    run_worker(config, "encode", setup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Frontend: the OpenAI-compatible HTTP server; tokenizes, expands images, streams tokens back."""

@@ -1,0 +1,51 @@
+"""``python -m triptych.components.frontend``"""
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from triptych.components.frontend.config import FrontendConfig
+from triptych.components.frontend.images import ImageLoader
+from triptych.components.frontend.prompt import Preprocessor
+from triptych.components.frontend.server import Frontend
+from triptych.runtime import Runtime
+from triptych.runtime.entry import configure_logging, serve
+
+log = logging.getLogger("triptych.frontend")
+
+
+def main() -> None:
+    """Parse flags and serve HTTP until stopped."""
+    args = FrontendConfig.parser().parse_args()
+    configure_logging(args.log_level)
+    model_path = args.model_path
+    if not model_path:
+        from triptych.models.tiny import default_model_path
+
+        model_path = str(default_model_path())
+    config = FrontendConfig.from_args(args, model_path)
+
+    async def run(stop: asyncio.Event) -> None:
+        loader = ImageLoader(config.images)
+        preprocessor = Preprocessor(config.model_path, loader)
+        async with Runtime(config.runtime, name="frontend") as runtime:
+            stages = {name: await runtime.client(name) for name in config.stages}
+            frontend = Frontend(config, runtime, preprocessor, stages)
+            runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, config.http_host, config.http_port)
+            await site.start()
+            log.info("frontend (%s, model '%s') on http://%s:%d", config.topology,
+                     config.served_model_name, config.http_host, config.http_port)
+            try:
+                await stop.wait()
+            finally:
+                await runner.cleanup()
+                await loader.close()
+
+    serve(run)
+
+
+if __name__ == "__main__":
+    main()

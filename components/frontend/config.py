@@ -1,0 +1,97 @@
+"""Frontend configuration and the topologies it can front."""
+
+import argparse
+from dataclasses import dataclass, field
+
+from triptych.runtime import RuntimeConfig
+
+# Each topology: the component the frontend calls first, then every stage that must be live.
+TOPOLOGIES: dict[str, tuple[str, ...]] = {
+    "E/P/D": ("encode", "decode", "prefill"),
+    "E/PD": ("encode", "decode"),
+    "EPD": ("decode",),
+    "P/D": ("decode", "prefill"),
+}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What the frontend accepts as images."""
+
+    max_images: int = 8
+    """Images per request."""
+    max_bytes: int = 20 * 1024 * 1024
+    """Encoded bytes per image."""
+    max_pixels: int = 32 * 1024 * 1024
+    """Decoded pixels per image (also the decompression-bomb guard)."""
+    fetch_timeout_s: float = 10.0
+    """Time to fetch one http(s) image, connection included."""
+    file_root: str | None = None
+    """Directory ``file://`` URLs may read from; None refuses ``file://``."""
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Everything the frontend is told on its command line."""
+
+    runtime: RuntimeConfig
+    model_path: str
+    served_model_name: str
+    topology: str = "E/P/D"
+    """One of `TOPOLOGIES`."""
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    request_timeout_s: float = 300.0
+    """Deadline of each request, from arrival to the last token."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Largest accepted request body."""
+    images: ImageLimits = field(default_factory=ImageLimits)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """Components of the topology, entry first."""
+        return TOPOLOGIES[self.topology]
+
+    @staticmethod
+    def parser() -> argparse.ArgumentParser:
+        """The frontend's flags."""
+        parser = argparse.ArgumentParser(description="triptych OpenAI-compatible frontend")
+        parser.add_argument("--model-path", default="")
+        parser.add_argument("--served-model-name", default="")
+        parser.add_argument("--topology", type=str.upper, choices=tuple(TOPOLOGIES),
+                            default="E/P/D")
+        parser.add_argument("--http-host", default="127.0.0.1")
+        parser.add_argument("--http-port", type=int, default=8000)
+        parser.add_argument("--request-timeout-s", type=float, default=300.0)
+        parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+        parser.add_argument("--max-images", type=int, default=ImageLimits.max_images)
+        parser.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes)
+        parser.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels)
+        parser.add_argument("--image-fetch-timeout-s", type=float,
+                            default=ImageLimits.fetch_timeout_s)
+        parser.add_argument("--allowed-local-media-path", default=None,
+                            help="directory file:// image URLs may read from (off by default)")
+        parser.add_argument("--log-level", default="INFO")
+        RuntimeConfig.add_arguments(parser)
+        return parser
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model_path: str) -> "FrontendConfig":
+        """Build from parsed flags; `model_path` already resolved."""
+        return cls(
+            runtime=RuntimeConfig.from_args(args),
+            model_path=model_path,
+            served_model_name=args.served_model_name or model_path.rstrip("/").rsplit("/", 1)[-1],
+            topology=args.topology,
+            http_host=args.http_host,
+            http_port=args.http_port,
+            request_timeout_s=args.request_timeout_s,
+            max_body_bytes=args.max_body_bytes,
+            images=ImageLimits(
+                max_images=args.max_images,
+                max_bytes=args.max_image_bytes,
+                max_pixels=args.max_image_pixels,
+                fetch_timeout_s=args.image_fetch_timeout_s,
+                file_root=args.allowed_local_media_path,
+            ),
+        )

@@ -1,0 +1,94 @@
+"""From OpenAI messages to token ids: chat template, tokenizer, image placeholder expansion."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from triptych.components.frontend.images import ImageLoader
+from triptych.models import ModelAdapter, load_adapter
+from triptych.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ErrorCode,
+    ImageItem,
+    ServiceError,
+    TextPart,
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt, ready for the pipeline."""
+
+    token_ids: list[int]
+    images: list[ImageItem]
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    if message.content is None:
+        return {"role": message.role, "content": ""}
+    if isinstance(message.content, str):
+        return {"role": message.role, "content": message.content}
+    parts = [
+        {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
+        for part in message.content
+    ]
+    return {"role": message.role, "content": parts}
+
+
+class Preprocessor:
+    """The model's tokenizer, chat template and image geometry."""
+
+    def __init__(self, model_path: str, loader: ImageLoader) -> None:
+        root = Path(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.adapter: ModelAdapter | None = load_adapter(model_path)
+        self.loader = loader
+        config = json.loads((root / "config.json").read_text())
+        text_config = config.get("text_config") or config
+        self.context_length = int(text_config.get("max_position_embeddings")
+                                  or config.get("max_position_embeddings") or 4096)
+        self.eos_token_ids = self._eos_ids(root, config)
+
+    def _eos_ids(self, root: Path, config: dict[str, Any]) -> list[int]:
+        generation = root / "generation_config.json"
+        eos: Any = None
+        if generation.exists():
+            eos = json.loads(generation.read_text()).get("eos_token_id")
+        if eos is None:
+            eos = config.get("eos_token_id", self.tokenizer.eos_token_id)
+        ids = eos if isinstance(eos, list) else [eos]
+        return [int(i) for i in ids if i is not None]
+
+    def count(self, token_ids: list[int]) -> int:
+        """Tokens in a prompt (for usage)."""
+        return len(token_ids)
+
+    async def prompt(self, request: ChatCompletionRequest) -> Prompt:
+        """Render, tokenize and expand; bad input raises a 400 `ServiceError`."""
+        urls = [part.image_url.url for message in request.messages for part in message.images]
+        if urls and self.adapter is None:
+            raise ServiceError(ErrorCode.BAD_REQUEST, "this model does not accept images")
+        text = self.tokenizer.apply_chat_template(
+            [_template_message(message) for message in request.messages],
+            tokenize=False, add_generation_prompt=True,
+        )
+        token_ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
+        if not urls:
+            return Prompt(token_ids=token_ids, images=[])
+        assert self.adapter is not None
+        loaded = await self.loader.load_all(urls)
+        layouts = [self.adapter.image_layout(image.height, image.width) for image in loaded]
+        try:
+            expanded, offsets = self.adapter.expand_placeholders(token_ids, layouts)
+        except ValueError as error:
+            raise ServiceError(ErrorCode.BAD_REQUEST, str(error)) from None
+        images = [
+            ImageItem(width=image.width, height=image.height, grid_thw=layout.grid_thw,
+                      num_tokens=layout.num_tokens, offset=offset, data=image.data)
+            for image, layout, offset in zip(loaded, layouts, offsets, strict=True)
+        ]
+        return Prompt(token_ids=expanded, images=images)

@@ -1,0 +1,196 @@
+"""The HTTP surface: ``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/ready``."""
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from triptych.components.frontend.config import FrontendConfig
+from triptych.components.frontend.output import Output
+from triptych.components.frontend.prompt import Preprocessor
+from triptych.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ErrorCode,
+    ErrorInfo,
+    ErrorResponse,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+    ServiceError,
+    TokenChunk,
+    Usage,
+)
+from triptych.protocol.openai import AssistantMessage, Choice, ChunkChoice, Delta, ErrorBody
+from triptych.runtime import Client, ResponseStream, Runtime
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+def error_response(info: ErrorInfo) -> web.Response:
+    """An OpenAI-style error object with the matching status."""
+    body = ErrorResponse(error=ErrorBody(message=info.message, type=info.openai_type,
+                                         code=info.code))
+    headers = {"X-Request-Id": info.request_id} if info.request_id else None
+    return web.Response(body=body.model_dump_json(), status=info.code, headers=headers,
+                        content_type="application/json")
+
+
+def _validation_message(error: ValidationError) -> str:
+    first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return f"malformed JSON: {first['msg']}"
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return f"{where}: {first['msg']}"
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + payload.__pydantic_serializer__.to_json(payload) + b"\n\n"
+
+
+class Frontend:
+    """Routes OpenAI requests into the pipeline and streams the answers back."""
+
+    def __init__(self, config: FrontendConfig, runtime: Runtime, preprocessor: Preprocessor,
+                 stages: dict[str, Client]) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.preprocessor = preprocessor
+        self.stages = stages
+        self.entry = stages[config.stages[0]]
+
+    def app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.ready)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        """The process is up."""
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """200 only when every stage of the topology has a live instance."""
+        live = {name: len(client.instances.live) for name, client in self.stages.items()}
+        status = 200 if all(live.values()) else 503
+        return web.json_response({"status": "ready" if status == 200 else "not ready",
+                                  "topology": self.config.topology, "instances": live},
+                                 status=status)
+
+    async def models(self, request: web.Request) -> web.Response:
+        """The one served model."""
+        listing = ModelList(data=[ModelCard(id=self.config.served_model_name)])
+        return web.Response(body=listing.model_dump_json(), content_type="application/json")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions``: streamed (SSE) or whole."""
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            body = await request.read()
+            chat = ChatCompletionRequest.model_validate_json(body)
+            generate = await self._generate_request(chat)
+            deadline = time.time() + self.config.request_timeout_s
+            stream = await self.entry.call(generate, request_id=request_id, deadline=deadline)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(ErrorInfo(code=ErrorCode.PAYLOAD_TOO_LARGE, message=(
+                f"request body is over {self.config.max_body_bytes} bytes"),
+                request_id=request_id))
+        except ValidationError as error:
+            return error_response(ErrorInfo(code=ErrorCode.BAD_REQUEST,
+                                            message=_validation_message(error),
+                                            request_id=request_id))
+        except ServiceError as error:
+            return error_response(error.info.model_copy(update={"request_id": request_id}))
+        output = Output(self.preprocessor.tokenizer, generate.sampling.stop)
+        prompt_tokens = len(generate.token_ids)
+        try:
+            if chat.stream:
+                return await self._stream(request, chat, stream, output, prompt_tokens)
+            return await self._complete(chat, stream, output, prompt_tokens)
+        finally:
+            if not stream.finished:
+                stream.close()
+                await self.runtime.cancel(request_id)
+
+    async def _generate_request(self, chat: ChatCompletionRequest) -> GenerateRequest:
+        if chat.model != self.config.served_model_name:
+            raise ServiceError(ErrorCode.NOT_FOUND, f"model '{chat.model}' does not exist; "
+                               f"this server serves '{self.config.served_model_name}'")
+        prompt = await self.preprocessor.prompt(chat)
+        room = self.preprocessor.context_length - len(prompt.token_ids)
+        wanted = chat.requested_max_tokens
+        if room < 1 or (wanted is not None and wanted > room):
+            raise ServiceError(ErrorCode.BAD_REQUEST, (
+                f"the prompt has {len(prompt.token_ids)} tokens and max_tokens is "
+                f"{wanted}, over the context length of {self.preprocessor.context_length}"))
+        return GenerateRequest(
+            model=chat.model,
+            token_ids=prompt.token_ids,
+            images=prompt.images,
+            sampling=chat.sampling(wanted or room),
+            eos_token_ids=self.preprocessor.eos_token_ids,
+        )
+
+    async def _complete(self, chat: ChatCompletionRequest, stream: ResponseStream,
+                        output: Output, prompt_tokens: int) -> web.Response:
+        try:
+            async for data in stream:
+                output.add(TokenChunk.model_validate_json(data))
+                if output.finished:
+                    break
+        except ServiceError as error:
+            return error_response(error.info.model_copy(update={"request_id": stream.request_id}))
+        response = ChatCompletionResponse(
+            id=stream.request_id, model=chat.model,
+            choices=[Choice(message=AssistantMessage(content="".join(output.text)),
+                            finish_reason=output.finish_reason)],
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=output.completion_tokens,
+                        total_tokens=prompt_tokens + output.completion_tokens),
+        )
+        return web.Response(body=response.model_dump_json(), content_type="application/json",
+                            headers={"X-Request-Id": stream.request_id})
+
+    async def _stream(self, request: web.Request, chat: ChatCompletionRequest,
+                      stream: ResponseStream, output: Output,
+                      prompt_tokens: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": stream.request_id})
+        await response.prepare(request)
+        created = int(time.time())
+
+        def chunk(delta: Delta, finish: Any = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=stream.request_id, created=created, model=chat.model,
+                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+
+        await response.write(_sse(chunk(Delta(role="assistant", content=""))))
+        try:
+            async for data in stream:
+                text = output.add(TokenChunk.model_validate_json(data))
+                if text or output.finished:
+                    await response.write(_sse(chunk(Delta(content=text), output.finish_reason)))
+                if output.finished:
+                    break
+        except ServiceError as error:
+            info = error.info.model_copy(update={"request_id": stream.request_id})
+            body = ErrorResponse(error=ErrorBody(message=info.message, type=info.openai_type,
+                                                 code=info.code))
+            await response.write(_sse(body))
+        else:
+            if chat.include_usage:
+                usage = Usage(prompt_tokens=prompt_tokens,
+                              completion_tokens=output.completion_tokens,
+                              total_tokens=prompt_tokens + output.completion_tokens)
+                final = ChatCompletionChunk(id=stream.request_id, created=created,
+                                            model=chat.model, choices=[], usage=usage)
+                await response.write(_sse(final))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response

@@ -1,0 +1,1 @@
+"""Prefill worker: answers decode with a bootstrap room at once, then prefills into it."""

@@ -1,0 +1,90 @@
+"""The entry shape shared by the workers: flags → runtime + engine + handler → serve → drain.
+
+Not a component: the workers use it, and never each other.
+"""
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from triptych.engines import Engine, EngineConfig
+from triptych.runtime import Runtime, RuntimeConfig, Service
+from triptych.runtime.entry import configure_logging, serve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker is told on its command line."""
+
+    runtime: RuntimeConfig
+    engine: EngineConfig
+    model_path: str
+    """Checkpoint directory (the tiny Qwen2.5-VL when not given)."""
+    served_model_name: str
+    """Model name clients ask for (default: the checkpoint directory's name)."""
+    drain_grace_s: float
+    """On SIGTERM: how long in-flight requests may take to finish."""
+
+
+def worker_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the flags every worker takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model-path", default="", help="checkpoint directory")
+    parser.add_argument("--served-model-name", default="")
+    parser.add_argument("--drain-grace-s", type=float, default=30.0)
+    parser.add_argument("--log-level", default="INFO")
+    RuntimeConfig.add_arguments(parser)
+    EngineConfig.add_arguments(parser)
+    return parser
+
+
+def resolve_model_path(path: str) -> str:
+    """The given checkpoint, or the tiny Qwen2.5-VL (generated once into ``.cache/``)."""
+    if path:
+        return path
+    from triptych.models.tiny import default_model_path
+
+    return str(default_model_path())
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """Build a worker's config from its parsed flags."""
+    configure_logging(args.log_level)
+    model_path = resolve_model_path(args.model_path)
+    return WorkerConfig(
+        runtime=RuntimeConfig.from_args(args),
+        engine=EngineConfig.from_args(args, model_path),
+        model_path=model_path,
+        served_model_name=args.served_model_name or model_path.rstrip("/").rsplit("/", 1)[-1],
+        drain_grace_s=args.drain_grace_s,
+    )
+
+
+Setup = Callable[[Runtime, Service], Awaitable[Sequence[Engine]]]
+
+
+def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
+    """Serve one worker until SIGTERM/SIGINT, then drain and close everything it started.
+
+    `setup` starts the worker's engines, adds its endpoints and returns the engines to close.
+    """
+
+    async def main(stop: asyncio.Event) -> None:
+        async with Runtime(config.runtime, name=component) as runtime:
+            service = Service(runtime, component, metadata={"model": config.served_model_name})
+            engines = await setup(runtime, service)
+            try:
+                await service.start()
+                await stop.wait()
+                log.info("%s: stopping, draining for up to %gs", component, config.drain_grace_s)
+                await service.drain(config.drain_grace_s)
+            finally:
+                await service.close()
+                for engine in engines:
+                    await engine.close()
+
+    serve(main)

@@ -1,0 +1,33 @@
+"""Engines: the interfaces every role is served through, and their implementations."""
+
+from triptych.engines.base import (
+    AggregatedEngine,
+    DecodeEngine,
+    EncodeEngine,
+    Engine,
+    ImageEmbeddings,
+    PrefillEngine,
+)
+from triptych.engines.registry import (
+    ENGINES,
+    EngineConfig,
+    aggregated_engine,
+    decode_engine,
+    encode_engine,
+    prefill_engine,
+)
+
+__all__ = [
+    "ENGINES",
+    "AggregatedEngine",
+    "DecodeEngine",
+    "EncodeEngine",
+    "Engine",
+    "EngineConfig",
+    "ImageEmbeddings",
+    "PrefillEngine",
+    "aggregated_engine",
+    "decode_engine",
+    "encode_engine",
+    "prefill_engine",
+]

@@ -1,0 +1,83 @@
+"""Engine interfaces: what a worker asks of the machinery that runs the model.
+
+Every engine (``hf``, ``sglang``, ``mock``) implements the roles it supports behind these four
+interfaces; the components never know which engine they drive.
+
+Lifecycle, common to all roles:
+
+1. ``await engine.start()`` once, before the worker registers (loads weights, starts a
+   bootstrap server, warms up).
+2. Per request, the worker calls the role's method (``encode``, ``prefill`` or ``generate``);
+   calls for different requests run concurrently and the engine batches them as it sees fit.
+3. Cancellation is abort: the worker cancels the task awaiting ``encode``/``prefill`` or stops
+   iterating ``generate``; the engine frees everything the request held (KV blocks, buffers,
+   rooms) in its ``finally`` blocks, and never leaves work running for it.
+4. ``await engine.close()`` once, after the worker drained; safe to call twice.
+
+Failures are raised as `ServiceError` (with an HTTP-style code) when the cause is known, any
+other exception being reported as an internal error.
+"""
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+
+from triptych.protocol import BootstrapInfo, GenerateRequest, ImageItem, TokenChunk
+from triptych.transfer.embeddings import ImageEmbeddings
+
+
+class Engine(abc.ABC):
+    """Start and close; see the module docstring for the lifecycle."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load and warm up."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release everything. Safe to call twice."""
+
+
+class EncodeEngine(Engine):
+    """Runs the vision tower (only the vision tower: no language-model weights)."""
+
+    @abc.abstractmethod
+    async def encode(self, request_id: str, images: Sequence[ImageItem]) -> ImageEmbeddings:
+        """Embed the images (each carries its encoded bytes in `data`)."""
+
+
+class PrefillEngine(Engine):
+    """Runs prefill and hands the KV cache to decode through a bootstrap room."""
+
+    @property
+    @abc.abstractmethod
+    def bootstrap_address(self) -> tuple[str, int]:
+        """``(host, port)`` where decode instances join rooms (known after `start`)."""
+
+    @abc.abstractmethod
+    def open_room(self, request_id: str) -> int:
+        """Allocate a room for a request, before prefill starts (answered to decode at once)."""
+
+    @abc.abstractmethod
+    def abandon_room(self, room: int, reason: str) -> None:
+        """Fail a room before prefill ran (e.g. the embeddings could not be read)."""
+
+    @abc.abstractmethod
+    async def prefill(self, request_id: str, request: GenerateRequest, room: int,
+                      embeddings: ImageEmbeddings | None) -> None:
+        """Run prefill and offer the KV cache in `room`; on failure tell the room at once."""
+
+
+class DecodeEngine(Engine):
+    """Generates from a KV cache received through a bootstrap room."""
+
+    @abc.abstractmethod
+    def generate(self, request_id: str, request: GenerateRequest,
+                 bootstrap: BootstrapInfo) -> AsyncIterator[TokenChunk]:
+        """Join the room, receive the cache, and stream tokens (last chunk has finish_reason)."""
+
+
+class AggregatedEngine(Engine):
+    """Prefill and decode in one engine (no KV transfer)."""
+
+    @abc.abstractmethod
+    def generate(self, request_id: str, request: GenerateRequest,
+                 embeddings: ImageEmbeddings | None) -> AsyncIterator[TokenChunk]:
+        """Prefill, then stream tokens (last chunk has finish_reason)."""

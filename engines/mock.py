@@ -1,0 +1,197 @@
+"""The mock engine: real control flow, simulated compute, deterministic tokens.
+
+It runs anywhere and costs nothing by default, which makes it the engine for load tests and
+for scale tests of the runtime. Every role behaves like a real engine: encode returns as many
+embedding rows as the images' token counts, prefill opens a real bootstrap room and decode
+joins it, cancellation frees rooms, and each stage can be given a time cost.
+
+Tokens are a pure function of the prompt tokens and the seed, so every topology returns the
+same tokens for the same request, and they come from the model's ordinary vocabulary.
+"""
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from triptych.engines.base import (
+    AggregatedEngine,
+    DecodeEngine,
+    EncodeEngine,
+    ImageEmbeddings,
+    PrefillEngine,
+)
+from triptych.protocol import (
+    BootstrapInfo,
+    ErrorCode,
+    GenerateRequest,
+    ImageItem,
+    RoomReady,
+    ServiceError,
+    TokenChunk,
+)
+from triptych.transfer import BootstrapClient, BootstrapServer
+from triptych.transfer.bootstrap import new_room
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    """Simulated costs (all zero by default) and the token range to draw from."""
+
+    encode_s_per_image: float = 0.0
+    """Seconds per image encoded."""
+    prefill_s_per_token: float = 0.0
+    """Seconds per prompt token prefilled."""
+    decode_s_per_step: float = 0.0
+    """Seconds per decode step (one token)."""
+    vocab_low: int = 256
+    """Smallest token id produced."""
+    vocab_high: int = 1024
+    """One past the largest token id produced."""
+    hidden_size: int = 64
+    """Width of the simulated embeddings."""
+    bootstrap_host: str = "127.0.0.1"
+    """Where prefill's bootstrap endpoint listens."""
+    bootstrap_port: int = 0
+    """Its port (0: any free port)."""
+    room_done_timeout_s: float = 60.0
+    """How long prefill keeps a room's (simulated) cache for decode to fetch."""
+
+
+def mock_tokens(request: GenerateRequest, low: int, high: int) -> list[int]:
+    """The tokens the mock engine generates for `request` (before stop conditions)."""
+    digest = hashlib.blake2b(repr((request.token_ids, request.sampling.seed)).encode(),
+                             digest_size=8).digest()
+    rng = random.Random(int.from_bytes(digest, "little"))
+    return [rng.randrange(low, high) for _ in range(request.sampling.max_tokens)]
+
+
+async def _sleep(seconds: float) -> None:
+    if seconds > 0:
+        await asyncio.sleep(seconds)
+
+
+class _Generator:
+    """Emits tokens with the stop rules real engines apply (EOS, stop ids, min/max tokens)."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+
+    async def stream(self, request: GenerateRequest, skip: int = 0) -> AsyncIterator[TokenChunk]:
+        sampling = request.sampling
+        stops = set(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stops.update(request.eos_token_ids)
+        tokens = mock_tokens(request, self.config.vocab_low, self.config.vocab_high)
+        step = self.config.decode_s_per_step
+        pending: list[int] = []
+        first = True
+        for index, token in enumerate(tokens[skip:], start=skip):
+            pending.append(token)
+            finished = token in stops and index + 1 > sampling.min_tokens
+            last = finished or index + 1 == sampling.max_tokens
+            if step > 0 or last:  # with no decode cost every token is ready at once
+                await _sleep(step)
+                reason = ("stop" if finished else "length") if last else None
+                yield TokenChunk(token_ids=pending, finish_reason=reason,
+                                 prompt_tokens=len(request.token_ids) if first else 0)
+                pending, first = [], False
+            if last:
+                return
+
+
+class MockEncodeEngine(EncodeEngine):
+    """Encode: as many (zero) embedding rows as the images' token counts, after a delay."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+
+    async def encode(self, request_id: str, images: Sequence[ImageItem]) -> ImageEmbeddings:
+        await _sleep(self.config.encode_s_per_image * len(images))
+        return ImageEmbeddings(num_tokens=sum(image.num_tokens for image in images),
+                               hidden_size=self.config.hidden_size)
+
+
+class MockPrefillEngine(PrefillEngine):
+    """Prefill: a real bootstrap room, a simulated cache."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+        self.server = BootstrapServer(config.bootstrap_host, config.bootstrap_port)
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def close(self) -> None:
+        await self.server.close()
+
+    @property
+    def bootstrap_address(self) -> tuple[str, int]:
+        return self.server.host, self.server.port
+
+    def open_room(self, request_id: str) -> int:
+        room = new_room()
+        self.server.open(room)
+        return room
+
+    def abandon_room(self, room: int, reason: str) -> None:
+        slot = self.server.open(room)
+        slot.fail(reason)
+        slot.close()
+
+    async def prefill(self, request_id: str, request: GenerateRequest, room: int,
+                      embeddings: ImageEmbeddings | None) -> None:
+        slot = self.server.open(room)
+        try:
+            _check_embeddings(request, embeddings)
+            await _sleep(self.config.prefill_s_per_token * len(request.token_ids))
+            slot.ready(RoomReady(room=room))
+            await slot.wait_done(self.config.room_done_timeout_s)
+        except BaseException as error:
+            slot.fail(str(error) or type(error).__name__)
+            raise
+        finally:
+            slot.close()
+
+
+class MockDecodeEngine(DecodeEngine):
+    """Decode: joins the room, waits for prefill, then generates."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self._tokens = _Generator(config)
+        self._rooms = BootstrapClient()
+
+    async def close(self) -> None:
+        await self._rooms.close()
+
+    async def generate(self, request_id: str, request: GenerateRequest,
+                       bootstrap: BootstrapInfo) -> AsyncIterator[TokenChunk]:
+        host, port = bootstrap.bootstrap_host, bootstrap.bootstrap_port
+        ready = await self._rooms.join(host, port, bootstrap.bootstrap_room)
+        await self._rooms.done(host, port, bootstrap.bootstrap_room)
+        async for chunk in self._tokens.stream(request, skip=len(ready.output_token_ids)):
+            yield chunk
+
+
+class MockAggregatedEngine(AggregatedEngine):
+    """Prefill and decode in one: no room."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+        self._tokens = _Generator(config)
+
+    async def generate(self, request_id: str, request: GenerateRequest,
+                       embeddings: ImageEmbeddings | None) -> AsyncIterator[TokenChunk]:
+        _check_embeddings(request, embeddings)
+        await _sleep(self.config.prefill_s_per_token * len(request.token_ids))
+        async for chunk in self._tokens.stream(request):
+            yield chunk
+
+
+def _check_embeddings(request: GenerateRequest, embeddings: ImageEmbeddings | None) -> None:
+    expected = sum(image.num_tokens for image in request.images)
+    rows = embeddings.num_tokens if embeddings is not None else 0
+    if rows != expected:
+        raise ServiceError(ErrorCode.INTERNAL,
+                           f"embedding rows ({rows}) do not match image tokens ({expected})")

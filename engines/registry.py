@@ -1,0 +1,98 @@
+"""Engine selection: ``--engine`` picks the implementation of each role."""
+
+import argparse
+from dataclasses import dataclass, field
+
+from triptych.engines.base import AggregatedEngine, DecodeEngine, EncodeEngine, PrefillEngine
+from triptych.engines.mock import (
+    MockAggregatedEngine,
+    MockConfig,
+    MockDecodeEngine,
+    MockEncodeEngine,
+    MockPrefillEngine,
+)
+from triptych.protocol import ErrorCode, ServiceError
+
+ENGINES = ("hf", "mock", "sglang")
+DEFAULT_ENGINE = "mock"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Which engine runs a role, on which checkpoint and device."""
+
+    name: str = DEFAULT_ENGINE
+    """One of `ENGINES`."""
+    model_path: str = ""
+    """Checkpoint directory (the tiny Qwen2.5-VL when empty)."""
+    device: str = "cpu"
+    """Torch device for engines that run a model ("cpu", "cuda", "cuda:1")."""
+    bootstrap_host: str = "127.0.0.1"
+    """Where a prefill engine's bootstrap endpoint listens (--disaggregation-bootstrap-host)."""
+    bootstrap_port: int = 0
+    """Its port; 0 picks a free one (--disaggregation-bootstrap-port)."""
+    mock: MockConfig = field(default_factory=MockConfig)
+    """Simulated costs of the mock engine."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The engine flags every worker takes."""
+        group = parser.add_argument_group("engine")
+        group.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
+        group.add_argument("--device", default="cpu")
+        group.add_argument("--disaggregation-bootstrap-host", default="127.0.0.1")
+        group.add_argument("--disaggregation-bootstrap-port", type=int, default=0)
+        group.add_argument("--mock-encode-s-per-image", type=float, default=0.0)
+        group.add_argument("--mock-prefill-s-per-token", type=float, default=0.0)
+        group.add_argument("--mock-decode-s-per-step", type=float, default=0.0)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model_path: str) -> "EngineConfig":
+        """Build from parsed flags."""
+        return cls(
+            name=args.engine,
+            model_path=model_path,
+            device=args.device,
+            bootstrap_host=args.disaggregation_bootstrap_host,
+            bootstrap_port=args.disaggregation_bootstrap_port,
+            mock=MockConfig(
+                encode_s_per_image=args.mock_encode_s_per_image,
+                prefill_s_per_token=args.mock_prefill_s_per_token,
+                decode_s_per_step=args.mock_decode_s_per_step,
+                bootstrap_host=args.disaggregation_bootstrap_host,
+                bootstrap_port=args.disaggregation_bootstrap_port,
+            ),
+        )
+
+
+def _unavailable(config: EngineConfig, role: str) -> ServiceError:
+    return ServiceError(ErrorCode.UNAVAILABLE,
+                        f"engine '{config.name}' cannot run the {role} role in this build")
+
+
+def encode_engine(config: EngineConfig) -> EncodeEngine:
+    """The engine for an encode worker."""
+    if config.name == "mock":
+        return MockEncodeEngine(config.mock)
+    raise _unavailable(config, "encode")
+
+
+def prefill_engine(config: EngineConfig) -> PrefillEngine:
+    """The engine for a prefill worker."""
+    if config.name == "mock":
+        return MockPrefillEngine(config.mock)
+    raise _unavailable(config, "prefill")
+
+
+def decode_engine(config: EngineConfig) -> DecodeEngine:
+    """The engine for a decode worker."""
+    if config.name == "mock":
+        return MockDecodeEngine(config.mock)
+    raise _unavailable(config, "decode")
+
+
+def aggregated_engine(config: EngineConfig) -> AggregatedEngine:
+    """The engine for an aggregated (prefill + decode) worker."""
+    if config.name == "mock":
+        return MockAggregatedEngine(config.mock)
+    raise _unavailable(config, "aggregated")

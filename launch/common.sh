@@ -1,0 +1,111 @@
+# Shared by the launch scripts: flags, a private nats-server, process supervision.
+# Sourced, not run. Every process started here is stopped on Ctrl-C, SIGTERM or exit.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+export PATH="$ROOT/.venv/bin:$PATH"
+export PYTHONUNBUFFERED=1
+
+ENGINE=mock
+MODEL_PATH=""
+HTTP_HOST=127.0.0.1
+HTTP_PORT=8000
+DEVICE=cpu
+WORKER_ARGS=()
+PIDS=()
+NATS_PID=""
+RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/triptych-launch.XXXXXX")"
+
+usage() {
+  cat <<USAGE
+usage: $(basename "$0") [--engine hf|mock|sglang] [--model-path P] [--http-port N]
+                        [--http-host H] [--device D] [-- extra worker flags...]
+Starts a private nats-server on a free loopback port when NATS_URL is unset.
+USAGE
+}
+
+parse_args() {
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --engine) ENGINE="$2"; shift 2 ;;
+      --model-path) MODEL_PATH="$2"; shift 2 ;;
+      --http-port) HTTP_PORT="$2"; shift 2 ;;
+      --http-host) HTTP_HOST="$2"; shift 2 ;;
+      --device) DEVICE="$2"; shift 2 ;;
+      -h|--help) usage; exit 0 ;;
+      --) shift; WORKER_ARGS+=("$@"); break ;;
+      *) echo "unknown flag: $1" >&2; usage >&2; exit 2 ;;
+    esac
+  done
+  case "$ENGINE" in hf|mock|sglang) ;; *) echo "unknown engine: $ENGINE" >&2; exit 2 ;; esac
+  if [[ -z "$MODEL_PATH" ]]; then
+    MODEL_PATH="$("$PYTHON" -c 'from triptych.models.tiny import default_model_path; print(default_model_path())')"
+  fi
+}
+
+# Components drain first (they need NATS to finish in-flight requests), then NATS stops.
+stop_all() {
+  trap - INT TERM EXIT
+  local pid
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  local deadline=$((SECONDS + ${TRIPTYCH_STOP_GRACE_S:-35}))
+  for pid in "${PIDS[@]}" $NATS_PID; do
+    [[ "$pid" == "$NATS_PID" ]] && kill -TERM "$pid" 2>/dev/null
+    while kill -0 "$pid" 2>/dev/null && (( SECONDS < deadline )); do sleep 0.05; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$RUN_DIR"
+}
+
+on_signal() {
+  echo "stopping triptych..." >&2
+  stop_all
+  exit 0
+}
+
+start_nats() {
+  trap on_signal INT TERM
+  trap stop_all EXIT
+  if [[ -n "${NATS_URL:-}" ]]; then
+    echo "using NATS at $NATS_URL" >&2
+    return
+  fi
+  nats-server -a 127.0.0.1 -p -1 -ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
+  NATS_PID=$!
+  local ports=""
+  for _ in $(seq 1 500); do
+    ports=$(ls "$RUN_DIR"/*.ports 2>/dev/null | head -n1 || true)
+    [[ -n "$ports" ]] && break
+    sleep 0.01
+  done
+  if [[ -z "$ports" ]]; then echo "nats-server did not start" >&2; cat "$RUN_DIR/nats.log" >&2; exit 1; fi
+  NATS_URL="$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["nats"][0])' "$ports")"
+  export NATS_URL
+  echo "private nats-server at $NATS_URL" >&2
+}
+
+# start NAME MODULE FLAGS...: run one component in the background.
+start() {
+  local name="$1" module="$2"; shift 2
+  "$PYTHON" -m "triptych.components.$module" "$@" &
+  PIDS+=($!)
+  echo "started $name (pid $!)" >&2
+}
+
+worker_flags() {
+  echo --engine "$ENGINE" --model-path "$MODEL_PATH" --device "$DEVICE"
+}
+
+# Block until a signal arrives or any component exits (then stop the rest and fail).
+supervise() {
+  echo "triptych is serving on http://$HTTP_HOST:$HTTP_PORT (Ctrl-C to stop)" >&2
+  set +e
+  wait -n "${PIDS[@]}" $NATS_PID
+  local status=$?
+  echo "a triptych process exited (status $status); stopping the stack" >&2
+  stop_all
+  exit "$status"
+}

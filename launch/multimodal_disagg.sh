@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# E/P/D: frontend, encode, decode (the entry point of disaggregation) and prefill, each its own
+# process, meeting on NATS. Embeddings go encode -> prefill; the KV cache prefill -> decode.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+parse_args "$@"
+start_nats
+read -ra FLAGS <<<"$(worker_flags)"
+start encode encode_worker "${FLAGS[@]}" "${WORKER_ARGS[@]}"
+start prefill prefill_worker "${FLAGS[@]}" --dedicated-mm-encoder "${WORKER_ARGS[@]}"
+start decode decode_worker "${FLAGS[@]}" --disaggregation-mode decode --dedicated-mm-encoder \
+  "${WORKER_ARGS[@]}"
+start frontend frontend --model-path "$MODEL_PATH" --topology E/P/D \
+  --http-host "$HTTP_HOST" --http-port "$HTTP_PORT"
+supervise

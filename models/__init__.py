@@ -1,0 +1,27 @@
+"""Model families: per-family adapters and the tiny test checkpoint."""
+
+import json
+from pathlib import Path
+
+from triptych.models.base import ImageLayout, ModelAdapter
+from triptych.models.qwen2_vl import QwenVLAdapter
+
+ADAPTERS: dict[str, type[QwenVLAdapter]] = {
+    "qwen2_vl": QwenVLAdapter,
+    "qwen2_5_vl": QwenVLAdapter,
+}
+
+
+def load_adapter(model_path: str | Path) -> ModelAdapter | None:
+    """The adapter for a checkpoint directory; None for a text-only model."""
+    root = Path(model_path)
+    config = json.loads((root / "config.json").read_text())
+    adapter = ADAPTERS.get(str(config.get("model_type")))
+    if adapter is None:
+        return None
+    preprocessor_file = root / "preprocessor_config.json"
+    preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.exists() else {}
+    return adapter(config, preprocessor)
+
+
+__all__ = ["ADAPTERS", "ImageLayout", "ModelAdapter", "QwenVLAdapter", "load_adapter"]

@@ -1,0 +1,70 @@
+"""Structured errors: how a failure travels between processes and reaches the client."""
+
+from enum import IntEnum
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ErrorCode(IntEnum):
+    """Error codes follow HTTP status semantics, so the frontend maps them one to one."""
+
+    BAD_REQUEST = 400
+    NOT_FOUND = 404
+    PAYLOAD_TOO_LARGE = 413
+    CLIENT_CLOSED = 499
+    INTERNAL = 500
+    UNAVAILABLE = 503
+    DEADLINE_EXCEEDED = 504
+
+
+_OPENAI_TYPES = {
+    ErrorCode.BAD_REQUEST: "invalid_request_error",
+    ErrorCode.NOT_FOUND: "not_found_error",
+    ErrorCode.PAYLOAD_TOO_LARGE: "invalid_request_error",
+    ErrorCode.CLIENT_CLOSED: "client_closed_request",
+    ErrorCode.INTERNAL: "internal_server_error",
+    ErrorCode.UNAVAILABLE: "service_unavailable",
+    ErrorCode.DEADLINE_EXCEEDED: "timeout",
+}
+
+
+class ErrorInfo(BaseModel):
+    """A failure as data: what went wrong, for which request, with which status."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: int
+    """HTTP-style status (see `ErrorCode`)."""
+    message: str
+    """Human-readable cause; safe to show to the client (no secrets, no tracebacks)."""
+    request_id: str = ""
+    """The request this error belongs to ("" when unknown)."""
+
+    @property
+    def openai_type(self) -> str:
+        """The `type` field of the OpenAI error object for this code."""
+        try:
+            return _OPENAI_TYPES[ErrorCode(self.code)]
+        except ValueError:
+            return "internal_server_error" if self.code >= 500 else "invalid_request_error"
+
+
+class ServiceError(Exception):
+    """A failure with an HTTP-style code; raised anywhere, it reaches the client as that status."""
+
+    def __init__(self, code: int, message: str, request_id: str = "") -> None:
+        super().__init__(message)
+        self.info = ErrorInfo(code=code, message=message, request_id=request_id)
+
+    @classmethod
+    def from_info(cls, info: ErrorInfo) -> "ServiceError":
+        """Rebuild the exception from an error received over the wire."""
+        return cls(info.code, info.message, info.request_id)
+
+    @property
+    def code(self) -> int:
+        """HTTP-style status of the failure."""
+        return self.info.code
+
+    def __str__(self) -> str:
+        return f"{self.info.code}: {self.info.message}"

@@ -1,0 +1,157 @@
+"""Internal messages between triptych processes.
+
+Tensors never ride here: an image embedding travels as an `EmbeddingHandle` that names where the
+bytes lie, and the bytes move on the transfer layer (NIXL).
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from triptych.protocol.sampling import FinishReason, SamplingOptions
+
+
+class EmbeddingHandle(BaseModel):
+    """Where an encoder left a request's image embeddings, for the reader to fetch (NIXL READ)."""
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    agent: str
+    """Name of the encoder's transfer agent."""
+    agent_metadata: bytes = b""
+    """The agent's connection metadata (accepted only from the authenticated control plane)."""
+    descriptors: bytes = b""
+    """Serialized memory descriptors of the embedding buffer."""
+    shape: tuple[int, ...]
+    """Tensor shape: (num_tokens, hidden_size)."""
+    dtype: str
+    """Tensor dtype name, e.g. "bfloat16"."""
+    device: str = "cpu"
+    """"cpu" for DRAM, "cuda" for VRAM."""
+    slot: int = 0
+    """Buffer slot to free once the reader notifies completion."""
+
+
+class ImageItem(BaseModel):
+    """One image of a request, as it travels down the pipeline."""
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    width: int = Field(ge=1)
+    """Original pixel width."""
+    height: int = Field(ge=1)
+    """Original pixel height."""
+    grid_thw: tuple[int, int, int]
+    """Patch grid (temporal, height, width) after resizing, as the vision tower sees it."""
+    num_tokens: int = Field(ge=1)
+    """Number of placeholder tokens this image occupies in `token_ids`."""
+    offset: int = Field(ge=0)
+    """Index in `token_ids` of the image's first placeholder token."""
+    data: bytes | None = None
+    """The validated encoded image (PNG, JPEG, ...) until an encoder has consumed it."""
+
+
+class GenerateRequest(BaseModel):
+    """A tokenized request: frontend → encode → decode (→ prefill).
+
+    The same message goes to prefill when decode asks it for a bootstrap room, so both sides see
+    identical inputs (as SGLang's disaggregation requires).
+    """
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    model: str
+    """Served model name."""
+    token_ids: list[int] = Field(min_length=1)
+    """Prompt token ids, image placeholders already expanded to each image's `num_tokens`."""
+    images: list[ImageItem] = []
+    """Images in prompt order."""
+    embeddings: EmbeddingHandle | None = None
+    """Where the encoder left the embeddings of all images (rows in prompt order), once
+    encoded; None while images still carry their bytes, and for text-only requests."""
+    sampling: SamplingOptions
+    eos_token_ids: list[int] = []
+    """The model's end-of-sequence ids (honoured unless `sampling.ignore_eos`)."""
+
+
+class BootstrapInfo(BaseModel):
+    """Prefill's answer to decode: the room in which the KV cache will be handed over."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bootstrap_host: str
+    bootstrap_port: int = Field(ge=1, le=65535)
+    bootstrap_room: int = Field(ge=0, lt=2**63)
+
+
+class TokenChunk(BaseModel):
+    """Generated tokens, streamed from decode straight to the frontend."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token_ids: list[int]
+    """New token ids since the previous chunk (may be empty on the final chunk)."""
+    finish_reason: FinishReason | None = None
+    """Set on the last chunk of the stream."""
+    prompt_tokens: int = 0
+    """Prompt length as the engine saw it (set on the first chunk)."""
+
+
+class KVHandle(BaseModel):
+    """Where prefill left a request's KV cache, for decode to read (NIXL READ)."""
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    agent: str
+    agent_metadata: bytes = b""
+    descriptors: bytes = b""
+    num_tokens: int = Field(ge=0)
+    """Tokens whose keys and values the cache holds."""
+    layout: str = ""
+    """Engine-specific layout tag (layers, heads, dtype); decode refuses one it cannot read."""
+
+
+class RoomJoin(BaseModel):
+    """Decode → prefill's bootstrap endpoint: "I am the decode side of this room"."""
+
+    type: Literal["join"] = "join"
+
+    room: int
+
+
+class RoomReady(BaseModel):
+    """Prefill → decode: the KV cache of the room's request is ready."""
+
+    type: Literal["ready"] = "ready"
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    room: int
+    kv: KVHandle | None = None
+    """None for engines that only simulate the hand-off."""
+    output_token_ids: list[int] = []
+    """Tokens prefill already sampled (the first output token, for engines that do so)."""
+    rope_delta: int = 0
+    """M-RoPE position offset decode continues from (Qwen-VL)."""
+
+
+class RoomFailed(BaseModel):
+    """Prefill → decode: the room's request failed; decode must not wait for it."""
+
+    type: Literal["failed"] = "failed"
+
+    room: int
+    message: str
+    code: int = 500
+
+
+class RoomDone(BaseModel):
+    """Decode → prefill: the KV cache was received; prefill may free it."""
+
+    type: Literal["done"] = "done"
+
+    room: int
+
+
+RoomMessage = Annotated[RoomJoin | RoomReady | RoomFailed | RoomDone, Field(discriminator="type")]
+"""Any message on a bootstrap connection."""

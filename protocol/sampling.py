@@ -1,0 +1,53 @@
+"""Sampling options: they travel whole from the frontend to every engine."""
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+FinishReason = Literal["stop", "length"]
+
+
+class SamplingOptions(BaseModel):
+    """Every knob the client set, resolved to concrete values by the frontend.
+
+    No field is dropped on the way: engines either honour a field or reject the request.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_tokens: int = Field(ge=1)
+    """Upper bound on generated tokens (the frontend resolves it against the context)."""
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    """0 means greedy."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    """0 disables top-k."""
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int | None = None
+    """Makes sampled output reproducible for the same request."""
+    stop: tuple[str, ...] = ()
+    """Stop strings; the frontend matches them on detokenized text (excluded from the output)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra token ids that end generation (included in `usage`, not in the text)."""
+    min_tokens: int = Field(default=0, ge=0)
+    """EOS and stop token ids are ignored until this many tokens exist."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (for benchmarks)."""
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+
+    @field_validator(
+        "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"
+    )
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @property
+    def greedy(self) -> bool:
+        """True when the engine must pick the most likely token at every step."""
+        return self.temperature == 0.0 or self.top_k == 1

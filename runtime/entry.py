@@ -1,0 +1,40 @@
+"""The one entry shape of every component: config → runtime + engine + handler → serve → drain.
+
+`serve` runs a component's `main` coroutine on uvloop, turns SIGTERM/SIGINT into a graceful
+drain, and exits non-zero if start-up fails.
+"""
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import uvloop
+
+log = logging.getLogger(__name__)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Plain-text logs on stderr, one line per event."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `main(stop)` until it returns; `stop` is set by SIGTERM or SIGINT."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        uvloop.run(runner())
+    except KeyboardInterrupt:
+        pass

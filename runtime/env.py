@@ -1,0 +1,37 @@
+"""The one place environment variables are read, typed and documented."""
+
+import os
+from dataclasses import dataclass
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Env:
+    """Environment variables triptych honours (all optional)."""
+
+    nats_url: str | None
+    """NATS_URL: the NATS server to join; the launch scripts start a private one when unset."""
+    nats_user: str | None
+    """NATS_USER / NATS_PASSWORD: user-password credentials for NATS."""
+    nats_password: str | None
+    nats_token: str | None
+    """NATS_TOKEN: token credentials for NATS."""
+    namespace: str
+    """TRIPTYCH_NAMESPACE: prefix of every subject and service name (default "triptych")."""
+    nvtx: bool
+    """DYN_NVTX: emit NVTX ranges for Nsight Systems."""
+
+    @classmethod
+    def read(cls) -> "Env":
+        """Read the current process environment."""
+        return cls(
+            nats_url=os.environ.get("NATS_URL") or None,
+            nats_user=os.environ.get("NATS_USER") or None,
+            nats_password=os.environ.get("NATS_PASSWORD") or None,
+            nats_token=os.environ.get("NATS_TOKEN") or None,
+            namespace=os.environ.get("TRIPTYCH_NAMESPACE") or "triptych",
+            nvtx=_flag("DYN_NVTX"),
+        )

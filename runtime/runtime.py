@@ -1,0 +1,131 @@
+"""`Runtime`: one process's seat on the control plane (one NATS connection)."""
+
+import itertools
+import logging
+import secrets
+import ssl
+import time
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsConnection
+
+from triptych.runtime import wire
+from triptych.runtime.client import Client
+from triptych.runtime.config import RuntimeConfig
+from triptych.runtime.stream import ResponseStream
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Owns the NATS connection, the process's response-stream inbox, and cancellation.
+
+    Use as an async context manager, or call `start` and `close` (both safe to call twice).
+    """
+
+    def __init__(self, config: RuntimeConfig, name: str = "triptych") -> None:
+        self.config = config
+        self.name = name
+        self.nc: NatsConnection = NatsConnection()
+        self._streams: dict[str, ResponseStream] = {}
+        self._stream_ids = itertools.count()
+        self._prefix = ""
+        self._clients: list[Client] = []
+        self._started = False
+        self._closing = False
+
+    async def start(self) -> None:
+        """Connect to NATS (reconnecting forever afterwards) and open the stream inbox."""
+        if self._started:
+            return
+        self._started = True
+        await self.nc.connect(**self._connect_options())
+        self._prefix = wire.stream_prefix(self.config.namespace, secrets.token_hex(8))
+        await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_frame)
+        log.info("%s joined NATS at %s", self.name, self.nc.connected_url.netloc
+                 if self.nc.connected_url else "?")
+
+    async def close(self) -> None:
+        """Stop clients and drain the connection. Safe to call twice."""
+        self._closing = True
+        for client in self._clients:
+            await client.close()
+        self._clients.clear()
+        for stream in list(self._streams.values()):
+            stream.close()
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:
+                await self.nc.close()
+
+    async def __aenter__(self) -> "Runtime":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def client(self, component: str, endpoint: str = "generate") -> Client:
+        """A started client for `component`'s `endpoint`, owned by this runtime."""
+        client = Client(self, component, endpoint)
+        await client.start()
+        self._clients.append(client)
+        return client
+
+    async def cancel(self, request_id: str) -> None:
+        """Tell every worker to drop `request_id` and free what it holds."""
+        await self.nc.publish(wire.cancel_subject(self.config.namespace), request_id.encode())
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Publish one frame (used by stream sinks)."""
+        await self.nc.publish(subject, data, headers=headers)
+
+    def open_stream(self, request_id: str, deadline: float) -> ResponseStream:
+        """A new response stream whose frames arrive on a subject of this process."""
+        subject = f"{self._prefix}.{next(self._stream_ids)}"
+        stream = ResponseStream(subject, request_id, deadline, self.config.stream_idle_timeout_s,
+                                self._forget_stream)
+        self._streams[subject] = stream
+        return stream
+
+    def _forget_stream(self, stream: ResponseStream) -> None:
+        self._streams.pop(stream.subject, None)
+
+    async def _on_frame(self, msg: Any) -> None:
+        stream = self._streams.get(msg.subject)
+        if stream is not None:
+            stream.feed(msg.data, msg.headers)
+
+    def _connect_options(self) -> dict[str, Any]:
+        cfg = self.config
+        options: dict[str, Any] = {
+            "servers": [url.strip() for url in cfg.nats_url.split(",")],
+            "name": self.name,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 5,
+            "allow_reconnect": True,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+        if cfg.nats_user:
+            options["user"] = cfg.nats_user
+            options["password"] = cfg.nats_password or ""
+        if cfg.nats_token:
+            options["token"] = cfg.nats_token
+        if cfg.nats_tls_ca:
+            options["tls"] = ssl.create_default_context(cafile=cfg.nats_tls_ca)
+        return options
+
+    async def _on_error(self, error: Exception) -> None:
+        log.warning("NATS: %s", error)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            log.warning("%s lost NATS; reconnecting", self.name)
+
+    async def _on_reconnected(self) -> None:
+        log.info("%s reconnected to NATS at %.3f", self.name, time.time())

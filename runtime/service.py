@@ -1,0 +1,226 @@
+"""Serving endpoints: registration, acknowledgement, owned request tasks, cancel, deadline, drain.
+
+A handler is ``async def handler(request: SomeModel, ctx: Context) -> None``. The runtime parses
+the request at the edge (a malformed one is refused with 400), acknowledges it at once, and runs
+the handler as a task it owns. The handler streams with ``ctx.stream.send(...)`` or hands the
+stream to the next stage with ``client.forward(...)``. When it returns, the stream is ended;
+when it raises, the caller receives the error as data; when the call is cancelled (client gone,
+``Runtime.cancel``) or its deadline passes, the task is cancelled and the engine must free
+what it held.
+"""
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service as MicroService
+from pydantic import BaseModel, ValidationError
+
+from triptych.protocol import ErrorCode, ErrorInfo
+from triptych.runtime import wire
+from triptych.runtime.errors import ServiceError
+from triptych.runtime.runtime import Runtime
+from triptych.runtime.stream import StreamSink
+from triptych.runtime.tasks import TaskOwner
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=BaseModel)
+
+
+@dataclass(eq=False)
+class Context:
+    """What a handler knows about the call it serves."""
+
+    request_id: str
+    deadline: float
+    """Absolute deadline (Unix time, seconds)."""
+    stream: StreamSink
+    """Where responses go (possibly a process further up the pipeline)."""
+    task: "asyncio.Task[None] | None" = None
+    cancelled_by_caller: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+Handler = Callable[[R, Context], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class _Endpoint(Generic[R]):
+    name: str
+    request_type: type[R]
+    handler: Handler[R]
+
+
+class Service:
+    """One instance of a component on the control plane.
+
+    Lifecycle: `add_endpoint` (any number), `start` (registers with NATS micro and becomes
+    discoverable), then `drain` (stop accepting, finish in-flight work within a grace period)
+    and `close`. `start`, `drain` and `close` are safe to call twice.
+    """
+
+    def __init__(self, runtime: Runtime, component: str, version: str = "0.1.0",
+                 metadata: dict[str, str] | None = None) -> None:
+        self._runtime = runtime
+        self.component = component
+        self._version = version
+        self._metadata = dict(metadata or {})
+        self._endpoints: list[_Endpoint[Any]] = []
+        self._micro: MicroService | None = None
+        self._cancel_sub: Any = None
+        self._inflight: dict[str, set[Context]] = {}
+        self._tasks = TaskOwner(f"service:{component}")
+        self._background = TaskOwner(f"service:{component}:background")
+        self._draining = False
+        self.instance_id = ""
+
+    def add_endpoint(self, name: str, request_type: type[R], handler: Handler[R]) -> None:
+        """Serve `handler` on `name`; requests are parsed as `request_type`."""
+        self._endpoints.append(_Endpoint(name, request_type, handler))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests this instance is handling right now."""
+        return sum(len(contexts) for contexts in self._inflight.values())
+
+    async def start(self) -> None:
+        """Register with NATS micro and start serving."""
+        if self._micro is not None:
+            return
+        nc = self._runtime.nc
+        ns = self._runtime.config.namespace
+        self._micro = await add_service(
+            nc, name=wire.service_name(ns, self.component), version=self._version,
+            description=f"triptych {self.component}", metadata=self._metadata,
+        )
+        self.instance_id = self._micro.id
+        for endpoint in self._endpoints:
+            await self._micro.add_endpoint(
+                name=endpoint.name,
+                subject=wire.endpoint_subject(ns, self.component, endpoint.name, self.instance_id),
+                handler=self._make_receiver(endpoint),
+            )
+        self._cancel_sub = await nc.subscribe(wire.cancel_subject(ns), cb=self._on_cancel)
+        self._background.spawn(self._keepalive_loop(), name="keepalive")
+        await nc.flush()
+        log.info("%s instance %s serving %s", self.component, self.instance_id,
+                 ", ".join(e.name for e in self._endpoints))
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop accepting calls, give in-flight ones `grace_s` seconds, then cancel the rest."""
+        if self._draining:
+            return
+        self._draining = True
+        if self._micro is not None:
+            await self._micro.stop()
+        if len(self._tasks):
+            log.info("%s draining %d in-flight request(s)", self.component, self.in_flight)
+            await self._tasks.wait(grace_s)
+        await self._tasks.close()
+
+    async def close(self) -> None:
+        """Drain without grace and release everything."""
+        await self.drain(0.0)
+        await self._background.close()
+        if self._cancel_sub is not None:
+            sub, self._cancel_sub = self._cancel_sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                log.debug("unsubscribe failed", exc_info=True)
+
+    def _make_receiver(self, endpoint: _Endpoint[R]) -> Callable[[Request], Awaitable[None]]:
+        async def receive(request: Request) -> None:
+            await self._receive(endpoint, request)
+
+        return receive
+
+    async def _receive(self, endpoint: _Endpoint[R], request: Request) -> None:
+        headers = request.headers or {}
+        request_id = headers.get(wire.REQUEST_ID, "")
+        if self._draining:
+            await request.respond_error(str(ErrorCode.UNAVAILABLE.value), "instance is draining")
+            return
+        try:
+            payload = endpoint.request_type.model_validate_json(request.data)
+            deadline = float(headers.get(wire.DEADLINE, "inf"))
+            if math.isnan(deadline):
+                raise ValueError("deadline is not a number")
+        except (ValidationError, ValueError) as error:
+            await request.respond_error(str(ErrorCode.BAD_REQUEST.value), _describe(error))
+            return
+        await request.respond(b"", headers={wire.INSTANCE: self.instance_id})
+        sink = StreamSink(self._runtime.publish, headers.get(wire.STREAM_TO, ""), request_id)
+        ctx = Context(request_id=request_id, deadline=deadline, stream=sink)
+        self._inflight.setdefault(request_id, set()).add(ctx)
+        ctx.task = self._tasks.spawn(self._run(endpoint, payload, ctx), name=request_id)
+
+    async def _run(self, endpoint: _Endpoint[R], payload: R, ctx: Context) -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + (ctx.deadline - time.time()) if math.isfinite(ctx.deadline) else None
+        error: ErrorInfo | None = None
+        try:
+            async with asyncio.timeout_at(when):
+                await endpoint.handler(payload, ctx)
+        except TimeoutError:
+            error = ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, message="deadline exceeded",
+                              request_id=ctx.request_id)
+        except asyncio.CancelledError:
+            if not ctx.cancelled_by_caller:
+                error = ErrorInfo(code=ErrorCode.UNAVAILABLE, message=f"{self.component} stopped",
+                                  request_id=ctx.request_id)
+        except ServiceError as failure:
+            error = failure.info.model_copy(update={"request_id": ctx.request_id})
+        except Exception as failure:
+            log.exception("request %s failed in %s", ctx.request_id, endpoint.name)
+            error = ErrorInfo(code=ErrorCode.INTERNAL,
+                              message=f"{self.component} failed: {type(failure).__name__}",
+                              request_id=ctx.request_id)
+        finally:
+            contexts = self._inflight.get(ctx.request_id)
+            if contexts is not None:
+                contexts.discard(ctx)
+                if not contexts:
+                    del self._inflight[ctx.request_id]
+        try:
+            if error is not None:
+                await ctx.stream.fail(error)
+            else:
+                await ctx.stream.end()
+        except Exception:
+            log.warning("could not close the stream of %s", ctx.request_id, exc_info=True)
+
+    async def _on_cancel(self, msg: Any) -> None:
+        request_id = msg.data.decode(errors="replace")
+        for ctx in list(self._inflight.get(request_id, ())):
+            ctx.cancelled_by_caller = True
+            if ctx.task is not None:
+                ctx.task.cancel()
+
+    async def _keepalive_loop(self) -> None:
+        interval = self._runtime.config.keepalive_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            horizon = time.monotonic() - interval
+            for contexts in list(self._inflight.values()):
+                for ctx in list(contexts):
+                    if not ctx.stream.closed and ctx.stream.last_sent < horizon:
+                        try:
+                            await ctx.stream.keepalive()
+                        except Exception:
+                            log.debug("keepalive failed", exc_info=True)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return f"invalid request: {where}: {first['msg']}"
+    return f"invalid request: {error}"

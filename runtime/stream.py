@@ -1,0 +1,153 @@
+"""Response streams: the caller's end (`ResponseStream`) and the worker's end (`StreamSink`)."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from triptych.protocol import ErrorCode, ErrorInfo
+from triptych.runtime import wire
+from triptych.runtime.errors import ServiceError, deadline_exceeded, unavailable
+
+M = TypeVar("M", bound=BaseModel)
+Publish = Callable[[str, bytes, dict[str, str] | None], Awaitable[None]]
+
+_DONE = object()
+
+
+class ResponseStream:
+    """Frames of one call, in order: iterate for payloads; errors are raised as `ServiceError`.
+
+    The stream ends at the end marker. It fails when the call's deadline passes or when the
+    holder of the stream stays silent (no data, no keepalive) for `idle_timeout` seconds.
+    """
+
+    def __init__(
+        self,
+        subject: str,
+        request_id: str,
+        deadline: float,
+        idle_timeout: float,
+        on_close: Callable[["ResponseStream"], None],
+    ) -> None:
+        self.subject = subject
+        self.request_id = request_id
+        self.deadline = deadline
+        self._idle_timeout = idle_timeout
+        self._on_close = on_close
+        self._queue: asyncio.Queue[tuple[bytes, dict[str, str] | None]] = asyncio.Queue()
+        self._finished = False
+        self.instance = ""
+        """The instance that accepted the call."""
+
+    def feed(self, data: bytes, headers: dict[str, str] | None) -> None:
+        """Called by the runtime for each frame that arrives on this stream's subject."""
+        self._queue.put_nowait((data, headers))
+
+    def close(self) -> None:
+        """Stop receiving. Safe to call twice."""
+        if not self._finished:
+            self._finished = True
+            self._on_close(self)
+
+    @property
+    def finished(self) -> bool:
+        """True once the end marker or an error arrived, or the stream was closed."""
+        return self._finished
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._finished:
+            data, headers = await self._next_frame()
+            if headers is None:
+                return data
+            if wire.ERROR_CODE in headers:
+                self.close()
+                raise self._error(data, headers)
+            if wire.END in headers:
+                self.close()
+                if data:
+                    return data
+        raise StopAsyncIteration
+
+    async def next_model(self, model: type[M]) -> M:
+        """The next payload parsed as `model`; a stream that ends instead is an error."""
+        async for data in self:
+            return model.model_validate_json(data)
+        raise unavailable("stream ended before a response arrived", self.request_id)
+
+    async def _next_frame(self) -> tuple[bytes, dict[str, str] | None]:
+        while True:
+            remaining = self.deadline - time.time()
+            if remaining <= 0:
+                self.close()
+                raise deadline_exceeded(self.request_id)
+            try:
+                async with asyncio.timeout(min(remaining, self._idle_timeout)):
+                    frame = await self._queue.get()
+            except TimeoutError:
+                if time.time() < self.deadline:
+                    self.close()
+                    raise unavailable(
+                        f"worker went silent for {self._idle_timeout:g}s", self.request_id
+                    ) from None
+                continue
+            headers = frame[1]
+            if headers is not None and wire.KEEPALIVE in headers:
+                continue
+            return frame
+
+    def _error(self, data: bytes, headers: dict[str, str]) -> ServiceError:
+        try:
+            return ServiceError.from_info(ErrorInfo.model_validate_json(data))
+        except ValueError:
+            code = int(headers.get(wire.ERROR_CODE, ErrorCode.INTERNAL) or ErrorCode.INTERNAL)
+            return ServiceError(code, headers.get(wire.ERROR, "remote error"), self.request_id)
+
+
+class StreamSink:
+    """The worker's end of a response stream: send payloads, then end it or fail it once."""
+
+    def __init__(self, publish: Publish, subject: str, request_id: str) -> None:
+        self._publish = publish
+        self.subject = subject
+        self.request_id = request_id
+        self.closed = not subject
+        self.last_sent = time.monotonic()
+
+    async def send(self, message: BaseModel, *, end: bool = False) -> None:
+        """Send one payload; `end` makes it the last frame."""
+        await self._frame(message.__pydantic_serializer__.to_json(message), end)
+
+    async def end(self) -> None:
+        """Send the end marker alone."""
+        await self._frame(b"", True)
+
+    async def fail(self, error: ErrorInfo) -> None:
+        """Send an error frame; it ends the stream."""
+        if self.closed:
+            return
+        self.closed = True
+        headers = {wire.ERROR_CODE: str(error.code), wire.ERROR: error.message}
+        await self._publish(self.subject, error.model_dump_json().encode(), headers)
+
+    async def keepalive(self) -> None:
+        """Prove the stream's holder is alive."""
+        if not self.closed:
+            self.last_sent = time.monotonic()
+            await self._publish(self.subject, b"", wire.KEEPALIVE_HEADERS)
+
+    def hand_off(self) -> None:
+        """Another worker now holds the stream; this one must not write to it again."""
+        self.closed = True
+
+    async def _frame(self, data: bytes, end: bool) -> None:
+        if self.closed:
+            return
+        self.closed = end
+        self.last_sent = time.monotonic()
+        await self._publish(self.subject, data, wire.END_HEADERS if end else None)

@@ -5,7 +5,6 @@ from triptych.engines.base import (
     DecodeEngine,
     EncodeEngine,
     Engine,
-    ImageEmbeddings,
     PrefillEngine,
 )
 from triptych.engines.registry import (
@@ -16,6 +15,7 @@ from triptych.engines.registry import (
     encode_engine,
     prefill_engine,
 )
+from triptych.transfer import ImageEmbeddings
 
 __all__ = [
     "ENGINES",

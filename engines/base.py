@@ -25,17 +25,17 @@ from triptych.protocol import BootstrapInfo, GenerateRequest, ImageItem, TokenCh
 from triptych.transfer.embeddings import ImageEmbeddings
 
 
-class Engine(abc.ABC):
+class Engine:
     """Start and close; see the module docstring for the lifecycle."""
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
+    async def start(self) -> None:
         """Load and warm up."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release everything. Safe to call twice."""
 
 
-class EncodeEngine(Engine):
+class EncodeEngine(Engine, abc.ABC):
     """Runs the vision tower (only the vision tower: no language-model weights)."""
 
     @abc.abstractmethod
@@ -43,7 +43,7 @@ class EncodeEngine(Engine):
         """Embed the images (each carries its encoded bytes in `data`)."""
 
 
-class PrefillEngine(Engine):
+class PrefillEngine(Engine, abc.ABC):
     """Runs prefill and hands the KV cache to decode through a bootstrap room."""
 
     @property
@@ -60,24 +60,31 @@ class PrefillEngine(Engine):
         """Fail a room before prefill ran (e.g. the embeddings could not be read)."""
 
     @abc.abstractmethod
-    async def prefill(self, request_id: str, request: GenerateRequest, room: int,
-                      embeddings: ImageEmbeddings | None) -> None:
+    async def prefill(
+        self,
+        request_id: str,
+        request: GenerateRequest,
+        room: int,
+        embeddings: ImageEmbeddings | None,
+    ) -> None:
         """Run prefill and offer the KV cache in `room`; on failure tell the room at once."""
 
 
-class DecodeEngine(Engine):
+class DecodeEngine(Engine, abc.ABC):
     """Generates from a KV cache received through a bootstrap room."""
 
     @abc.abstractmethod
-    def generate(self, request_id: str, request: GenerateRequest,
-                 bootstrap: BootstrapInfo) -> AsyncIterator[TokenChunk]:
+    def generate(
+        self, request_id: str, request: GenerateRequest, bootstrap: BootstrapInfo
+    ) -> AsyncIterator[TokenChunk]:
         """Join the room, receive the cache, and stream tokens (last chunk has finish_reason)."""
 
 
-class AggregatedEngine(Engine):
+class AggregatedEngine(Engine, abc.ABC):
     """Prefill and decode in one engine (no KV transfer)."""
 
     @abc.abstractmethod
-    def generate(self, request_id: str, request: GenerateRequest,
-                 embeddings: ImageEmbeddings | None) -> AsyncIterator[TokenChunk]:
+    def generate(
+        self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
+    ) -> AsyncIterator[TokenChunk]:
         """Prefill, then stream tokens (last chunk has finish_reason)."""

@@ -19,7 +19,6 @@ from triptych.engines.base import (
     AggregatedEngine,
     DecodeEngine,
     EncodeEngine,
-    ImageEmbeddings,
     PrefillEngine,
 )
 from triptych.protocol import (
@@ -31,7 +30,7 @@ from triptych.protocol import (
     ServiceError,
     TokenChunk,
 )
-from triptych.transfer import BootstrapClient, BootstrapServer
+from triptych.transfer import BootstrapClient, BootstrapServer, ImageEmbeddings
 from triptych.transfer.bootstrap import new_room
 
 
@@ -61,8 +60,9 @@ class MockConfig:
 
 def mock_tokens(request: GenerateRequest, low: int, high: int) -> list[int]:
     """The tokens the mock engine generates for `request` (before stop conditions)."""
-    digest = hashlib.blake2b(repr((request.token_ids, request.sampling.seed)).encode(),
-                             digest_size=8).digest()
+    digest = hashlib.blake2b(
+        repr((request.token_ids, request.sampling.seed)).encode(), digest_size=8
+    ).digest()
     rng = random.Random(int.from_bytes(digest, "little"))
     return [rng.randrange(low, high) for _ in range(request.sampling.max_tokens)]
 
@@ -94,8 +94,11 @@ class _Generator:
             if step > 0 or last:  # with no decode cost every token is ready at once
                 await _sleep(step)
                 reason = ("stop" if finished else "length") if last else None
-                yield TokenChunk(token_ids=pending, finish_reason=reason,
-                                 prompt_tokens=len(request.token_ids) if first else 0)
+                yield TokenChunk(
+                    token_ids=pending,
+                    finish_reason=reason,
+                    prompt_tokens=len(request.token_ids) if first else 0,
+                )
                 pending, first = [], False
             if last:
                 return
@@ -109,8 +112,10 @@ class MockEncodeEngine(EncodeEngine):
 
     async def encode(self, request_id: str, images: Sequence[ImageItem]) -> ImageEmbeddings:
         await _sleep(self.config.encode_s_per_image * len(images))
-        return ImageEmbeddings(num_tokens=sum(image.num_tokens for image in images),
-                               hidden_size=self.config.hidden_size)
+        return ImageEmbeddings(
+            num_tokens=sum(image.num_tokens for image in images),
+            hidden_size=self.config.hidden_size,
+        )
 
 
 class MockPrefillEngine(PrefillEngine):
@@ -140,8 +145,13 @@ class MockPrefillEngine(PrefillEngine):
         slot.fail(reason)
         slot.close()
 
-    async def prefill(self, request_id: str, request: GenerateRequest, room: int,
-                      embeddings: ImageEmbeddings | None) -> None:
+    async def prefill(
+        self,
+        request_id: str,
+        request: GenerateRequest,
+        room: int,
+        embeddings: ImageEmbeddings | None,
+    ) -> None:
         slot = self.server.open(room)
         try:
             _check_embeddings(request, embeddings)
@@ -165,8 +175,9 @@ class MockDecodeEngine(DecodeEngine):
     async def close(self) -> None:
         await self._rooms.close()
 
-    async def generate(self, request_id: str, request: GenerateRequest,
-                       bootstrap: BootstrapInfo) -> AsyncIterator[TokenChunk]:
+    async def generate(
+        self, request_id: str, request: GenerateRequest, bootstrap: BootstrapInfo
+    ) -> AsyncIterator[TokenChunk]:
         host, port = bootstrap.bootstrap_host, bootstrap.bootstrap_port
         ready = await self._rooms.join(host, port, bootstrap.bootstrap_room)
         await self._rooms.done(host, port, bootstrap.bootstrap_room)
@@ -181,8 +192,9 @@ class MockAggregatedEngine(AggregatedEngine):
         self.config = config
         self._tokens = _Generator(config)
 
-    async def generate(self, request_id: str, request: GenerateRequest,
-                       embeddings: ImageEmbeddings | None) -> AsyncIterator[TokenChunk]:
+    async def generate(
+        self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
+    ) -> AsyncIterator[TokenChunk]:
         _check_embeddings(request, embeddings)
         await _sleep(self.config.prefill_s_per_token * len(request.token_ids))
         async for chunk in self._tokens.stream(request):
@@ -193,5 +205,6 @@ def _check_embeddings(request: GenerateRequest, embeddings: ImageEmbeddings | No
     expected = sum(image.num_tokens for image in request.images)
     rows = embeddings.num_tokens if embeddings is not None else 0
     if rows != expected:
-        raise ServiceError(ErrorCode.INTERNAL,
-                           f"embedding rows ({rows}) do not match image tokens ({expected})")
+        raise ServiceError(
+            ErrorCode.INTERNAL, f"embedding rows ({rows}) do not match image tokens ({expected})"
+        )

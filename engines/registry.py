@@ -66,8 +66,9 @@ class EngineConfig:
 
 
 def _unavailable(config: EngineConfig, role: str) -> ServiceError:
-    return ServiceError(ErrorCode.UNAVAILABLE,
-                        f"engine '{config.name}' cannot run the {role} role in this build")
+    return ServiceError(
+        ErrorCode.UNAVAILABLE, f"engine '{config.name}' cannot run the {role} role in this build"
+    )
 
 
 def encode_engine(config: EngineConfig) -> EncodeEngine:

@@ -30,8 +30,9 @@ class ModelAdapter(abc.ABC):
     def image_layout(self, height: int, width: int) -> ImageLayout:
         """Token count and patch grid for an image of this size."""
 
-    def expand_placeholders(self, token_ids: list[int],
-                            layouts: list[ImageLayout]) -> tuple[list[int], list[int]]:
+    def expand_placeholders(
+        self, token_ids: list[int], layouts: list[ImageLayout]
+    ) -> tuple[list[int], list[int]]:
         """Repeat each image's single placeholder to its token count.
 
         Returns the expanded ids and each image's offset (index of its first placeholder).

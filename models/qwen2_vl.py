@@ -30,8 +30,9 @@ class QwenVisionGeometry:
         )
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int,
-                 max_pixels: int) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
     """Qwen-VL's resize: both sides multiples of `factor`, area within [min, max] pixels."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError("image aspect ratio must be under 200")

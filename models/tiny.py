@@ -142,31 +142,22 @@ def _corpus(n_sentences: int = 1500) -> str:
 
 def _train_tokenizer() -> Any:
     """Train the byte-level BPE on the generated corpus, then append the special tokens."""
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    import tokenizers as tk
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.normalizer = tk.normalizers.NFC()
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            tk.pre_tokenizers.Split(tk.Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
+    tok.decoder = tk.decoders.ByteLevel()
+    tok.post_processor = tk.processors.ByteLevel(trim_offsets=False)
+    trainer = tk.trainers.BpeTrainer(
         vocab_size=BPE_VOCAB_SIZE,
         show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, no UNK
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, no UNK
     )
     tok.train_from_iterator(_corpus().splitlines(keepends=True), trainer=trainer)
     if tok.get_vocab_size() != BPE_VOCAB_SIZE:
@@ -351,17 +342,28 @@ def ensure_checkpoint(target: Path, seed: int = 0, force: bool = False) -> Path:
             generate_checkpoint(tmp, seed)
             for p in (tmp, *tmp.iterdir()):  # mkdtemp makes 0700; the cache may be shared
                 p.chmod(0o755 if p.is_dir() else 0o644)
-            for _ in range(3):
-                try:
-                    os.rename(tmp, target)  # atomic; fails if target exists and is not empty
-                    return target
-                except OSError:
-                    if not force and is_complete(target, seed):
-                        return target  # another process won the race
-                    _discard(target)  # stale, outdated, or being replaced (--force)
-            raise RuntimeError(f"could not move the generated checkpoint into {target}")
+            _move_into_place(tmp, target, seed, force)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _move_into_place(tmp: Path, target: Path, seed: int, force: bool) -> None:
+    """Rename ``tmp`` to ``target`` atomically, replacing an outdated (or, if ``force``, any)
+    checkpoint there; a directory that is not a tiny checkpoint is never replaced."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, target)  # atomic; fails if target exists and is not empty
+            return
+        except OSError as err:
+            if not force and is_complete(target, seed):
+                return  # another process got there first (no fcntl lock on this platform)
+            if not (target / COMPLETE_MARKER).exists():
+                raise FileExistsError(
+                    f"{target} is not a tiny checkpoint; not replacing it"
+                ) from err
+        _discard(target)
+    raise RuntimeError(f"could not move the generated checkpoint into {target}")
 
 
 @contextlib.contextmanager

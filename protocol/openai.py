@@ -58,9 +58,8 @@ class ChatMessage(BaseModel):
             raise ValueError(f"a {self.role} message needs content")
         if isinstance(self.content, list) and not self.content:
             raise ValueError("content must not be an empty list")
-        if isinstance(self.content, list) and self.role != "user":
-            if any(isinstance(part, ImagePart) for part in self.content):
-                raise ValueError(f"images are only accepted in user messages, not {self.role}")
+        if self.role != "user" and self.images:
+            raise ValueError(f"images are only accepted in user messages, not {self.role}")
         return self
 
     @property
@@ -79,8 +78,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format",
-                "logit_bias", "top_logprobs", "audio", "modalities", "prediction")
+_UNSUPPORTED = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "logit_bias",
+    "top_logprobs",
+    "audio",
+    "modalities",
+    "prediction",
+)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -120,7 +129,12 @@ class ChatCompletionRequest(BaseModel):
         return data
 
     @field_validator(
-        "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"
+        "temperature",
+        "top_p",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
     )
     @classmethod
     def _finite(cls, value: float) -> float:

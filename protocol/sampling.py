@@ -39,7 +39,12 @@ class SamplingOptions(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
 
     @field_validator(
-        "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"
+        "temperature",
+        "top_p",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
     )
     @classmethod
     def _finite(cls, value: float) -> float:

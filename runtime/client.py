@@ -1,9 +1,10 @@
 """Calling a component: round-robin over live instances, or one instance by id."""
 
+import asyncio
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 from pydantic import BaseModel
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from triptych.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+NO_RESPONDERS_RETRY_S = 0.02
 
 
 class Client:
@@ -54,61 +57,111 @@ class Client:
     ) -> ResponseStream:
         """Send `request` to an instance (round-robin unless `instance` is given).
 
-        Returns once an instance accepted the call; its frames then arrive on the stream.
+        Returns once an instance accepted the call; its frames then arrive on the stream. An
+        instance that is gone ("no responders") or does not accept in time is dropped and the
+        next one is tried, each attempt on a fresh stream subject so that a late answer from an
+        earlier attempt can never mix into the stream.
         """
-        stream = self._runtime.open_stream(request_id, deadline)
-        try:
-            stream.instance = await self._dispatch(request, stream.subject, request_id, deadline,
-                                                   instance)
-        except BaseException:
+        data = request.__pydantic_serializer__.to_json(request)
+        for candidate in await self._candidates(instance, deadline):
+            stream = self._runtime.open_stream(request_id, deadline)
+            try:
+                if await self._offer(
+                    candidate, data, stream.subject, request_id, deadline=deadline
+                ):
+                    stream.instance = candidate
+                    return stream
+            except BaseException:
+                stream.close()
+                raise
             stream.close()
-            raise
-        return stream
+        raise unavailable(f"no live {self.component} instance", request_id)
 
     async def forward(self, request: BaseModel, sink: StreamSink, deadline: float) -> str:
-        """Hand the stream behind `sink` to an instance of this component; returns its id."""
-        instance = await self._dispatch(request, sink.subject, sink.request_id, deadline, None)
-        sink.hand_off()
-        return instance
+        """Hand the stream behind `sink` to an instance of this component; returns its id.
 
-    async def _dispatch(
+        Only an instance that is certainly gone is skipped: one that does not accept in time
+        fails the request, since it might still answer on the caller's stream later.
+        """
+        data = request.__pydantic_serializer__.to_json(request)
+        for candidate in await self._candidates(None, deadline):
+            accepted = await self._offer(
+                candidate,
+                data,
+                sink.subject,
+                sink.request_id,
+                deadline=deadline,
+                retry_on_timeout=False,
+            )
+            if accepted:
+                sink.hand_off()
+                return candidate
+        raise unavailable(f"no live {self.component} instance", sink.request_id)
+
+    async def _offer(
         self,
-        request: BaseModel,
+        candidate: str,
+        data: bytes,
         stream_to: str,
         request_id: str,
+        *,
         deadline: float,
-        instance: str | None,
-    ) -> str:
-        data = request.__pydantic_serializer__.to_json(request)
+        retry_on_timeout: bool = True,
+    ) -> bool:
+        """Offer the call to one instance: True if accepted, False to try the next one."""
+        config = self._runtime.config
+        subject = wire.endpoint_subject(config.namespace, self.component, self.endpoint, candidate)
         headers = {
             wire.REQUEST_ID: request_id,
             wire.STREAM_TO: stream_to,
             wire.DEADLINE: repr(deadline),
         }
-        for candidate in await self._candidates(instance, deadline):
-            subject = wire.endpoint_subject(
-                self._runtime.config.namespace, self.component, self.endpoint, candidate
-            )
+        try:
+            ack = await self._request(subject, data, headers, deadline)
+        except nats.errors.NoRespondersError:
+            log.info("%s instance %s is gone (no responders)", self.component, candidate)
+            self.instances.drop(candidate)
+            return False
+        except nats.errors.TimeoutError:
+            if retry_on_timeout and time.time() < deadline:
+                log.warning(
+                    "%s instance %s did not accept %s in time; trying another",
+                    self.component,
+                    candidate,
+                    request_id,
+                )
+                self.instances.drop(candidate)
+                return False
+            raise unavailable(
+                f"{self.component} instance {candidate} did not accept the request in time",
+                request_id,
+            ) from None
+        ack_headers = ack.headers or {}
+        if wire.ERROR_CODE not in ack_headers:
+            return True
+        code = int(ack_headers[wire.ERROR_CODE])
+        if code == 503:  # draining: the next instance may take it
+            log.info("%s instance %s is draining", self.component, candidate)
+            return False
+        raise ServiceError(code, ack_headers.get(wire.ERROR, "rejected"), request_id)
+
+    async def _request(
+        self, subject: str, data: bytes, headers: dict[str, str], deadline: float
+    ) -> Any:
+        # A subscription that was just flushed can rarely still meet "no responders" (seen
+        # about once in 300 fresh nats.micro endpoints): ask a live instance twice before
+        # giving up on it.
+        for attempt in range(2):
             timeout = max(0.001, min(self._runtime.config.ack_timeout_s, deadline - time.time()))
             try:
-                ack = await self._runtime.nc.request(subject, data, timeout=timeout,
-                                                     headers=headers)
+                return await self._runtime.nc.request(
+                    subject, data, timeout=timeout, headers=headers
+                )
             except nats.errors.NoRespondersError:
-                self.instances.drop(candidate)
-                continue
-            except nats.errors.TimeoutError:
-                raise unavailable(
-                    f"{self.component} instance {candidate} did not accept the request in time",
-                    request_id,
-                ) from None
-            ack_headers = ack.headers or {}
-            if wire.ERROR_CODE in ack_headers:
-                code = int(ack_headers[wire.ERROR_CODE])
-                if code == 503 and instance is None:  # draining: try the next instance
-                    continue
-                raise ServiceError(code, ack_headers.get(wire.ERROR, "rejected"), request_id)
-            return candidate
-        raise unavailable(f"no live {self.component} instance", request_id)
+                if attempt or time.time() + NO_RESPONDERS_RETRY_S >= deadline:
+                    raise
+                await asyncio.sleep(NO_RESPONDERS_RETRY_S)
+        raise AssertionError("unreachable")
 
     async def _candidates(self, instance: str | None, deadline: float) -> list[str]:
         if instance is not None:

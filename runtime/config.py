@@ -22,8 +22,9 @@ class RuntimeConfig:
     """NATS token."""
     nats_tls_ca: str | None = None
     """CA bundle to verify the NATS server's TLS certificate; enables TLS."""
-    ack_timeout_s: float = 5.0
-    """How long a caller waits for an instance to accept a call."""
+    ack_timeout_s: float = 1.0
+    """How long a caller waits for an instance to accept a call. Workers accept on arrival,
+    before any work, so only a dead or frozen instance misses this; the call then moves on."""
     discovery_interval_s: float = 1.0
     """How often clients ping the instances of the components they call."""
     instance_ttl_s: float = 2.5
@@ -56,7 +57,9 @@ class RuntimeConfig:
         )
         group.add_argument("--nats-tls-ca", default=None, help="CA file; enables TLS to NATS")
         group.add_argument("--ack-timeout-s", type=float, default=base.ack_timeout_s)
-        group.add_argument("--stream-idle-timeout-s", type=float, default=base.stream_idle_timeout_s)
+        group.add_argument(
+            "--stream-idle-timeout-s", type=float, default=base.stream_idle_timeout_s
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RuntimeConfig":

@@ -5,6 +5,7 @@ drain, and exits non-zero if start-up fails.
 """
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -34,7 +35,5 @@ def serve(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(runner())
-    except KeyboardInterrupt:
-        pass

@@ -30,8 +30,14 @@ def find_binary() -> str:
 class NatsServer:
     """Runs nats-server on 127.0.0.1 with a port the OS picks; `url` is known after `start`."""
 
-    def __init__(self, *, user: str | None = None, password: str | None = None,
-                 token: str | None = None, max_payload: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        max_payload: int = 8 * 1024 * 1024,
+    ) -> None:
         self._user, self._password, self._token = user, password, token
         self._max_payload = max_payload
         self._dir = Path(tempfile.mkdtemp(prefix="triptych-nats-"))
@@ -86,14 +92,21 @@ class NatsServer:
     def __enter__(self) -> "NatsServer":
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _config_text(self) -> str:
-        lines = ['listen: "127.0.0.1:-1"', f"max_payload: {self._max_payload}",
-                 f'jetstream {{ store_dir: "{self._dir / "js"}" }}']
+        lines = [
+            'listen: "127.0.0.1:-1"',
+            f"max_payload: {self._max_payload}",
+            f'jetstream {{ store_dir: "{self._dir / "js"}" }}',
+        ]
         if self._user:
             lines.append(f'authorization {{ user: "{self._user}", password: "{self._password}" }}')
         elif self._token:

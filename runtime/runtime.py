@@ -7,7 +7,6 @@ import ssl
 import time
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NatsConnection
 
 from triptych.runtime import wire
@@ -43,8 +42,11 @@ class Runtime:
         await self.nc.connect(**self._connect_options())
         self._prefix = wire.stream_prefix(self.config.namespace, secrets.token_hex(8))
         await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_frame)
-        log.info("%s joined NATS at %s", self.name, self.nc.connected_url.netloc
-                 if self.nc.connected_url else "?")
+        log.info(
+            "%s joined NATS at %s",
+            self.name,
+            self.nc.connected_url.netloc if self.nc.connected_url else "?",
+        )
 
     async def close(self) -> None:
         """Stop clients and drain the connection. Safe to call twice."""
@@ -85,8 +87,9 @@ class Runtime:
     def open_stream(self, request_id: str, deadline: float) -> ResponseStream:
         """A new response stream whose frames arrive on a subject of this process."""
         subject = f"{self._prefix}.{next(self._stream_ids)}"
-        stream = ResponseStream(subject, request_id, deadline, self.config.stream_idle_timeout_s,
-                                self._forget_stream)
+        stream = ResponseStream(
+            subject, request_id, deadline, self.config.stream_idle_timeout_s, self._forget_stream
+        )
         self._streams[subject] = stream
         return stream
 

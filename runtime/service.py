@@ -66,8 +66,13 @@ class Service:
     and `close`. `start`, `drain` and `close` are safe to call twice.
     """
 
-    def __init__(self, runtime: Runtime, component: str, version: str = "0.1.0",
-                 metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        component: str,
+        version: str = "0.1.0",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self._runtime = runtime
         self.component = component
         self._version = version
@@ -97,8 +102,11 @@ class Service:
         nc = self._runtime.nc
         ns = self._runtime.config.namespace
         self._micro = await add_service(
-            nc, name=wire.service_name(ns, self.component), version=self._version,
-            description=f"triptych {self.component}", metadata=self._metadata,
+            nc,
+            name=wire.service_name(ns, self.component),
+            version=self._version,
+            description=f"triptych {self.component}",
+            metadata=self._metadata,
         )
         self.instance_id = self._micro.id
         for endpoint in self._endpoints:
@@ -110,8 +118,12 @@ class Service:
         self._cancel_sub = await nc.subscribe(wire.cancel_subject(ns), cb=self._on_cancel)
         self._background.spawn(self._keepalive_loop(), name="keepalive")
         await nc.flush()
-        log.info("%s instance %s serving %s", self.component, self.instance_id,
-                 ", ".join(e.name for e in self._endpoints))
+        log.info(
+            "%s instance %s serving %s",
+            self.component,
+            self.instance_id,
+            ", ".join(e.name for e in self._endpoints),
+        )
 
     async def drain(self, grace_s: float) -> None:
         """Stop accepting calls, give in-flight ones `grace_s` seconds, then cancel the rest."""
@@ -170,19 +182,27 @@ class Service:
             async with asyncio.timeout_at(when):
                 await endpoint.handler(payload, ctx)
         except TimeoutError:
-            error = ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, message="deadline exceeded",
-                              request_id=ctx.request_id)
+            error = ErrorInfo(
+                code=ErrorCode.DEADLINE_EXCEEDED,
+                message="deadline exceeded",
+                request_id=ctx.request_id,
+            )
         except asyncio.CancelledError:
             if not ctx.cancelled_by_caller:
-                error = ErrorInfo(code=ErrorCode.UNAVAILABLE, message=f"{self.component} stopped",
-                                  request_id=ctx.request_id)
+                error = ErrorInfo(
+                    code=ErrorCode.UNAVAILABLE,
+                    message=f"{self.component} stopped",
+                    request_id=ctx.request_id,
+                )
         except ServiceError as failure:
             error = failure.info.model_copy(update={"request_id": ctx.request_id})
         except Exception as failure:
             log.exception("request %s failed in %s", ctx.request_id, endpoint.name)
-            error = ErrorInfo(code=ErrorCode.INTERNAL,
-                              message=f"{self.component} failed: {type(failure).__name__}",
-                              request_id=ctx.request_id)
+            error = ErrorInfo(
+                code=ErrorCode.INTERNAL,
+                message=f"{self.component} failed: {type(failure).__name__}",
+                request_id=ctx.request_id,
+            )
         finally:
             contexts = self._inflight.get(ctx.request_id)
             if contexts is not None:

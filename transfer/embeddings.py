@@ -28,8 +28,9 @@ def publish_simulated(embeddings: ImageEmbeddings) -> EmbeddingHandle:
     """A handle for embeddings that carry no bytes."""
     if embeddings.tensor is not None:
         raise ServiceError(ErrorCode.INTERNAL, "real embeddings need a real transport (NIXL)")
-    return EmbeddingHandle(agent=SIMULATED, shape=(embeddings.num_tokens,
-                                                   embeddings.hidden_size), dtype="none")
+    return EmbeddingHandle(
+        agent=SIMULATED, shape=(embeddings.num_tokens, embeddings.hidden_size), dtype="none"
+    )
 
 
 def read_simulated(handle: EmbeddingHandle) -> ImageEmbeddings:

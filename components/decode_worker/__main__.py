@@ -24,8 +24,11 @@ def main() -> None:
     """Parse flags and serve until stopped."""
     parser = worker_parser("triptych decode worker")
     parser.add_argument("--disaggregation-mode", choices=("decode", "agg"), default="decode")
-    parser.add_argument("--dedicated-mm-encoder", action="store_true",
-                        help="images arrive encoded from an encode worker")
+    parser.add_argument(
+        "--dedicated-mm-encoder",
+        action="store_true",
+        help="images arrive encoded from an encode worker",
+    )
     args = parser.parse_args()
     config = worker_config(args)
 

@@ -22,8 +22,7 @@ class DisaggregatedHandler:
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
         """Bootstrap with prefill (same request id: a cancel reaches both), then stream tokens."""
-        answer = await self.prefill.call(request, request_id=ctx.request_id,
-                                         deadline=ctx.deadline)
+        answer = await self.prefill.call(request, request_id=ctx.request_id, deadline=ctx.deadline)
         try:
             bootstrap = await answer.next_model(BootstrapInfo)
         finally:
@@ -43,13 +42,15 @@ class AggregatedHandler:
         embeddings = await self._embeddings(request, ctx.request_id)
         await _stream(self.engine.generate(ctx.request_id, request, embeddings), ctx)
 
-    async def _embeddings(self, request: GenerateRequest,
-                          request_id: str) -> ImageEmbeddings | None:
+    async def _embeddings(
+        self, request: GenerateRequest, request_id: str
+    ) -> ImageEmbeddings | None:
         if request.embeddings is not None:
             return read_simulated(request.embeddings)
         if not request.images:
             return None
         if self.encoder is None:
-            raise ServiceError(ErrorCode.INTERNAL,
-                               "images arrived unencoded at a worker with a dedicated encoder")
+            raise ServiceError(
+                ErrorCode.INTERNAL, "images arrived unencoded at a worker with a dedicated encoder"
+            )
         return await self.encoder.encode(request_id, request.images)

@@ -36,8 +36,13 @@ def main() -> None:
             await runner.setup()
             site = web.TCPSite(runner, config.http_host, config.http_port)
             await site.start()
-            log.info("frontend (%s, model '%s') on http://%s:%d", config.topology,
-                     config.served_model_name, config.http_host, config.http_port)
+            log.info(
+                "frontend (%s, model '%s') on http://%s:%d",
+                config.topology,
+                config.served_model_name,
+                config.http_host,
+                config.http_port,
+            )
             try:
                 await stop.wait()
             finally:

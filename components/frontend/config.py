@@ -58,8 +58,9 @@ class FrontendConfig:
         parser = argparse.ArgumentParser(description="triptych OpenAI-compatible frontend")
         parser.add_argument("--model-path", default="")
         parser.add_argument("--served-model-name", default="")
-        parser.add_argument("--topology", type=str.upper, choices=tuple(TOPOLOGIES),
-                            default="E/P/D")
+        parser.add_argument(
+            "--topology", type=str.upper, choices=tuple(TOPOLOGIES), default="E/P/D"
+        )
         parser.add_argument("--http-host", default="127.0.0.1")
         parser.add_argument("--http-port", type=int, default=8000)
         parser.add_argument("--request-timeout-s", type=float, default=300.0)
@@ -67,10 +68,14 @@ class FrontendConfig:
         parser.add_argument("--max-images", type=int, default=ImageLimits.max_images)
         parser.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes)
         parser.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels)
-        parser.add_argument("--image-fetch-timeout-s", type=float,
-                            default=ImageLimits.fetch_timeout_s)
-        parser.add_argument("--allowed-local-media-path", default=None,
-                            help="directory file:// image URLs may read from (off by default)")
+        parser.add_argument(
+            "--image-fetch-timeout-s", type=float, default=ImageLimits.fetch_timeout_s
+        )
+        parser.add_argument(
+            "--allowed-local-media-path",
+            default=None,
+            help="directory file:// image URLs may read from (off by default)",
+        )
         parser.add_argument("--log-level", default="INFO")
         RuntimeConfig.add_arguments(parser)
         return parser

@@ -20,20 +20,20 @@ class Detokenizer:
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the new text they complete."""
         self.token_ids.extend(token_ids)
-        window = self.token_ids[self._prefix:]
-        before = self._backend.decode(self.token_ids[self._prefix:self._read], self._skip)
+        window = self.token_ids[self._prefix :]
+        before = self._backend.decode(self.token_ids[self._prefix : self._read], self._skip)
         after = self._backend.decode(window, self._skip)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         self._prefix, self._read = self._read, len(self.token_ids)
-        return str(after[len(before):])
+        return str(after[len(before) :])
 
     def flush(self) -> str:
         """Text still held back at the end of generation (even a partial character)."""
-        before = self._backend.decode(self.token_ids[self._prefix:self._read], self._skip)
-        after = self._backend.decode(self.token_ids[self._prefix:], self._skip)
+        before = self._backend.decode(self.token_ids[self._prefix : self._read], self._skip)
+        after = self._backend.decode(self.token_ids[self._prefix :], self._skip)
         self._prefix = self._read = len(self.token_ids)
-        return str(after[len(before):])
+        return str(after[len(before) :])
 
 
 class StopMatcher:
@@ -52,8 +52,10 @@ class StopMatcher:
             return ""
         self._text += delta
         search_from = max(0, self._emitted - self._hold)
-        cut = min((i for i in (self._text.find(s, search_from) for s in self._stops) if i >= 0),
-                  default=-1)
+        cut = min(
+            (i for i in (self._text.find(s, search_from) for s in self._stops) if i >= 0),
+            default=-1,
+        )
         if cut >= 0:
             self.stopped = True
             end = cut
@@ -61,5 +63,5 @@ class StopMatcher:
             end = len(self._text)
         else:
             end = max(self._emitted, len(self._text) - self._hold)
-        shown, self._emitted = self._text[self._emitted:end], end
+        shown, self._emitted = self._text[self._emitted : end], end
         return shown

@@ -77,7 +77,8 @@ class ImageLoader:
     async def _fetch(self, url: str) -> bytes:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.limits.fetch_timeout_s))
+                timeout=aiohttp.ClientTimeout(total=self.limits.fetch_timeout_s)
+            )
         try:
             async with self._session.get(url, max_redirects=5) as response:
                 if response.status != 200:
@@ -121,8 +122,9 @@ class ImageLoader:
                     width, height = image.size
                     fmt = image.format
                     if width * height > self.limits.max_pixels:
-                        raise _bad(f"image has {width * height} pixels "
-                                   f"(at most {self.limits.max_pixels})")
+                        raise _bad(
+                            f"image has {width * height} pixels (at most {self.limits.max_pixels})"
+                        )
                     image.load()
         except ServiceError:
             raise

@@ -49,8 +49,11 @@ class Preprocessor:
         self.loader = loader
         config = json.loads((root / "config.json").read_text())
         text_config = config.get("text_config") or config
-        self.context_length = int(text_config.get("max_position_embeddings")
-                                  or config.get("max_position_embeddings") or 4096)
+        self.context_length = int(
+            text_config.get("max_position_embeddings")
+            or config.get("max_position_embeddings")
+            or 4096
+        )
         self.eos_token_ids = self._eos_ids(root, config)
 
     def _eos_ids(self, root: Path, config: dict[str, Any]) -> list[int]:
@@ -74,7 +77,8 @@ class Preprocessor:
             raise ServiceError(ErrorCode.BAD_REQUEST, "this model does not accept images")
         text = self.tokenizer.apply_chat_template(
             [_template_message(message) for message in request.messages],
-            tokenize=False, add_generation_prompt=True,
+            tokenize=False,
+            add_generation_prompt=True,
         )
         token_ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
         if not urls:
@@ -87,8 +91,14 @@ class Preprocessor:
         except ValueError as error:
             raise ServiceError(ErrorCode.BAD_REQUEST, str(error)) from None
         images = [
-            ImageItem(width=image.width, height=image.height, grid_thw=layout.grid_thw,
-                      num_tokens=layout.num_tokens, offset=offset, data=image.data)
+            ImageItem(
+                width=image.width,
+                height=image.height,
+                grid_thw=layout.grid_thw,
+                num_tokens=layout.num_tokens,
+                offset=offset,
+                data=image.data,
+            )
             for image, layout, offset in zip(loaded, layouts, offsets, strict=True)
         ]
         return Prompt(token_ids=expanded, images=images)

@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from triptych.components.frontend.config import FrontendConfig
 from triptych.components.frontend.output import Output
@@ -35,11 +35,16 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 def error_response(info: ErrorInfo) -> web.Response:
     """An OpenAI-style error object with the matching status."""
-    body = ErrorResponse(error=ErrorBody(message=info.message, type=info.openai_type,
-                                         code=info.code))
+    body = ErrorResponse(
+        error=ErrorBody(message=info.message, type=info.openai_type, code=info.code)
+    )
     headers = {"X-Request-Id": info.request_id} if info.request_id else None
-    return web.Response(body=body.model_dump_json(), status=info.code, headers=headers,
-                        content_type="application/json")
+    return web.Response(
+        body=body.model_dump_json(),
+        status=info.code,
+        headers=headers,
+        content_type="application/json",
+    )
 
 
 def _validation_message(error: ValidationError) -> str:
@@ -50,15 +55,20 @@ def _validation_message(error: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
-def _sse(payload: Any) -> bytes:
+def _sse(payload: BaseModel) -> bytes:
     return b"data: " + payload.__pydantic_serializer__.to_json(payload) + b"\n\n"
 
 
 class Frontend:
     """Routes OpenAI requests into the pipeline and streams the answers back."""
 
-    def __init__(self, config: FrontendConfig, runtime: Runtime, preprocessor: Preprocessor,
-                 stages: dict[str, Client]) -> None:
+    def __init__(
+        self,
+        config: FrontendConfig,
+        runtime: Runtime,
+        preprocessor: Preprocessor,
+        stages: dict[str, Client],
+    ) -> None:
         self.config = config
         self.runtime = runtime
         self.preprocessor = preprocessor
@@ -82,9 +92,14 @@ class Frontend:
         """200 only when every stage of the topology has a live instance."""
         live = {name: len(client.instances.live) for name, client in self.stages.items()}
         status = 200 if all(live.values()) else 503
-        return web.json_response({"status": "ready" if status == 200 else "not ready",
-                                  "topology": self.config.topology, "instances": live},
-                                 status=status)
+        return web.json_response(
+            {
+                "status": "ready" if status == 200 else "not ready",
+                "topology": self.config.topology,
+                "instances": live,
+            },
+            status=status,
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         """The one served model."""
@@ -101,13 +116,21 @@ class Frontend:
             deadline = time.time() + self.config.request_timeout_s
             stream = await self.entry.call(generate, request_id=request_id, deadline=deadline)
         except web.HTTPRequestEntityTooLarge:
-            return error_response(ErrorInfo(code=ErrorCode.PAYLOAD_TOO_LARGE, message=(
-                f"request body is over {self.config.max_body_bytes} bytes"),
-                request_id=request_id))
+            return error_response(
+                ErrorInfo(
+                    code=ErrorCode.PAYLOAD_TOO_LARGE,
+                    message=(f"request body is over {self.config.max_body_bytes} bytes"),
+                    request_id=request_id,
+                )
+            )
         except ValidationError as error:
-            return error_response(ErrorInfo(code=ErrorCode.BAD_REQUEST,
-                                            message=_validation_message(error),
-                                            request_id=request_id))
+            return error_response(
+                ErrorInfo(
+                    code=ErrorCode.BAD_REQUEST,
+                    message=_validation_message(error),
+                    request_id=request_id,
+                )
+            )
         except ServiceError as error:
             return error_response(error.info.model_copy(update={"request_id": request_id}))
         output = Output(self.preprocessor.tokenizer, generate.sampling.stop)
@@ -123,15 +146,22 @@ class Frontend:
 
     async def _generate_request(self, chat: ChatCompletionRequest) -> GenerateRequest:
         if chat.model != self.config.served_model_name:
-            raise ServiceError(ErrorCode.NOT_FOUND, f"model '{chat.model}' does not exist; "
-                               f"this server serves '{self.config.served_model_name}'")
+            raise ServiceError(
+                ErrorCode.NOT_FOUND,
+                f"model '{chat.model}' does not exist; "
+                f"this server serves '{self.config.served_model_name}'",
+            )
         prompt = await self.preprocessor.prompt(chat)
         room = self.preprocessor.context_length - len(prompt.token_ids)
         wanted = chat.requested_max_tokens
         if room < 1 or (wanted is not None and wanted > room):
-            raise ServiceError(ErrorCode.BAD_REQUEST, (
-                f"the prompt has {len(prompt.token_ids)} tokens and max_tokens is "
-                f"{wanted}, over the context length of {self.preprocessor.context_length}"))
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST,
+                (
+                    f"the prompt has {len(prompt.token_ids)} tokens and max_tokens is "
+                    f"{wanted}, over the context length of {self.preprocessor.context_length}"
+                ),
+            )
         return GenerateRequest(
             model=chat.model,
             token_ids=prompt.token_ids,
@@ -140,8 +170,13 @@ class Frontend:
             eos_token_ids=self.preprocessor.eos_token_ids,
         )
 
-    async def _complete(self, chat: ChatCompletionRequest, stream: ResponseStream,
-                        output: Output, prompt_tokens: int) -> web.Response:
+    async def _complete(
+        self,
+        chat: ChatCompletionRequest,
+        stream: ResponseStream,
+        output: Output,
+        prompt_tokens: int,
+    ) -> web.Response:
         try:
             async for data in stream:
                 output.add(TokenChunk.model_validate_json(data))
@@ -150,25 +185,45 @@ class Frontend:
         except ServiceError as error:
             return error_response(error.info.model_copy(update={"request_id": stream.request_id}))
         response = ChatCompletionResponse(
-            id=stream.request_id, model=chat.model,
-            choices=[Choice(message=AssistantMessage(content="".join(output.text)),
-                            finish_reason=output.finish_reason)],
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=output.completion_tokens,
-                        total_tokens=prompt_tokens + output.completion_tokens),
+            id=stream.request_id,
+            model=chat.model,
+            choices=[
+                Choice(
+                    message=AssistantMessage(content="".join(output.text)),
+                    finish_reason=output.finish_reason,
+                )
+            ],
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=output.completion_tokens,
+                total_tokens=prompt_tokens + output.completion_tokens,
+            ),
         )
-        return web.Response(body=response.model_dump_json(), content_type="application/json",
-                            headers={"X-Request-Id": stream.request_id})
+        return web.Response(
+            body=response.model_dump_json(),
+            content_type="application/json",
+            headers={"X-Request-Id": stream.request_id},
+        )
 
-    async def _stream(self, request: web.Request, chat: ChatCompletionRequest,
-                      stream: ResponseStream, output: Output,
-                      prompt_tokens: int) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        chat: ChatCompletionRequest,
+        stream: ResponseStream,
+        output: Output,
+        prompt_tokens: int,
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": stream.request_id})
         await response.prepare(request)
         created = int(time.time())
 
         def chunk(delta: Delta, finish: Any = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=stream.request_id, created=created, model=chat.model,
-                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+            return ChatCompletionChunk(
+                id=stream.request_id,
+                created=created,
+                model=chat.model,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+            )
 
         await response.write(_sse(chunk(Delta(role="assistant", content=""))))
         try:
@@ -180,16 +235,20 @@ class Frontend:
                     break
         except ServiceError as error:
             info = error.info.model_copy(update={"request_id": stream.request_id})
-            body = ErrorResponse(error=ErrorBody(message=info.message, type=info.openai_type,
-                                                 code=info.code))
+            body = ErrorResponse(
+                error=ErrorBody(message=info.message, type=info.openai_type, code=info.code)
+            )
             await response.write(_sse(body))
         else:
             if chat.include_usage:
-                usage = Usage(prompt_tokens=prompt_tokens,
-                              completion_tokens=output.completion_tokens,
-                              total_tokens=prompt_tokens + output.completion_tokens)
-                final = ChatCompletionChunk(id=stream.request_id, created=created,
-                                            model=chat.model, choices=[], usage=usage)
+                usage = Usage(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=output.completion_tokens,
+                    total_tokens=prompt_tokens + output.completion_tokens,
+                )
+                final = ChatCompletionChunk(
+                    id=stream.request_id, created=created, model=chat.model, choices=[], usage=usage
+                )
                 await response.write(_sse(final))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -12,8 +12,11 @@ from triptych.runtime import Runtime, Service
 def main() -> None:
     """Parse flags and serve until stopped."""
     parser = worker_parser("triptych prefill worker")
-    parser.add_argument("--dedicated-mm-encoder", action="store_true",
-                        help="images arrive encoded from an encode worker")
+    parser.add_argument(
+        "--dedicated-mm-encoder",
+        action="store_true",
+        help="images arrive encoded from an encode worker",
+    )
     config = worker_config(parser.parse_args())
 
     async def setup(runtime: Runtime, service: Service) -> Sequence[Engine]:

@@ -1,0 +1,162 @@
+"""Real triptych processes for tests: start components, wait until ready, stop or kill them."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Process:
+    """One component process and its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        self.popen.kill()
+        self.popen.wait()
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, then wait for a clean exit; returns the exit status."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout)
+
+    def output(self) -> str:
+        """Everything the process logged so far."""
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Stack:
+    """A set of component processes sharing one NATS namespace."""
+
+    nats_url: str
+    tmp: Path
+    namespace: str = field(default_factory=lambda: f"t{os.getpid()}x{time.monotonic_ns()}")
+    processes: list[Process] = field(default_factory=list)
+    http_port: int = 0
+
+    def env(self) -> dict[str, str]:
+        """Environment of every process of this stack."""
+        env = dict(os.environ)
+        env.update(NATS_URL=self.nats_url, TRIPTYCH_NAMESPACE=self.namespace, PYTHONUNBUFFERED="1")
+        return env
+
+    def start(self, name: str, module: str, *args: str) -> Process:
+        """Start ``python -m triptych.components.<module> args...``."""
+        log = self.tmp / f"{name}-{len(self.processes)}.log"
+        popen = subprocess.Popen(
+            [sys.executable, "-m", f"triptych.components.{module}", *args],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            cwd=ROOT,
+        )
+        process = Process(name, popen, log)
+        self.processes.append(process)
+        return process
+
+    def frontend(self, topology: str, *args: str) -> Process:
+        """Start the frontend on a free port."""
+        self.http_port = free_port()
+        return self.start(
+            "frontend",
+            "frontend",
+            "--topology",
+            topology,
+            "--http-port",
+            str(self.http_port),
+            *args,
+        )
+
+    @property
+    def url(self) -> str:
+        """Base URL of the frontend."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait until the frontend's /ready answers 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for process in self.processes:
+                if process.popen.poll() is not None:
+                    raise RuntimeError(f"{process.name} exited:\n{process.output()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        logs = "\n".join(f"--- {p.name}\n{p.output()[-3000:]}" for p in self.processes)
+        raise TimeoutError(f"stack not ready in {timeout}s\n{logs}")
+
+    def stop(self) -> None:
+        """SIGTERM every process (frontend first), then SIGKILL stragglers."""
+        for process in reversed(self.processes):
+            if process.popen.poll() is None:
+                process.popen.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def start_topology(
+    stack: Stack,
+    topology: str,
+    *worker_args: str,
+    copies: int = 1,
+    frontend_args: tuple[str, ...] = (),
+) -> Stack:
+    """Start the workers of a topology (`copies` of each) and its frontend."""
+    args = ("--engine", "mock", *worker_args)
+    for _ in range(copies):
+        if topology == "E/P/D":
+            stack.start("encode", "encode_worker", *args)
+            stack.start("prefill", "prefill_worker", "--dedicated-mm-encoder", *args)
+            stack.start(
+                "decode",
+                "decode_worker",
+                "--disaggregation-mode",
+                "decode",
+                "--dedicated-mm-encoder",
+                *args,
+            )
+        elif topology == "E/PD":
+            stack.start("encode", "encode_worker", *args)
+            stack.start(
+                "decode",
+                "decode_worker",
+                "--disaggregation-mode",
+                "agg",
+                "--dedicated-mm-encoder",
+                *args,
+            )
+        elif topology == "EPD":
+            stack.start("decode", "decode_worker", "--disaggregation-mode", "agg", *args)
+        elif topology == "P/D":
+            stack.start("prefill", "prefill_worker", *args)
+            stack.start("decode", "decode_worker", "--disaggregation-mode", "decode", *args)
+    stack.frontend(topology, *frontend_args)
+    stack.wait_ready()
+    return stack

@@ -1,0 +1,62 @@
+"""Each launch script brings up a stack that answers, and SIGTERM stops every process."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.stack import ROOT, free_port
+
+SCRIPTS = [("multimodal_disagg.sh", 4), ("multimodal_epd.sh", 3), ("agg.sh", 2), ("disagg.sh", 3)]
+
+
+@pytest.mark.parametrize(("script", "components"), SCRIPTS)
+def test_launch_script_serves_and_stops(
+    script: str, components: int, tmp_path: Path, tiny_model: Path
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    log = (tmp_path / "launch.log").open("wb")
+    launcher = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / script), "--engine", "mock", "--http-port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        reply = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and launcher.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    reply = httpx.post(
+                        f"http://127.0.0.1:{port}/v1/chat/completions",
+                        json={
+                            "model": tiny_model.name,
+                            "max_tokens": 5,
+                            "messages": [{"role": "user", "content": "hi"}],
+                        },
+                        timeout=30,
+                    )
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert reply is not None, (tmp_path / "launch.log").read_text()
+        assert reply.status_code == 200
+        assert reply.json()["usage"]["completion_tokens"] == 5
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        assert sum("triptych.components" in " ".join(c.cmdline()) for c in children) == components
+        assert any("nats-server" in " ".join(c.cmdline()) for c in children)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(60) == 0
+        assert not [c for c in children if c.is_running() and c.status() != "zombie"]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)

@@ -1,0 +1,232 @@
+"""The service runtime on a real nats-server: routing, streaming, deadlines, cancellation."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from pydantic import BaseModel
+
+from triptych.protocol import ErrorCode, ServiceError
+from triptych.runtime import Context, Runtime, RuntimeConfig, Service
+from triptych.runtime.nats_server import NatsServer
+
+
+class Ask(BaseModel):
+    count: int = 1
+    delay: float = 0.0
+    fail: str = ""
+
+
+class Answer(BaseModel):
+    index: int
+    instance: str
+
+
+class Worker:
+    """A service whose handler streams `count` answers and records what happened."""
+
+    def __init__(self, runtime: Runtime, component: str) -> None:
+        self.service = Service(runtime, component)
+        self.service.add_endpoint("generate", Ask, self.generate)
+        self.cancelled: list[str] = []
+
+    async def generate(self, ask: Ask, ctx: Context) -> None:
+        try:
+            for index in range(ask.count):
+                if ask.delay:
+                    await asyncio.sleep(ask.delay)
+                if ask.fail:
+                    raise ServiceError(ErrorCode.BAD_REQUEST, ask.fail)
+                await ctx.stream.send(Answer(index=index, instance=self.service.instance_id))
+        except asyncio.CancelledError:
+            self.cancelled.append(ctx.request_id)
+            raise
+
+
+@pytest.fixture
+async def runtimes(nats_server: NatsServer) -> AsyncIterator[tuple[Runtime, Runtime, Runtime]]:
+    config = RuntimeConfig(
+        nats_url=nats_server.url,
+        namespace=f"rt{time.monotonic_ns()}",
+        discovery_interval_s=0.2,
+        instance_ttl_s=0.6,
+    )
+    caller, first, second = (Runtime(config, name) for name in ("caller", "w1", "w2"))
+    for runtime in (caller, first, second):
+        await runtime.start()
+    yield caller, first, second
+    for runtime in (caller, first, second):
+        await runtime.close()
+
+
+async def started(runtime: Runtime, component: str = "echo") -> Worker:
+    worker = Worker(runtime, component)
+    await worker.service.start()
+    return worker
+
+
+async def collect(stream: AsyncIterator[bytes]) -> list[Answer]:
+    return [Answer.model_validate_json(data) async for data in stream]
+
+
+def soon(seconds: float = 5.0) -> float:
+    return time.time() + seconds
+
+
+async def test_streams_many_chunks_then_ends(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
+    caller, w1, _ = runtimes
+    worker = await started(w1)
+    client = await caller.client("echo")
+    stream = await client.call(Ask(count=50), request_id="r1", deadline=soon())
+    answers = await collect(stream)
+    assert [a.index for a in answers] == list(range(50))
+    assert stream.finished and stream.instance == worker.service.instance_id
+
+
+async def test_errors_arrive_as_data(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
+    caller, w1, _ = runtimes
+    await started(w1)
+    client = await caller.client("echo")
+    stream = await client.call(Ask(fail="no good"), request_id="r2", deadline=soon())
+    with pytest.raises(ServiceError) as caught:
+        await collect(stream)
+    assert caught.value.code == 400
+    assert caught.value.info.message == "no good"
+    assert caught.value.info.request_id == "r2"
+
+
+async def test_malformed_request_is_refused_at_the_edge(
+    runtimes: tuple[Runtime, Runtime, Runtime],
+) -> None:
+    caller, w1, _ = runtimes
+    await started(w1)
+
+    class Wrong(BaseModel):
+        count: str = "many"
+
+    client = await caller.client("echo")
+    with pytest.raises(ServiceError, match="count") as caught:
+        await client.call(Wrong(), request_id="r3", deadline=soon())
+    assert caught.value.code == 400
+
+
+async def test_round_robin_spreads_calls_over_live_instances(
+    runtimes: tuple[Runtime, Runtime, Runtime],
+) -> None:
+    caller, w1, w2 = runtimes
+    first, second = await started(w1), await started(w2)
+    client = await caller.client("echo")
+    assert await client.instances.wait_for_any(5)
+    await asyncio.sleep(0.5)  # both have answered a ping
+    seen = [
+        (await client.call(Ask(), request_id=f"rr{i}", deadline=soon())).instance for i in range(10)
+    ]
+    ids = {first.service.instance_id, second.service.instance_id}
+    assert set(seen) == ids
+    assert seen.count(first.service.instance_id) == 5
+
+
+async def test_one_instance_can_be_addressed_directly(
+    runtimes: tuple[Runtime, Runtime, Runtime],
+) -> None:
+    caller, w1, w2 = runtimes
+    await started(w1)
+    target = await started(w2)
+    client = await caller.client("echo")
+    for i in range(4):
+        stream = await client.call(
+            Ask(), request_id=f"d{i}", deadline=soon(), instance=target.service.instance_id
+        )
+        assert [a.instance for a in await collect(stream)] == [target.service.instance_id]
+
+
+async def test_deadline_ends_the_call_with_an_error(
+    runtimes: tuple[Runtime, Runtime, Runtime],
+) -> None:
+    caller, w1, _ = runtimes
+    worker = await started(w1)
+    client = await caller.client("echo")
+    begun = time.monotonic()
+    stream = await client.call(Ask(count=100, delay=0.05), request_id="late", deadline=soon(0.3))
+    with pytest.raises(ServiceError) as caught:
+        await collect(stream)
+    assert caught.value.code == 504
+    assert time.monotonic() - begun < 2
+    await asyncio.sleep(0.2)
+    assert worker.service.in_flight == 0  # the worker gave up too
+
+
+async def test_cancel_reaches_the_worker(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
+    caller, w1, _ = runtimes
+    worker = await started(w1)
+    client = await caller.client("echo")
+    stream = await client.call(Ask(count=100, delay=0.05), request_id="bye", deadline=soon())
+    await stream.__anext__()
+    await caller.cancel("bye")
+    for _ in range(50):
+        if worker.cancelled:
+            break
+        await asyncio.sleep(0.02)
+    assert worker.cancelled == ["bye"]
+    assert worker.service.in_flight == 0
+
+
+async def test_dead_instance_leaves_routing(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
+    caller, w1, w2 = runtimes
+    await started(w1)
+    survivor = await started(w2)
+    client = await caller.client("echo")
+    await asyncio.sleep(0.5)
+    assert len(client.instances.live) == 2
+    await w1.nc.close()  # the instance vanishes without a goodbye
+    for i in range(6):  # no call fails: "no responders" moves it to the survivor at once
+        stream = await client.call(Ask(), request_id=f"after{i}", deadline=soon())
+        assert stream.instance == survivor.service.instance_id
+    await asyncio.sleep(1.0)
+    assert client.instances.live == [survivor.service.instance_id]
+
+
+async def test_no_instance_is_a_clear_error(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
+    caller, _, _ = runtimes
+    client = await caller.client("nobody")
+    with pytest.raises(ServiceError, match="no live nobody instance") as caught:
+        await client.call(Ask(), request_id="x", deadline=soon(0.5))
+    assert caught.value.code == 503
+
+
+async def test_silent_worker_fails_the_stream(nats_server: NatsServer) -> None:
+    config = RuntimeConfig(
+        nats_url=nats_server.url,
+        namespace=f"idle{time.monotonic_ns()}",
+        keepalive_interval_s=0.1,
+        stream_idle_timeout_s=0.5,
+    )
+    async with Runtime(config, "caller") as caller, Runtime(config, "w") as worker_rt:
+        worker = await started(worker_rt)
+        client = await caller.client("echo")
+        slow = await client.call(Ask(count=3, delay=0.8), request_id="slow", deadline=soon())
+        assert len(await collect(slow)) == 3  # keepalives cover the silent gaps
+        stream = await client.call(Ask(count=10, delay=0.3), request_id="dies", deadline=soon())
+        await stream.__anext__()
+        await worker.service.close()  # stops without ending its streams' holders cleanly
+        await worker_rt.nc.close()
+        with pytest.raises(ServiceError) as caught:
+            await collect(stream)
+        assert caught.value.code == 503
+
+
+async def test_drain_finishes_in_flight_and_refuses_new(
+    runtimes: tuple[Runtime, Runtime, Runtime],
+) -> None:
+    caller, w1, _ = runtimes
+    worker = await started(w1)
+    client = await caller.client("echo")
+    stream = await client.call(Ask(count=4, delay=0.1), request_id="inflight", deadline=soon())
+    drained = asyncio.create_task(worker.service.drain(5))
+    await asyncio.sleep(0.05)
+    assert len(await collect(stream)) == 4
+    await drained
+    with pytest.raises(ServiceError) as caught:
+        await client.call(Ask(), request_id="new", deadline=soon(0.5))
+    assert caught.value.code == 503

@@ -48,3 +48,39 @@ def test_output_counts_tokens_and_finishes(tokenizer: object) -> None:
     assert output.finish_reason == "stop"
     assert "".join(output.text) == "one "
     assert output.completion_tokens == len(ids)
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi\nthere"},
+        {"role": "assistant", "content": "Yes?"},
+        {"role": "user", "content": "Again"},
+    ],
+    [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "What is it?"},
+                {"type": "image"},
+            ],
+        }
+    ],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_compiled_template_matches_transformers(
+    tokenizer: object, messages: list[dict[str, object]]
+) -> None:
+    from triptych.components.frontend.template import ChatTemplate
+
+    expected = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    rendered = ChatTemplate(tokenizer).render(messages)
+    assert rendered == expected
+    ids = tokenizer.backend_tokenizer.encode(rendered, add_special_tokens=False).ids  # type: ignore[attr-defined]
+    assert ids == tokenizer.encode(expected, add_special_tokens=False)  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from triptych.components.frontend.images import ImageLoader
+from triptych.components.frontend.template import ChatTemplate
 from triptych.models import ModelAdapter, load_adapter
 from triptych.protocol import (
     ChatCompletionRequest,
@@ -45,6 +46,8 @@ class Preprocessor:
     def __init__(self, model_path: str, loader: ImageLoader) -> None:
         root = Path(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.template = ChatTemplate(self.tokenizer)
+        self._encoder = self.tokenizer.backend_tokenizer
         self.adapter: ModelAdapter | None = load_adapter(model_path)
         self.loader = loader
         config = json.loads((root / "config.json").read_text())
@@ -66,21 +69,13 @@ class Preprocessor:
         ids = eos if isinstance(eos, list) else [eos]
         return [int(i) for i in ids if i is not None]
 
-    def count(self, token_ids: list[int]) -> int:
-        """Tokens in a prompt (for usage)."""
-        return len(token_ids)
-
     async def prompt(self, request: ChatCompletionRequest) -> Prompt:
         """Render, tokenize and expand; bad input raises a 400 `ServiceError`."""
         urls = [part.image_url.url for message in request.messages for part in message.images]
         if urls and self.adapter is None:
             raise ServiceError(ErrorCode.BAD_REQUEST, "this model does not accept images")
-        text = self.tokenizer.apply_chat_template(
-            [_template_message(message) for message in request.messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        token_ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
+        text = self.template.render([_template_message(message) for message in request.messages])
+        token_ids: list[int] = self._encoder.encode(text, add_special_tokens=False).ids
         if not urls:
             return Prompt(token_ids=token_ids, images=[])
         assert self.adapter is not None

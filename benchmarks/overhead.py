@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import LoadConfig, machine_info, run_load  # noqa: E402
+from load import LoadConfig, machine_info, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = {"E/P/D": "multimodal_disagg.sh", "EPD (agg)": "agg.sh"}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from triptych.engines import Engine, EngineConfig
 from triptych.runtime import Runtime, RuntimeConfig, Service
 from triptych.runtime.entry import configure_logging, serve
+from triptych.transfer import EmbeddingTransport, TransferAgent
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class WorkerConfig:
     """Model name clients ask for (default: the checkpoint directory's name)."""
     drain_grace_s: float
     """On SIGTERM: how long in-flight requests may take to finish."""
+    transfer_pool_mb: int
+    """Size of the NIXL-registered memory pool (embeddings and KV in flight)."""
 
 
 def worker_parser(description: str) -> argparse.ArgumentParser:
@@ -36,6 +39,12 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--model-path", default="", help="checkpoint directory")
     parser.add_argument("--served-model-name", default="")
     parser.add_argument("--drain-grace-s", type=float, default=30.0)
+    parser.add_argument(
+        "--transfer-pool-mb",
+        type=int,
+        default=256,
+        help="NIXL-registered memory for embeddings and KV in flight",
+    )
     parser.add_argument("--log-level", default="INFO")
     RuntimeConfig.add_arguments(parser)
     EngineConfig.add_arguments(parser)
@@ -61,22 +70,29 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         model_path=model_path,
         served_model_name=args.served_model_name or model_path.rstrip("/").rsplit("/", 1)[-1],
         drain_grace_s=args.drain_grace_s,
+        transfer_pool_mb=args.transfer_pool_mb,
     )
 
 
-Setup = Callable[[Runtime, Service], Awaitable[Sequence[Engine]]]
+Setup = Callable[[Runtime, Service, EmbeddingTransport], Awaitable[Sequence[Engine]]]
 
 
 def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
     """Serve one worker until SIGTERM/SIGINT, then drain and close everything it started.
 
     `setup` starts the worker's engines, adds its endpoints and returns the engines to close.
+    Engines that move real tensors share the worker's one NIXL agent (`transport.agent`).
     """
 
     async def main(stop: asyncio.Event) -> None:
+        agent = None
+        if config.engine.name != "mock":
+            agent = TransferAgent(component, config.engine.device, config.transfer_pool_mb << 20)
+            await agent.start()
+        transport = EmbeddingTransport(agent)
         async with Runtime(config.runtime, name=component) as runtime:
             service = Service(runtime, component, metadata={"model": config.served_model_name})
-            engines = await setup(runtime, service)
+            engines = await setup(runtime, service, transport)
             try:
                 await service.start()
                 await stop.wait()
@@ -86,5 +102,7 @@ def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
                 await service.close()
                 for engine in engines:
                     await engine.close()
+                if agent is not None:
+                    await agent.close()
 
     serve(main)

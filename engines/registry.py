@@ -12,6 +12,7 @@ from triptych.engines.mock import (
     MockPrefillEngine,
 )
 from triptych.protocol import ErrorCode, ServiceError
+from triptych.transfer import TransferAgent
 
 ENGINES = ("hf", "mock", "sglang")
 DEFAULT_ENGINE = "mock"
@@ -75,20 +76,34 @@ def encode_engine(config: EngineConfig) -> EncodeEngine:
     """The engine for an encode worker."""
     if config.name == "mock":
         return MockEncodeEngine(config.mock)
+    if config.name == "hf":
+        from triptych.engines.hf.encode import HfEncodeEngine
+
+        return HfEncodeEngine(config.model_path, config.device)
     raise _unavailable(config, "encode")
 
 
-def prefill_engine(config: EngineConfig) -> PrefillEngine:
-    """The engine for a prefill worker."""
+def prefill_engine(config: EngineConfig, agent: TransferAgent | None) -> PrefillEngine:
+    """The engine for a prefill worker (`agent` moves its KV caches)."""
     if config.name == "mock":
         return MockPrefillEngine(config.mock)
+    if config.name == "hf" and agent is not None:
+        from triptych.engines.hf.disaggregated import HfPrefillEngine
+
+        return HfPrefillEngine(
+            config.model_path, agent, config.device, config.bootstrap_host, config.bootstrap_port
+        )
     raise _unavailable(config, "prefill")
 
 
-def decode_engine(config: EngineConfig) -> DecodeEngine:
-    """The engine for a decode worker."""
+def decode_engine(config: EngineConfig, agent: TransferAgent | None) -> DecodeEngine:
+    """The engine for a decode worker (`agent` receives KV caches)."""
     if config.name == "mock":
         return MockDecodeEngine(config.mock)
+    if config.name == "hf" and agent is not None:
+        from triptych.engines.hf.disaggregated import HfDecodeEngine
+
+        return HfDecodeEngine(config.model_path, agent, config.device)
     raise _unavailable(config, "decode")
 
 
@@ -96,4 +111,8 @@ def aggregated_engine(config: EngineConfig) -> AggregatedEngine:
     """The engine for an aggregated (prefill + decode) worker."""
     if config.name == "mock":
         return MockAggregatedEngine(config.mock)
+    if config.name == "hf":
+        from triptych.engines.hf.aggregated import HfAggregatedEngine
+
+        return HfAggregatedEngine(config.model_path, config.device)
     raise _unavailable(config, "aggregated")

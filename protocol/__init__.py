@@ -16,6 +16,7 @@ from triptych.protocol.messages import (
     RoomJoin,
     RoomMessage,
     RoomReady,
+    TensorHandle,
     TokenChunk,
 )
 from triptych.protocol.openai import (
@@ -56,6 +57,7 @@ __all__ = [
     "RoomReady",
     "SamplingOptions",
     "ServiceError",
+    "TensorHandle",
     "TextPart",
     "TokenChunk",
     "Usage",

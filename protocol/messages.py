@@ -11,25 +11,32 @@ from pydantic import BaseModel, ConfigDict, Field
 from triptych.protocol.sampling import FinishReason, SamplingOptions
 
 
-class EmbeddingHandle(BaseModel):
-    """Where an encoder left a request's image embeddings, for the reader to fetch (NIXL READ)."""
+class TensorHandle(BaseModel):
+    """Where a tensor waits in another process's registered memory, for a NIXL READ.
+
+    Image embeddings and KV caches travel as handles; the bytes move on NIXL. The descriptors
+    are accepted only from the control plane (NATS), never from an HTTP client.
+    """
 
     model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
 
     agent: str
-    """Name of the encoder's transfer agent."""
+    """Name of the exporter's transfer agent ("simulated" when no bytes exist)."""
     agent_metadata: bytes = b""
-    """The agent's connection metadata (accepted only from the authenticated control plane)."""
+    """The agent's connection metadata."""
     descriptors: bytes = b""
-    """Serialized memory descriptors of the embedding buffer."""
+    """Serialized memory descriptors of the exported region."""
     shape: tuple[int, ...]
-    """Tensor shape: (num_tokens, hidden_size)."""
     dtype: str
-    """Tensor dtype name, e.g. "bfloat16"."""
+    """Torch dtype name without the "torch." prefix, e.g. "bfloat16"."""
     device: str = "cpu"
     """"cpu" for DRAM, "cuda" for VRAM."""
-    slot: int = 0
-    """Buffer slot to free once the reader notifies completion."""
+    key: str = ""
+    """The reader's completion notification carries this key; the exporter then frees it."""
+
+
+EmbeddingHandle = TensorHandle
+"""A request's image embeddings, rows in prompt order: shape (num_tokens, hidden_size)."""
 
 
 class ImageItem(BaseModel):
@@ -100,15 +107,15 @@ class TokenChunk(BaseModel):
 class KVHandle(BaseModel):
     """Where prefill left a request's KV cache, for decode to read (NIXL READ)."""
 
-    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = ConfigDict(frozen=True)
 
-    agent: str
-    agent_metadata: bytes = b""
-    descriptors: bytes = b""
+    tensor: TensorHandle
+    """The cache (and whatever else the engine packs with it) as one flat tensor."""
     num_tokens: int = Field(ge=0)
     """Tokens whose keys and values the cache holds."""
     layout: str = ""
-    """Engine-specific layout tag (layers, heads, dtype); decode refuses one it cannot read."""
+    """Engine-specific layout tag (layers, heads, head size, dtype); decode refuses a layout it
+    cannot read."""
 
 
 class RoomJoin(BaseModel):

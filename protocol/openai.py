@@ -118,6 +118,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     logprobs: bool = False
     user: str | None = None
+    return_token_ids: bool = False
+    """Extension (as in vLLM): include the generated token ids in each choice or chunk."""
 
     @model_validator(mode="before")
     @classmethod
@@ -216,6 +218,8 @@ class Choice(BaseModel):
     message: AssistantMessage
     finish_reason: FinishReason | None
     logprobs: None = None
+    token_ids: list[int] | None = None
+    """Generated token ids, when the request asked for them (`return_token_ids`)."""
 
 
 def _now() -> int:
@@ -247,6 +251,8 @@ class ChunkChoice(BaseModel):
     delta: Delta
     finish_reason: FinishReason | None = None
     logprobs: None = None
+    token_ids: list[int] | None = None
+    """The chunk's new token ids, when the request asked for them (`return_token_ids`)."""
 
 
 class ChatCompletionChunk(BaseModel):

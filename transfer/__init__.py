@@ -1,13 +1,17 @@
-"""Moving state between workers: the bootstrap rooms of the KV hand-off (and NIXL agents)."""
+"""Moving state between workers: bootstrap rooms for the KV hand-off, NIXL for the bytes."""
 
 from triptych.transfer.bootstrap import BootstrapClient, BootstrapServer, RoomSlot
-from triptych.transfer.embeddings import ImageEmbeddings, publish_simulated, read_simulated
+from triptych.transfer.embeddings import EmbeddingTransport, ImageEmbeddings
+from triptych.transfer.nixl import PoolFull, TensorRef, TransferAgent, TransferError
 
 __all__ = [
     "BootstrapClient",
     "BootstrapServer",
+    "EmbeddingTransport",
     "ImageEmbeddings",
+    "PoolFull",
     "RoomSlot",
-    "publish_simulated",
-    "read_simulated",
+    "TensorRef",
+    "TransferAgent",
+    "TransferError",
 ]

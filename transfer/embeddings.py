@@ -1,14 +1,17 @@
-"""Image embeddings between encoder and reader: the in-memory form and its wire handle.
+"""Image embeddings between encoder and reader: the in-memory form and how it travels.
 
-An encoder `publish`es a request's embeddings and forwards the returned `EmbeddingHandle`;
-the reader `read`s them back. The ``simulated`` transport moves no bytes (the mock engine's
-embeddings have none); NIXL moves real ones.
+An encoder `publish`es a request's embeddings and forwards the returned handle; the reader
+`read`s them (a NIXL READ straight from the encoder's registered memory) and its completion
+notification frees the encoder's region. Embeddings without bytes (the mock engine's) travel
+as a "simulated" handle that only carries their shape.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from triptych.protocol import EmbeddingHandle, ErrorCode, ServiceError
+from triptych.protocol import ErrorCode, ServiceError, TensorHandle
+from triptych.transfer.nixl import TensorRef, TransferAgent, TransferError
 
 SIMULATED = "simulated"
 
@@ -24,17 +27,59 @@ class ImageEmbeddings:
     """A ``torch.Tensor`` [num_tokens, hidden_size], or None when simulated."""
 
 
-def publish_simulated(embeddings: ImageEmbeddings) -> EmbeddingHandle:
-    """A handle for embeddings that carry no bytes."""
-    if embeddings.tensor is not None:
-        raise ServiceError(ErrorCode.INTERNAL, "real embeddings need a real transport (NIXL)")
-    return EmbeddingHandle(
-        agent=SIMULATED, shape=(embeddings.num_tokens, embeddings.hidden_size), dtype="none"
-    )
+def to_handle(ref: TensorRef) -> TensorHandle:
+    """The wire form of a NIXL export."""
+    return TensorHandle(**dataclasses.asdict(ref))
 
 
-def read_simulated(handle: EmbeddingHandle) -> ImageEmbeddings:
-    """The embeddings behind a simulated handle."""
-    if handle.agent != SIMULATED or len(handle.shape) != 2:
-        raise ServiceError(ErrorCode.INTERNAL, f"cannot read embeddings from agent {handle.agent}")
-    return ImageEmbeddings(num_tokens=handle.shape[0], hidden_size=handle.shape[1])
+def to_ref(handle: TensorHandle) -> TensorRef:
+    """A NIXL reference from its wire form."""
+    return TensorRef(**handle.model_dump())
+
+
+class EmbeddingTransport:
+    """Publishes embeddings for a reader and reads them back (NIXL, or simulated)."""
+
+    def __init__(self, agent: TransferAgent | None, timeout_s: float = 60.0) -> None:
+        self.agent = agent
+        self.timeout_s = timeout_s
+        """How long published embeddings wait for their reader, and a read for its bytes."""
+
+    def publish(self, embeddings: ImageEmbeddings, key: str) -> TensorHandle:
+        """Make the embeddings readable by another process under `key`."""
+        if embeddings.tensor is None:
+            return TensorHandle(
+                agent=SIMULATED, shape=(embeddings.num_tokens, embeddings.hidden_size), dtype="none"
+            )
+        if self.agent is None:
+            raise ServiceError(ErrorCode.INTERNAL, "real embeddings need a transfer agent")
+        return to_handle(self.agent.export(embeddings.tensor, key))
+
+    async def released(self, handle: TensorHandle) -> bool:
+        """Wait until the reader has the embeddings (True) or the timeout passed; either way
+        the encoder's region is free afterwards."""
+        if handle.agent == SIMULATED or self.agent is None:
+            return True
+        return await self.agent.wait_released(handle.key, self.timeout_s)
+
+    def release(self, handle: TensorHandle) -> None:
+        """Free the region now (the request was cancelled)."""
+        if handle.agent != SIMULATED and self.agent is not None:
+            self.agent.release(handle.key)
+
+    async def read(self, handle: TensorHandle) -> ImageEmbeddings:
+        """Fetch the embeddings behind a handle."""
+        if len(handle.shape) != 2:
+            raise ServiceError(ErrorCode.INTERNAL, f"embeddings of shape {handle.shape}")
+        rows, hidden = handle.shape
+        if handle.agent == SIMULATED:
+            return ImageEmbeddings(num_tokens=rows, hidden_size=hidden)
+        if self.agent is None:
+            raise ServiceError(ErrorCode.INTERNAL, "real embeddings need a transfer agent")
+        try:
+            tensor = await self.agent.fetch(to_ref(handle), self.timeout_s)
+        except TransferError as error:
+            raise ServiceError(
+                ErrorCode.UNAVAILABLE, f"image embeddings could not be read: {error}"
+            ) from error
+        return ImageEmbeddings(num_tokens=rows, hidden_size=hidden, tensor=tensor)

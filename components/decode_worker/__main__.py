@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from triptych.components.decode_worker.handler import AggregatedHandler, DisaggregatedHandler
 from triptych.components.worker import run_worker, worker_config, worker_parser
 from triptych.engines import (
+    EncodeEngine,
     Engine,
     aggregated_engine,
     decode_engine,
@@ -18,6 +19,7 @@ from triptych.engines import (
 )
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
+from triptych.transfer import EmbeddingTransport
 
 
 def main() -> None:
@@ -32,24 +34,27 @@ def main() -> None:
     args = parser.parse_args()
     config = worker_config(args)
 
-    async def setup(runtime: Runtime, service: Service) -> Sequence[Engine]:
+    async def setup(
+        runtime: Runtime, service: Service, transport: EmbeddingTransport
+    ) -> Sequence[Engine]:
         engines: list[Engine] = []
         if args.disaggregation_mode == "decode":
-            engine = decode_engine(config.engine)
+            engine = decode_engine(config.engine, transport.agent)
             await engine.start()
             engines.append(engine)
-            handler = DisaggregatedHandler(engine, await runtime.client("prefill"))
-            service.add_endpoint("generate", GenerateRequest, handler.generate)
+            disaggregated = DisaggregatedHandler(engine, await runtime.client("prefill"))
+            service.add_endpoint("generate", GenerateRequest, disaggregated.generate)
             return engines
         agg = aggregated_engine(config.engine)
         await agg.start()
         engines.append(agg)
-        encoder = None
+        encoder: EncodeEngine | None = None
         if not args.dedicated_mm_encoder:
             encoder = encode_engine(config.engine)
             await encoder.start()
             engines.append(encoder)
-        service.add_endpoint("generate", GenerateRequest, AggregatedHandler(agg, encoder).generate)
+        handler = AggregatedHandler(agg, transport, encoder)
+        service.add_endpoint("generate", GenerateRequest, handler.generate)
         return engines
 
     run_worker(config, "decode", setup)

@@ -3,9 +3,10 @@
 from collections.abc import AsyncIterator
 
 from triptych.engines import AggregatedEngine, DecodeEngine, EncodeEngine
-from triptych.protocol import BootstrapInfo, ErrorCode, GenerateRequest, ServiceError, TokenChunk
+from triptych.engines.inputs import gather_embeddings
+from triptych.protocol import BootstrapInfo, GenerateRequest, TokenChunk
 from triptych.runtime import Client, Context
-from triptych.transfer import ImageEmbeddings, read_simulated
+from triptych.transfer import EmbeddingTransport
 
 
 async def _stream(chunks: AsyncIterator[TokenChunk], ctx: Context) -> None:
@@ -33,24 +34,14 @@ class DisaggregatedHandler:
 class AggregatedHandler:
     """Prefill and decode in this process; images are encoded here unless already encoded."""
 
-    def __init__(self, engine: AggregatedEngine, encoder: EncodeEngine | None) -> None:
+    def __init__(
+        self, engine: AggregatedEngine, transport: EmbeddingTransport, encoder: EncodeEngine | None
+    ) -> None:
         self.engine = engine
+        self.transport = transport
         self.encoder = encoder
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
         """Gather the embeddings, then stream tokens."""
-        embeddings = await self._embeddings(request, ctx.request_id)
+        embeddings = await gather_embeddings(request, ctx.request_id, self.transport, self.encoder)
         await _stream(self.engine.generate(ctx.request_id, request, embeddings), ctx)
-
-    async def _embeddings(
-        self, request: GenerateRequest, request_id: str
-    ) -> ImageEmbeddings | None:
-        if request.embeddings is not None:
-            return read_simulated(request.embeddings)
-        if not request.images:
-            return None
-        if self.encoder is None:
-            raise ServiceError(
-                ErrorCode.INTERNAL, "images arrived unencoded at a worker with a dedicated encoder"
-            )
-        return await self.encoder.encode(request_id, request.images)

@@ -7,16 +7,19 @@ from triptych.components.worker import run_worker, worker_config, worker_parser
 from triptych.engines import Engine, encode_engine
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
+from triptych.transfer import EmbeddingTransport
 
 
 def main() -> None:
     """Parse flags and serve until stopped."""
     config = worker_config(worker_parser("triptych encode worker").parse_args())
 
-    async def setup(runtime: Runtime, service: Service) -> Sequence[Engine]:
+    async def setup(
+        runtime: Runtime, service: Service, transport: EmbeddingTransport
+    ) -> Sequence[Engine]:
         engine = encode_engine(config.engine)
         await engine.start()
-        handler = EncodeHandler(engine, await runtime.client("decode"))
+        handler = EncodeHandler(engine, await runtime.client("decode"), transport)
         service.add_endpoint("generate", GenerateRequest, handler.generate)
         return [engine]
 

@@ -3,28 +3,41 @@
 from triptych.engines import EncodeEngine
 from triptych.protocol import ErrorCode, GenerateRequest, ServiceError
 from triptych.runtime import Client, Context
-from triptych.transfer import publish_simulated
+from triptych.transfer import EmbeddingTransport
 
 
 class EncodeHandler:
-    """Embeds a request's images, then hands the request (and its stream) to decode."""
+    """Embeds a request's images, then hands the request (and its stream) to decode.
 
-    def __init__(self, engine: EncodeEngine, decode: Client) -> None:
+    The embeddings stay in this worker's registered memory until the reader's completion
+    notification (or a timeout, or a cancel) frees them.
+    """
+
+    def __init__(self, engine: EncodeEngine, decode: Client, transport: EmbeddingTransport):
         self.engine = engine
         self.decode = decode
+        self.transport = transport
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
         """Encode (if there are images) and forward to a decode instance."""
-        if request.images and request.embeddings is None:
-            embeddings = await self.engine.encode(ctx.request_id, request.images)
-            expected = sum(image.num_tokens for image in request.images)
-            if embeddings.num_tokens != expected:
-                raise ServiceError(
-                    ErrorCode.INTERNAL,
-                    f"vision tower returned {embeddings.num_tokens} rows for {expected} tokens",
-                )
-            images = [image.model_copy(update={"data": None}) for image in request.images]
-            request = request.model_copy(
-                update={"images": images, "embeddings": publish_simulated(embeddings)}
+        if not request.images or request.embeddings is not None:
+            await self.decode.forward(request, ctx.stream, ctx.deadline)
+            return
+        embeddings = await self.engine.encode(ctx.request_id, request.images)
+        expected = sum(image.num_tokens for image in request.images)
+        if embeddings.num_tokens != expected:
+            raise ServiceError(
+                ErrorCode.INTERNAL,
+                f"vision tower returned {embeddings.num_tokens} rows for {expected} tokens",
             )
-        await self.decode.forward(request, ctx.stream, ctx.deadline)
+        handle = self.transport.publish(embeddings, key=f"emb-{ctx.request_id}")
+        images = [image.model_copy(update={"data": None}) for image in request.images]
+        try:
+            await self.decode.forward(
+                request.model_copy(update={"images": images, "embeddings": handle}),
+                ctx.stream,
+                ctx.deadline,
+            )
+            await self.transport.released(handle)
+        finally:
+            self.transport.release(handle)

@@ -15,6 +15,7 @@ class Output:
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.text: list[str] = []
+        self.token_ids: list[int] = []
 
     @property
     def finished(self) -> bool:
@@ -26,6 +27,7 @@ class Output:
         if self.finished:
             return ""
         self.completion_tokens += len(chunk.token_ids)
+        self.token_ids.extend(chunk.token_ids)
         final = chunk.finish_reason is not None
         delta = self._detokenizer.add(chunk.token_ids)
         if final:

@@ -191,6 +191,7 @@ class Frontend:
                 Choice(
                     message=AssistantMessage(content="".join(output.text)),
                     finish_reason=output.finish_reason,
+                    token_ids=output.token_ids if chat.return_token_ids else None,
                 )
             ],
             usage=Usage(
@@ -217,20 +218,25 @@ class Frontend:
         await response.prepare(request)
         created = int(time.time())
 
-        def chunk(delta: Delta, finish: Any = None) -> ChatCompletionChunk:
+        def chunk(
+            delta: Delta, finish: Any = None, ids: list[int] | None = None
+        ) -> ChatCompletionChunk:
             return ChatCompletionChunk(
                 id=stream.request_id,
                 created=created,
                 model=chat.model,
-                choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+                choices=[ChunkChoice(delta=delta, finish_reason=finish, token_ids=ids)],
             )
 
         await response.write(_sse(chunk(Delta(role="assistant", content=""))))
         try:
             async for data in stream:
-                text = output.add(TokenChunk.model_validate_json(data))
-                if text or output.finished:
-                    await response.write(_sse(chunk(Delta(content=text), output.finish_reason)))
+                token_chunk = TokenChunk.model_validate_json(data)
+                text = output.add(token_chunk)
+                ids = token_chunk.token_ids if chat.return_token_ids else None
+                if text or output.finished or ids:
+                    delta = Delta(content=text)
+                    await response.write(_sse(chunk(delta, output.finish_reason, ids)))
                 if output.finished:
                     break
         except ServiceError as error:

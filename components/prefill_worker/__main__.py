@@ -1,12 +1,17 @@
-"""``python -m triptych.components.prefill_worker``"""
+"""``python -m triptych.components.prefill_worker``
+
+With ``--dedicated-mm-encoder`` images arrive encoded from an encode worker (E/P/D); without
+it this worker encodes them itself (P/D serving a VLM).
+"""
 
 from collections.abc import Sequence
 
 from triptych.components.prefill_worker.handler import PrefillHandler
 from triptych.components.worker import run_worker, worker_config, worker_parser
-from triptych.engines import Engine, prefill_engine
+from triptych.engines import EncodeEngine, Engine, encode_engine, prefill_engine
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
+from triptych.transfer import EmbeddingTransport
 
 
 def main() -> None:
@@ -17,13 +22,23 @@ def main() -> None:
         action="store_true",
         help="images arrive encoded from an encode worker",
     )
-    config = worker_config(parser.parse_args())
+    args = parser.parse_args()
+    config = worker_config(args)
 
-    async def setup(runtime: Runtime, service: Service) -> Sequence[Engine]:
-        engine = prefill_engine(config.engine)
+    async def setup(
+        runtime: Runtime, service: Service, transport: EmbeddingTransport
+    ) -> Sequence[Engine]:
+        engine = prefill_engine(config.engine, transport.agent)
         await engine.start()
-        service.add_endpoint("generate", GenerateRequest, PrefillHandler(engine).generate)
-        return [engine]
+        engines: list[Engine] = [engine]
+        encoder: EncodeEngine | None = None
+        if not args.dedicated_mm_encoder:
+            encoder = encode_engine(config.engine)
+            await encoder.start()
+            engines.append(encoder)
+        handler = PrefillHandler(engine, transport, encoder)
+        service.add_endpoint("generate", GenerateRequest, handler.generate)
+        return engines
 
     run_worker(config, "prefill", setup)
 

@@ -1,16 +1,21 @@
 """The prefill worker's request handler."""
 
-from triptych.engines import PrefillEngine
+from triptych.engines import EncodeEngine, PrefillEngine
+from triptych.engines.inputs import gather_embeddings
 from triptych.protocol import BootstrapInfo, GenerateRequest
 from triptych.runtime import Context
-from triptych.transfer import ImageEmbeddings, read_simulated
+from triptych.transfer import EmbeddingTransport
 
 
 class PrefillHandler:
     """Allocates a room, answers with ``{host, port, room}``, then runs prefill into it."""
 
-    def __init__(self, engine: PrefillEngine) -> None:
+    def __init__(
+        self, engine: PrefillEngine, transport: EmbeddingTransport, encoder: EncodeEngine | None
+    ) -> None:
         self.engine = engine
+        self.transport = transport
+        self.encoder = encoder
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
         """Answer the bootstrap triple first; a later failure reaches decode through the room."""
@@ -21,13 +26,10 @@ class PrefillHandler:
             end=True,
         )
         try:
-            embeddings = self._embeddings(request)
-        except Exception as error:
-            self.engine.abandon_room(room, f"cannot read image embeddings: {error}")
+            embeddings = await gather_embeddings(
+                request, ctx.request_id, self.transport, self.encoder
+            )
+        except BaseException as error:
+            self.engine.abandon_room(room, f"image embeddings unavailable: {error}")
             raise
         await self.engine.prefill(ctx.request_id, request, room, embeddings)
-
-    def _embeddings(self, request: GenerateRequest) -> ImageEmbeddings | None:
-        if request.embeddings is None:
-            return None
-        return read_simulated(request.embeddings)

@@ -1,0 +1,1 @@
+"""The built-in engine: PyTorch + transformers, on CPU or a CUDA device."""

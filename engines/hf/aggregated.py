@@ -1,0 +1,46 @@
+"""The ``hf`` aggregated engine: prefill and decode in one process, no KV transfer."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from triptych.engines.base import AggregatedEngine
+from triptych.engines.hf.executor import ModelExecutor
+from triptych.engines.hf.model import LanguageModel
+from triptych.engines.hf.streaming import decode_stream
+from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk
+from triptych.transfer import ImageEmbeddings
+
+
+class HfAggregatedEngine(AggregatedEngine):
+    """Prefills each request on the model thread, then decodes it in the shared batch."""
+
+    def __init__(self, model_path: str, device: str = "cpu", max_batch: int = 32) -> None:
+        self.model_path = model_path
+        self.device = device
+        self.max_batch = max_batch
+        self.executor: ModelExecutor | None = None
+
+    async def start(self) -> None:
+        if self.executor is None:
+            model = await asyncio.to_thread(LanguageModel, self.model_path, self.device)
+            self.executor = ModelExecutor(model, self.max_batch)
+            self.executor.start()
+
+    async def close(self) -> None:
+        if self.executor is not None:
+            await asyncio.to_thread(self.executor.close)
+
+    async def generate(
+        self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
+    ) -> AsyncIterator[TokenChunk]:
+        assert self.executor is not None, "start() first"
+        model = self.executor.model
+        grids = [image.grid_thw for image in request.images]
+        tensor = embeddings.tensor if embeddings is not None else None
+        if request.images and tensor is None:
+            raise ServiceError(ErrorCode.INTERNAL, "images arrived without embeddings")
+        kv, hidden = await self.executor.call(
+            lambda: model.prefill(request.token_ids, grids, tensor)
+        )
+        async for chunk in decode_stream(self.executor, request_id, request, kv, hidden):
+            yield chunk

@@ -1,0 +1,167 @@
+"""The ``hf`` prefill and decode engines: the KV cache moves through a bootstrap room + NIXL.
+
+Prefill opens the room, prefills on its model thread, exports the packed cache from its
+registered memory and tells the room where it is; decode joins the room, READs the cache
+straight into its own registered memory, notifies prefill (which frees its copy), and decodes
+in its shared batch.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from triptych.engines.base import DecodeEngine, PrefillEngine
+from triptych.engines.hf import kv_transfer
+from triptych.engines.hf.executor import ModelExecutor
+from triptych.engines.hf.model import LanguageModel
+from triptych.engines.hf.streaming import decode_stream
+from triptych.protocol import (
+    BootstrapInfo,
+    ErrorCode,
+    GenerateRequest,
+    KVHandle,
+    RoomReady,
+    ServiceError,
+    TokenChunk,
+)
+from triptych.transfer import (
+    BootstrapClient,
+    BootstrapServer,
+    ImageEmbeddings,
+    TransferAgent,
+    TransferError,
+)
+from triptych.transfer.bootstrap import new_room
+from triptych.transfer.embeddings import to_handle, to_ref
+
+KV_HOLD_S = 60.0
+"""How long prefill keeps an exported cache for a decode that has not read it."""
+
+
+async def _load(model_path: str, device: str, max_batch: int) -> ModelExecutor:
+    model = await asyncio.to_thread(LanguageModel, model_path, device)
+    executor = ModelExecutor(model, max_batch)
+    executor.start()
+    return executor
+
+
+class HfPrefillEngine(PrefillEngine):
+    """Prefills requests and offers their KV caches in bootstrap rooms."""
+
+    def __init__(
+        self,
+        model_path: str,
+        agent: TransferAgent,
+        device: str = "cpu",
+        bootstrap_host: str = "127.0.0.1",
+        bootstrap_port: int = 0,
+    ) -> None:
+        self.model_path = model_path
+        self.device = device
+        self.agent = agent
+        self.server = BootstrapServer(bootstrap_host, bootstrap_port)
+        self.executor: ModelExecutor | None = None
+
+    async def start(self) -> None:
+        if self.executor is None:
+            self.executor = await _load(self.model_path, self.device, 1)
+            await self.server.start()
+
+    async def close(self) -> None:
+        await self.server.close()
+        if self.executor is not None:
+            await asyncio.to_thread(self.executor.close)
+
+    @property
+    def bootstrap_address(self) -> tuple[str, int]:
+        return self.server.host, self.server.port
+
+    def open_room(self, request_id: str) -> int:
+        room = new_room()
+        self.server.open(room)
+        return room
+
+    def abandon_room(self, room: int, reason: str) -> None:
+        slot = self.server.open(room)
+        slot.fail(reason)
+        slot.close()
+
+    async def prefill(
+        self,
+        request_id: str,
+        request: GenerateRequest,
+        room: int,
+        embeddings: ImageEmbeddings | None,
+    ) -> None:
+        assert self.executor is not None, "start() first"
+        model = self.executor.model
+        slot = self.server.open(room)
+        key = f"kv-{room}"
+        try:
+            grids = [image.grid_thw for image in request.images]
+            tensor = embeddings.tensor if embeddings is not None else None
+            sequence, hidden = await self.executor.call(
+                lambda: model.prefill(request.token_ids, grids, tensor)
+            )
+            ref = self.agent.export(kv_transfer.pack(sequence, hidden), key)
+            slot.ready(
+                RoomReady(
+                    room=room,
+                    rope_delta=sequence.rope_delta,
+                    kv=KVHandle(
+                        tensor=to_handle(ref),
+                        num_tokens=sequence.length,
+                        layout=kv_transfer.layout(model),
+                    ),
+                )
+            )
+            await self.agent.wait_released(key, KV_HOLD_S)
+        except BaseException as error:
+            slot.fail(f"prefill failed: {error}" if str(error) else "prefill cancelled")
+            raise
+        finally:
+            self.agent.release(key)
+            slot.close()
+
+
+class HfDecodeEngine(DecodeEngine):
+    """Receives KV caches through bootstrap rooms and decodes them in one batch."""
+
+    def __init__(
+        self, model_path: str, agent: TransferAgent, device: str = "cpu", max_batch: int = 32
+    ) -> None:
+        self.model_path = model_path
+        self.device = device
+        self.agent = agent
+        self.max_batch = max_batch
+        self.rooms = BootstrapClient()
+        self.executor: ModelExecutor | None = None
+
+    async def start(self) -> None:
+        if self.executor is None:
+            self.executor = await _load(self.model_path, self.device, self.max_batch)
+
+    async def close(self) -> None:
+        await self.rooms.close()
+        if self.executor is not None:
+            await asyncio.to_thread(self.executor.close)
+
+    async def generate(
+        self, request_id: str, request: GenerateRequest, bootstrap: BootstrapInfo
+    ) -> AsyncIterator[TokenChunk]:
+        assert self.executor is not None, "start() first"
+        model = self.executor.model
+        host, port = bootstrap.bootstrap_host, bootstrap.bootstrap_port
+        ready = await self.rooms.join(host, port, bootstrap.bootstrap_room)
+        if ready.kv is None or ready.kv.layout != kv_transfer.layout(model):
+            raise ServiceError(ErrorCode.INTERNAL, "prefill's KV layout does not match decode's")
+        try:
+            flat = await self.agent.fetch(to_ref(ready.kv.tensor), KV_HOLD_S)
+        except TransferError as error:
+            raise ServiceError(
+                ErrorCode.UNAVAILABLE, f"KV cache could not be read: {error}"
+            ) from error
+        finally:
+            await self.rooms.done(host, port, bootstrap.bootstrap_room)
+        sequence, hidden = kv_transfer.unpack(model, flat, ready.kv.num_tokens, ready.rope_delta)
+        async for chunk in decode_stream(self.executor, request_id, request, sequence, hidden):
+            yield chunk

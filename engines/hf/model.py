@@ -1,0 +1,167 @@
+"""The language model of a VLM checkpoint: prefill one sequence, decode a batch of sequences.
+
+Prefill runs transformers' own text-model forward, so its numbers are those of ``generate()``.
+Decode is our own batched step over HF's modules: projections, norms and MLP run on the whole
+batch at once, while each sequence attends over its own KV cache (no padding) through the same
+SDPA function HF uses. At batch 1 the arithmetic is the same as ``generate()``'s.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from transformers import AutoConfig, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per layer: keys and values, each [1, kv_heads, tokens, head_dim]."""
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _model_class(model_type: str) -> Any:
+    if model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+    if model_type == "qwen2_vl":
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+@dataclass
+class SequenceKV:
+    """One sequence's KV cache and M-RoPE offset."""
+
+    kv: KV
+    rope_delta: int = 0
+    length: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.length = int(self.kv[0][0].shape[2]) if self.kv else 0
+
+
+class LanguageModel:
+    """Loads the checkpoint's language model (without the vision tower unless asked)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        keep_vision: bool = False,
+    ) -> None:
+        config = AutoConfig.from_pretrained(model_path)
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype or getattr(config, "dtype", None) or torch.float32
+        model = _model_class(config.model_type).from_pretrained(model_path, dtype=self.dtype)
+        if hasattr(model, "model") and hasattr(model.model, "visual") and not keep_vision:
+            model.model.visual = None  # the encode stage owns the tower; free its weights
+        self.model = model.to(self.device).eval()
+        self.vlm = hasattr(self.model.model, "language_model")
+        self.text = self.model.model.language_model if self.vlm else self.model.model
+        text_config = getattr(config, "text_config", config)
+        self.image_token_id: int | None = getattr(config, "image_token_id", None)
+        self.num_layers = int(text_config.num_hidden_layers)
+        self.kv_heads = int(text_config.num_key_value_heads)
+        self.head_dim = int(
+            getattr(text_config, "head_dim", None)
+            or text_config.hidden_size // text_config.num_attention_heads
+        )
+        self.hidden_size = int(text_config.hidden_size)
+        self.vocab_size = int(text_config.vocab_size)
+        self.context_length = int(text_config.max_position_embeddings)
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        token_ids: list[int],
+        image_grids: list[tuple[int, int, int]],
+        embeddings: torch.Tensor | None,
+    ) -> tuple[SequenceKV, torch.Tensor]:
+        """Run the prompt; image embeddings take the placeholders' places.
+
+        Returns the sequence's KV cache and the last position's final hidden state.
+        """
+        ids = torch.tensor([token_ids], device=self.device)
+        embeds = self.text.embed_tokens(ids)
+        rope_delta = 0
+        if embeddings is not None and image_grids:
+            assert self.image_token_id is not None, "images given to a text-only model"
+            image_mask = torch.eq(ids, self.image_token_id)
+            rows = int(image_mask.sum())
+            if rows != embeddings.shape[0]:
+                raise ValueError(f"{embeddings.shape[0]} embedding rows for {rows} image tokens")
+            embeds = embeds.masked_scatter(
+                image_mask[..., None], embeddings.to(self.device, embeds.dtype)
+            )
+            positions, deltas = self.model.model.get_rope_index(
+                ids,
+                mm_token_type_ids=image_mask.int(),
+                image_grid_thw=torch.tensor(image_grids, device=self.device),
+            )
+            rope_delta = int(deltas.view(-1)[0])
+        else:
+            positions = torch.arange(len(token_ids), device=self.device).view(1, 1, -1)
+            positions = positions.expand(3, 1, -1) if self.vlm else positions.view(1, -1)
+        cache = DynamicCache(config=self.text.config)
+        output = self.text(
+            inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        kv = cast(KV, [(layer.keys, layer.values) for layer in cache.layers])  # type: ignore[union-attr]
+        return SequenceKV(kv, rope_delta), output.last_hidden_state[0, -1]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, hidden] → float32 logits [B, vocab]."""
+        return self.model.lm_head(hidden).float()  # type: ignore[no-any-return]
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], sequences: list[SequenceKV]) -> torch.Tensor:
+        """One step for a batch: each sequence takes one token; returns hidden [B, hidden]."""
+        batch = len(tokens)
+        x = self.text.embed_tokens(torch.tensor(tokens, device=self.device).view(batch, 1))
+        positions = torch.tensor(
+            [s.length + s.rope_delta for s in sequences], device=self.device
+        ).view(1, batch, 1)
+        positions = positions.expand(3, batch, 1) if self.vlm else positions.view(batch, 1)
+        cos, sin = self.text.rotary_emb(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for index, layer in enumerate(self.text.layers):
+            attention = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attention.q_proj(h).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+            k = attention.k_proj(h).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+            v = attention.v_proj(h).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            outputs = []
+            for b, sequence in enumerate(sequences):
+                keys, values = sequence.kv[index]
+                keys = torch.cat([keys, k[b : b + 1]], dim=2)
+                values = torch.cat([values, v[b : b + 1]], dim=2)
+                sequence.kv[index] = (keys, values)
+                out, _ = sdpa_attention_forward(
+                    attention,
+                    q[b : b + 1],
+                    keys,
+                    values,
+                    None,
+                    dropout=0.0,
+                    scaling=attention.scaling,
+                )
+                outputs.append(out)
+            attended = torch.cat(outputs).reshape(batch, 1, -1)
+            x = x + attention.o_proj(attended)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        for sequence in sequences:
+            sequence.length += 1
+        return self.text.norm(x)[:, 0]  # type: ignore[no-any-return]

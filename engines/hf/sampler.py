@@ -1,0 +1,81 @@
+"""Choosing the next token: penalties, greedy or temperature/top-k/top-p/min-p, seeded."""
+
+import torch
+
+from triptych.protocol import FinishReason, SamplingOptions
+
+
+class Sampler:
+    """One request's sampling state: its options, its random generator, its token counts."""
+
+    def __init__(
+        self,
+        options: SamplingOptions,
+        prompt: list[int],
+        stop_ids: set[int],
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        self.options = options
+        self.stop_ids = stop_ids
+        """Token ids that end generation (EOS unless ignored, plus `stop_token_ids`)."""
+        self.generated: list[int] = []
+        self._generator = torch.Generator(device=device)
+        if options.seed is not None:
+            self._generator.manual_seed(options.seed)
+        else:
+            self._generator.seed()
+        self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        if prompt:
+            self._seen[torch.tensor(prompt, device=device)] = True
+
+    def next_token(self, logits: torch.Tensor) -> int:
+        """Pick the next token from float32 logits [vocab] and record it."""
+        logits = self._penalized(logits)
+        o = self.options
+        if len(self.generated) < o.min_tokens and self.stop_ids:
+            logits[list(self.stop_ids)] = -float("inf")
+        token = int(torch.argmax(logits)) if o.greedy else self._draw(logits / o.temperature)
+        self.generated.append(token)
+        self._seen[token] = True
+        self._counts[token] += 1
+        return token
+
+    def finished(self) -> FinishReason | None:
+        """ "stop" or "length" once the request is done, else None."""
+        if self.generated[-1] in self.stop_ids and len(self.generated) > self.options.min_tokens:
+            return "stop"
+        if len(self.generated) >= self.options.max_tokens:
+            return "length"
+        return None
+
+    def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        logits = logits.clone()
+        if o.repetition_penalty != 1.0:
+            seen = logits[self._seen]
+            logits[self._seen] = torch.where(
+                seen > 0, seen / o.repetition_penalty, seen * o.repetition_penalty
+            )
+        if o.frequency_penalty:
+            logits -= o.frequency_penalty * self._counts
+        if o.presence_penalty:
+            logits -= o.presence_penalty * (self._counts > 0).float()
+        return logits
+
+    def _draw(self, logits: torch.Tensor) -> int:
+        o = self.options
+        if o.top_k > 0:
+            kth = torch.topk(logits, min(o.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if o.min_p > 0:
+            probs = probs.masked_fill(probs < o.min_p * probs.max(), 0.0)
+        if o.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            drop = cumulative - sorted_probs > o.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=self._generator))

@@ -1,0 +1,102 @@
+"""A VLM's vision tower on its own: only its weights are read, nothing of the language model.
+
+The encode worker needs the tower alone; loading the whole checkpoint would put the language
+model's weights in its memory (a known failure of earlier systems). Weights are read tensor by
+tensor from the safetensors files, keeping only those under the tower's prefix.
+"""
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoConfig, AutoImageProcessor
+
+VISION_PREFIXES = ("visual.", "model.visual.")
+
+
+def _tower_class(model_type: str) -> Any:
+    if model_type == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel,
+        )
+
+        return Qwen2_5_VisionTransformerPretrainedModel
+    if model_type == "qwen2_vl":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+            Qwen2VisionTransformerPretrainedModel,
+        )
+
+        return Qwen2VisionTransformerPretrainedModel
+    raise ValueError(f"no vision tower known for model type '{model_type}'")
+
+
+def _weight_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [root / name for name in names]
+    return sorted(root.glob("*.safetensors"))
+
+
+def load_vision_weights(root: Path, device: str) -> dict[str, torch.Tensor]:
+    """The tower's tensors only, keyed without the prefix."""
+    weights: dict[str, torch.Tensor] = {}
+    for path in _weight_files(root):
+        with safe_open(str(path), framework="pt", device=device) as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                prefix = next((p for p in VISION_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    weights[key[len(prefix) :]] = handle.get_tensor(key)
+    if not weights:
+        raise ValueError(f"no vision-tower weights under {VISION_PREFIXES} in {root}")
+    return weights
+
+
+class VisionTower:
+    """Preprocesses images and runs the vision tower; rows come out merged, in image order."""
+
+    def __init__(
+        self, model_path: str, device: str = "cpu", dtype: torch.dtype | None = None
+    ) -> None:
+        root = Path(model_path)
+        config = AutoConfig.from_pretrained(model_path)
+        self.dtype = dtype or getattr(config, "dtype", None) or torch.float32
+        self.device = torch.device(device)
+        tower = _tower_class(config.model_type)._from_config(config.vision_config, dtype=self.dtype)
+        missing, unexpected = tower.load_state_dict(load_vision_weights(root, "cpu"), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"vision weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        self.module = tower.to(self.device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(model_path)  # type: ignore[no-untyped-call]
+        self.merge = int(config.vision_config.spatial_merge_size)
+        self.hidden_size = int(
+            config.vision_config.out_hidden_size
+            if hasattr(config.vision_config, "out_hidden_size")
+            else config.text_config.hidden_size
+        )
+
+    def preprocess(self, images: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoded images → (pixel_values, image_grid_thw)."""
+        pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+        batch = self.processor(images=pictures, return_tensors="pt")
+        return batch["pixel_values"], batch["image_grid_thw"]
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Merged embeddings [sum of tokens, hidden] for a batch of images."""
+        output = self.module(
+            pixel_values.to(self.device, self.dtype), grid_thw=grid_thw.to(self.device)
+        )
+        embeddings = output.pooler_output if hasattr(output, "pooler_output") else output
+        return embeddings  # type: ignore[no-any-return]
+
+    def tokens(self, grid_thw: torch.Tensor) -> list[int]:
+        """Rows each image of a batch contributes."""
+        return [int(n) for n in (grid_thw.prod(-1) // (self.merge**2)).tolist()]

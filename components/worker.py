@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from triptych.engines import Engine, EngineConfig
+from triptych.models import load_adapter
 from triptych.runtime import Runtime, RuntimeConfig, Service
 from triptych.runtime.entry import configure_logging, serve
 from triptych.transfer import EmbeddingTransport, TransferAgent
@@ -49,6 +50,11 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
     RuntimeConfig.add_arguments(parser)
     EngineConfig.add_arguments(parser)
     return parser
+
+
+def has_vision(config: WorkerConfig) -> bool:
+    """Whether the checkpoint has a vision tower (a text-only model gets no encoder)."""
+    return config.engine.name == "mock" or load_adapter(config.model_path) is not None
 
 
 def resolve_model_path(path: str) -> str:

@@ -36,6 +36,7 @@ from typing import Any
 
 FORMAT_VERSION = 1  # bump whenever the generated files change, so cached copies get rebuilt
 CHECKPOINT_NAME = "tiny-qwen2.5-vl"
+TEXT_CHECKPOINT_NAME = "tiny-qwen2"
 COMPLETE_MARKER = ".complete"
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -290,23 +291,67 @@ def _write_model(config: Any, ids: dict[str, int], seed: int, out: Path) -> None
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
+def _write_text_model(vl_config: Any, ids: dict[str, int], seed: int, out: Path) -> None:
+    """A text-only Qwen2 with the same tokenizer and text shape (for P/D of a text LLM)."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    text = vl_config.text_config.to_dict()
+    rope_theta = text.get("rope_parameters", {}).get("rope_theta", 1e6)
+    keep = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+    )
+    config = Qwen2Config(
+        **{k: text[k] for k in keep if k in text},
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig.from_dict(
+        {
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+            "pad_token_id": ids["<|endoftext|>"],
+            "do_sample": False,
+        }
+    )
+    model.save_pretrained(out, safe_serialization=True)
+
+
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def _marker(seed: int) -> str:
-    return json.dumps({"format_version": FORMAT_VERSION, "seed": seed}) + "\n"
+def _marker(seed: int, text_only: bool = False) -> str:
+    fields: dict[str, Any] = {"format_version": FORMAT_VERSION, "seed": seed}
+    if text_only:
+        fields["text_only"] = True
+    return json.dumps(fields) + "\n"
 
 
-def is_complete(path: Path, seed: int = 0) -> bool:
+def is_complete(path: Path, seed: int = 0, text_only: bool = False) -> bool:
     """Whether ``path`` holds a finished checkpoint of this generator version and ``seed``."""
     try:
-        return (Path(path) / COMPLETE_MARKER).read_text(encoding="utf-8") == _marker(seed)
+        marker = (Path(path) / COMPLETE_MARKER).read_text(encoding="utf-8")
     except OSError:
         return False
+    return marker == _marker(seed, text_only)
 
 
-def generate_checkpoint(out: Path, seed: int = 0) -> Path:
+def generate_checkpoint(out: Path, seed: int = 0, text_only: bool = False) -> Path:
     """Write the tiny checkpoint into ``out`` (created if needed, files overwritten); return it.
 
     Writes in place, with the ``.complete`` marker last; ``ensure_checkpoint`` wraps this in an
@@ -317,13 +362,19 @@ def generate_checkpoint(out: Path, seed: int = 0) -> Path:
     (out / COMPLETE_MARKER).unlink(missing_ok=True)
     tok = _train_tokenizer()
     ids = _write_tokenizer(tok, out)
-    _write_preprocessor_config(out)
-    _write_model(_make_config(ids, tok.get_vocab_size()), ids, seed, out)
-    (out / COMPLETE_MARKER).write_text(_marker(seed), encoding="utf-8")
+    config = _make_config(ids, tok.get_vocab_size())
+    if text_only:
+        _write_text_model(config, ids, seed, out)
+    else:
+        _write_preprocessor_config(out)
+        _write_model(config, ids, seed, out)
+    (out / COMPLETE_MARKER).write_text(_marker(seed, text_only), encoding="utf-8")
     return out
 
 
-def ensure_checkpoint(target: Path, seed: int = 0, force: bool = False) -> Path:
+def ensure_checkpoint(
+    target: Path, seed: int = 0, force: bool = False, text_only: bool = False
+) -> Path:
     """Build the checkpoint at ``target`` unless a complete one is there; return ``target``.
 
     Safe with concurrent callers: builds are serialized by a lock file (where ``fcntl`` exists)
@@ -331,24 +382,26 @@ def ensure_checkpoint(target: Path, seed: int = 0, force: bool = False) -> Path:
     one sees a half-written checkpoint; a caller that loses the rename race uses the winner's.
     """
     target = Path(target)
-    if not force and is_complete(target, seed):
+    if not force and is_complete(target, seed, text_only):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(target):
-        if not force and is_complete(target, seed):
+        if not force and is_complete(target, seed, text_only):
             return target  # built by another process while we waited for the lock
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            generate_checkpoint(tmp, seed)
+            generate_checkpoint(tmp, seed, text_only)
             for p in (tmp, *tmp.iterdir()):  # mkdtemp makes 0700; the cache may be shared
                 p.chmod(0o755 if p.is_dir() else 0o644)
-            _move_into_place(tmp, target, seed, force)
+            _move_into_place(tmp, target, seed, force, text_only)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _move_into_place(tmp: Path, target: Path, seed: int, force: bool) -> None:
+def _move_into_place(
+    tmp: Path, target: Path, seed: int, force: bool, text_only: bool = False
+) -> None:
     """Rename ``tmp`` to ``target`` atomically, replacing an outdated (or, if ``force``, any)
     checkpoint there; a directory that is not a tiny checkpoint is never replaced."""
     for _ in range(3):
@@ -356,7 +409,7 @@ def _move_into_place(tmp: Path, target: Path, seed: int, force: bool) -> None:
             os.rename(tmp, target)  # atomic; fails if target exists and is not empty
             return
         except OSError as err:
-            if not force and is_complete(target, seed):
+            if not force and is_complete(target, seed, text_only):
                 return  # another process got there first (no fcntl lock on this platform)
             if not (target / COMPLETE_MARKER).exists():
                 raise FileExistsError(
@@ -405,6 +458,11 @@ def default_model_path() -> Path:
     return ensure_checkpoint(_cache_root() / CHECKPOINT_NAME, seed=0)
 
 
+def default_text_model_path() -> Path:
+    """The shared tiny text-only Qwen2 (same tokenizer), generated on first use."""
+    return ensure_checkpoint(_cache_root() / TEXT_CHECKPOINT_NAME, seed=0, text_only=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m triptych.models.tiny",
@@ -413,10 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if already complete")
+    parser.add_argument(
+        "--text-only",
+        action="store_true",
+        help="a text-only Qwen2 with the same tokenizer (for P/D)",
+    )
     args = parser.parse_args(argv)
-    kept = not args.force and is_complete(args.out, args.seed)
-    path = ensure_checkpoint(args.out, seed=args.seed, force=args.force)
-    print(f"{'kept existing' if kept else 'wrote'} tiny Qwen2.5-VL checkpoint at {path}")
+    kept = not args.force and is_complete(args.out, args.seed, args.text_only)
+    path = ensure_checkpoint(args.out, seed=args.seed, force=args.force, text_only=args.text_only)
+    kind = "Qwen2 (text)" if args.text_only else "Qwen2.5-VL"
+    print(f"{'kept existing' if kept else 'wrote'} tiny {kind} checkpoint at {path}")
     return 0
 
 

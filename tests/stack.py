@@ -127,9 +127,13 @@ def start_topology(
     *worker_args: str,
     copies: int = 1,
     frontend_args: tuple[str, ...] = (),
+    engine: str = "mock",
+    model_path: str = "",
 ) -> Stack:
     """Start the workers of a topology (`copies` of each) and its frontend."""
-    args = ("--engine", "mock", *worker_args)
+    model = ("--model-path", model_path) if model_path else ()
+    args = ("--engine", engine, *model, *worker_args)
+    frontend_args = (*model, *frontend_args)
     for _ in range(copies):
         if topology == "E/P/D":
             stack.start("encode", "encode_worker", *args)

@@ -9,7 +9,7 @@ encodes them itself.
 from collections.abc import Sequence
 
 from triptych.components.decode_worker.handler import AggregatedHandler, DisaggregatedHandler
-from triptych.components.worker import run_worker, worker_config, worker_parser
+from triptych.components.worker import has_vision, run_worker, worker_config, worker_parser
 from triptych.engines import (
     EncodeEngine,
     Engine,
@@ -49,7 +49,7 @@ def main() -> None:
         await agg.start()
         engines.append(agg)
         encoder: EncodeEngine | None = None
-        if not args.dedicated_mm_encoder:
+        if not args.dedicated_mm_encoder and has_vision(config):
             encoder = encode_engine(config.engine)
             await encoder.start()
             engines.append(encoder)

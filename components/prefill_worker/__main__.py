@@ -7,7 +7,7 @@ it this worker encodes them itself (P/D serving a VLM).
 from collections.abc import Sequence
 
 from triptych.components.prefill_worker.handler import PrefillHandler
-from triptych.components.worker import run_worker, worker_config, worker_parser
+from triptych.components.worker import has_vision, run_worker, worker_config, worker_parser
 from triptych.engines import EncodeEngine, Engine, encode_engine, prefill_engine
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
@@ -32,7 +32,7 @@ def main() -> None:
         await engine.start()
         engines: list[Engine] = [engine]
         encoder: EncodeEngine | None = None
-        if not args.dedicated_mm_encoder:
+        if not args.dedicated_mm_encoder and has_vision(config):
             encoder = encode_engine(config.engine)
             await encoder.start()
             engines.append(encoder)

@@ -1,0 +1,262 @@
+"""The hf engine's output is the model's own: token for token what transformers' greedy
+``generate()`` returns for the same messages and images, in every topology, one request at a
+time or eight mixed requests at once; seeded sampling repeats exactly."""
+
+import asyncio
+import base64
+import io
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+)
+
+from tests.stack import Stack, start_topology
+from triptych.runtime.nats_server import NatsServer
+
+MAX_TOKENS = 12
+
+
+def picture(width: int, height: int, seed: int) -> bytes:
+    """A noisy PNG (flat images would hide preprocessing mistakes)."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height))
+    image.putdata(
+        [
+            (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+            for _ in range(width * height)
+        ]
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_part(data: bytes) -> dict[str, Any]:
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+ONE = picture(84, 56, 1)
+THREE = [picture(56, 56, 2), picture(168, 84, 3), picture(70, 126, 4)]  # square, wide, tall
+
+TEXT_CASES = [
+    [{"role": "user", "content": "Tell me about the sea."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Why is grass green?"},
+    ],
+]
+IMAGE_CASES = [
+    [{"role": "user", "content": [image_part(ONE), {"type": "text", "text": "What is this?"}]}],
+    [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare"},
+                image_part(THREE[0]),
+                image_part(THREE[1]),
+                {"type": "text", "text": "and"},
+                image_part(THREE[2]),
+            ],
+        }
+    ],
+    [
+        {"role": "user", "content": [image_part(THREE[1])]},
+        {"role": "assistant", "content": "A picture."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, image_part(ONE)]},
+    ],
+]
+
+
+class Oracle:
+    """Plain transformers: the chat template, the image processor and greedy generate()."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if (model_path / "preprocessor_config.json").exists():
+            self.model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
+            self.processor = AutoImageProcessor.from_pretrained(model_path)
+            self.image_token = self.model.config.image_token_id
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+
+    def tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+        images: list[Image.Image] = []
+        rendered = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part["type"] == "image_url":
+                        data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                        images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+                        parts.append({"type": "image"})
+                    else:
+                        parts.append(part)
+                content = parts
+            rendered.append({"role": message["role"], "content": content})
+        text = self.tokenizer.apply_chat_template(
+            rendered, tokenize=False, add_generation_prompt=True
+        )
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        extra: dict[str, Any] = {}
+        if images:
+            batch = self.processor(images=images, return_tensors="pt")
+            counts = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+            expanded: list[int] = []
+            for token in ids:
+                expanded.extend([token] * counts.pop(0) if token == self.image_token else [token])
+            ids = expanded
+            extra = {
+                "pixel_values": batch["pixel_values"],
+                "image_grid_thw": batch["image_grid_thw"],
+            }
+        input_ids = torch.tensor([ids])
+        if images:
+            extra["mm_token_type_ids"] = (input_ids == self.image_token).int()
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids, max_new_tokens=MAX_TOKENS, do_sample=False, **extra
+            )
+        return [int(t) for t in out[0, len(ids) :]]
+
+
+def request(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    body = {
+        "model": "unused",
+        "messages": messages,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
+    body.update(fields)
+    return body
+
+
+async def tokens_of(client: httpx.AsyncClient, model: str, body: dict[str, Any]) -> list[int]:
+    body = {**body, "model": model}
+    if not body.get("stream"):
+        reply = await client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        return list(reply.json()["choices"][0]["token_ids"])
+    ids: list[int] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+        assert reply.status_code == 200
+        async for line in reply.aiter_lines():
+            if line.startswith("data: {"):
+                import json
+
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0].get("token_ids"):
+                    ids.extend(chunk["choices"][0]["token_ids"])
+    return ids
+
+
+TOPOLOGIES = ["E/P/D", "E/PD", "EPD", "P/D"]
+
+
+@pytest.fixture(scope="module", params=TOPOLOGIES)
+def served(
+    request: pytest.FixtureRequest,
+    nats_server: NatsServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: Path,
+) -> Iterator[tuple[Stack, Path, list[list[dict[str, Any]]]]]:
+    topology = request.param
+    if topology == "P/D":  # text-only checkpoint
+        from triptych.models.tiny import default_text_model_path
+
+        model, cases = default_text_model_path(), TEXT_CASES
+    else:
+        model, cases = tiny_model, TEXT_CASES + IMAGE_CASES
+    stack = Stack(nats_server.url, tmp_path_factory.mktemp("hf"))
+    try:
+        yield start_topology(stack, topology, engine="hf", model_path=str(model)), model, cases
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def oracles() -> dict[Path, Oracle]:
+    return {}
+
+
+def oracle_for(oracles: dict[Path, Oracle], model: Path) -> Oracle:
+    if model not in oracles:
+        oracles[model] = Oracle(model)
+    return oracles[model]
+
+
+def test_greedy_equals_generate_one_at_a_time(
+    served: tuple[Stack, Path, list[list[dict[str, Any]]]], oracles: dict[Path, Oracle]
+) -> None:
+    stack, model, cases = served
+    oracle = oracle_for(oracles, model)
+
+    async def run() -> list[list[int]]:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+            return [
+                await tokens_of(client, model.name, request(case, stream=i % 2 == 0))
+                for i, case in enumerate(cases)
+            ]
+
+    got = asyncio.run(run())
+    for case, tokens in zip(cases, got, strict=True):
+        assert tokens == oracle.tokens(case)
+
+
+def test_greedy_equals_generate_eight_in_flight(
+    served: tuple[Stack, Path, list[list[dict[str, Any]]]], oracles: dict[Path, Oracle]
+) -> None:
+    stack, model, cases = served
+    oracle = oracle_for(oracles, model)
+    mixed = [cases[i % len(cases)] for i in range(8)]
+
+    async def run() -> list[list[int]]:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+            return list(
+                await asyncio.gather(
+                    *(
+                        tokens_of(client, model.name, request(case, stream=i % 2 == 1))
+                        for i, case in enumerate(mixed)
+                    )
+                )
+            )
+
+    got = asyncio.run(run())
+    for case, tokens in zip(mixed, got, strict=True):
+        assert tokens == oracle.tokens(case)
+
+
+def test_seeded_sampling_repeats(
+    served: tuple[Stack, Path, list[list[dict[str, Any]]]], oracles: dict[Path, Oracle]
+) -> None:
+    stack, model, cases = served
+    sampled = request(
+        cases[-1], temperature=1.0, top_p=0.95, top_k=100, seed=1234, max_tokens=16, ignore_eos=True
+    )
+
+    async def run() -> list[list[int]]:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+            first = await tokens_of(client, model.name, sampled)
+            again = await tokens_of(client, model.name, {**sampled, "stream": True})
+            other = await tokens_of(client, model.name, {**sampled, "seed": 99})
+            return [first, again, other]
+
+    first, again, other = asyncio.run(run())
+    assert len(first) == 16
+    assert first == again
+    assert first != other
+    assert first[:MAX_TOKENS] != oracle_for(oracles, model).tokens(cases[-1])

@@ -15,7 +15,7 @@ from triptych.protocol import ErrorCode, ServiceError
 from triptych.transfer import TransferAgent
 
 ENGINES = ("hf", "mock", "sglang")
-DEFAULT_ENGINE = "mock"
+DEFAULT_ENGINE = "hf"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ fi
 export PATH="$ROOT/.venv/bin:$PATH"
 export PYTHONUNBUFFERED=1
 
-ENGINE=mock
+ENGINE=hf
 MODEL_PATH=""
 HTTP_HOST=127.0.0.1
 HTTP_PORT=8000

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from triptych.runtime import wire
 from triptych.runtime.discovery import InstanceTracker
-from triptych.runtime.errors import ServiceError, unavailable
+from triptych.runtime.errors import ServiceError, deadline_exceeded, unavailable
 from triptych.runtime.stream import ResponseStream, StreamSink
 
 if TYPE_CHECKING:
@@ -123,7 +123,9 @@ class Client:
             self.instances.drop(candidate)
             return False
         except nats.errors.TimeoutError:
-            if retry_on_timeout and time.time() < deadline:
+            if time.time() >= deadline:
+                raise deadline_exceeded(request_id) from None
+            if retry_on_timeout:
                 log.warning(
                     "%s instance %s did not accept %s in time; trying another",
                     self.component,

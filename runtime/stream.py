@@ -86,16 +86,17 @@ class ResponseStream:
             if remaining <= 0:
                 self.close()
                 raise deadline_exceeded(self.request_id)
+            silent_limit = remaining > self._idle_timeout
             try:
                 async with asyncio.timeout(min(remaining, self._idle_timeout)):
                     frame = await self._queue.get()
             except TimeoutError:
-                if time.time() < self.deadline:
+                if silent_limit:
                     self.close()
                     raise unavailable(
                         f"worker went silent for {self._idle_timeout:g}s", self.request_id
                     ) from None
-                continue
+                continue  # the deadline's wait ended (timers may fire a hair early): re-check
             headers = frame[1]
             if headers is not None and wire.KEEPALIVE in headers:
                 continue

@@ -7,6 +7,8 @@ as a "simulated" handle that only carries their shape.
 """
 
 import dataclasses
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,7 @@ from triptych.protocol import ErrorCode, ServiceError, TensorHandle
 from triptych.transfer.nixl import TensorRef, TransferAgent, TransferError
 
 SIMULATED = "simulated"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,17 @@ class EmbeddingTransport:
             return ImageEmbeddings(num_tokens=rows, hidden_size=hidden)
         if self.agent is None:
             raise ServiceError(ErrorCode.INTERNAL, "real embeddings need a transfer agent")
+        started = time.perf_counter()
         try:
             tensor = await self.agent.fetch(to_ref(handle), self.timeout_s)
         except TransferError as error:
             raise ServiceError(
                 ErrorCode.UNAVAILABLE, f"image embeddings could not be read: {error}"
             ) from error
+        log.info(
+            "embeddings %s: %d bytes read in %.3f ms",
+            handle.key,
+            tensor.numel() * tensor.element_size(),
+            (time.perf_counter() - started) * 1e3,
+        )
         return ImageEmbeddings(num_tokens=rows, hidden_size=hidden, tensor=tensor)

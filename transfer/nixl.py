@@ -2,19 +2,20 @@
 
 Each process runs one `TransferAgent`, which registers one memory pool with NIXL once, at start.
 The exporter copies a tensor into a free region of its pool and hands the importer a `TensorRef`
-(inside a protocol message); the importer READs the region into its own pool, copies it out, and
-notifies the exporter, which frees the region. Every `export` must end in `wait_released` or
-`release`; the exporter's wait should outlast the importer's fetch timeout, since a region that is
-freed while a READ is under way may be reused.
+inside a protocol message; the importer READs the region into its own pool, notifies the exporter
+(which frees the region) and copies the tensor out. Every `export` must end in `wait_released` or
+`release`, and the exporter should wait longer than the importer's fetch timeout: a region freed
+while a READ is under way may be reused. Each export ends in a digest of its key, zeroed when the
+region is freed, so a fetch that comes too late fails instead of returning stale bytes.
 
-Security: a `TensorRef` carries NIXL agent metadata and *pickled* descriptors, unpickled by
-`fetch`. Accept refs only from the authenticated control plane (NATS), never from HTTP clients.
+Security: a `TensorRef` carries NIXL agent metadata and *pickled* descriptors, which `fetch`
+unpickles. Accept refs only from the authenticated control plane (NATS), never from HTTP clients.
 
-Transport: UCX reads ``UCX_TLS`` when an agent starts. If it is unset, `start` sets it to
-`DEFAULT_UCX_TLS` for a CPU pool; a CUDA pool keeps UCX's default (all transports), which also
-brings the CUDA and RDMA ones. ``tcp`` must be among them: NIXL's UCX backend fails to start with
-shared memory alone (``UCX endpoint create failed``). Pools in VRAM from PyTorch's caching
-allocator with ``expandable_segments:True`` silently fall back to TCP.
+Transport: UCX reads ``UCX_TLS`` when the first agent starts. For a CPU pool, `start` sets it to
+`DEFAULT_UCX_TLS` unless it is set already; a CUDA pool keeps UCX's default ("all"), which also
+brings the CUDA and RDMA transports. The list must contain ``tcp``: without it NIXL's UCX backend
+fails to start (``UCX endpoint create failed: failed to create ep``). A VRAM pool allocated by
+PyTorch with ``expandable_segments:True`` silently falls back to TCP.
 """
 
 import asyncio
@@ -33,11 +34,13 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULT_UCX_TLS = "tcp,cma,sm,self"
-"""TCP for connection set-up and notifications, cross-memory attach for the bytes on one host."""
+"""TCP for connections and notifications; cross-memory attach moves the bytes within a host."""
 ALIGN = 256
 """Pool regions start on multiples of this many bytes."""
 _TAG = 8
-"""Bytes after each exported tensor: a digest of its key, zeroed on release, checked on fetch."""
+"""Bytes after each exported tensor: a digest of its key."""
+_SPIN_S = 200e-6
+"""How long a fetch yields in a busy loop before sleeping (asyncio rounds sleeps up to 1 ms)."""
 
 
 class PoolFull(RuntimeError):
@@ -62,7 +65,7 @@ class TensorRef:
     dtype: str
     """Torch dtype name without ``torch.``, e.g. "bfloat16"."""
     device: str
-    """The exporter's pool device: "cpu", "cuda" or "cuda:N"."""
+    """The exporter's pool device: "cpu" or "cuda:N"."""
     key: str
     """Unique per export; the importer's completion notification carries it."""
 
@@ -78,7 +81,7 @@ class RegionAllocator:
         self.in_use = 0
 
     def alloc(self, nbytes: int) -> int:
-        """The offset of a fresh region of at least `nbytes` (at least one) bytes."""
+        """The offset of a new region of at least `nbytes` bytes; PoolFull if none fits."""
         need = -(-max(nbytes, 1) // self._align) * self._align
         for i, (offset, length) in enumerate(self._free):
             if length >= need:
@@ -92,15 +95,15 @@ class RegionAllocator:
         raise PoolFull(f"no free region of {need} bytes ({self.in_use} bytes in use)")
 
     def free(self, offset: int) -> None:
-        """Return the region at `offset` to the free list."""
+        """Give back the region at `offset`."""
         length = self._used.pop(offset)
         self.in_use -= length
         i = bisect.bisect(self._free, (offset, length))
         if i < len(self._free) and self._free[i][0] == offset + length:
             length += self._free.pop(i)[1]
         if i > 0 and sum(self._free[i - 1]) == offset:
-            offset, length = self._free[i - 1][0], self._free[i - 1][1] + length
             i -= 1
+            offset, length = self._free[i][0], self._free[i][1] + length
             del self._free[i]
         self._free.insert(i, (offset, length))
 
@@ -108,14 +111,14 @@ class RegionAllocator:
 @dataclass(eq=False)
 class _Export:
     offset: int | None
-    """The region, until it is freed."""
+    """Start of the region, until it is freed."""
     end: int
-    """Where the region's tag ends."""
+    """End of the region's digest."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     notified: bool = False
 
 
-def _tag(key: str) -> bytes:
+def _digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=_TAG).digest()
 
 
@@ -126,11 +129,19 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def _nixl_api() -> Any:
+    try:
+        return importlib.import_module("nixl_cu12._api")
+    except ImportError:
+        return importlib.import_module("nixl._api")
+
+
 class TransferAgent:
     """One NIXL agent per process, with one memory pool registered once at start.
 
-    All methods run on the event loop's thread. Copies into and out of the pool, and NIXL's
-    own calls, are synchronous (a 64 MiB copy holds the loop for milliseconds).
+    Use it from one event loop thread only. NIXL's calls and the copies into and out of the pool
+    run on that thread: over cross-memory attach a READ completes inside the call that posts it
+    (25-35 ms for 64 MiB on a 2-core VM), so a large transfer holds the loop like a memcpy.
     """
 
     def __init__(self, name: str, device: str = "cpu", pool_bytes: int = 256 << 20) -> None:
@@ -138,8 +149,8 @@ class TransferAgent:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._pool = RegionAllocator(pool_bytes)
         self._pool_bytes = pool_bytes
+        self._pool = RegionAllocator(pool_bytes)
         self._agent: Any = None
         self._buf = torch.empty(0, dtype=torch.uint8)
         self._reg: Any = None
@@ -154,18 +165,14 @@ class TransferAgent:
         """Bytes of the pool now held by exports and fetches."""
         return self._pool.in_use
 
-    @property
-    def _mem(self) -> tuple[str, int]:
-        cuda = self.device.type == "cuda"
-        return ("VRAM", self.device.index or 0) if cuda else ("DRAM", 0)
-
     async def start(self) -> None:
         """Create the agent (UCX backend), allocate the pool and register it."""
         if self.device.type == "cpu":
             os.environ.setdefault("UCX_TLS", DEFAULT_UCX_TLS)
-        api = importlib.import_module("nixl_cu12._api")
-        config = api.nixl_agent_config(backends=["UCX"])
-        self._agent = api.nixl_agent(self.name, config)
+        elif "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+            log.warning("%s: expandable segments make NIXL fall back to TCP", self.name)
+        api = _nixl_api()
+        self._agent = api.nixl_agent(self.name, api.nixl_agent_config(backends=["UCX"]))
         self._buf = torch.empty(self._pool_bytes, dtype=torch.uint8, device=self.device)
         self._reg = self._agent.register_memory(self._buf)
         self._metadata = self._agent.get_agent_metadata()
@@ -174,7 +181,7 @@ class TransferAgent:
         )
 
     async def close(self) -> None:
-        """Stop the poller, drop every export and deregister the pool. Safe to call twice."""
+        """Stop the poller, settle every export and deregister the pool. Safe to call twice."""
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
@@ -185,31 +192,43 @@ class TransferAgent:
             self._agent.deregister_memory(self._reg)
             self._reg = None
         self._agent = None
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def _check_running(self) -> None:
+        if self._agent is None:
+            raise RuntimeError(f"transfer agent {self.name} is not running")
+
+    def _descs(self, offset: int, end: int) -> Any:
+        cuda = self.device.type == "cuda"
+        mem, dev = ("VRAM", self.device.index or 0) if cuda else ("DRAM", 0)
+        return self._agent.get_xfer_descs([(self._buf.data_ptr() + offset, end - offset, dev)], mem)
 
     # exporter side
 
     def export(self, tensor: torch.Tensor, key: str) -> TensorRef:
-        """Copy `tensor` into a free pool region and describe it for an importer."""
+        """Copy `tensor` (any device) into a free pool region and describe it for an importer."""
+        self._check_running()
         if key in self._exports:
             raise ValueError(f"key {key!r} is already exported")
         data = tensor.detach().contiguous().view(-1).view(torch.uint8)
-        nbytes = data.numel()
-        offset = self._pool.alloc(nbytes + _TAG)
-        end = offset + nbytes + _TAG
-        self._buf[offset : offset + nbytes].copy_(data)
-        self._buf[end - _TAG : end].copy_(torch.tensor(list(_tag(key)), dtype=torch.uint8))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        mem, dev = self._mem
-        descs = self._agent.get_xfer_descs(
-            [(self._buf.data_ptr() + offset, end - offset, dev)], mem
-        )
+        offset = self._pool.alloc(data.numel() + _TAG)
+        end = offset + data.numel() + _TAG
+        try:
+            self._buf[offset : end - _TAG].copy_(data)
+            digest = torch.frombuffer(bytearray(_digest(key)), dtype=torch.uint8)
+            self._buf[end - _TAG : end].copy_(digest)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # NIXL does not order after the stream
+            descriptors = self._agent.get_serialized_descs(self._descs(offset, end))
+        except BaseException:
+            self._pool.free(offset)
+            raise
         self._exports[key] = _Export(offset, end)
         self._wake.set()
         return TensorRef(
             agent=self.name,
             agent_metadata=self._metadata,
-            descriptors=self._agent.get_serialized_descs(descs),
+            descriptors=descriptors,
             shape=tuple(tensor.shape),
             dtype=str(tensor.dtype).removeprefix("torch."),
             device=str(self.device),
@@ -242,110 +261,119 @@ class TransferAgent:
 
     def _free_export(self, export: _Export) -> None:
         if export.offset is not None:
-            self._buf[export.end - _TAG : export.end].zero_()  # a late fetch now fails
+            self._buf[export.end - _TAG : export.end].zero_()  # a late fetch fails
             self._pool.free(export.offset)
             export.offset = None
 
     async def _poll_notifs(self) -> None:
-        """Poll NIXL notifications every millisecond while exports are outstanding."""
+        """Poll NIXL's notifications every millisecond while exports are outstanding."""
         while True:
             if not self._exports:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            for messages in self._agent.get_new_notifs().values():
-                for message in messages:
-                    key = bytes(message).decode(errors="replace")
-                    export = self._exports.get(key)
-                    if export is None:
-                        log.debug("%s: notification for unknown export %r", self.name, key)
-                    elif not export.notified:
-                        export.notified = True
-                        self._free_export(export)
-                        export.done.set()
+            try:
+                notifs = self._agent.get_new_notifs()  # {str agent name: [bytes message]}
+            except Exception:
+                log.exception("%s: cannot poll notifications", self.name)
+                await asyncio.sleep(1.0)
+                continue
+            for message in (m for messages in notifs.values() for m in messages):
+                export = self._exports.get(bytes(message).decode(errors="replace"))
+                if export is not None and not export.notified:
+                    export.notified = True
+                    self._free_export(export)
+                    export.done.set()
             await asyncio.sleep(0.001)
 
     # importer side
 
     async def fetch(self, ref: TensorRef, timeout: float) -> torch.Tensor:
-        """READ the tensor behind `ref` into a fresh tensor on this agent's device.
+        """READ the tensor behind `ref` into a new tensor on this agent's device.
 
-        Raises TransferError if the exporter is gone, released the region, or the READ does not
-        finish within `timeout` seconds; PoolFull if this pool has no room for it.
+        Raises TransferError when the exporter is gone or released the export, or the READ
+        fails or is not done within `timeout` seconds; PoolFull when this pool has no room.
+        The timeout bounds the wait for the READ, not NIXL's own synchronous calls: connecting
+        to a new exporter that has died fails within ~0.1 s on one host, a known one at once.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        self._check_running()
+        deadline = asyncio.get_running_loop().time() + timeout
         dtype = _dtype(ref.dtype)
         nbytes = math.prod(ref.shape) * dtype.itemsize
         offset = self._pool.alloc(nbytes + _TAG)
         end = offset + nbytes + _TAG
-        stuck = False
+        keep = False  # when NIXL cannot abort a READ, its region is never reused
         try:
+            handle = None
             try:
+                local = self._descs(offset, end)
                 self._add_remote(ref)
-                mem, dev = self._mem
-                local = self._agent.get_xfer_descs(
-                    [(self._buf.data_ptr() + offset, end - offset, dev)], mem
-                )
                 remote = self._agent.deserialize_descs(ref.descriptors)
                 handle = self._agent.initialize_xfer("READ", local, remote, ref.agent)
-            except Exception as e:
-                raise TransferError(f"cannot read {ref.key!r} from {ref.agent}: {e!r}") from e
-            try:
                 await self._complete(handle, ref, deadline)
+            except TransferError:
+                raise
+            except Exception as e:
+                if type(e).__name__ == "nixlRemoteDisconnectError":
+                    self._forget(ref.agent)
+                raise TransferError(f"reading {ref.key!r} from {ref.agent} failed: {e!r}") from e
             finally:
-                try:
-                    handle.release()
-                except Exception:
-                    # NIXL could not abort the READ: the region may still be written into.
-                    log.exception("%s: cannot release the READ of %r", self.name, ref.key)
-                    stuck = True
+                if handle is not None:
+                    keep = not self._release_xfer(handle, ref)
             region = self._buf[offset:end]
-            if bytes(region[nbytes:].cpu().tolist()) != _tag(ref.key):
-                raise TransferError(f"export {ref.key!r} was released before it was read")
+            if region[nbytes:].cpu().numpy().tobytes() != _digest(ref.key):
+                raise TransferError(f"{ref.agent} released {ref.key!r} before it was read")
             try:
                 self._agent.send_notif(ref.agent, ref.key.encode())
-            except Exception:
-                log.warning("%s: cannot notify %s of %r", self.name, ref.agent, ref.key)
+            except Exception as e:
+                log.warning("%s: cannot notify %s of %r: %r", self.name, ref.agent, ref.key, e)
             out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             out.copy_(region[:nbytes])
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+                torch.cuda.synchronize(self.device)  # before the region can be read into again
             return out.view(dtype).view(ref.shape)
         finally:
-            if not stuck:
+            if not keep:
                 self._pool.free(offset)
 
     def _add_remote(self, ref: TensorRef) -> None:
-        if ref.agent in self._remotes:
-            return
-        name = self._agent.add_remote_agent(ref.agent_metadata)
-        name = name.decode() if isinstance(name, bytes) else str(name)  # NIXL returns bytes
-        if name != ref.agent:
-            raise TransferError(f"metadata of agent {name} does not match {ref.agent}")
-        self._remotes.add(name)
+        if ref.agent not in self._remotes:
+            name = self._agent.add_remote_agent(ref.agent_metadata)
+            name = name.decode() if isinstance(name, bytes) else str(name)  # bytes, in fact
+            if name != ref.agent:
+                raise TransferError(f"metadata of agent {name} came as {ref.agent}'s")
+            self._remotes.add(name)
+
+    def _forget(self, agent: str) -> None:
+        """Drop a remote agent that disconnected (agent names are never reused)."""
+        self._remotes.discard(agent)
+        try:
+            self._agent.remove_remote_agent(agent)
+        except Exception as e:
+            log.debug("%s: cannot remove remote agent %s: %r", self.name, agent, e)
+
+    def _release_xfer(self, handle: Any, ref: TensorRef) -> bool:
+        try:
+            handle.release()  # aborts a READ still under way
+        except Exception:
+            log.exception("%s: cannot abort the READ of %r; its region leaks", self.name, ref.key)
+            return False
+        return True
 
     async def _complete(self, handle: Any, ref: TensorRef, deadline: float) -> None:
-        """Post the transfer and poll it until done: spin briefly, then back off to 1 ms."""
+        """Post the READ and wait until it is done: yield briefly, then sleep 50 µs to 1 ms."""
         loop = asyncio.get_running_loop()
-        try:
-            state = self._agent.transfer(handle)
-        except Exception as e:
-            raise TransferError(f"cannot read {ref.key!r} from {ref.agent}: {e!r}") from e
-        spin_until = loop.time() + 200e-6
-        delay = 50e-6
+        state = self._agent.transfer(handle)
+        spin_until, delay = loop.time() + _SPIN_S, 50e-6
         while state == "PROC":
             now = loop.time()
             if now >= deadline:
-                raise TransferError(f"timed out reading {ref.key!r} from {ref.agent}")
+                raise TransferError(f"reading {ref.key!r} from {ref.agent} timed out")
             if now < spin_until:
                 await asyncio.sleep(0)
             else:
                 await asyncio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 1e-3)
-            try:
-                state = self._agent.check_xfer_state(handle)
-            except Exception as e:
-                raise TransferError(f"reading {ref.key!r} from {ref.agent} failed: {e!r}") from e
+            state = self._agent.check_xfer_state(handle)
         if state != "DONE":
             raise TransferError(f"reading {ref.key!r} from {ref.agent} failed ({state})")

@@ -7,6 +7,8 @@ in its shared batch.
 """
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 
 from triptych.engines.base import DecodeEngine, PrefillEngine
@@ -32,6 +34,8 @@ from triptych.transfer import (
 )
 from triptych.transfer.bootstrap import new_room
 from triptych.transfer.embeddings import to_handle, to_ref
+
+log = logging.getLogger(__name__)
 
 KV_HOLD_S = 60.0
 """How long prefill keeps an exported cache for a decode that has not read it."""
@@ -154,6 +158,7 @@ class HfDecodeEngine(DecodeEngine):
         ready = await self.rooms.join(host, port, bootstrap.bootstrap_room)
         if ready.kv is None or ready.kv.layout != kv_transfer.layout(model):
             raise ServiceError(ErrorCode.INTERNAL, "prefill's KV layout does not match decode's")
+        started = time.perf_counter()
         try:
             flat = await self.agent.fetch(to_ref(ready.kv.tensor), KV_HOLD_S)
         except TransferError as error:
@@ -162,6 +167,13 @@ class HfDecodeEngine(DecodeEngine):
             ) from error
         finally:
             await self.rooms.done(host, port, bootstrap.bootstrap_room)
+        log.info(
+            "KV cache %s: %d bytes (%d tokens) read in %.3f ms",
+            request_id,
+            flat.numel() * flat.element_size(),
+            ready.kv.num_tokens,
+            (time.perf_counter() - started) * 1e3,
+        )
         sequence, hidden = kv_transfer.unpack(model, flat, ready.kv.num_tokens, ready.rope_delta)
         async for chunk in decode_stream(self.executor, request_id, request, sequence, hidden):
             yield chunk

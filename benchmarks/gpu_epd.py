@@ -1,0 +1,313 @@
+"""GPU check: E/P/D on one GPU with a Qwen2.5-VL-7B-shaped checkpoint of random bf16 weights.
+
+Builds the checkpoint from a config (no download; the tiny checkpoint's tokenizer supplies the
+special tokens), starts E/P/D with all stages on the one GPU, sends a 448x448 image with short
+text, and records time to first token, decode tokens/s, and the embedding and KV transfer
+times the workers log. Figures, not a test: speed is the GPU speed work's.
+
+    python benchmarks/gpu_epd.py --out DIR [--shape 7b|tiny] [--device cuda]
+"""
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES: dict[str, dict[str, Any]] = {
+    "7b": {
+        "text": {
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [16, 24, 24],
+                "rope_theta": 1e6,
+            },
+            "max_position_embeddings": 32768,
+        },
+        "vision": {
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 3584,
+            "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "tokens_per_second": 2,
+        },
+    },
+    "tiny": {
+        "text": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 1608,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [2, 3, 3],
+                "rope_theta": 1e6,
+            },
+            "max_position_embeddings": 4096,
+        },
+        "vision": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 2,
+        },
+    },
+}
+
+
+def build_checkpoint(out: Path, shape: str, device: str) -> Path:
+    """Random bf16 weights in the given shape, with the tiny checkpoint's tokenizer."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from triptych.models.tiny import default_model_path
+
+    tiny = default_model_path()
+    ids = json.loads((tiny / "config.json").read_text())
+    dims = SHAPES[shape]
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **dims["text"],
+            "bos_token_id": 1600,
+            "eos_token_id": 1602,
+            "pad_token_id": 1600,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            **dims["vision"],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ):
+        shutil.copy(tiny / name, out / name)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def picture(size: int) -> str:
+    buffer = io.BytesIO()
+    Image.effect_noise((size, size), 64).convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def one_request(
+    client: httpx.AsyncClient, model: str, image: str, max_tokens: int
+) -> dict[str, float]:
+    words = "Describe the picture in detail, noting colours, shapes and textures, " * 4
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "return_token_ids": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image}},
+                    {"type": "text", "text": words.strip()},
+                ],
+            }
+        ],
+    }
+    started = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0].get("token_ids"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                tokens += len(chunk["choices"][0]["token_ids"])
+    return {
+        "ttft_ms": (first - started) * 1e3,
+        "tokens": tokens,
+        "decode_tokens_per_s": (tokens - 1) / (last - first) if last > first else 0.0,
+    }
+
+
+def copy_bandwidth(device: str) -> float | None:
+    """Device-to-device copy, bytes read plus written per second."""
+    if not device.startswith("cuda"):
+        return None
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * 10 * a.numel() / (time.perf_counter() - started)
+
+
+def transfer_times(log: str) -> dict[str, list[dict[str, float]]]:
+    found: dict[str, list[dict[str, float]]] = {"embeddings": [], "kv": []}
+    for size, ms in re.findall(r"embeddings \S+: (\d+) bytes read in ([\d.]+) ms", log):
+        found["embeddings"].append({"bytes": int(size), "ms": float(ms)})
+    for size, ms in re.findall(
+        r"KV cache \S+: (\d+) bytes \(\d+ tokens\) read in ([\d.]+) ms", log
+    ):
+        found["kv"].append({"bytes": int(size), "ms": float(ms)})
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/triptych-7b-random"))
+    parser.add_argument("--requests", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    timings: dict[str, float] = {}
+    begun = time.perf_counter()
+    checkpoint = build_checkpoint(args.checkpoint, args.shape, args.device)
+    timings["build_checkpoint_s"] = time.perf_counter() - begun
+    bandwidth = copy_bandwidth(args.device)
+    port = free_port()
+    log_path = args.out / f"gpu_epd_{args.shape}.log"
+    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    launcher = subprocess.Popen(
+        [
+            "bash",
+            str(ROOT / "launch/multimodal_disagg.sh"),
+            "--engine",
+            "hf",
+            "--device",
+            args.device,
+            "--model-path",
+            str(checkpoint),
+            "--http-port",
+            str(port),
+            "--",
+            "--transfer-pool-mb",
+            "1024",
+        ],
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    results: list[dict[str, float]] = []
+    try:
+        begun = time.perf_counter()
+        while httpx.get(f"{url}/ready", timeout=2).status_code != 200 if _up(url) else True:
+            if launcher.poll() is not None or time.perf_counter() - begun > 480:
+                raise RuntimeError("stack did not start:\n" + log_path.read_text()[-4000:])
+            time.sleep(1)
+        timings["stack_ready_s"] = time.perf_counter() - begun
+        image = picture(448)
+
+        async def run() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+                await one_request(client, checkpoint.name, image, 8)  # warm-up
+                for _ in range(args.requests):
+                    results.append(
+                        await one_request(client, checkpoint.name, image, args.max_tokens)
+                    )
+
+        asyncio.run(run())
+    finally:
+        os.killpg(launcher.pid, signal.SIGTERM)
+        try:
+            launcher.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    transfers = transfer_times(log_path.read_text())
+    summary = {
+        "benchmark": "E/P/D on one device, hf engine, one 448x448 image + short text",
+        "shape": args.shape,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "torch": torch.__version__,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "setup": timings,
+        "device_copy_bytes_per_s": bandwidth,
+        "requests": results,
+        "ttft_ms_median": statistics.median(r["ttft_ms"] for r in results),
+        "decode_tokens_per_s_median": statistics.median(r["decode_tokens_per_s"] for r in results),
+        "transfers": {kind: items[1:] for kind, items in transfers.items()},  # skip warm-up
+    }
+    out = args.out / f"gpu_epd_{args.shape}.json"
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "requests"}, indent=1))
+
+
+def _up(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,129 @@
+"""The hf engine's parts: a vision-only encoder that batches, batched decode, sampling rules."""
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from triptych.engines.hf.encode import HfEncodeEngine
+from triptych.engines.hf.model import LanguageModel, SequenceKV
+from triptych.engines.hf.sampler import Sampler
+from triptych.models import load_adapter
+from triptych.protocol import ImageItem, SamplingOptions
+
+
+def image_item(model_path: Path, width: int, height: int) -> ImageItem:
+    buffer = io.BytesIO()
+    Image.effect_noise((width, height), 60).convert("RGB").save(buffer, format="PNG")
+    adapter = load_adapter(model_path)
+    assert adapter is not None
+    layout = adapter.image_layout(height, width)
+    return ImageItem(
+        width=width,
+        height=height,
+        grid_thw=layout.grid_thw,
+        num_tokens=layout.num_tokens,
+        offset=0,
+        data=buffer.getvalue(),
+    )
+
+
+async def test_encoder_holds_only_the_vision_tower(tiny_model: Path) -> None:
+    engine = HfEncodeEngine(str(tiny_model))
+    await engine.start()
+    assert engine.tower is not None
+    names = [name for name, _ in engine.tower.module.named_parameters()]
+    assert not [n for n in names if "embed_tokens" in n or "lm_head" in n or "layers." in n]
+    with safe_open(str(tiny_model / "model.safetensors"), framework="pt") as weights:
+        keys = [k for k in weights.keys() if k.startswith("visual.")]  # noqa: SIM118
+        vision = sum(weights.get_tensor(k).numel() for k in keys)
+    assert sum(p.numel() for p in engine.tower.module.parameters()) == vision
+    await engine.close()
+
+
+async def test_concurrent_requests_share_one_vision_forward(tiny_model: Path) -> None:
+    engine = HfEncodeEngine(str(tiny_model))
+    await engine.start()
+    assert engine.tower is not None
+    requests = [
+        [image_item(tiny_model, 84, 56)],
+        [image_item(tiny_model, 56, 56), image_item(tiny_model, 140, 84)],
+        [image_item(tiny_model, 70, 126)],
+    ]
+    alone = [await engine.encode(f"r{i}", images) for i, images in enumerate(requests)]
+    forwards = 0
+    original = engine.tower.encode
+
+    def counting(*args: object) -> torch.Tensor:
+        nonlocal forwards
+        forwards += 1
+        return original(*args)  # type: ignore[arg-type]
+
+    engine.tower.encode = counting  # type: ignore[method-assign]
+    together = await asyncio.gather(
+        *(engine.encode(f"t{i}", images) for i, images in enumerate(requests))
+    )
+    assert forwards == 1
+    for single, batched, images in zip(alone, together, requests, strict=True):
+        assert batched.num_tokens == sum(image.num_tokens for image in images)
+        torch.testing.assert_close(batched.tensor, single.tensor, rtol=1e-5, atol=1e-6)
+    await engine.close()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model: Path) -> LanguageModel:
+    return LanguageModel(str(tiny_model))
+
+
+def greedy(model: LanguageModel, prompt: list[int], steps: int) -> list[int]:
+    sequence, hidden = model.prefill(prompt, [], None)
+    tokens = []
+    for _ in range(steps):
+        token = int(model.logits(hidden[None]).argmax())
+        tokens.append(token)
+        hidden = model.decode([token], [sequence])[0]
+    return tokens
+
+
+def test_batched_decode_matches_one_at_a_time(model: LanguageModel) -> None:
+    prompts = [[5, 6, 7], list(range(20, 60)), [900, 901, 902, 903, 904, 905, 906]]
+    alone = [greedy(model, prompt, 10) for prompt in prompts]
+    states: list[tuple[SequenceKV, torch.Tensor]] = [model.prefill(p, [], None) for p in prompts]
+    sequences = [state[0] for state in states]
+    tokens = [int(t) for t in model.logits(torch.stack([s[1] for s in states])).argmax(-1)]
+    batched = [[t] for t in tokens]
+    for _ in range(9):
+        hidden = model.decode(tokens, sequences)
+        tokens = [int(t) for t in model.logits(hidden).argmax(-1)]
+        for out, token in zip(batched, tokens, strict=True):
+            out.append(token)
+    assert batched == alone
+
+
+def sampler(model: LanguageModel, stops: set[int] | None = None, **options: object) -> Sampler:
+    opts = SamplingOptions.model_validate({"max_tokens": 8, **options})
+    return Sampler(opts, [1, 2, 3], stops or set(), model.vocab_size, model.device)
+
+
+def test_sampling_rules(model: LanguageModel) -> None:
+    logits = torch.linspace(-3, 3, model.vocab_size)
+    best = int(logits.argmax())
+    assert sampler(model, temperature=0).next_token(logits) == best
+    assert sampler(model, temperature=1.5, top_k=1).next_token(logits) == best
+    assert sampler(model, temperature=1.0, min_p=0.999).next_token(logits) == best
+    kept = sampler(model, {best}, temperature=0, min_tokens=2)
+    assert kept.next_token(logits) != best  # EOS masked before min_tokens
+    stopping = sampler(model, {best}, temperature=0)
+    stopping.next_token(logits)
+    assert stopping.finished() == "stop"
+    penalized = sampler(model, temperature=0, repetition_penalty=2.0)
+    penalized.next_token(logits)
+    assert penalized.next_token(logits) != best  # repeated token pushed down
+    first, second = (sampler(model, temperature=1.0, seed=7) for _ in range(2))
+    assert [first.next_token(logits) for _ in range(5)] == [
+        second.next_token(logits) for _ in range(5)
+    ]

@@ -43,10 +43,11 @@ def to_ref(handle: TensorHandle) -> TensorRef:
 class EmbeddingTransport:
     """Publishes embeddings for a reader and reads them back (NIXL, or simulated)."""
 
-    def __init__(self, agent: TransferAgent | None, timeout_s: float = 60.0) -> None:
+    def __init__(self, agent: TransferAgent | None, timeout_s: float = 30.0) -> None:
         self.agent = agent
         self.timeout_s = timeout_s
-        """How long published embeddings wait for their reader, and a read for its bytes."""
+        """How long a read waits for its bytes; published embeddings wait twice as long, so a
+        region is never reused while a READ into it may still run."""
 
     def publish(self, embeddings: ImageEmbeddings, key: str) -> TensorHandle:
         """Make the embeddings readable by another process under `key`."""
@@ -63,7 +64,7 @@ class EmbeddingTransport:
         the encoder's region is free afterwards."""
         if handle.agent == SIMULATED or self.agent is None:
             return True
-        return await self.agent.wait_released(handle.key, self.timeout_s)
+        return await self.agent.wait_released(handle.key, 2 * self.timeout_s)
 
     def release(self, handle: TensorHandle) -> None:
         """Free the region now (the request was cancelled)."""

@@ -129,11 +129,18 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+NIXL_MODULES = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
+"""The NIXL builds triptych can use, in order of preference (CPU machines get cu12 from
+`make setup`; a CUDA 13 GPU machine may carry cu13)."""
+
+
 def _nixl_api() -> Any:
-    try:
-        return importlib.import_module("nixl_cu12._api")
-    except ImportError:
-        return importlib.import_module("nixl._api")
+    for name in NIXL_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError(f"no NIXL build found (tried {', '.join(NIXL_MODULES)})")
 
 
 class TransferAgent:

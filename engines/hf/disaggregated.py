@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 KV_HOLD_S = 60.0
 """How long prefill keeps an exported cache for a decode that has not read it."""
+KV_READ_S = 30.0
+"""How long decode waits for a cache's bytes (under `KV_HOLD_S`, so the region stays put)."""
 
 
 async def _load(model_path: str, device: str, max_batch: int) -> ModelExecutor:
@@ -160,7 +162,7 @@ class HfDecodeEngine(DecodeEngine):
             raise ServiceError(ErrorCode.INTERNAL, "prefill's KV layout does not match decode's")
         started = time.perf_counter()
         try:
-            flat = await self.agent.fetch(to_ref(ready.kv.tensor), KV_HOLD_S)
+            flat = await self.agent.fetch(to_ref(ready.kv.tensor), KV_READ_S)
         except TransferError as error:
             raise ServiceError(
                 ErrorCode.UNAVAILABLE, f"KV cache could not be read: {error}"

@@ -275,9 +275,9 @@ def main() -> None:
 
         asyncio.run(run())
     finally:
-        os.killpg(launcher.pid, signal.SIGTERM)
+        launcher.send_signal(signal.SIGTERM)  # the launcher stops workers first, NATS last
         try:
-            launcher.wait(60)
+            launcher.wait(90)
         except subprocess.TimeoutExpired:
             os.killpg(launcher.pid, signal.SIGKILL)
     transfers = transfer_times(log_path.read_text())

@@ -73,7 +73,9 @@ start_nats() {
     echo "using NATS at $NATS_URL" >&2
     return
   fi
-  nats-server -a 127.0.0.1 -p -1 -ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
+  # Its own session: Ctrl-C in a terminal signals the whole foreground group, and NATS must
+  # outlive the workers' drain; stop_all ends it last.
+  setsid nats-server -a 127.0.0.1 -p -1 -ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
   NATS_PID=$!
   local ports=""
   for _ in $(seq 1 500); do

@@ -1,5 +1,6 @@
 """`Runtime`: one process's seat on the control plane (one NATS connection)."""
 
+import contextlib
 import itertools
 import logging
 import secrets
@@ -59,8 +60,9 @@ class Runtime:
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
-            except Exception:
-                await self.nc.close()
+            except Exception:  # NATS unreachable: close without draining
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
 
     async def __aenter__(self) -> "Runtime":
         await self.start()

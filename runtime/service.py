@@ -131,7 +131,10 @@ class Service:
             return
         self._draining = True
         if self._micro is not None:
-            await self._micro.stop()
+            try:
+                await self._micro.stop()
+            except Exception as error:  # NATS already gone: nothing left to unregister from
+                log.warning("%s: could not unregister cleanly: %s", self.component, error)
         if len(self._tasks):
             log.info("%s draining %d in-flight request(s)", self.component, self.in_flight)
             await self._tasks.wait(grace_s)

@@ -13,6 +13,10 @@ MODEL_PATH=""
 HTTP_HOST=127.0.0.1
 HTTP_PORT=8000
 DEVICE=cpu
+ENCODE_GPU="${TRIPTYCH_ENCODE_GPU:-}"
+PREFILL_GPU="${TRIPTYCH_PREFILL_GPU:-}"
+DECODE_GPU="${TRIPTYCH_DECODE_GPU:-}"
+GPUS="${TRIPTYCH_GPUS:-}"
 WORKER_ARGS=()
 PIDS=()
 NATS_PID=""
@@ -21,8 +25,12 @@ RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/triptych-launch.XXXXXX")"
 usage() {
   cat <<USAGE
 usage: $(basename "$0") [--engine hf|mock|sglang] [--model-path P] [--http-port N]
-                        [--http-host H] [--device D] [-- extra worker flags...]
+                        [--http-host H] [--device D] [--encode-gpu N] [--prefill-gpu N]
+                        [--decode-gpu N] [--gpus N,M,...] [-- extra worker flags...]
 Starts a private nats-server on a free loopback port when NATS_URL is unset.
+--encode-gpu/--prefill-gpu/--decode-gpu (or TRIPTYCH_ENCODE_GPU, ...) pin a stage to one GPU
+(its process sees only that GPU, and --device becomes cuda); agg.sh --gpus 0,1 starts one
+independent worker per listed GPU.
 USAGE
 }
 
@@ -34,6 +42,10 @@ parse_args() {
       --http-port) HTTP_PORT="$2"; shift 2 ;;
       --http-host) HTTP_HOST="$2"; shift 2 ;;
       --device) DEVICE="$2"; shift 2 ;;
+      --encode-gpu) ENCODE_GPU="$2"; shift 2 ;;
+      --prefill-gpu) PREFILL_GPU="$2"; shift 2 ;;
+      --decode-gpu) DECODE_GPU="$2"; shift 2 ;;
+      --gpus) GPUS="$2"; shift 2 ;;
       -h|--help) usage; exit 0 ;;
       --) shift; WORKER_ARGS+=("$@"); break ;;
       *) echo "unknown flag: $1" >&2; usage >&2; exit 2 ;;
@@ -95,6 +107,18 @@ start() {
   "$PYTHON" -m "triptych.components.$module" "$@" &
   PIDS+=($!)
   echo "started $name (pid $!)" >&2
+}
+
+# start_on GPU NAME MODULE FLAGS...: like start, pinned to one GPU when GPU is not empty.
+start_on() {
+  local gpu="$1" name="$2" module="$3"; shift 3
+  if [[ -z "$gpu" ]]; then
+    start "$name" "$module" "$@"
+    return
+  fi
+  CUDA_VISIBLE_DEVICES="$gpu" "$PYTHON" -m "triptych.components.$module" "$@" --device cuda &
+  PIDS+=($!)
+  echo "started $name on GPU $gpu (pid $!)" >&2
 }
 
 worker_flags() {

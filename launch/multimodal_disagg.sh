@@ -6,10 +6,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
 start_nats
 read -ra FLAGS <<<"$(worker_flags)"
-start encode encode_worker "${FLAGS[@]}" "${WORKER_ARGS[@]}"
-start prefill prefill_worker "${FLAGS[@]}" --dedicated-mm-encoder "${WORKER_ARGS[@]}"
-start decode decode_worker "${FLAGS[@]}" --disaggregation-mode decode --dedicated-mm-encoder \
+start_on "$ENCODE_GPU" encode encode_worker "${FLAGS[@]}" "${WORKER_ARGS[@]}"
+start_on "$PREFILL_GPU" prefill prefill_worker "${FLAGS[@]}" --dedicated-mm-encoder \
   "${WORKER_ARGS[@]}"
+start_on "$DECODE_GPU" decode decode_worker "${FLAGS[@]}" --disaggregation-mode decode \
+  --dedicated-mm-encoder "${WORKER_ARGS[@]}"
 start frontend frontend --model-path "$MODEL_PATH" --topology E/P/D \
   --http-host "$HTTP_HOST" --http-port "$HTTP_PORT"
 supervise

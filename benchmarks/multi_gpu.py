@@ -1,0 +1,225 @@
+"""E/P/D across GPUs against the same GPUs running independent EPD (agg) workers.
+
+Same checkpoint as the GPU check (Qwen2.5-VL-7B-shaped, random bf16). With two GPUs: E/P/D puts
+encode and prefill on GPU 0 and decode on GPU 1; the baseline runs one EPD worker per GPU.
+Open-loop load (Poisson arrivals) at increasing request rates, for a one-image mix (448x448 +
+short text) and a vision-heavy mix (three 1024x1024 images). Records throughput, TTFT p50/p99,
+the logged embedding and KV transfer times, and the GPU-to-GPU copy bandwidth.
+
+    python benchmarks/multi_gpu.py --out DIR [--rates 0.5,1,2] [--seconds 15]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_epd import build_checkpoint, free_port, picture, transfer_times
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPOLOGIES = {
+    "E/P/D (E+P: GPU0, D: GPU1)": [
+        "multimodal_disagg.sh",
+        "--encode-gpu",
+        "0",
+        "--prefill-gpu",
+        "0",
+        "--decode-gpu",
+        "1",
+    ],
+    "2x EPD (GPU0, GPU1)": ["agg.sh", "--gpus", "0,1"],
+}
+
+
+def peer_bandwidth() -> float | None:
+    """cuda:0 → cuda:1 copy, bytes per second."""
+    if torch.cuda.device_count() < 2:
+        return None
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda:0")
+    b = torch.empty(1 << 30, dtype=torch.uint8, device="cuda:1")
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    started = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    return 10 * a.numel() / (time.perf_counter() - started)
+
+
+async def timed_request(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, float]:
+    started = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+        if reply.status_code != 200:
+            return {"error": 1.0}
+        async for line in reply.aiter_lines():
+            if line.startswith("data: {") and '"token_ids":[' in line:
+                first = first or time.perf_counter()
+                tokens += len(json.loads(line[6:])["choices"][0]["token_ids"])
+    return {"ttft_s": first - started, "latency_s": time.perf_counter() - started, "tokens": tokens}
+
+
+async def sweep(
+    url: str, model: str, images: list[str], rates: list[float], seconds: float, max_tokens: int
+) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in images]
+    content.append(
+        {
+            "type": "text",
+            "text": "Describe these pictures in detail, noting "
+            "colours, shapes, textures and anything unusual about them.",
+        }
+    )
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "return_token_ids": True,
+        "messages": [{"role": "user", "content": content}],
+    }
+    rows = []
+    rng = random.Random(0)
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        await timed_request(client, {**body, "max_tokens": 4})  # warm-up
+        for rate in rates:
+            tasks = []
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                tasks.append(asyncio.create_task(timed_request(client, body)))
+                await asyncio.sleep(rng.expovariate(rate))
+            done, pending = await asyncio.wait(tasks, timeout=45)
+            for task in pending:
+                task.cancel()
+            elapsed = time.perf_counter() - started
+            ok = [t.result() for t in done if not t.exception() and "error" not in t.result()]
+            ttfts = sorted(r["ttft_s"] * 1e3 for r in ok)
+            rows.append(
+                {
+                    "rate_req_per_s": rate,
+                    "sent": len(tasks),
+                    "completed": len(ok),
+                    "errors": len(tasks) - len(ok),
+                    "throughput_req_per_s": len(ok) / elapsed,
+                    "output_tokens_per_s": sum(r["tokens"] for r in ok) / elapsed,
+                    "ttft_ms_p50": statistics.median(ttfts) if ttfts else None,
+                    "ttft_ms_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]
+                    if ttfts
+                    else None,
+                }
+            )
+            print(f"  rate {rate}: {rows[-1]}", flush=True)
+    return rows
+
+
+def run_topology(
+    name: str,
+    script: list[str],
+    checkpoint: Path,
+    out: Path,
+    mixes: dict[str, list[str]],
+    rates: list[float],
+    seconds: float,
+    max_tokens: int,
+) -> dict[str, Any]:
+    port = free_port()
+    log = out / f"multi_gpu_{script[0].removesuffix('.sh')}.log"
+    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    launcher = subprocess.Popen(
+        [
+            "bash",
+            str(ROOT / "launch" / script[0]),
+            *script[1:],
+            "--engine",
+            "hf",
+            "--device",
+            "cuda",
+            "--model-path",
+            str(checkpoint),
+            "--http-port",
+            str(port),
+            "--",
+            "--transfer-pool-mb",
+            "2048",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        begun = time.perf_counter()
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if launcher.poll() is not None or time.perf_counter() - begun > 300:
+                raise RuntimeError(f"{name} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        print(f"{name}: ready in {time.perf_counter() - begun:.0f}s", flush=True)
+        result: dict[str, Any] = {"ready_s": time.perf_counter() - begun}
+        for mix, images in mixes.items():
+            result[mix] = asyncio.run(
+                sweep(url, checkpoint.name, images, rates, seconds, max_tokens)
+            )
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    result["transfers"] = transfer_times(log.read_text())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--shape", default="7b")
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/triptych-7b-random"))
+    parser.add_argument("--rates", default="0.5,1,2")
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    checkpoint = build_checkpoint(args.checkpoint, args.shape, "cuda")
+    mixes = {"one_448_image": [picture(448)], "three_1024_images": [picture(1024)] * 3}
+    report: dict[str, Any] = {
+        "benchmark": "E/P/D across GPUs vs independent EPD workers on the same GPUs",
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "gpu_to_gpu_copy_bytes_per_s": peer_bandwidth(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "max_tokens": args.max_tokens,
+        "seconds_per_rate": args.seconds,
+        "results": {},
+    }
+    for name, script in TOPOLOGIES.items():
+        report["results"][name] = run_topology(
+            name, script, checkpoint, args.out, mixes, rates, args.seconds, args.max_tokens
+        )
+        (args.out / "multi_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -200,10 +200,13 @@ def main() -> None:
     parser.add_argument("--rates", default="0.5,1,2")
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--mixes", default="one_448_image,three_1024_images")
+    parser.add_argument("--report", default="multi_gpu.json")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     checkpoint = build_checkpoint(args.checkpoint, args.shape, "cuda")
-    mixes = {"one_448_image": [picture(448)], "three_1024_images": [picture(1024)] * 3}
+    every_mix = {"one_448_image": [picture(448)], "three_1024_images": [picture(1024)] * 3}
+    mixes = {name: every_mix[name] for name in args.mixes.split(",")}
     report: dict[str, Any] = {
         "benchmark": "E/P/D across GPUs vs independent EPD workers on the same GPUs",
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
@@ -217,7 +220,7 @@ def main() -> None:
         report["results"][name] = run_topology(
             name, script, checkpoint, args.out, mixes, rates, args.seconds, args.max_tokens
         )
-        (args.out / "multi_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / args.report).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=1))
 
 

@@ -87,7 +87,9 @@ start_nats() {
   fi
   # Its own session: Ctrl-C in a terminal signals the whole foreground group, and NATS must
   # outlive the workers' drain; stop_all ends it last.
-  setsid nats-server -a 127.0.0.1 -p -1 -ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
+  # 64 MB messages (the server's maximum): images ride from the frontend to encode.
+  printf 'listen: "127.0.0.1:-1"\nmax_payload: 67108864\n' >"$RUN_DIR/nats.conf"
+  setsid nats-server -c "$RUN_DIR/nats.conf" -ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
   NATS_PID=$!
   local ports=""
   for _ in $(seq 1 500); do

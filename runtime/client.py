@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import nats.errors
 from pydantic import BaseModel
 
+from triptych.protocol import ErrorCode
 from triptych.runtime import wire
 from triptych.runtime.discovery import InstanceTracker
 from triptych.runtime.errors import ServiceError, deadline_exceeded, unavailable
@@ -159,6 +160,14 @@ class Client:
                 return await self._runtime.nc.request(
                     subject, data, timeout=timeout, headers=headers
                 )
+            except nats.errors.MaxPayloadError:
+                limit = self._runtime.nc.max_payload
+                raise ServiceError(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"request is {len(data)} bytes, over the control plane's message limit "
+                    f"of {limit} bytes (smaller or fewer images fit)",
+                    headers.get(wire.REQUEST_ID, ""),
+                ) from None
             except nats.errors.NoRespondersError:
                 if attempt or time.time() + NO_RESPONDERS_RETRY_S >= deadline:
                     raise

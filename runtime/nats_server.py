@@ -36,7 +36,7 @@ class NatsServer:
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
-        max_payload: int = 8 * 1024 * 1024,
+        max_payload: int = 64 * 1024 * 1024,
     ) -> None:
         self._user, self._password, self._token = user, password, token
         self._max_payload = max_payload

@@ -230,3 +230,18 @@ async def test_drain_finishes_in_flight_and_refuses_new(
     with pytest.raises(ServiceError) as caught:
         await client.call(Ask(), request_id="new", deadline=soon(0.5))
     assert caught.value.code == 503
+
+
+async def test_message_over_the_control_plane_limit_is_a_413() -> None:
+    with NatsServer(max_payload=64 * 1024) as small:
+        config = RuntimeConfig(nats_url=small.url, namespace="big")
+        async with Runtime(config, "caller") as caller, Runtime(config, "w") as worker_rt:
+            await started(worker_rt)
+            client = await caller.client("echo")
+
+            class Bulky(BaseModel):
+                blob: str = "x" * 100_000
+
+            with pytest.raises(ServiceError, match="over the control plane's message limit") as e:
+                await client.call(Bulky(), request_id="big", deadline=soon())
+            assert e.value.code == 413

@@ -133,6 +133,15 @@ class Frontend:
             )
         except ServiceError as error:
             return error_response(error.info.model_copy(update={"request_id": request_id}))
+        except Exception as error:  # a bug of ours: a clean 500, details in our log only
+            log.exception("request %s failed before streaming", request_id)
+            return error_response(
+                ErrorInfo(
+                    code=ErrorCode.INTERNAL,
+                    request_id=request_id,
+                    message=f"internal error ({type(error).__name__})",
+                )
+            )
         output = Output(self.preprocessor.tokenizer, generate.sampling.stop)
         prompt_tokens = len(generate.token_ids)
         try:

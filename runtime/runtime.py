@@ -1,5 +1,6 @@
 """`Runtime`: one process's seat on the control plane (one NATS connection)."""
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -34,20 +35,37 @@ class Runtime:
         self._clients: list[Client] = []
         self._started = False
         self._closing = False
+        self._refused = asyncio.Event()
 
     async def start(self) -> None:
         """Connect to NATS (reconnecting forever afterwards) and open the stream inbox."""
         if self._started:
             return
         self._started = True
-        await self.nc.connect(**self._connect_options())
+        await self._connect()
         self._prefix = wire.stream_prefix(self.config.namespace, secrets.token_hex(8))
         await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_frame)
-        log.info(
-            "%s joined NATS at %s",
-            self.name,
-            self.nc.connected_url.netloc if self.nc.connected_url else "?",
-        )
+        log.info("%s joined NATS at %s", self.name, _public(self.nc.connected_url))
+
+    async def _connect(self) -> None:
+        # nats-py retries an authorization violation forever; fail start-up on it instead.
+        self._refused = asyncio.Event()
+        connecting = asyncio.ensure_future(self.nc.connect(**self._connect_options()))
+        refused = asyncio.ensure_future(self._refused.wait())
+        try:
+            await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+            raise PermissionError(
+                f"NATS at {self.config.nats_url.split('@')[-1]} refused "
+                "this process's credentials (authorization violation)"
+            )
+        connecting.result()
 
     async def close(self) -> None:
         """Stop clients and drain the connection. Safe to call twice."""
@@ -126,6 +144,8 @@ class Runtime:
         return options
 
     async def _on_error(self, error: Exception) -> None:
+        if "authorization violation" in str(error).lower() and not self.nc.is_connected:
+            self._refused.set()
         log.warning("NATS: %s", error)
 
     async def _on_disconnected(self) -> None:
@@ -134,3 +154,10 @@ class Runtime:
 
     async def _on_reconnected(self) -> None:
         log.info("%s reconnected to NATS at %.3f", self.name, time.time())
+
+
+def _public(url: Any) -> str:
+    """host:port of a NATS URL, never its credentials."""
+    if url is None:
+        return "?"
+    return f"{url.hostname}:{url.port}"

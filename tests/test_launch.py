@@ -1,5 +1,6 @@
 """Each launch script brings up a stack that answers, and SIGTERM stops every process."""
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import nats
 import psutil
 import pytest
 
@@ -52,6 +54,8 @@ def test_launch_script_serves_and_stops(
         assert reply.status_code == 200
         assert reply.json()["usage"]["completion_tokens"] == 5
         children = psutil.Process(launcher.pid).children(recursive=True)
+        if script == "multimodal_disagg.sh":
+            assert_private_nats_is_guarded(children, (tmp_path / "launch.log").read_text())
         assert sum("triptych.components" in " ".join(c.cmdline()) for c in children) == components
         assert any("nats-server" in " ".join(c.cmdline()) for c in children)
         launcher.send_signal(signal.SIGTERM)
@@ -60,3 +64,19 @@ def test_launch_script_serves_and_stops(
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def assert_private_nats_is_guarded(children: list[psutil.Process], log: str) -> None:
+    """The launcher's NATS wants the token it gave the components, which no log shows."""
+    url = next(line.split(" at ")[1] for line in log.splitlines() if "private nats-server" in line)
+    worker = next(c for c in children if "triptych.components" in " ".join(c.cmdline()))
+    token = worker.environ()["NATS_TOKEN"]
+    assert len(token) >= 24 and token not in log
+
+    async def connect(**auth: str) -> None:
+        nc = await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False, **auth)
+        await nc.close()
+
+    with pytest.raises(Exception, match=r"(?i)authoriz"):
+        asyncio.run(connect())
+    asyncio.run(connect(token=token))

@@ -245,3 +245,19 @@ async def test_message_over_the_control_plane_limit_is_a_413() -> None:
             with pytest.raises(ServiceError, match="over the control plane's message limit") as e:
                 await client.call(Bulky(), request_id="big", deadline=soon())
             assert e.value.code == 413
+
+
+async def test_credentials_are_required_and_used() -> None:
+    with NatsServer(user="triptych", password="s3cret-pw") as guarded:
+        good = RuntimeConfig(
+            nats_url=guarded.url, namespace="auth", nats_user="triptych", nats_password="s3cret-pw"
+        )
+        async with Runtime(good, "caller") as caller, Runtime(good, "w") as worker_rt:
+            await started(worker_rt)
+            stream = await (await caller.client("echo")).call(
+                Ask(), request_id="a", deadline=soon()
+            )
+            assert len(await collect(stream)) == 1
+        bad = RuntimeConfig(nats_url=guarded.url, namespace="auth")
+        with pytest.raises(Exception, match=r"(?i)authoriz"):
+            await asyncio.wait_for(Runtime(bad, "intruder").start(), 10)

@@ -98,6 +98,8 @@ def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
         transport = EmbeddingTransport(agent)
         async with Runtime(config.runtime, name=component) as runtime:
             service = Service(runtime, component, metadata={"model": config.served_model_name})
+            if agent is not None:
+                service.add_gauge("transfer_pool_bytes_in_use", lambda: agent.pool_in_use)
             engines = await setup(runtime, service, transport)
             try:
                 await service.start()

@@ -56,6 +56,8 @@ class MockConfig:
     """Its port (0: any free port)."""
     room_done_timeout_s: float = 60.0
     """How long prefill keeps a room's (simulated) cache for decode to fetch."""
+    fail_prefill: bool = False
+    """Fault injection: every prefill fails after its room was handed out."""
 
 
 def mock_tokens(request: GenerateRequest, low: int, high: int) -> list[int]:
@@ -156,6 +158,8 @@ class MockPrefillEngine(PrefillEngine):
         try:
             _check_embeddings(request, embeddings)
             await _sleep(self.config.prefill_s_per_token * len(request.token_ids))
+            if self.config.fail_prefill:
+                raise ServiceError(ErrorCode.INTERNAL, "injected prefill failure")
             slot.ready(RoomReady(room=room))
             await slot.wait_done(self.config.room_done_timeout_s)
         except BaseException as error:

@@ -46,6 +46,11 @@ class EngineConfig:
         group.add_argument("--mock-encode-s-per-image", type=float, default=0.0)
         group.add_argument("--mock-prefill-s-per-token", type=float, default=0.0)
         group.add_argument("--mock-decode-s-per-step", type=float, default=0.0)
+        group.add_argument(
+            "--mock-fail-prefill",
+            action="store_true",
+            help="fault injection: every prefill fails after answering",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_path: str) -> "EngineConfig":
@@ -60,6 +65,7 @@ class EngineConfig:
                 encode_s_per_image=args.mock_encode_s_per_image,
                 prefill_s_per_token=args.mock_prefill_s_per_token,
                 decode_s_per_step=args.mock_decode_s_per_step,
+                fail_prefill=args.mock_fail_prefill,
                 bootstrap_host=args.disaggregation_bootstrap_host,
                 bootstrap_port=args.disaggregation_bootstrap_port,
             ),

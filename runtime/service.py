@@ -84,7 +84,16 @@ class Service:
         self._tasks = TaskOwner(f"service:{component}")
         self._background = TaskOwner(f"service:{component}:background")
         self._draining = False
+        self._gauges: dict[str, Callable[[], float]] = {"in_flight": lambda: self.in_flight}
         self.instance_id = ""
+
+    def add_gauge(self, name: str, read: Callable[[], float]) -> None:
+        """Report `read()` under `name` in this instance's NATS micro STATS data."""
+        self._gauges[name] = read
+
+    def gauges(self) -> dict[str, float]:
+        """Current gauge values (``in_flight`` and any added ones)."""
+        return {name: read() for name, read in self._gauges.items()}
 
     def add_endpoint(self, name: str, request_type: type[R], handler: Handler[R]) -> None:
         """Serve `handler` on `name`; requests are parsed as `request_type`."""
@@ -107,6 +116,7 @@ class Service:
             version=self._version,
             description=f"triptych {self.component}",
             metadata=self._metadata,
+            stats_handler=lambda _endpoint: self.gauges(),
         )
         self.instance_id = self._micro.id
         for endpoint in self._endpoints:

@@ -1,5 +1,6 @@
 """Real triptych processes for tests: start components, wait until ready, stop or kill them."""
 
+import asyncio
 import os
 import signal
 import socket
@@ -8,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -54,6 +56,7 @@ class Stack:
     namespace: str = field(default_factory=lambda: f"t{os.getpid()}x{time.monotonic_ns()}")
     processes: list[Process] = field(default_factory=list)
     http_port: int = 0
+    nats_token: str = ""
 
     def env(self) -> dict[str, str]:
         """Environment of every process of this stack."""
@@ -164,3 +167,29 @@ def start_topology(
     stack.frontend(topology, *frontend_args)
     stack.wait_ready()
     return stack
+
+
+async def micro_stats(stack: Stack, component: str) -> dict[str, dict[str, Any]]:
+    """Every live instance's NATS micro STATS: {instance: {"requests": n, **gauges}}."""
+    import json
+
+    import nats
+
+    nc = await nats.connect(stack.nats_url, token=stack.nats_token or None)
+    inbox = nc.new_inbox()
+    answers: list[dict[str, Any]] = []
+
+    async def collect(msg: Any) -> None:
+        answers.append(json.loads(msg.data))
+
+    await nc.subscribe(inbox, cb=collect)
+    await nc.publish(f"$SRV.STATS.{stack.namespace}-{component}", b"", reply=inbox)
+    await asyncio.sleep(0.3)
+    await nc.close()
+    return {
+        str(a["id"]): {
+            "requests": sum(int(e["num_requests"]) for e in a["endpoints"]),
+            **(a["endpoints"][0].get("data") or {}),
+        }
+        for a in answers
+    }

@@ -1,34 +1,18 @@
 """Two instances of every worker: load spreads over both; killing one costs no request."""
 
 import asyncio
-import json
 
-import nats
 import openai
 
-from tests.stack import Stack, start_topology
+from tests.stack import Stack, micro_stats, start_topology
 
 MODEL = "tiny-qwen2.5-vl"
 STAGES = ("encode", "prefill", "decode")
 
 
 async def requests_per_instance(stack: Stack, component: str) -> dict[str, int]:
-    """Ask every instance for its NATS micro stats ($SRV.STATS): requests served."""
-    nc = await nats.connect(stack.nats_url)
-    inbox = nc.new_inbox()
-    answers: list[dict[str, object]] = []
-
-    async def collect(msg: nats.aio.msg.Msg) -> None:
-        answers.append(json.loads(msg.data))
-
-    await nc.subscribe(inbox, cb=collect)
-    await nc.publish(f"$SRV.STATS.{stack.namespace}-{component}", b"", reply=inbox)
-    await asyncio.sleep(0.5)
-    await nc.close()
-    return {
-        str(a["id"]): sum(int(e["num_requests"]) for e in a["endpoints"])  # type: ignore[attr-defined]
-        for a in answers
-    }
+    """Requests each live instance served (from NATS micro STATS)."""
+    return {i: int(v["requests"]) for i, v in (await micro_stats(stack, component)).items()}
 
 
 def chat(stack: Stack, text: str) -> str:

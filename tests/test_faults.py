@@ -1,0 +1,146 @@
+"""Faults cost exactly the requests they touch: real processes, broken on purpose."""
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.stack import Stack, micro_stats, start_topology
+from triptych.runtime.nats_server import NatsServer
+
+SLOW = ("--mock-decode-s-per-step", "0.05")
+
+
+def body(max_tokens: int = 200, stream: bool = True) -> dict[str, object]:
+    return {
+        "model": "tiny-qwen2.5-vl",
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "a long answer please"}],
+    }
+
+
+def in_flight(stack: Stack, component: str) -> list[float]:
+    return [s.get("in_flight", -1) for s in asyncio.run(micro_stats(stack, component)).values()]
+
+
+def wait_until(check: object, timeout: float) -> float:
+    begun = time.monotonic()
+    while time.monotonic() - begun < timeout:
+        if check():  # type: ignore[operator]
+            return time.monotonic() - begun
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s")
+
+
+def test_client_disconnect_frees_every_stage(stack: Stack) -> None:
+    start_topology(stack, "E/P/D", *SLOW)
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body(), timeout=30) as reply:
+        lines = reply.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert in_flight(stack, "decode") == [1]
+    # the client is gone: decode, prefill and encode all let go within about a second
+    took = wait_until(
+        lambda: all(in_flight(stack, c) == [0] for c in ("decode", "prefill", "encode")), 5
+    )
+    assert took < 2
+
+
+def stream_outcome(url: str, results: list[str]) -> None:
+    try:
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body(100), timeout=30
+        ) as reply:
+            last = [line for line in reply.iter_lines() if line.startswith("data: ")][-2]
+        results.append("error" if '"error"' in last else "ok")
+    except httpx.HTTPError as error:
+        results.append(f"transport {error}")
+
+
+def test_killed_decode_fails_only_its_requests_in_bounded_time(stack: Stack) -> None:
+    start_topology(stack, "E/P/D", *SLOW, copies=2)
+    results: list[str] = []
+    threads = [threading.Thread(target=stream_outcome, args=(stack.url, results)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    victim = next(p for p in stack.processes if p.name == "decode")
+    victim.kill()
+    begun = time.monotonic()
+    for thread in threads:
+        thread.join(30)
+    assert time.monotonic() - begun < 12  # every request it held ended within ~10 s
+    assert "ok" in results and "error" in results and len(results) == 6
+    assert all(r in ("ok", "error") for r in results)
+    after = httpx.post(f"{stack.url}/v1/chat/completions", json=body(5, stream=False), timeout=30)
+    assert after.status_code == 200
+    # a restarted worker rejoins and serves
+    stack.start(
+        "decode",
+        "decode_worker",
+        "--engine",
+        "mock",
+        "--disaggregation-mode",
+        "decode",
+        "--dedicated-mm-encoder",
+        *SLOW,
+    )
+    wait_until(lambda: len(in_flight(stack, "decode")) == 2, 30)
+
+
+def test_components_reconnect_after_nats_restarts(tmp_path: Path, tiny_model: Path) -> None:
+    with NatsServer() as private:
+        stack = Stack(private.url, tmp_path)
+        try:
+            start_topology(stack, "E/P/D")
+            private.restart()
+            wait_until(lambda: _ready(stack), 30)
+            reply = httpx.post(
+                f"{stack.url}/v1/chat/completions", json=body(5, stream=False), timeout=30
+            )
+            assert reply.status_code == 200, reply.text
+        finally:
+            stack.stop()
+
+
+def _ready(stack: Stack) -> bool:
+    try:
+        ok = httpx.get(f"{stack.url}/ready", timeout=2).status_code == 200
+        return (
+            ok
+            and httpx.post(
+                f"{stack.url}/v1/chat/completions", json=body(2, stream=False), timeout=5
+            ).status_code
+            == 200
+        )
+    except httpx.HTTPError:
+        return False
+
+
+def test_prefill_failure_reaches_the_client_at_once(stack: Stack) -> None:
+    start_topology(stack, "E/P/D", "--mock-fail-prefill")
+    begun = time.monotonic()
+    reply = httpx.post(f"{stack.url}/v1/chat/completions", json=body(5, stream=False), timeout=30)
+    assert time.monotonic() - begun < 1.0  # told through the room, not by a timeout
+    assert reply.status_code == 500
+    assert "injected prefill failure" in reply.json()["error"]["message"]
+    assert all(n == 0 for c in ("decode", "prefill") for n in in_flight(stack, c))
+
+
+def test_sigterm_drains_in_flight_requests(stack: Stack) -> None:
+    start_topology(stack, "E/P/D", *SLOW)
+    results: list[str] = []
+    thread = threading.Thread(target=stream_outcome, args=(stack.url, results))
+    thread.start()
+    time.sleep(0.8)
+    decode = next(p for p in stack.processes if p.name == "decode")
+    assert decode.terminate(timeout=30) == 0  # it finished the request, then exited
+    thread.join(30)
+    assert results == ["ok"]
+    reply = httpx.post(f"{stack.url}/v1/chat/completions", json=body(5, stream=False), timeout=30)
+    assert reply.status_code == 503  # no decode left: a clear error, no hang
+    assert json.loads(reply.text)["error"]["message"] == "no live decode instance"

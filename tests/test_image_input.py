@@ -4,16 +4,19 @@ problem, no worker sees the request, and the stack keeps serving."""
 import asyncio
 import base64
 import io
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from tests.stack import Stack, free_port, start_topology
 from tests.test_scale_out import requests_per_instance
+from triptych.components.frontend.address_guard import AddressGuard, BlockedAddress
 from triptych.runtime.nats_server import NatsServer
 
 
@@ -44,6 +47,63 @@ def images_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+class ImageServer:
+    """A local web server with good and bad image resources (a thread, its own loop)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        ok = png(56, 56)
+
+        async def image(_: web.Request) -> web.Response:
+            return web.Response(body=ok, content_type="image/png")
+
+        async def page(_: web.Request) -> web.Response:
+            return web.Response(text="<html>not a picture</html>", content_type="text/html")
+
+        async def slow(_: web.Request) -> web.Response:
+            await asyncio.sleep(10)
+            return web.Response(body=ok, content_type="image/png")
+
+        async def loop(_: web.Request) -> web.Response:
+            raise web.HTTPFound("/loop")
+
+        async def to_private(_: web.Request) -> web.Response:
+            raise web.HTTPFound(f"http://127.0.0.1:{self.port}/ok.png")
+
+        app.router.add_get("/ok.png", image)
+        app.router.add_get("/page", page)
+        app.router.add_get("/slow", slow)
+        app.router.add_get("/loop", loop)
+        app.router.add_get("/to-private", to_private)
+        runner = web.AppRunner(app)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    def url(self, path: str, host: str = "localhost") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+@pytest.fixture(scope="module")
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def guarded(
     nats_server: NatsServer,
@@ -61,6 +121,10 @@ def guarded(
         "1000000",
         "--image-fetch-timeout-s",
         "2",
+        "--max-body-bytes",
+        "2000000",
+        "--allowed-image-hosts",
+        "localhost",
         "--allowed-local-media-path",
         str(images_root),
     )
@@ -74,24 +138,57 @@ def served_requests(stack: Stack) -> int:
     return sum(asyncio.run(requests_per_instance(stack, "encode")).values())
 
 
+def bomb() -> bytes:
+    """Tiny on disk, 400 megapixels when decoded."""
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 BAD: list[tuple[str, Any, str]] = [
-    ("not an image", chat(data_url(b"hello, not a picture")), "could not be decoded"),
-    ("truncated", chat(data_url(png(64, 64)[:60])), "could not be decoded"),
-    ("bad base64", chat("data:image/png;base64,@@@@"), "not valid base64"),
-    ("too many", chat(*[data_url(png(28, 28))] * 4), "too many images"),
-    ("too many pixels", chat(data_url(png(1100, 1000))), "pixels"),
-    ("unsupported scheme", chat("ftp://example.invalid/cat.png"), "unsupported image URL scheme"),
-    ("unreachable", chat(f"http://127.0.0.1:{free_port()}/cat.png"), "could not be fetched"),
-    ("outside the root", chat("file:///etc/passwd"), "outside the allowed directory"),
-    ("context", chat(data_url(png(56, 56)), max_tokens=10**6), "context length"),
+    ("not an image", data_url(b"hello, not a picture"), "could not be decoded"),
+    ("truncated", data_url(png(64, 64)[:60]), "could not be decoded"),
+    ("bad base64", "data:image/png;base64,@@@@", "not valid base64"),
+    ("too many", [data_url(png(28, 28))] * 4, "too many images"),
+    ("too many pixels", data_url(png(1100, 1000)), "pixels"),
+    ("decompression bomb", data_url(bomb()), "too large to decode"),
+    ("unsupported scheme", "ftp://example.invalid/cat.png", "unsupported image URL scheme"),
+    ("unreachable", f"http://localhost:{free_port()}/cat.png", "could not be fetched"),
+    ("outside the root", "file:///etc/passwd", "outside the allowed directory"),
+    ("path traversal", "file://{root}/../../etc/passwd", "outside the allowed directory"),
+    ("not an image resource", "/page", "could not be decoded"),
+    ("stalls", "/slow", "took over 2s"),
+    ("redirect loop", "/loop", "redirects too many times"),
+    ("redirect to a private address", "/to-private", "refused"),
+    ("loopback address", "http://127.0.0.1:{port}/ok.png", "refused"),
+    ("IPv6 loopback", "http://[::1]:{port}/ok.png", "refused"),
+    ("cloud metadata", "http://169.254.169.254/latest/meta-data/", "refused"),
+    ("private network", "http://10.11.12.13/cat.png", "refused"),
+    ("context", "CONTEXT", "context length"),
 ]
 
 
-@pytest.mark.parametrize(("name", "body", "mentions"), BAD, ids=[b[0] for b in BAD])
+def case_body(url: Any, server: ImageServer, root: Path) -> dict[str, Any]:
+    if url == "CONTEXT":
+        return chat(data_url(png(56, 56)), max_tokens=10**6)
+    urls = url if isinstance(url, list) else [url]
+    urls = [
+        server.url(u) if u.startswith("/") else u.format(port=server.port, root=root) for u in urls
+    ]
+    return chat(*urls)
+
+
+@pytest.mark.parametrize(("name", "url", "mentions"), BAD, ids=[b[0] for b in BAD])
 def test_bad_image_is_a_400_and_reaches_no_worker(
-    guarded: Stack, name: str, body: Any, mentions: str
+    guarded: Stack,
+    image_server: ImageServer,
+    images_root: Path,
+    name: str,
+    url: Any,
+    mentions: str,
 ) -> None:
     before = served_requests(guarded)
+    body = case_body(url, image_server, images_root)
     reply = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, timeout=30)
     assert reply.status_code == 400, reply.text
     assert mentions in reply.json()["error"]["message"]
@@ -111,8 +208,30 @@ def test_too_large_image_bytes(guarded: Stack) -> None:
     assert "bytes" in reply.json()["error"]["message"]
 
 
-def test_good_images_still_served_afterwards(guarded: Stack, images_root: Path) -> None:
-    body = chat(data_url(png(84, 56)), (images_root / "ok.png").as_uri())
+def test_request_body_over_the_limit_is_a_413(guarded: Stack) -> None:
+    reply = httpx.post(
+        f"{guarded.url}/v1/chat/completions", json=chat(data_url(b"x" * 1_600_000)), timeout=30
+    )
+    assert reply.status_code == 413
+    assert reply.json()["error"]["message"] == "request body is over 2000000 bytes"
+
+
+def test_allow_listed_networks_pass_the_guard() -> None:
+    guard = AddressGuard(allowed_networks=("10.0.0.0/8",))
+    guard.check_address("inside", "10.1.2.3")
+    with pytest.raises(BlockedAddress):
+        guard.check_address("elsewhere", "192.168.1.1")
+    with pytest.raises(BlockedAddress):
+        guard.check_address("mapped", "::ffff:127.0.0.1")
+    guard.check_address("public", "93.184.216.34")
+
+
+def test_good_images_still_served_afterwards(
+    guarded: Stack, images_root: Path, image_server: ImageServer
+) -> None:
+    body = chat(
+        data_url(png(84, 56)), (images_root / "ok.png").as_uri(), image_server.url("/ok.png")
+    )
     reply = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, timeout=30)
     assert reply.status_code == 200, reply.text
     assert httpx.get(f"{guarded.url}/ready", timeout=5).status_code == 200

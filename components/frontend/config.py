@@ -28,6 +28,12 @@ class ImageLimits:
     """Time to fetch one http(s) image, connection included."""
     file_root: str | None = None
     """Directory ``file://`` URLs may read from; None refuses ``file://``."""
+    max_redirects: int = 3
+    """Redirects followed per image (each hop passes the address guard)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names image URLs may reach even if they resolve to non-public addresses."""
+    allowed_networks: tuple[str, ...] = ()
+    """Networks (CIDR) image URLs may reach even if not public (e.g. 10.0.0.0/8)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,16 @@ class FrontendConfig:
             "--image-fetch-timeout-s", type=float, default=ImageLimits.fetch_timeout_s
         )
         parser.add_argument(
+            "--allowed-image-hosts",
+            default="",
+            help="comma-separated hosts exempt from the private-address guard",
+        )
+        parser.add_argument(
+            "--allowed-image-networks",
+            default="",
+            help="comma-separated CIDR networks exempt from the guard",
+        )
+        parser.add_argument(
             "--allowed-local-media-path",
             default=None,
             help="directory file:// image URLs may read from (off by default)",
@@ -98,5 +114,11 @@ class FrontendConfig:
                 max_pixels=args.max_image_pixels,
                 fetch_timeout_s=args.image_fetch_timeout_s,
                 file_root=args.allowed_local_media_path,
+                allowed_hosts=_split(args.allowed_image_hosts),
+                allowed_networks=_split(args.allowed_image_networks),
             ),
         )
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())

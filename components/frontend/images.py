@@ -11,7 +11,13 @@ from urllib.parse import unquote, urlparse
 
 import aiohttp
 from PIL import Image
+from yarl import URL
 
+from triptych.components.frontend.address_guard import (
+    AddressGuard,
+    BlockedAddress,
+    GuardedResolver,
+)
 from triptych.components.frontend.config import ImageLimits
 from triptych.protocol import ErrorCode, ServiceError
 
@@ -36,6 +42,7 @@ class ImageLoader:
 
     def __init__(self, limits: ImageLimits) -> None:
         self.limits = limits
+        self.guard = AddressGuard(limits.allowed_hosts, limits.allowed_networks)
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -75,28 +82,55 @@ class ImageLoader:
             raise _bad("image data URL is not valid base64") from None
 
     async def _fetch(self, url: str) -> bytes:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.limits.fetch_timeout_s)
-            )
         try:
-            async with self._session.get(url, max_redirects=5) as response:
-                if response.status != 200:
-                    raise _bad(f"image URL answered HTTP {response.status}")
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > self.limits.max_bytes:
-                        raise _bad(f"image is over {self.limits.max_bytes} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+            async with asyncio.timeout(self.limits.fetch_timeout_s):
+                return await self._follow(url)
         except TimeoutError:
             raise _bad(f"image fetch took over {self.limits.fetch_timeout_s:g}s") from None
-        except aiohttp.TooManyRedirects:
-            raise _bad("image URL redirects too many times") from None
+        except BlockedAddress as error:
+            raise _bad(f"image URL refused: {error}") from None
+        except aiohttp.ClientConnectorDNSError as error:
+            if isinstance(error.__cause__, BlockedAddress) or isinstance(
+                getattr(error, "os_error", None), BlockedAddress
+            ):
+                raise _bad(f"image URL refused: {error.__cause__ or error.os_error}") from None
+            raise _bad("image URL host could not be resolved") from None
         except aiohttp.ClientError as error:
             raise _bad(f"image URL could not be fetched: {type(error).__name__}") from None
+
+    async def _follow(self, url: str) -> bytes:
+        """GET with redirects followed by hand, each hop through the address guard."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=GuardedResolver(self.guard))
+            )
+        for _ in range(self.limits.max_redirects + 1):
+            target = URL(url)
+            if target.scheme not in ("http", "https") or not target.host:
+                raise _bad("image URLs may only redirect to http(s) URLs")
+            self.guard.check_url_host(target.host)
+            async with self._session.get(target, allow_redirects=False) as response:
+                if response.status in (301, 302, 303, 307, 308):
+                    location = response.headers.get("Location", "")
+                    url = str(target.join(URL(location)))
+                    continue
+                if response.status != 200:
+                    raise _bad(f"image URL answered HTTP {response.status}")
+                return await self._read_limited(response)
+        raise _bad("image URL redirects too many times")
+
+    async def _read_limited(self, response: aiohttp.ClientResponse) -> bytes:
+        declared = response.content_length
+        if declared is not None and declared > self.limits.max_bytes:
+            raise _bad(f"image is over {self.limits.max_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self.limits.max_bytes:
+                raise _bad(f"image is over {self.limits.max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _from_file(self, url: str) -> bytes:
         if self.limits.file_root is None:

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 from triptych.engines import Engine, EngineConfig
 from triptych.models import load_adapter
+from triptych.observability import metrics
 from triptych.runtime import Runtime, RuntimeConfig, Service
 from triptych.runtime.entry import configure_logging, serve
+from triptych.runtime.status_server import StatusServer
 from triptych.transfer import EmbeddingTransport, TransferAgent
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,10 @@ class WorkerConfig:
     """On SIGTERM: how long in-flight requests may take to finish."""
     transfer_pool_mb: int
     """Size of the NIXL-registered memory pool (embeddings and KV in flight)."""
+    metrics_host: str
+    """Interface of the worker's /metrics, /health and /ready."""
+    metrics_port: int
+    """Their port (0: any free port, announced in the logs and the NATS micro metadata)."""
 
 
 def worker_parser(description: str) -> argparse.ArgumentParser:
@@ -46,7 +52,19 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
         default=256,
         help="NIXL-registered memory for embeddings and KV in flight",
     )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="interface of the status port (0.0.0.0 in a cluster)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="port of /metrics, /health, /ready (0: a free one, announced)",
+    )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
     RuntimeConfig.add_arguments(parser)
     EngineConfig.add_arguments(parser)
     return parser
@@ -68,7 +86,7 @@ def resolve_model_path(path: str) -> str:
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     """Build a worker's config from its parsed flags."""
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     model_path = resolve_model_path(args.model_path)
     return WorkerConfig(
         runtime=RuntimeConfig.from_args(args),
@@ -77,6 +95,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         served_model_name=args.served_model_name or model_path.rstrip("/").rsplit("/", 1)[-1],
         drain_grace_s=args.drain_grace_s,
         transfer_pool_mb=args.transfer_pool_mb,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -96,14 +116,22 @@ def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
             agent = TransferAgent(component, config.engine.device, config.transfer_pool_mb << 20)
             await agent.start()
         transport = EmbeddingTransport(agent)
+        ready = False
+        status = StatusServer(config.metrics_host, config.metrics_port, lambda: ready)
+        await status.start()
+        log.info("%s: /metrics, /health and /ready on port %d", component, status.port)
         async with Runtime(config.runtime, name=component) as runtime:
-            service = Service(runtime, component, metadata={"model": config.served_model_name})
+            metadata = {"model": config.served_model_name, "metrics_port": str(status.port)}
+            service = Service(runtime, component, metadata=metadata)
             if agent is not None:
                 service.add_gauge("transfer_pool_bytes_in_use", lambda: agent.pool_in_use)
+                metrics.POOL_IN_USE.set_function(lambda: agent.pool_in_use)
             engines = await setup(runtime, service, transport)
             try:
                 await service.start()
+                ready = True
                 await stop.wait()
+                ready = False
                 log.info("%s: stopping, draining for up to %gs", component, config.drain_grace_s)
                 await service.drain(config.drain_grace_s)
             finally:
@@ -112,5 +140,6 @@ def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
                     await engine.close()
                 if agent is not None:
                     await agent.close()
+                await status.close()
 
     serve(main)

@@ -8,21 +8,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 
 import uvloop
 
+from triptych.observability import logs as observability_logs
+
 log = logging.getLogger(__name__)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Plain-text logs on stderr, one line per event."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Plain-text (or JSON-lines) logs on stderr, each line tagged with its request id."""
+    observability_logs.configure_logging(level, fmt)
 
 
 def serve(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:

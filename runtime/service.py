@@ -22,6 +22,8 @@ from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
 from pydantic import BaseModel, ValidationError
 
+from triptych.observability import metrics
+from triptych.observability.logs import request_id
 from triptych.protocol import ErrorCode, ErrorInfo
 from triptych.runtime import wire
 from triptych.runtime.errors import ServiceError
@@ -85,6 +87,7 @@ class Service:
         self._background = TaskOwner(f"service:{component}:background")
         self._draining = False
         self._gauges: dict[str, Callable[[], float]] = {"in_flight": lambda: self.in_flight}
+        metrics.STAGE_IN_FLIGHT.labels(component).set_function(lambda: self.in_flight)
         self.instance_id = ""
 
     def add_gauge(self, name: str, read: Callable[[], float]) -> None:
@@ -98,6 +101,11 @@ class Service:
     def add_endpoint(self, name: str, request_type: type[R], handler: Handler[R]) -> None:
         """Serve `handler` on `name`; requests are parsed as `request_type`."""
         self._endpoints.append(_Endpoint(name, request_type, handler))
+
+    @property
+    def ready(self) -> bool:
+        """Registered and not draining."""
+        return self._micro is not None and not self._draining
 
     @property
     def in_flight(self) -> int:
@@ -188,6 +196,8 @@ class Service:
         ctx.task = self._tasks.spawn(self._run(endpoint, payload, ctx), name=request_id)
 
     async def _run(self, endpoint: _Endpoint[R], payload: R, ctx: Context) -> None:
+        request_id.set(ctx.request_id)  # this task's (and its children's) log lines
+        log.debug("%s started", endpoint.name)
         loop = asyncio.get_running_loop()
         when = loop.time() + (ctx.deadline - time.time()) if math.isfinite(ctx.deadline) else None
         error: ErrorInfo | None = None
@@ -222,6 +232,15 @@ class Service:
                 contexts.discard(ctx)
                 if not contexts:
                     del self._inflight[ctx.request_id]
+        metrics.STAGE_DURATION.labels(self.component, "ok" if error is None else "error").observe(
+            time.monotonic() - ctx.started
+        )
+        log.debug(
+            "%s finished in %.1f ms%s",
+            endpoint.name,
+            (time.monotonic() - ctx.started) * 1e3,
+            f" with {error.code} {error.message}" if error else "",
+        )
         try:
             if error is not None:
                 await ctx.stream.fail(error)

@@ -57,11 +57,15 @@ class Stack:
     processes: list[Process] = field(default_factory=list)
     http_port: int = 0
     nats_token: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         """Environment of every process of this stack."""
         env = dict(os.environ)
         env.update(NATS_URL=self.nats_url, TRIPTYCH_NAMESPACE=self.namespace, PYTHONUNBUFFERED="1")
+        if self.nats_token:
+            env["NATS_TOKEN"] = self.nats_token
+        env.update(self.extra_env)
         return env
 
     def start(self, name: str, module: str, *args: str) -> Process:

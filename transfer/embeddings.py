@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from triptych.observability import metrics
 from triptych.protocol import ErrorCode, ServiceError, TensorHandle
 from triptych.transfer.nixl import TensorRef, TransferAgent, TransferError
 
@@ -84,9 +85,14 @@ class EmbeddingTransport:
         try:
             tensor = await self.agent.fetch(to_ref(handle), self.timeout_s)
         except TransferError as error:
+            metrics.TRANSFER_DURATION.labels("embedding", "error").observe(
+                time.perf_counter() - started
+            )
             raise ServiceError(
                 ErrorCode.UNAVAILABLE, f"image embeddings could not be read: {error}"
             ) from error
+        metrics.TRANSFER_BYTES.labels("embedding", "ok").inc(tensor.numel() * tensor.element_size())
+        metrics.TRANSFER_DURATION.labels("embedding", "ok").observe(time.perf_counter() - started)
         log.info(
             "embeddings %s: %d bytes read in %.3f ms",
             handle.key,

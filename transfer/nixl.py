@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from triptych.observability import nvtx
+
 log = logging.getLogger(__name__)
 
 DEFAULT_UCX_TLS = "tcp,cma,sm,self"
@@ -313,11 +315,13 @@ class TransferAgent:
         try:
             handle = None
             try:
-                local = self._descs(offset, end)
-                self._add_remote(ref)
-                remote = self._agent.deserialize_descs(ref.descriptors)
-                handle = self._agent.initialize_xfer("READ", local, remote, ref.agent)
-                await self._complete(handle, ref, deadline)
+                with nvtx.span("mm:nixl:begin_read"):
+                    local = self._descs(offset, end)
+                    self._add_remote(ref)
+                    remote = self._agent.deserialize_descs(ref.descriptors)
+                    handle = self._agent.initialize_xfer("READ", local, remote, ref.agent)
+                with nvtx.span("mm:nixl:wait_completion"):
+                    await self._complete(handle, ref, deadline)
             except TransferError:
                 raise
             except Exception as e:

@@ -4,14 +4,19 @@ from collections.abc import AsyncIterator
 
 from triptych.engines import AggregatedEngine, DecodeEngine, EncodeEngine
 from triptych.engines.inputs import gather_embeddings
+from triptych.observability import nvtx
 from triptych.protocol import BootstrapInfo, GenerateRequest, TokenChunk
 from triptych.runtime import Client, Context
 from triptych.transfer import EmbeddingTransport
 
 
-async def _stream(chunks: AsyncIterator[TokenChunk], ctx: Context) -> None:
-    async for chunk in chunks:
-        await ctx.stream.send(chunk, end=chunk.finish_reason is not None)
+async def _stream(chunks: AsyncIterator[TokenChunk], ctx: Context, ttft: nvtx.Mark) -> None:
+    """Send chunks as they come; the time-to-first-token ranges end at the first one."""
+    with nvtx.start("mm:dec:first_token") as first_token:
+        async for chunk in chunks:
+            first_token.end()
+            ttft.end()
+            await ctx.stream.send(chunk, end=chunk.finish_reason is not None)
 
 
 class DisaggregatedHandler:
@@ -23,12 +28,20 @@ class DisaggregatedHandler:
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
         """Bootstrap with prefill (same request id: a cancel reaches both), then stream tokens."""
-        answer = await self.prefill.call(request, request_id=ctx.request_id, deadline=ctx.deadline)
-        try:
-            bootstrap = await answer.next_model(BootstrapInfo)
-        finally:
-            answer.close()
-        await _stream(self.engine.generate(ctx.request_id, request, bootstrap), ctx)
+        with (
+            nvtx.span("mm:pd:generate"),
+            nvtx.span("mm:pd:generate_disagg"),
+            nvtx.start("mm:pd:ttft") as ttft,
+        ):
+            answer = await self.prefill.call(
+                request, request_id=ctx.request_id, deadline=ctx.deadline
+            )
+            try:
+                bootstrap = await answer.next_model(BootstrapInfo)
+            finally:
+                answer.close()
+            chunks = self.engine.generate(ctx.request_id, request, bootstrap)
+            await _stream(chunks, ctx, ttft)
 
 
 class AggregatedHandler:
@@ -43,5 +56,14 @@ class AggregatedHandler:
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
         """Gather the embeddings, then stream tokens."""
-        embeddings = await gather_embeddings(request, ctx.request_id, self.transport, self.encoder)
-        await _stream(self.engine.generate(ctx.request_id, request, embeddings), ctx)
+        with (
+            nvtx.span("mm:pd:generate"),
+            nvtx.span("mm:pd:generate_agg"),
+            nvtx.start("mm:pd:ttft") as ttft,
+        ):
+            with nvtx.span("mm:pd:load_multimodal"):
+                embeddings = await gather_embeddings(
+                    request, ctx.request_id, self.transport, self.encoder
+                )
+            chunks = self.engine.generate(ctx.request_id, request, embeddings)
+            await _stream(chunks, ctx, ttft)

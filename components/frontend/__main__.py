@@ -18,7 +18,7 @@ log = logging.getLogger("triptych.frontend")
 def main() -> None:
     """Parse flags and serve HTTP until stopped."""
     args = FrontendConfig.parser().parse_args()
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     model_path = args.model_path
     if not model_path:
         from triptych.models.tiny import default_model_path

@@ -93,6 +93,7 @@ class FrontendConfig:
             help="directory file:// image URLs may read from (off by default)",
         )
         parser.add_argument("--log-level", default="INFO")
+        parser.add_argument("--log-format", choices=("text", "json"), default="text")
         RuntimeConfig.add_arguments(parser)
         return parser
 

@@ -1,16 +1,25 @@
-"""The HTTP surface: ``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/ready``."""
+"""The HTTP surface: ``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/ready``,
+``/metrics``."""
 
+import asyncio
 import logging
+import re
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from triptych.components.frontend.config import FrontendConfig
 from triptych.components.frontend.output import Output
 from triptych.components.frontend.prompt import Preprocessor
+from triptych.components.frontend.telemetry import RequestTelemetry
+from triptych.observability import metrics
+from triptych.observability.logs import request_id as request_id_var
 from triptych.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -31,6 +40,7 @@ from triptych.runtime import Client, ResponseStream, Runtime
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def error_response(info: ErrorInfo) -> web.Response:
@@ -55,8 +65,56 @@ def _validation_message(error: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
+def _request_id(offered: str | None) -> str:
+    """The client's X-Request-Id when it is safe to use as one, else a fresh id."""
+    if offered and _SAFE_ID.fullmatch(offered):
+        return offered
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
 def _sse(payload: BaseModel) -> bytes:
     return b"data: " + payload.__pydantic_serializer__.to_json(payload) + b"\n\n"
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Count every response by endpoint and status."""
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "unmatched"
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as error:
+        metrics.REQUESTS.labels(endpoint, str(error.status)).inc()
+        raise
+    metrics.REQUESTS.labels(endpoint, str(response.status)).inc()
+    return response
+
+
+@dataclass
+class _Exchange:
+    """One chat request in flight: what was asked, where answers come from, what came back."""
+
+    chat: ChatCompletionRequest
+    stream: ResponseStream
+    output: Output
+    prompt_tokens: int
+    telemetry: RequestTelemetry
+
+    async def chunks(self) -> AsyncIterator[TokenChunk]:
+        """Token chunks as decode sends them."""
+        async for data in self.stream:
+            token_chunk = TokenChunk.model_validate_json(data)
+            self.telemetry.chunk(len(token_chunk.token_ids))
+            yield token_chunk
+
+    def usage(self) -> Usage:
+        """Token counts so far."""
+        completion = self.output.completion_tokens
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
 
 
 class Frontend:
@@ -77,11 +135,14 @@ class Frontend:
 
     def app(self) -> web.Application:
         """The aiohttp application."""
-        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app = web.Application(
+            client_max_size=self.config.max_body_bytes, middlewares=[_count_requests]
+        )
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
+        app.router.add_get("/metrics", self.metrics)
         return app
 
     async def health(self, request: web.Request) -> web.Response:
@@ -101,6 +162,10 @@ class Frontend:
             status=status,
         )
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus metrics of this process."""
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def models(self, request: web.Request) -> web.Response:
         """The one served model."""
         listing = ModelList(data=[ModelCard(id=self.config.served_model_name)])
@@ -108,18 +173,33 @@ class Frontend:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``: streamed (SSE) or whole."""
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = _request_id(request.headers.get("X-Request-Id"))
+        request_id_var.set(request_id)
+        telemetry = RequestTelemetry()
+        client_gone = False
+        try:
+            return await self._chat(request, request_id, telemetry)
+        except asyncio.CancelledError:
+            client_gone = True
+            raise
+        finally:
+            telemetry.finish(client_gone)
+
+    async def _chat(
+        self, request: web.Request, request_id: str, telemetry: RequestTelemetry
+    ) -> web.StreamResponse:
         try:
             body = await request.read()
             chat = ChatCompletionRequest.model_validate_json(body)
             generate = await self._generate_request(chat)
+            telemetry.prompt(generate)
             deadline = time.time() + self.config.request_timeout_s
             stream = await self.entry.call(generate, request_id=request_id, deadline=deadline)
         except web.HTTPRequestEntityTooLarge:
             return error_response(
                 ErrorInfo(
                     code=ErrorCode.PAYLOAD_TOO_LARGE,
-                    message=(f"request body is over {self.config.max_body_bytes} bytes"),
+                    message=f"request body is over {self.config.max_body_bytes} bytes",
                     request_id=request_id,
                 )
             )
@@ -144,12 +224,22 @@ class Frontend:
             )
         output = Output(self.preprocessor.tokenizer, generate.sampling.stop)
         prompt_tokens = len(generate.token_ids)
+        log.debug(
+            "accepted by %s instance %s (%d prompt tokens)",
+            self.entry.component,
+            stream.instance,
+            prompt_tokens,
+        )
         try:
+            exchange = _Exchange(chat, stream, output, prompt_tokens, telemetry)
             if chat.stream:
-                return await self._stream(request, chat, stream, output, prompt_tokens)
-            return await self._complete(chat, stream, output, prompt_tokens)
+                return await self._stream(request, exchange)
+            return await self._complete(exchange)
         finally:
+            log.debug("done: %s, %d tokens", output.finish_reason, output.completion_tokens)
             if not stream.finished:
+                if not output.finished:
+                    log.info("client went away or the request failed; cancelling it")
                 stream.close()
                 await self.runtime.cancel(request_id)
 
@@ -179,16 +269,11 @@ class Frontend:
             eos_token_ids=self.preprocessor.eos_token_ids,
         )
 
-    async def _complete(
-        self,
-        chat: ChatCompletionRequest,
-        stream: ResponseStream,
-        output: Output,
-        prompt_tokens: int,
-    ) -> web.Response:
+    async def _complete(self, exchange: _Exchange) -> web.Response:
+        chat, stream, output = exchange.chat, exchange.stream, exchange.output
         try:
-            async for data in stream:
-                output.add(TokenChunk.model_validate_json(data))
+            async for token_chunk in exchange.chunks():
+                output.add(token_chunk)
                 if output.finished:
                     break
         except ServiceError as error:
@@ -203,11 +288,7 @@ class Frontend:
                     token_ids=output.token_ids if chat.return_token_ids else None,
                 )
             ],
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=output.completion_tokens,
-                total_tokens=prompt_tokens + output.completion_tokens,
-            ),
+            usage=exchange.usage(),
         )
         return web.Response(
             body=response.model_dump_json(),
@@ -215,14 +296,8 @@ class Frontend:
             headers={"X-Request-Id": stream.request_id},
         )
 
-    async def _stream(
-        self,
-        request: web.Request,
-        chat: ChatCompletionRequest,
-        stream: ResponseStream,
-        output: Output,
-        prompt_tokens: int,
-    ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, exchange: _Exchange) -> web.StreamResponse:
+        chat, stream, output = exchange.chat, exchange.stream, exchange.output
         response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": stream.request_id})
         await response.prepare(request)
         created = int(time.time())
@@ -239,8 +314,7 @@ class Frontend:
 
         await response.write(_sse(chunk(Delta(role="assistant", content=""))))
         try:
-            async for data in stream:
-                token_chunk = TokenChunk.model_validate_json(data)
+            async for token_chunk in exchange.chunks():
                 text = output.add(token_chunk)
                 ids = token_chunk.token_ids if chat.return_token_ids else None
                 if text or output.finished or ids:
@@ -256,13 +330,12 @@ class Frontend:
             await response.write(_sse(body))
         else:
             if chat.include_usage:
-                usage = Usage(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=output.completion_tokens,
-                    total_tokens=prompt_tokens + output.completion_tokens,
-                )
                 final = ChatCompletionChunk(
-                    id=stream.request_id, created=created, model=chat.model, choices=[], usage=usage
+                    id=stream.request_id,
+                    created=created,
+                    model=chat.model,
+                    choices=[],
+                    usage=exchange.usage(),
                 )
                 await response.write(_sse(final))
         await response.write(b"data: [DONE]\n\n")

@@ -2,6 +2,7 @@
 
 from triptych.engines import EncodeEngine, PrefillEngine
 from triptych.engines.inputs import gather_embeddings
+from triptych.observability import nvtx
 from triptych.protocol import BootstrapInfo, GenerateRequest
 from triptych.runtime import Context
 from triptych.transfer import EmbeddingTransport
@@ -19,17 +20,20 @@ class PrefillHandler:
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
         """Answer the bootstrap triple first; a later failure reaches decode through the room."""
-        room = self.engine.open_room(ctx.request_id)
-        host, port = self.engine.bootstrap_address
-        await ctx.stream.send(
-            BootstrapInfo(bootstrap_host=host, bootstrap_port=port, bootstrap_room=room),
-            end=True,
-        )
-        try:
-            embeddings = await gather_embeddings(
-                request, ctx.request_id, self.transport, self.encoder
+        with nvtx.span("mm:prefill:bootstrap"):
+            room = self.engine.open_room(ctx.request_id)
+            host, port = self.engine.bootstrap_address
+            await ctx.stream.send(
+                BootstrapInfo(bootstrap_host=host, bootstrap_port=port, bootstrap_room=room),
+                end=True,
             )
+        try:
+            with nvtx.span("mm:prefill:load_multimodal"):
+                embeddings = await gather_embeddings(
+                    request, ctx.request_id, self.transport, self.encoder
+                )
         except BaseException as error:
             self.engine.abandon_room(room, f"image embeddings unavailable: {error}")
             raise
-        await self.engine.prefill(ctx.request_id, request, room, embeddings)
+        with nvtx.span("mm:prefill:engine_async_generate"):
+            await self.engine.prefill(ctx.request_id, request, room, embeddings)

@@ -7,6 +7,7 @@ from triptych.engines.base import AggregatedEngine
 from triptych.engines.hf.executor import ModelExecutor
 from triptych.engines.hf.model import LanguageModel
 from triptych.engines.hf.streaming import decode_stream
+from triptych.observability import metrics
 from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk
 from triptych.transfer import ImageEmbeddings
 
@@ -23,7 +24,7 @@ class HfAggregatedEngine(AggregatedEngine):
     async def start(self) -> None:
         if self.executor is None:
             model = await asyncio.to_thread(LanguageModel, self.model_path, self.device)
-            self.executor = ModelExecutor(model, self.max_batch)
+            self.executor = ModelExecutor(model, self.max_batch, stage="agg")
             self.executor.start()
 
     async def close(self) -> None:
@@ -42,5 +43,6 @@ class HfAggregatedEngine(AggregatedEngine):
         kv, hidden = await self.executor.call(
             lambda: model.prefill(request.token_ids, grids, tensor)
         )
+        metrics.TOKENS_PROCESSED.labels("agg", "prefill").inc(len(request.token_ids))
         async for chunk in decode_stream(self.executor, request_id, request, kv, hidden):
             yield chunk

@@ -16,6 +16,7 @@ from triptych.engines.hf import kv_transfer
 from triptych.engines.hf.executor import ModelExecutor
 from triptych.engines.hf.model import LanguageModel
 from triptych.engines.hf.streaming import decode_stream
+from triptych.observability import metrics
 from triptych.protocol import (
     BootstrapInfo,
     ErrorCode,
@@ -43,9 +44,9 @@ KV_READ_S = 30.0
 """How long decode waits for a cache's bytes (under `KV_HOLD_S`, so the region stays put)."""
 
 
-async def _load(model_path: str, device: str, max_batch: int) -> ModelExecutor:
+async def _load(model_path: str, device: str, max_batch: int, stage: str) -> ModelExecutor:
     model = await asyncio.to_thread(LanguageModel, model_path, device)
-    executor = ModelExecutor(model, max_batch)
+    executor = ModelExecutor(model, max_batch, stage)
     executor.start()
     return executor
 
@@ -69,7 +70,7 @@ class HfPrefillEngine(PrefillEngine):
 
     async def start(self) -> None:
         if self.executor is None:
-            self.executor = await _load(self.model_path, self.device, 1)
+            self.executor = await _load(self.model_path, self.device, 1, "prefill")
             await self.server.start()
 
     async def close(self) -> None:
@@ -108,6 +109,7 @@ class HfPrefillEngine(PrefillEngine):
             sequence, hidden = await self.executor.call(
                 lambda: model.prefill(request.token_ids, grids, tensor)
             )
+            metrics.TOKENS_PROCESSED.labels("prefill", "prefill").inc(len(request.token_ids))
             ref = self.agent.export(kv_transfer.pack(sequence, hidden), key)
             slot.ready(
                 RoomReady(
@@ -144,7 +146,7 @@ class HfDecodeEngine(DecodeEngine):
 
     async def start(self) -> None:
         if self.executor is None:
-            self.executor = await _load(self.model_path, self.device, self.max_batch)
+            self.executor = await _load(self.model_path, self.device, self.max_batch, "decode")
 
     async def close(self) -> None:
         await self.rooms.close()
@@ -161,21 +163,29 @@ class HfDecodeEngine(DecodeEngine):
         if ready.kv is None or ready.kv.layout != kv_transfer.layout(model):
             raise ServiceError(ErrorCode.INTERNAL, "prefill's KV layout does not match decode's")
         started = time.perf_counter()
+        nbytes = ready.kv.tensor.shape[0] * model.dtype.itemsize
         try:
             flat = await self.agent.fetch(to_ref(ready.kv.tensor), KV_READ_S)
         except TransferError as error:
+            _record_transfer("kv", nbytes, started, "error")
             raise ServiceError(
                 ErrorCode.UNAVAILABLE, f"KV cache could not be read: {error}"
             ) from error
         finally:
             await self.rooms.done(host, port, bootstrap.bootstrap_room)
+        _record_transfer("kv", nbytes, started, "ok")
         log.info(
             "KV cache %s: %d bytes (%d tokens) read in %.3f ms",
             request_id,
-            flat.numel() * flat.element_size(),
+            nbytes,
             ready.kv.num_tokens,
             (time.perf_counter() - started) * 1e3,
         )
         sequence, hidden = kv_transfer.unpack(model, flat, ready.kv.num_tokens, ready.rope_delta)
         async for chunk in decode_stream(self.executor, request_id, request, sequence, hidden):
             yield chunk
+
+
+def _record_transfer(kind: str, nbytes: int, started: float, outcome: str) -> None:
+    metrics.TRANSFER_BYTES.labels(kind, outcome).inc(nbytes)
+    metrics.TRANSFER_DURATION.labels(kind, outcome).observe(time.perf_counter() - started)

@@ -1,6 +1,7 @@
 """The ``hf`` encode engine: the vision tower alone, batching images across requests."""
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -8,6 +9,7 @@ import torch
 
 from triptych.engines.base import EncodeEngine
 from triptych.models.vision_tower import VisionTower
+from triptych.observability import metrics
 from triptych.protocol import ErrorCode, ImageItem, ServiceError
 from triptych.transfer import ImageEmbeddings
 
@@ -75,6 +77,8 @@ class HfEncodeEngine(EncodeEngine):
         assert self.tower is not None
         tower = self.tower
         images = [image for job in batch for image in job.images]
+        metrics.ENCODE_BATCH.observe(len(images))
+        started = time.perf_counter()
         try:
             embeddings, grids = await asyncio.to_thread(
                 _encode, tower, [image.data or b"" for image in images]
@@ -85,6 +89,7 @@ class HfEncodeEngine(EncodeEngine):
                 if not job.future.done():
                     job.future.set_exception(failure)
             return
+        metrics.ENCODE_DURATION.observe(time.perf_counter() - started)
         rows = tower.tokens(grids)
         start = 0
         index = 0

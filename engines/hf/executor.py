@@ -17,6 +17,7 @@ import torch
 
 from triptych.engines.hf.model import LanguageModel, SequenceKV
 from triptych.engines.hf.sampler import Sampler
+from triptych.observability import metrics
 from triptych.protocol import TokenChunk
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,30 @@ class Running:
 class ModelExecutor:
     """Serializes all work on one model; decode steps batch every running sequence."""
 
-    def __init__(self, model: LanguageModel, max_batch: int = 32) -> None:
+    def __init__(self, model: LanguageModel, max_batch: int = 32, stage: str = "decode") -> None:
         self.model = model
         self.max_batch = max_batch
+        self.stage = stage
         self._jobs: deque[Callable[[], None]] = deque()
         self._admitted: deque[Running] = deque()
         self._running: list[Running] = []
         self._wake = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
+        metrics.RUNNING.labels(stage).set_function(lambda: self.running)
+        metrics.QUEUE_DEPTH.labels(stage).set_function(
+            lambda: len(self._jobs) + len(self._admitted)
+        )
+        metrics.KV_BYTES.labels(stage).set_function(self._kv_bytes)
+
+    def _kv_bytes(self) -> float:
+        return float(
+            sum(
+                keys.numel() * keys.element_size() * 2
+                for sequence in list(self._running)
+                for keys, _ in sequence.kv.kv
+            )
+        )
 
     def start(self) -> None:
         """Start the model thread. Safe to call twice."""
@@ -135,6 +151,8 @@ class ModelExecutor:
         if not order:
             return
         logits = self.model.logits(torch.cat(hidden_rows))
+        metrics.BATCH_SIZE.labels(self.stage).observe(len(order))
+        metrics.TOKENS_PROCESSED.labels(self.stage, "decode").inc(len(order))
         done: list[Running] = []
         for row, sequence in zip(logits, order, strict=True):
             token = sequence.sampler.next_token(row)

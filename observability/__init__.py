@@ -1,0 +1,1 @@
+"""Cross-cutting instrumentation (NVTX ranges); a leaf every layer may use."""

@@ -1,0 +1,86 @@
+"""Prometheus metrics, all ``triptych_``-prefixed; one registry per process.
+
+The frontend serves them on ``/metrics``; every worker on its own small HTTP port (with
+``/health`` and ``/ready``). Units are in the names; counters end in ``_total``.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKEN_GAP = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+COUNTS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+TOKENS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
+
+# frontend
+REQUESTS = Counter(
+    "triptych_frontend_requests_total",
+    "HTTP requests by endpoint and status",
+    ["endpoint", "status"],
+)
+IN_FLIGHT = Gauge("triptych_frontend_requests_in_flight", "Chat requests being served")
+TTFT = Histogram(
+    "triptych_frontend_time_to_first_token_seconds",
+    "Request arrival to the first streamed token",
+    buckets=LATENCY,
+)
+ITL = Histogram(
+    "triptych_frontend_inter_token_latency_seconds",
+    "Time between consecutive token chunks",
+    buckets=TOKEN_GAP,
+)
+DURATION = Histogram(
+    "triptych_frontend_request_duration_seconds",
+    "Request arrival to its last byte",
+    buckets=LATENCY,
+)
+INPUT_TOKENS = Counter("triptych_frontend_input_tokens_total", "Prompt tokens")
+OUTPUT_TOKENS = Counter("triptych_frontend_output_tokens_total", "Generated tokens")
+IMAGES = Histogram("triptych_frontend_images_per_request", "Images per request", buckets=COUNTS)
+IMAGE_TOKENS = Histogram(
+    "triptych_frontend_image_tokens_per_request",
+    "Image placeholder tokens per request",
+    buckets=TOKENS,
+)
+DISCONNECTS = Counter(
+    "triptych_frontend_client_disconnects_total", "Requests whose client went away before the end"
+)
+
+# every worker
+STAGE_DURATION = Histogram(
+    "triptych_stage_request_duration_seconds",
+    "Time a stage spent on a request",
+    ["stage", "outcome"],
+    buckets=LATENCY,
+)
+STAGE_IN_FLIGHT = Gauge(
+    "triptych_stage_requests_in_flight", "Requests a stage holds now", ["stage"]
+)
+
+# encode
+ENCODE_DURATION = Histogram(
+    "triptych_encode_duration_seconds", "Vision tower time per batch", buckets=LATENCY
+)
+ENCODE_BATCH = Histogram(
+    "triptych_encode_batch_size", "Images per vision-tower batch", buckets=COUNTS
+)
+IMAGES_ENCODED = Counter("triptych_encode_images_total", "Images encoded")
+
+# transfers (kind: embedding | kv; outcome: ok | error)
+TRANSFER_BYTES = Counter(
+    "triptych_transfer_bytes_total", "Bytes read over NIXL", ["kind", "outcome"]
+)
+TRANSFER_DURATION = Histogram(
+    "triptych_transfer_duration_seconds", "NIXL read time", ["kind", "outcome"], buckets=LATENCY
+)
+POOL_IN_USE = Gauge(
+    "triptych_transfer_pool_bytes_in_use", "Registered transfer memory held by exports and reads"
+)
+
+# prefill and decode (model engines)
+QUEUE_DEPTH = Gauge("triptych_engine_queue_depth", "Requests waiting for the model", ["stage"])
+RUNNING = Gauge("triptych_engine_running_requests", "Sequences in the decode batch", ["stage"])
+BATCH_SIZE = Histogram(
+    "triptych_engine_batch_size", "Sequences per decode step", ["stage"], buckets=COUNTS
+)
+KV_BYTES = Gauge("triptych_engine_kv_cache_bytes", "KV cache memory held", ["stage"])
+TOKENS_PROCESSED = Counter("triptych_engine_tokens_total", "Tokens processed", ["stage", "phase"])

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from triptych.engines import Engine, EngineConfig
+from triptych.engines import EncodeEngine, Engine, EngineConfig, encode_engine
 from triptych.models import load_adapter
 from triptych.observability import metrics
 from triptych.runtime import Runtime, RuntimeConfig, Service
@@ -73,6 +73,25 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
 def has_vision(config: WorkerConfig) -> bool:
     """Whether the checkpoint has a vision tower (a text-only model gets no encoder)."""
     return config.engine.name == "mock" or load_adapter(config.model_path) is not None
+
+
+def add_encoder_flag(parser: argparse.ArgumentParser) -> None:
+    """``--dedicated-mm-encoder``: images arrive encoded from an encode worker."""
+    parser.add_argument(
+        "--dedicated-mm-encoder",
+        action="store_true",
+        help="images arrive encoded from an encode worker",
+    )
+
+
+async def inline_encoder(config: WorkerConfig, dedicated: bool) -> EncodeEngine | None:
+    """The started encoder of a worker that encodes images itself; None with a dedicated
+    encode worker or a text-only model."""
+    if dedicated or not has_vision(config):
+        return None
+    encoder = encode_engine(config.engine)
+    await encoder.start()
+    return encoder
 
 
 def resolve_model_path(path: str) -> str:

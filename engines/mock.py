@@ -19,8 +19,8 @@ from triptych.engines.base import (
     AggregatedEngine,
     DecodeEngine,
     EncodeEngine,
-    PrefillEngine,
 )
+from triptych.engines.rooms import RoomPrefillEngine
 from triptych.protocol import (
     BootstrapInfo,
     ErrorCode,
@@ -30,8 +30,7 @@ from triptych.protocol import (
     ServiceError,
     TokenChunk,
 )
-from triptych.transfer import BootstrapClient, BootstrapServer, ImageEmbeddings
-from triptych.transfer.bootstrap import new_room
+from triptych.transfer import BootstrapClient, ImageEmbeddings
 
 
 @dataclass(frozen=True)
@@ -120,32 +119,12 @@ class MockEncodeEngine(EncodeEngine):
         )
 
 
-class MockPrefillEngine(PrefillEngine):
+class MockPrefillEngine(RoomPrefillEngine):
     """Prefill: a real bootstrap room, a simulated cache."""
 
     def __init__(self, config: MockConfig) -> None:
+        super().__init__(config.bootstrap_host, config.bootstrap_port)
         self.config = config
-        self.server = BootstrapServer(config.bootstrap_host, config.bootstrap_port)
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def close(self) -> None:
-        await self.server.close()
-
-    @property
-    def bootstrap_address(self) -> tuple[str, int]:
-        return self.server.host, self.server.port
-
-    def open_room(self, request_id: str) -> int:
-        room = new_room()
-        self.server.open(room)
-        return room
-
-    def abandon_room(self, room: int, reason: str) -> None:
-        slot = self.server.open(room)
-        slot.fail(reason)
-        slot.close()
 
     async def prefill(
         self,

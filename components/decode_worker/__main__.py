@@ -9,13 +9,17 @@ encodes them itself.
 from collections.abc import Sequence
 
 from triptych.components.decode_worker.handler import AggregatedHandler, DisaggregatedHandler
-from triptych.components.worker import has_vision, run_worker, worker_config, worker_parser
+from triptych.components.worker import (
+    add_encoder_flag,
+    inline_encoder,
+    run_worker,
+    worker_config,
+    worker_parser,
+)
 from triptych.engines import (
-    EncodeEngine,
     Engine,
     aggregated_engine,
     decode_engine,
-    encode_engine,
 )
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
@@ -26,36 +30,25 @@ def main() -> None:
     """Parse flags and serve until stopped."""
     parser = worker_parser("triptych decode worker")
     parser.add_argument("--disaggregation-mode", choices=("decode", "agg"), default="decode")
-    parser.add_argument(
-        "--dedicated-mm-encoder",
-        action="store_true",
-        help="images arrive encoded from an encode worker",
-    )
+    add_encoder_flag(parser)
     args = parser.parse_args()
     config = worker_config(args)
 
     async def setup(
         runtime: Runtime, service: Service, transport: EmbeddingTransport
     ) -> Sequence[Engine]:
-        engines: list[Engine] = []
         if args.disaggregation_mode == "decode":
             engine = decode_engine(config.engine, transport.agent)
             await engine.start()
-            engines.append(engine)
             disaggregated = DisaggregatedHandler(engine, await runtime.client("prefill"))
             service.add_endpoint("generate", GenerateRequest, disaggregated.generate)
-            return engines
+            return [engine]
         agg = aggregated_engine(config.engine)
         await agg.start()
-        engines.append(agg)
-        encoder: EncodeEngine | None = None
-        if not args.dedicated_mm_encoder and has_vision(config):
-            encoder = encode_engine(config.engine)
-            await encoder.start()
-            engines.append(encoder)
+        encoder = await inline_encoder(config, args.dedicated_mm_encoder)
         handler = AggregatedHandler(agg, transport, encoder)
         service.add_endpoint("generate", GenerateRequest, handler.generate)
-        return engines
+        return [agg] if encoder is None else [agg, encoder]
 
     run_worker(config, "decode", setup)
 

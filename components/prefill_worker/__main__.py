@@ -7,8 +7,14 @@ it this worker encodes them itself (P/D serving a VLM).
 from collections.abc import Sequence
 
 from triptych.components.prefill_worker.handler import PrefillHandler
-from triptych.components.worker import has_vision, run_worker, worker_config, worker_parser
-from triptych.engines import EncodeEngine, Engine, encode_engine, prefill_engine
+from triptych.components.worker import (
+    add_encoder_flag,
+    inline_encoder,
+    run_worker,
+    worker_config,
+    worker_parser,
+)
+from triptych.engines import Engine, prefill_engine
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
 from triptych.transfer import EmbeddingTransport
@@ -17,11 +23,7 @@ from triptych.transfer import EmbeddingTransport
 def main() -> None:
     """Parse flags and serve until stopped."""
     parser = worker_parser("triptych prefill worker")
-    parser.add_argument(
-        "--dedicated-mm-encoder",
-        action="store_true",
-        help="images arrive encoded from an encode worker",
-    )
+    add_encoder_flag(parser)
     args = parser.parse_args()
     config = worker_config(args)
 
@@ -30,15 +32,10 @@ def main() -> None:
     ) -> Sequence[Engine]:
         engine = prefill_engine(config.engine, transport.agent)
         await engine.start()
-        engines: list[Engine] = [engine]
-        encoder: EncodeEngine | None = None
-        if not args.dedicated_mm_encoder and has_vision(config):
-            encoder = encode_engine(config.engine)
-            await encoder.start()
-            engines.append(encoder)
+        encoder = await inline_encoder(config, args.dedicated_mm_encoder)
         handler = PrefillHandler(engine, transport, encoder)
         service.add_endpoint("generate", GenerateRequest, handler.generate)
-        return engines
+        return [engine] if encoder is None else [engine, encoder]
 
     run_worker(config, "prefill", setup)
 

@@ -11,11 +11,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from triptych.engines.base import DecodeEngine, PrefillEngine
+from triptych.engines.base import DecodeEngine
 from triptych.engines.hf import kv_transfer
 from triptych.engines.hf.executor import ModelExecutor
 from triptych.engines.hf.model import LanguageModel
 from triptych.engines.hf.streaming import decode_stream
+from triptych.engines.rooms import RoomPrefillEngine
 from triptych.observability import metrics
 from triptych.protocol import (
     BootstrapInfo,
@@ -28,12 +29,10 @@ from triptych.protocol import (
 )
 from triptych.transfer import (
     BootstrapClient,
-    BootstrapServer,
     ImageEmbeddings,
     TransferAgent,
     TransferError,
 )
-from triptych.transfer.bootstrap import new_room
 from triptych.transfer.embeddings import to_handle, to_ref
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ async def _load(model_path: str, device: str, max_batch: int, stage: str) -> Mod
     return executor
 
 
-class HfPrefillEngine(PrefillEngine):
+class HfPrefillEngine(RoomPrefillEngine):
     """Prefills requests and offers their KV caches in bootstrap rooms."""
 
     def __init__(
@@ -62,35 +61,21 @@ class HfPrefillEngine(PrefillEngine):
         bootstrap_host: str = "127.0.0.1",
         bootstrap_port: int = 0,
     ) -> None:
+        super().__init__(bootstrap_host, bootstrap_port)
         self.model_path = model_path
         self.device = device
         self.agent = agent
-        self.server = BootstrapServer(bootstrap_host, bootstrap_port)
         self.executor: ModelExecutor | None = None
 
     async def start(self) -> None:
         if self.executor is None:
             self.executor = await _load(self.model_path, self.device, 1, "prefill")
-            await self.server.start()
+            await super().start()
 
     async def close(self) -> None:
-        await self.server.close()
+        await super().close()
         if self.executor is not None:
             await asyncio.to_thread(self.executor.close)
-
-    @property
-    def bootstrap_address(self) -> tuple[str, int]:
-        return self.server.host, self.server.port
-
-    def open_room(self, request_id: str) -> int:
-        room = new_room()
-        self.server.open(room)
-        return room
-
-    def abandon_room(self, room: int, reason: str) -> None:
-        slot = self.server.open(room)
-        slot.fail(reason)
-        slot.close()
 
     async def prefill(
         self,

@@ -104,7 +104,8 @@ start_nats() {
   if [[ -z "$ports" ]]; then echo "nats-server did not start" >&2; cat "$RUN_DIR/nats.log" >&2; exit 1; fi
   NATS_URL="$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["nats"][0])' "$ports")"
   export NATS_URL
-  echo "private nats-server at $NATS_URL" >&2
+  (umask 077 && printf '%s\n' "$NATS_TOKEN" >"$RUN_DIR/nats.token")
+  echo "private nats-server at $NATS_URL (token in $RUN_DIR/nats.token)" >&2
 }
 
 # start NAME MODULE FLAGS...: run one component in the background.

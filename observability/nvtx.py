@@ -13,14 +13,13 @@ Range names (the reference system's): ``mm:enc:generate``, ``mm:enc:vision_encod
 """
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
 ENABLED = os.environ.get("DYN_NVTX", "").strip().lower() in {"1", "true", "yes", "on"}
 """Read once at import: profiling is decided when a process starts."""
 
-_OFF: AbstractContextManager[None] = nullcontext()
 _nvtx: Any = None
 
 
@@ -67,7 +66,7 @@ Mark = Range | _NoRange
 def span(name: str) -> AbstractContextManager[Any]:
     """``with span("mm:enc:generate"): ...`` brackets the block in an NVTX range."""
     if not ENABLED:
-        return _OFF
+        return _NO_RANGE
     return Range(name)
 
 

@@ -260,3 +260,26 @@ def test_seeded_sampling_repeats(
     assert first == again
     assert first != other
     assert first[:MAX_TOKENS] != oracle_for(oracles, model).tokens(cases[-1])
+
+
+def test_kv_moves_only_in_disaggregated_topologies(
+    served: tuple[Stack, Path, list[list[dict[str, Any]]]],
+) -> None:
+    stack, model, cases = served
+
+    def kv_reads() -> int:
+        return sum(
+            "KV cache" in line and "read in" in line
+            for process in stack.processes
+            for line in process.output().splitlines()
+        )
+
+    async def two_requests() -> None:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+            for case in cases[:2]:
+                await tokens_of(client, model.name, request(case))
+
+    before = kv_reads()
+    asyncio.run(two_requests())
+    disaggregated = any(process.name == "prefill" for process in stack.processes)
+    assert kv_reads() - before == (2 if disaggregated else 0)  # every request, or never

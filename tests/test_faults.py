@@ -1,12 +1,16 @@
 """Faults cost exactly the requests they touch: real processes, broken on purpose."""
 
 import asyncio
+import base64
+import io
 import json
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
+from PIL import Image
 
 from tests.stack import Stack, micro_stats, start_topology
 from triptych.runtime.nats_server import NatsServer
@@ -50,46 +54,78 @@ def test_client_disconnect_frees_every_stage(stack: Stack) -> None:
     assert took < 2
 
 
-def stream_outcome(url: str, results: list[str]) -> None:
+def stream_outcome(url: str, results: list[str], image: bool = False) -> None:
+    request = body(100)
+    if image:
+        request["messages"] = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": PIXEL}},
+                    {"type": "text", "text": "a long answer please"},
+                ],
+            }
+        ]
     try:
-        with httpx.stream(
-            "POST", f"{url}/v1/chat/completions", json=body(100), timeout=30
-        ) as reply:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=request, timeout=30) as reply:
+            if reply.status_code != 200:
+                results.append("error")
+                return
             last = [line for line in reply.iter_lines() if line.startswith("data: ")][-2]
         results.append("error" if '"error"' in last else "ok")
     except httpx.HTTPError as error:
         results.append(f"transport {error}")
 
 
-def test_killed_decode_fails_only_its_requests_in_bounded_time(stack: Stack) -> None:
-    start_topology(stack, "E/P/D", *SLOW, copies=2)
+def _pixel() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (56, 56), (7, 7, 7)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+PIXEL = _pixel()
+# How to keep a request inside each stage long enough to kill the stage under it.
+HOLD = {
+    "encode": ("--mock-encode-s-per-image", "1.5"),
+    "prefill": ("--mock-prefill-s-per-token", "0.05"),
+    "decode": ("--mock-decode-s-per-step", "0.05"),
+}
+
+
+@pytest.mark.parametrize("victim_stage", ["encode", "prefill", "decode"])
+def test_killed_worker_fails_only_its_requests_in_bounded_time(
+    stack: Stack, victim_stage: str
+) -> None:
+    start_topology(stack, "E/P/D", *HOLD[victim_stage], copies=2)
     results: list[str] = []
-    threads = [threading.Thread(target=stream_outcome, args=(stack.url, results)) for _ in range(6)]
+    threads = [
+        threading.Thread(target=stream_outcome, args=(stack.url, results, victim_stage == "encode"))
+        for _ in range(6)
+    ]
     for thread in threads:
         thread.start()
-    time.sleep(1.0)
-    victim = next(p for p in stack.processes if p.name == "decode")
+    time.sleep(0.7)
+    victim = next(p for p in stack.processes if p.name == victim_stage)
     victim.kill()
     begun = time.monotonic()
     for thread in threads:
-        thread.join(30)
+        thread.join(40)
     assert time.monotonic() - begun < 12  # every request it held ended within ~10 s
-    assert "ok" in results and "error" in results and len(results) == 6
-    assert all(r in ("ok", "error") for r in results)
+    assert len(results) == 6 and set(results) <= {"ok", "error"}, results
+    assert "error" in results and "ok" in results, results
     after = httpx.post(f"{stack.url}/v1/chat/completions", json=body(5, stream=False), timeout=30)
     assert after.status_code == 200
     # a restarted worker rejoins and serves
-    stack.start(
-        "decode",
-        "decode_worker",
-        "--engine",
-        "mock",
-        "--disaggregation-mode",
-        "decode",
-        "--dedicated-mm-encoder",
-        *SLOW,
-    )
-    wait_until(lambda: len(in_flight(stack, "decode")) == 2, 30)
+    module = {"encode": "encode_worker", "prefill": "prefill_worker", "decode": "decode_worker"}[
+        victim_stage
+    ]
+    extra = {
+        "encode": (),
+        "prefill": ("--dedicated-mm-encoder",),
+        "decode": ("--disaggregation-mode", "decode", "--dedicated-mm-encoder"),
+    }
+    stack.start(victim_stage, module, "--engine", "mock", *extra[victim_stage], *HOLD[victim_stage])
+    wait_until(lambda: len(in_flight(stack, victim_stage)) == 2, 30)
 
 
 def test_components_reconnect_after_nats_restarts(tmp_path: Path, tiny_model: Path) -> None:

@@ -68,7 +68,11 @@ def test_launch_script_serves_and_stops(
 
 def assert_private_nats_is_guarded(children: list[psutil.Process], log: str) -> None:
     """The launcher's NATS wants the token it gave the components, which no log shows."""
-    url = next(line.split(" at ")[1] for line in log.splitlines() if "private nats-server" in line)
+    url = next(
+        line.split(" at ")[1].split()[0]
+        for line in log.splitlines()
+        if "private nats-server" in line
+    )
     worker = next(c for c in children if "triptych.components" in " ".join(c.cmdline()))
     token = worker.environ()["NATS_TOKEN"]
     assert len(token) >= 24 and token not in log

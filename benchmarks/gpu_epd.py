@@ -13,13 +13,9 @@ import asyncio
 import base64
 import io
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +24,9 @@ from typing import Any
 import httpx
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launcher import free_port, launch, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES: dict[str, dict[str, Any]] = {
@@ -135,12 +134,6 @@ def build_checkpoint(out: Path, shape: str, device: str) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def picture(size: int) -> str:
     buffer = io.BytesIO()
     Image.effect_noise((size, size), 64).convert("RGB").save(buffer, format="PNG")
@@ -232,36 +225,27 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.device)
     port = free_port()
     log_path = args.out / f"gpu_epd_{args.shape}.log"
-    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
-    launcher = subprocess.Popen(
+    url = f"http://127.0.0.1:{port}"
+    results: list[dict[str, float]] = []
+    begun = time.perf_counter()
+    launcher = launch(
+        "multimodal_disagg.sh",
         [
-            "bash",
-            str(ROOT / "launch/multimodal_disagg.sh"),
             "--engine",
             "hf",
             "--device",
             args.device,
             "--model-path",
             str(checkpoint),
-            "--http-port",
-            str(port),
             "--",
             "--transfer-pool-mb",
             "1024",
         ],
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
+        port,
+        log_path,
+        timeout=480,
     )
-    url = f"http://127.0.0.1:{port}"
-    results: list[dict[str, float]] = []
     try:
-        begun = time.perf_counter()
-        while httpx.get(f"{url}/ready", timeout=2).status_code != 200 if _up(url) else True:
-            if launcher.poll() is not None or time.perf_counter() - begun > 480:
-                raise RuntimeError("stack did not start:\n" + log_path.read_text()[-4000:])
-            time.sleep(1)
         timings["stack_ready_s"] = time.perf_counter() - begun
         image = picture(448)
 
@@ -275,11 +259,7 @@ def main() -> None:
 
         asyncio.run(run())
     finally:
-        launcher.send_signal(signal.SIGTERM)  # the launcher stops workers first, NATS last
-        try:
-            launcher.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        stop(launcher)
     transfers = transfer_times(log_path.read_text())
     summary = {
         "benchmark": "E/P/D on one device, hf engine, one 448x448 image + short text",
@@ -298,14 +278,6 @@ def main() -> None:
     out = args.out / f"gpu_epd_{args.shape}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "requests"}, indent=1))
-
-
-def _up(url: str) -> bool:
-    try:
-        httpx.get(f"{url}/health", timeout=2)
-    except httpx.HTTPError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -12,11 +12,8 @@ the logged embedding and KV transfer times, and the GPU-to-GPU copy bandwidth.
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +23,8 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_epd import build_checkpoint, free_port, picture, transfer_times
+from gpu_epd import build_checkpoint, picture, transfer_times
+from launcher import free_port, launch, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = {
@@ -141,11 +139,11 @@ def run_topology(
 ) -> dict[str, Any]:
     port = free_port()
     log = out / f"multi_gpu_{script[0].removesuffix('.sh')}.log"
-    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
-    launcher = subprocess.Popen(
+    url = f"http://127.0.0.1:{port}"
+    begun = time.perf_counter()
+    launcher = launch(
+        script[0],
         [
-            "bash",
-            str(ROOT / "launch" / script[0]),
             *script[1:],
             "--engine",
             "hf",
@@ -153,29 +151,14 @@ def run_topology(
             "cuda",
             "--model-path",
             str(checkpoint),
-            "--http-port",
-            str(port),
             "--",
             "--transfer-pool-mb",
             "2048",
         ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
+        port,
+        log,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        begun = time.perf_counter()
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if launcher.poll() is not None or time.perf_counter() - begun > 300:
-                raise RuntimeError(f"{name} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
         print(f"{name}: ready in {time.perf_counter() - begun:.0f}s", flush=True)
         result: dict[str, Any] = {"ready_s": time.perf_counter() - begun}
         for mix, images in mixes.items():
@@ -183,11 +166,7 @@ def run_topology(
                 sweep(url, checkpoint.name, images, rates, seconds, max_tokens)
             )
     finally:
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            launcher.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        stop(launcher)
     result["transfers"] = transfer_times(log.read_text())
     return result
 

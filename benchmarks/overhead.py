@@ -11,55 +11,17 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launcher import free_port, launch, stop
 from load import LoadConfig, machine_info, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = {"E/P/D": "multimodal_disagg.sh", "EPD (agg)": "agg.sh"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start(script: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
-    launcher = subprocess.Popen(
-        ["bash", str(ROOT / "launch" / script), "--engine", "mock", "--http-port", str(port)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return launcher
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    os.killpg(launcher.pid, signal.SIGKILL)
-    raise TimeoutError(f"{script} did not become ready; see {log}")
-
-
-def stop(launcher: subprocess.Popen[bytes]) -> None:
-    launcher.send_signal(signal.SIGTERM)
-    try:
-        launcher.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +56,7 @@ def main() -> None:
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     for name, script in TOPOLOGIES.items():
         port = free_port()
-        launcher = start(script, port, log_dir / f"overhead-{script}.log")
+        launcher = launch(script, ["--engine", "mock"], port, log_dir / f"overhead-{script}.log")
         try:
             results[name] = asyncio.run(
                 measure(f"http://127.0.0.1:{port}", args.model, args.requests_c1, args.requests_c32)

@@ -14,9 +14,7 @@ import io
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launcher import free_port, launch, stop
 from load import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,32 +114,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/soak_cpu.json")
     args = parser.parse_args()
-    port = 18000 + os.getpid() % 1000
-    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    port = free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "soak-launch.log"
-    launcher = subprocess.Popen(
-        [
-            "bash",
-            str(ROOT / "launch/multimodal_disagg.sh"),
-            "--engine",
-            "hf",
-            "--http-port",
-            str(port),
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    launcher = launch("multimodal_disagg.sh", ["--engine", "hf"], port, log)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         processes = psutil.Process(launcher.pid).children(recursive=True)
         stats: dict[str, Any] = {
             "errors": [],
@@ -166,11 +144,7 @@ def main() -> None:
         elapsed = time.monotonic() - began
         rss_end = rss(processes)
     finally:
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            launcher.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        stop(launcher)
 
     def percentiles(values: list[float]) -> dict[str, float]:
         ordered = sorted(values)

@@ -180,3 +180,17 @@ def test_sigterm_drains_in_flight_requests(stack: Stack) -> None:
     reply = httpx.post(f"{stack.url}/v1/chat/completions", json=body(5, stream=False), timeout=30)
     assert reply.status_code == 503  # no decode left: a clear error, no hang
     assert json.loads(reply.text)["error"]["message"] == "no live decode instance"
+
+
+def test_sigterm_to_the_frontend_finishes_in_flight_requests(stack: Stack) -> None:
+    start_topology(stack, "E/P/D", *SLOW)
+    results: list[str] = []
+    thread = threading.Thread(target=stream_outcome, args=(stack.url, results))
+    thread.start()
+    time.sleep(0.8)
+    frontend = next(p for p in stack.processes if p.name == "frontend")
+    assert frontend.terminate(timeout=30) == 0  # exited cleanly, after the stream ended
+    thread.join(30)
+    assert results == ["ok"]
+    with pytest.raises(httpx.HTTPError):  # and it no longer accepts requests
+        httpx.get(f"{stack.url}/health", timeout=2)

@@ -28,7 +28,6 @@ class InstanceTracker:
         self._interval = interval
         self._ttl = ttl
         self._last_seen: dict[str, float] = {}
-        self._metadata: dict[str, dict[str, str]] = {}
         self._changed = asyncio.Event()
         self._tasks = TaskOwner(f"discovery:{component}")
         self._inbox = ""
@@ -57,10 +56,6 @@ class InstanceTracker:
         """Instance ids that answered recently, sorted (stable round-robin order)."""
         horizon = time.monotonic() - self._ttl
         return sorted(i for i, seen in self._last_seen.items() if seen >= horizon)
-
-    def metadata(self, instance: str) -> dict[str, str]:
-        """The metadata an instance announced (empty if unknown)."""
-        return self._metadata.get(instance, {})
 
     def drop(self, instance: str) -> None:
         """Forget an instance now (it met "no responders")."""
@@ -106,5 +101,4 @@ class InstanceTracker:
         if instance not in self._last_seen:
             log.info("%s instance %s joined routing", self._component, instance)
         self._last_seen[instance] = time.monotonic()
-        self._metadata[instance] = dict(info.get("metadata") or {})
         self._changed.set()

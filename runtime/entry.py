@@ -6,15 +6,12 @@ drain, and exits non-zero if start-up fails.
 
 import asyncio
 import contextlib
-import logging
 import signal
 from collections.abc import Awaitable, Callable
 
 import uvloop
 
 from triptych.observability import logs as observability_logs
-
-log = logging.getLogger(__name__)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:

@@ -35,6 +35,30 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=BaseModel)
 
+CANCEL_MEMORY_S = 60.0
+"""How long a cancel is remembered, for requests it overtook on their way to this worker."""
+
+
+class RecentIds:
+    """A set of ids that forgets each one after `ttl` seconds (insertion order = age order)."""
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._added: dict[str, float] = {}
+
+    def add(self, item: str) -> None:
+        now = time.monotonic()
+        self._added.pop(item, None)
+        self._added[item] = now
+        for oldest, added in list(self._added.items()):
+            if now - added < self._ttl:
+                break
+            del self._added[oldest]
+
+    def __contains__(self, item: object) -> bool:
+        added = self._added.get(item) if isinstance(item, str) else None
+        return added is not None and time.monotonic() - added < self._ttl
+
 
 @dataclass(eq=False)
 class Context:
@@ -86,6 +110,7 @@ class Service:
         self._tasks = TaskOwner(f"service:{component}")
         self._background = TaskOwner(f"service:{component}:background")
         self._draining = False
+        self._cancelled = RecentIds(CANCEL_MEMORY_S)
         self._gauges: dict[str, Callable[[], float]] = {"in_flight": lambda: self.in_flight}
         metrics.STAGE_IN_FLIGHT.labels(component).set_function(lambda: self.in_flight)
         self.instance_id = ""
@@ -178,6 +203,9 @@ class Service:
     async def _receive(self, endpoint: _Endpoint[R], request: Request) -> None:
         headers = request.headers or {}
         request_id = headers.get(wire.REQUEST_ID, "")
+        if request_id in self._cancelled:  # the cancel overtook the request on its way here
+            await request.respond_error(str(ErrorCode.CLIENT_CLOSED.value), "request cancelled")
+            return
         if self._draining:
             await request.respond_error(str(ErrorCode.UNAVAILABLE.value), "instance is draining")
             return
@@ -251,6 +279,7 @@ class Service:
 
     async def _on_cancel(self, msg: Any) -> None:
         request_id = msg.data.decode(errors="replace")
+        self._cancelled.add(request_id)
         for ctx in list(self._inflight.get(request_id, ())):
             ctx.cancelled_by_caller = True
             if ctx.task is not None:

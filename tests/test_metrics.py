@@ -131,3 +131,39 @@ def test_dashboard_uses_only_defined_metrics() -> None:
         for name in re.findall(r"triptych_[a-z_]+", target["expr"])
     }
     assert used and used <= {re.sub(r"_total$", "", name) for name in defined}, used - defined
+
+
+def test_engine_and_transfer_metrics_move_on_the_hf_engine(stack: Stack) -> None:
+    start_topology(stack, "E/P/D", engine="hf")
+    workers = {c: asyncio.run(metrics_ports(stack, c))[0] for c in ("encode", "prefill", "decode")}
+
+    def samples(component: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return scrape(f"http://127.0.0.1:{workers[component]}/metrics")
+
+    before = {c: samples(c) for c in workers}
+    for _ in range(2):
+        assert (
+            httpx.post(
+                f"{stack.url}/v1/chat/completions",
+                json={**chat(False, True), "ignore_eos": True},
+                timeout=60,
+            ).status_code
+            == 200
+        )
+    after = {c: samples(c) for c in workers}
+
+    def grew(component: str, name: str, **labels: str) -> float:
+        return value(after[component], name, **labels) - value(before[component], name, **labels)
+
+    assert grew("encode", "triptych_encode_batch_size_count") >= 1
+    assert grew("encode", "triptych_encode_duration_seconds_count") >= 1
+    assert grew("prefill", "triptych_transfer_bytes_total", kind="embedding", outcome="ok") > 0
+    assert grew("prefill", "triptych_engine_tokens_total", stage="prefill", phase="prefill") > 20
+    assert grew("decode", "triptych_transfer_bytes_total", kind="kv", outcome="ok") > 0
+    assert grew("decode", "triptych_engine_tokens_total", stage="decode", phase="decode") >= 16
+    assert grew("decode", "triptych_engine_batch_size_count", stage="decode") >= 8
+    for component in workers:  # idle again: nothing queued, running or held
+        assert value(after[component], "triptych_stage_requests_in_flight", stage=component) == 0
+    assert value(after["decode"], "triptych_engine_running_requests", stage="decode") == 0
+    assert value(after["decode"], "triptych_engine_kv_cache_bytes", stage="decode") == 0
+    assert value(after["decode"], "triptych_engine_queue_depth", stage="decode") == 0

@@ -261,3 +261,20 @@ async def test_credentials_are_required_and_used() -> None:
         bad = RuntimeConfig(nats_url=guarded.url, namespace="auth")
         with pytest.raises(Exception, match=r"(?i)authoriz"):
             await asyncio.wait_for(Runtime(bad, "intruder").start(), 10)
+
+
+async def test_a_cancel_that_overtakes_its_request_still_wins(
+    runtimes: tuple[Runtime, Runtime, Runtime],
+) -> None:
+    caller, w1, _ = runtimes
+    worker = await started(w1)
+    client = await caller.client("echo")
+    for _ in range(100):  # the cancel reaches the worker before the request does
+        await caller.cancel("early")
+        await asyncio.sleep(0.02)
+        if "early" in worker.service._cancelled:
+            break
+    with pytest.raises(ServiceError) as caught:
+        await client.call(Ask(count=100, delay=0.05), request_id="early", deadline=soon())
+    assert caught.value.code == 499
+    assert worker.service.in_flight == 0

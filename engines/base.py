@@ -9,6 +9,8 @@ Lifecycle, common to all roles:
    bootstrap server, warms up).
 2. Per request, the worker calls the role's method (``encode``, ``prefill`` or ``generate``);
    calls for different requests run concurrently and the engine batches them as it sees fit.
+   Decode and aggregated workers first enter ``engine.admit(request)``, which waits for
+   capacity (a KV slot) so that a request that does not fit yet queues instead of failing.
 3. Cancellation is abort: the worker cancels the task awaiting ``encode``/``prefill`` or stops
    iterating ``generate``; the engine frees everything the request held (KV blocks, buffers,
    rooms) in its ``finally`` blocks, and never leaves work running for it.
@@ -19,6 +21,7 @@ other exception being reported as an internal error.
 """
 
 import abc
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 from triptych.protocol import BootstrapInfo, GenerateRequest, ImageItem, TokenChunk
@@ -70,7 +73,20 @@ class PrefillEngine(Engine, abc.ABC):
         """Run prefill and offer the KV cache in `room`; on failure tell the room at once."""
 
 
-class DecodeEngine(Engine, abc.ABC):
+class GeneratingEngine(Engine):
+    """What the decode and aggregated roles share: admission."""
+
+    def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold what one request needs to run (a KV slot), waiting while none is free.
+
+        The worker enters it before any work for the request starts (prefill, encoding) and
+        leaves it once the request is done. Raises a 4xx `ServiceError` for a request that can
+        never fit. The default admits everything at once.
+        """
+        return contextlib.nullcontext()
+
+
+class DecodeEngine(GeneratingEngine, abc.ABC):
     """Generates from a KV cache received through a bootstrap room."""
 
     @abc.abstractmethod
@@ -80,7 +96,7 @@ class DecodeEngine(Engine, abc.ABC):
         """Join the room, receive the cache, and stream tokens (last chunk has finish_reason)."""
 
 
-class AggregatedEngine(Engine, abc.ABC):
+class AggregatedEngine(GeneratingEngine, abc.ABC):
     """Prefill and decode in one engine (no KV transfer)."""
 
     @abc.abstractmethod

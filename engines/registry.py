@@ -2,6 +2,7 @@
 
 import argparse
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from triptych.engines.base import AggregatedEngine, DecodeEngine, EncodeEngine, PrefillEngine
 from triptych.engines.mock import (
@@ -13,6 +14,9 @@ from triptych.engines.mock import (
 )
 from triptych.protocol import ErrorCode, ServiceError
 from triptych.transfer import TransferAgent
+
+if TYPE_CHECKING:
+    from triptych.engines.hf.executor import Decoding
 
 ENGINES = ("hf", "mock", "sglang")
 DEFAULT_ENGINE = "hf"
@@ -32,6 +36,18 @@ class EngineConfig:
     """Where a prefill engine's bootstrap endpoint listens (--disaggregation-bootstrap-host)."""
     bootstrap_port: int = 0
     """Its port; 0 picks a free one (--disaggregation-bootstrap-port)."""
+    max_model_len: int = 0
+    """Tokens one sequence may hold, prompt included; 0 means the model's context length,
+    capped at 8192 (--max-model-len)."""
+    max_running_requests: int = 32
+    """Sequences a decode batch runs at once (--max-running-requests)."""
+    mem_fraction: float = 0.9
+    """Fraction of the device's memory a decoding process may hold, weights and KV cache
+    together (--mem-fraction)."""
+    kv_cache_tokens: int | None = None
+    """The KV cache's size in tokens, instead of sizing it from --mem-fraction."""
+    cuda_graphs: bool = True
+    """Capture decode steps as CUDA graphs (--disable-cuda-graph turns it off)."""
     mock: MockConfig = field(default_factory=MockConfig)
     """Simulated costs of the mock engine."""
 
@@ -43,6 +59,37 @@ class EngineConfig:
         group.add_argument("--device", default="cpu")
         group.add_argument("--disaggregation-bootstrap-host", default="127.0.0.1")
         group.add_argument("--disaggregation-bootstrap-port", type=int, default=0)
+        group.add_argument(
+            "--max-model-len",
+            type=int,
+            default=0,
+            help="tokens one sequence may hold, prompt included (default: the model's context "
+            "length, at most 8192); a longer prompt is refused with a 400",
+        )
+        group.add_argument(
+            "--max-running-requests",
+            type=int,
+            default=32,
+            help="sequences decoded together; more requests wait in a queue",
+        )
+        group.add_argument(
+            "--mem-fraction",
+            type=float,
+            default=0.9,
+            help="fraction of the device's memory this process may hold (weights + KV cache); "
+            "the KV cache gets what is left of it, up to --max-running-requests sequences",
+        )
+        group.add_argument(
+            "--kv-cache-tokens",
+            type=int,
+            default=None,
+            help="size the KV cache in tokens instead of from --mem-fraction",
+        )
+        group.add_argument(
+            "--disable-cuda-graph",
+            action="store_true",
+            help="run decode steps eagerly instead of replaying captured CUDA graphs",
+        )
         group.add_argument("--mock-encode-s-per-image", type=float, default=0.0)
         group.add_argument("--mock-prefill-s-per-token", type=float, default=0.0)
         group.add_argument("--mock-decode-s-per-step", type=float, default=0.0)
@@ -61,6 +108,11 @@ class EngineConfig:
             device=args.device,
             bootstrap_host=args.disaggregation_bootstrap_host,
             bootstrap_port=args.disaggregation_bootstrap_port,
+            max_model_len=args.max_model_len,
+            max_running_requests=args.max_running_requests,
+            mem_fraction=args.mem_fraction,
+            kv_cache_tokens=args.kv_cache_tokens,
+            cuda_graphs=not args.disable_cuda_graph,
             mock=MockConfig(
                 encode_s_per_image=args.mock_encode_s_per_image,
                 prefill_s_per_token=args.mock_prefill_s_per_token,
@@ -70,6 +122,19 @@ class EngineConfig:
                 bootstrap_port=args.disaggregation_bootstrap_port,
             ),
         )
+
+
+def _decoding(config: EngineConfig) -> "Decoding":
+    from triptych.engines.hf.executor import Decoding
+    from triptych.engines.hf.kv_cache import KVBudget
+
+    budget = KVBudget(
+        max_len=config.max_model_len,
+        max_running=config.max_running_requests,
+        mem_fraction=config.mem_fraction,
+        kv_tokens=config.kv_cache_tokens,
+    )
+    return Decoding(budget, config.cuda_graphs)
 
 
 def _unavailable(config: EngineConfig, role: str) -> ServiceError:
@@ -109,7 +174,7 @@ def decode_engine(config: EngineConfig, agent: TransferAgent | None) -> DecodeEn
     if config.name == "hf" and agent is not None:
         from triptych.engines.hf.disaggregated import HfDecodeEngine
 
-        return HfDecodeEngine(config.model_path, agent, config.device)
+        return HfDecodeEngine(config.model_path, agent, config.device, _decoding(config))
     raise _unavailable(config, "decode")
 
 
@@ -120,5 +185,5 @@ def aggregated_engine(config: EngineConfig) -> AggregatedEngine:
     if config.name == "hf":
         from triptych.engines.hf.aggregated import HfAggregatedEngine
 
-        return HfAggregatedEngine(config.model_path, config.device)
+        return HfAggregatedEngine(config.model_path, config.device, _decoding(config))
     raise _unavailable(config, "aggregated")

@@ -83,4 +83,7 @@ BATCH_SIZE = Histogram(
     "triptych_engine_batch_size", "Sequences per decode step", ["stage"], buckets=COUNTS
 )
 KV_BYTES = Gauge("triptych_engine_kv_cache_bytes", "KV cache memory held", ["stage"])
+KV_CAPACITY = Gauge(
+    "triptych_engine_kv_cache_capacity_bytes", "KV cache memory allocated", ["stage"]
+)
 TOKENS_PROCESSED = Counter("triptych_engine_tokens_total", "Tokens processed", ["stage", "phase"])

@@ -1,4 +1,5 @@
-"""The hf engine's parts: a vision-only encoder that batches, batched decode, sampling rules."""
+"""The hf engine's parts: a vision-only encoder that batches, batched decode over the KV pool,
+queueing beyond the KV budget, sampling rules."""
 
 import asyncio
 import io
@@ -7,13 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from prometheus_client import REGISTRY
 from safetensors import safe_open
 
+from triptych.engines.hf.decoder import Decoder
 from triptych.engines.hf.encode import HfEncodeEngine
+from triptych.engines.hf.executor import Decoding, ModelExecutor
+from triptych.engines.hf.kv_cache import KVBudget, KVPool
 from triptych.engines.hf.model import LanguageModel, SequenceKV
 from triptych.engines.hf.sampler import Sampler
+from triptych.engines.hf.streaming import decode_stream
 from triptych.models import load_adapter
-from triptych.protocol import ImageItem, SamplingOptions
+from triptych.protocol import (
+    ErrorCode,
+    GenerateRequest,
+    ImageItem,
+    SamplingOptions,
+    ServiceError,
+)
 
 
 def image_item(model_path: Path, width: int, height: int) -> ImageItem:
@@ -79,29 +91,103 @@ def model(tiny_model: Path) -> LanguageModel:
     return LanguageModel(str(tiny_model))
 
 
+QUEUE = "triptych_engine_queue_depth"
+
+
 def greedy(model: LanguageModel, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens of one sequence decoded alone."""
+    decoder = Decoder(model, KVPool(model.kv_shape, 1, 128, model.device))
     sequence, hidden = model.prefill(prompt, [], None)
-    tokens = []
-    for _ in range(steps):
-        token = int(model.logits(hidden[None]).argmax())
-        tokens.append(token)
-        hidden = model.decode([token], [sequence])[0]
+    length = decoder.pool.load(0, sequence.kv)
+    tokens = [int(model.logits(hidden[None]).argmax())]
+    for _ in range(steps - 1):
+        _, argmax = decoder.step([tokens[-1]], [length], [length])
+        length += 1
+        tokens.append(int(argmax[0]))
     return tokens
 
 
 def test_batched_decode_matches_one_at_a_time(model: LanguageModel) -> None:
     prompts = [[5, 6, 7], list(range(20, 60)), [900, 901, 902, 903, 904, 905, 906]]
     alone = [greedy(model, prompt, 10) for prompt in prompts]
+    decoder = Decoder(model, KVPool(model.kv_shape, 4, 128, model.device))
     states: list[tuple[SequenceKV, torch.Tensor]] = [model.prefill(p, [], None) for p in prompts]
-    sequences = [state[0] for state in states]
+    lengths = [decoder.pool.load(slot, state[0].kv) for slot, state in enumerate(states)]
     tokens = [int(t) for t in model.logits(torch.stack([s[1] for s in states])).argmax(-1)]
     batched = [[t] for t in tokens]
     for _ in range(9):
-        hidden = model.decode(tokens, sequences)
-        tokens = [int(t) for t in model.logits(hidden).argmax(-1)]
+        logits, argmax = decoder.step(tokens, lengths, lengths)
+        assert torch.equal(logits.argmax(-1), argmax)
+        lengths = [length + 1 for length in lengths]
+        tokens = argmax.tolist()
         for out, token in zip(batched, tokens, strict=True):
             out.append(token)
     assert batched == alone
+
+
+async def generate_all(
+    executor: ModelExecutor, prompts: list[list[int]], steps: list[int]
+) -> list[list[int]]:
+    """Run every prompt through `executor` at once, each holding a slot reservation."""
+
+    async def one(prompt: list[int], max_tokens: int) -> list[int]:
+        request = GenerateRequest(
+            model="tiny",
+            token_ids=prompt,
+            sampling=SamplingOptions(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+        )
+        tokens: list[int] = []
+        async with executor.reservation(len(prompt)):
+            sequence, hidden = await executor.call(lambda: executor.model.prefill(prompt, [], None))
+            async for chunk in decode_stream(executor, "r", request, sequence, hidden):
+                tokens.extend(chunk.token_ids)
+        return tokens
+
+    return list(await asyncio.gather(*(one(p, n) for p, n in zip(prompts, steps, strict=True))))
+
+
+async def test_requests_beyond_the_kv_budget_queue_and_slots_are_reused(
+    model: LanguageModel,
+) -> None:
+    decoding = Decoding(KVBudget(max_len=64, kv_tokens=2 * 64 + 10), cuda_graphs=False)
+    executor = ModelExecutor(model, decoding)
+    assert executor.slots == 2
+    executor.start()
+    prompts = [[5, 6, 7], list(range(20, 50)), [900, 901, 902], [7, 8], [40] * 10, [3] * 5]
+    steps = [12, 4, 9, 7, 3, 10]  # different lengths: sequences leave mid-batch and slots move
+    depths: list[float] = []
+    sampling = asyncio.ensure_future(generate_all(executor, prompts, steps))
+    while not sampling.done():
+        depths.append(REGISTRY.get_sample_value(QUEUE, {"stage": "decode"}) or 0.0)
+        await asyncio.sleep(0.001)
+    try:
+        assert sampling.result() == [
+            greedy(model, p, n) for p, n in zip(prompts, steps, strict=True)
+        ]
+        assert max(depths) >= 1  # requests waited for a slot
+    finally:
+        executor.close()
+
+
+async def test_a_sequence_that_fills_its_slot_ends_with_length(model: LanguageModel) -> None:
+    executor = ModelExecutor(model, Decoding(KVBudget(max_len=16, kv_tokens=16), cuda_graphs=False))
+    executor.start()
+    try:
+        prompt = list(range(100, 110))
+        [tokens] = await generate_all(executor, [prompt], [100])
+        assert len(tokens) == 16 - len(prompt) + 1  # the last token needs no slot position
+        with pytest.raises(ServiceError) as refused:
+            async with executor.reservation(16):
+                pass
+        assert refused.value.code == ErrorCode.BAD_REQUEST
+        assert "--max-model-len 16" in str(refused.value)
+    finally:
+        executor.close()
+
+
+def test_a_budget_that_holds_no_sequence_is_refused_at_start(model: LanguageModel) -> None:
+    with pytest.raises(ValueError, match="less than one sequence"):
+        ModelExecutor(model, Decoding(KVBudget(max_len=64, kv_tokens=63)))
 
 
 def sampler(model: LanguageModel, stops: set[int] | None = None, **options: object) -> Sampler:

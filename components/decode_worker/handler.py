@@ -27,21 +27,22 @@ class DisaggregatedHandler:
         self.prefill = prefill
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
-        """Bootstrap with prefill (same request id: a cancel reaches both), then stream tokens."""
+        """Once admitted, bootstrap with prefill (one request id: a cancel reaches both); stream."""
         with (
             nvtx.span("mm:pd:generate"),
             nvtx.span("mm:pd:generate_disagg"),
             nvtx.start("mm:pd:ttft") as ttft,
         ):
-            answer = await self.prefill.call(
-                request, request_id=ctx.request_id, deadline=ctx.deadline
-            )
-            try:
-                bootstrap = await answer.next_model(BootstrapInfo)
-            finally:
-                answer.close()
-            chunks = self.engine.generate(ctx.request_id, request, bootstrap)
-            await _stream(chunks, ctx, ttft)
+            async with self.engine.admit(request):
+                answer = await self.prefill.call(
+                    request, request_id=ctx.request_id, deadline=ctx.deadline
+                )
+                try:
+                    bootstrap = await answer.next_model(BootstrapInfo)
+                finally:
+                    answer.close()
+                chunks = self.engine.generate(ctx.request_id, request, bootstrap)
+                await _stream(chunks, ctx, ttft)
 
 
 class AggregatedHandler:
@@ -61,9 +62,10 @@ class AggregatedHandler:
             nvtx.span("mm:pd:generate_agg"),
             nvtx.start("mm:pd:ttft") as ttft,
         ):
-            with nvtx.span("mm:pd:load_multimodal"):
-                embeddings = await gather_embeddings(
-                    request, ctx.request_id, self.transport, self.encoder
-                )
-            chunks = self.engine.generate(ctx.request_id, request, embeddings)
-            await _stream(chunks, ctx, ttft)
+            async with self.engine.admit(request):
+                with nvtx.span("mm:pd:load_multimodal"):
+                    embeddings = await gather_embeddings(
+                        request, ctx.request_id, self.transport, self.encoder
+                    )
+                chunks = self.engine.generate(ctx.request_id, request, embeddings)
+                await _stream(chunks, ctx, ttft)

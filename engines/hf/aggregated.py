@@ -1,11 +1,11 @@
 """The ``hf`` aggregated engine: prefill and decode in one process, no KV transfer."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from triptych.engines.base import AggregatedEngine
-from triptych.engines.hf.executor import ModelExecutor
-from triptych.engines.hf.model import LanguageModel
+from triptych.engines.hf.executor import Decoding, ModelExecutor, load_executor
 from triptych.engines.hf.streaming import decode_stream
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk
@@ -13,19 +13,26 @@ from triptych.transfer import ImageEmbeddings
 
 
 class HfAggregatedEngine(AggregatedEngine):
-    """Prefills each request on the model thread, then decodes it in the shared batch."""
+    """Prefills each request on the model thread, then decodes it in the shared batch.
 
-    def __init__(self, model_path: str, device: str = "cpu", max_batch: int = 32) -> None:
+    The worker holds `admit` (a KV slot) around `generate`.
+    """
+
+    def __init__(
+        self, model_path: str, device: str = "cpu", decoding: Decoding | None = None
+    ) -> None:
         self.model_path = model_path
         self.device = device
-        self.max_batch = max_batch
+        self.decoding = decoding or Decoding()
         self.executor: ModelExecutor | None = None
 
     async def start(self) -> None:
         if self.executor is None:
-            model = await asyncio.to_thread(LanguageModel, self.model_path, self.device)
-            self.executor = ModelExecutor(model, self.max_batch, stage="agg")
-            self.executor.start()
+            self.executor = await load_executor(self.model_path, self.device, self.decoding, "agg")
+
+    def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
+        assert self.executor is not None, "start() first"
+        return self.executor.reservation(len(request.token_ids))
 
     async def close(self) -> None:
         if self.executor is not None:

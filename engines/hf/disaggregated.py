@@ -7,14 +7,14 @@ in its shared batch.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
 from triptych.engines.base import DecodeEngine
 from triptych.engines.hf import kv_transfer
-from triptych.engines.hf.executor import ModelExecutor
-from triptych.engines.hf.model import LanguageModel
+from triptych.engines.hf.executor import Decoding, ModelExecutor, load_executor
 from triptych.engines.hf.streaming import decode_stream
 from triptych.engines.rooms import RoomPrefillEngine
 from triptych.observability import metrics
@@ -43,13 +43,6 @@ KV_READ_S = 30.0
 """How long decode waits for a cache's bytes (under `KV_HOLD_S`, so the region stays put)."""
 
 
-async def _load(model_path: str, device: str, max_batch: int, stage: str) -> ModelExecutor:
-    model = await asyncio.to_thread(LanguageModel, model_path, device)
-    executor = ModelExecutor(model, max_batch, stage)
-    executor.start()
-    return executor
-
-
 class HfPrefillEngine(RoomPrefillEngine):
     """Prefills requests and offers their KV caches in bootstrap rooms."""
 
@@ -69,7 +62,7 @@ class HfPrefillEngine(RoomPrefillEngine):
 
     async def start(self) -> None:
         if self.executor is None:
-            self.executor = await _load(self.model_path, self.device, 1, "prefill")
+            self.executor = await load_executor(self.model_path, self.device, None, "prefill")
             await super().start()
 
     async def close(self) -> None:
@@ -120,18 +113,28 @@ class HfDecodeEngine(DecodeEngine):
     """Receives KV caches through bootstrap rooms and decodes them in one batch."""
 
     def __init__(
-        self, model_path: str, agent: TransferAgent, device: str = "cpu", max_batch: int = 32
+        self,
+        model_path: str,
+        agent: TransferAgent,
+        device: str = "cpu",
+        decoding: Decoding | None = None,
     ) -> None:
         self.model_path = model_path
         self.device = device
         self.agent = agent
-        self.max_batch = max_batch
+        self.decoding = decoding or Decoding()
         self.rooms = BootstrapClient()
         self.executor: ModelExecutor | None = None
 
     async def start(self) -> None:
         if self.executor is None:
-            self.executor = await _load(self.model_path, self.device, self.max_batch, "decode")
+            self.executor = await load_executor(
+                self.model_path, self.device, self.decoding, "decode"
+            )
+
+    def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
+        assert self.executor is not None, "start() first"
+        return self.executor.reservation(len(request.token_ids))
 
     async def close(self) -> None:
         await self.rooms.close()

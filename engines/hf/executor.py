@@ -1,53 +1,108 @@
 """One thread owns the model: it runs queued jobs (prefills) between batched decode steps.
 
-The asyncio side submits prefill jobs and hands over sequences to decode; the thread emits
-token chunks back onto the event loop. One prefill runs between two decode steps, so running
-requests keep streaming while new ones are admitted.
+The asyncio side reserves a KV slot (waiting in a queue while none is free), submits the
+prefill as a job, and hands the prefilled sequence over; the model thread copies its cache into
+the slot, samples its first token from the prompt's last hidden state and adds it to the decode
+batch. One job runs between two decode steps, so running requests keep streaming while new ones
+are admitted. Token chunks go back to the event loop through each sequence's `emit`.
 """
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
 
+from triptych.engines.hf.decoder import Decoder
+from triptych.engines.hf.kv_cache import KVBudget, KVPool
 from triptych.engines.hf.model import LanguageModel, SequenceKV
 from triptych.engines.hf.sampler import Sampler
 from triptych.observability import metrics
-from triptych.protocol import TokenChunk
+from triptych.protocol import ErrorCode, ServiceError, TokenChunk
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+DEFAULT_MAX_LEN = 8192
+"""The slot length when neither ``--max-model-len`` nor a shorter model context sets it."""
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How an executor decodes: its KV cache budget and whether it replays CUDA graphs."""
+
+    budget: KVBudget = field(default_factory=lambda: KVBudget(max_len=0))
+    """``max_len`` 0 means the model's context length, at most `DEFAULT_MAX_LEN`."""
+    cuda_graphs: bool = True
+
+
 @dataclass(eq=False)
 class Running:
-    """A sequence in the decode batch."""
+    """A sequence on its way into, or in, the decode batch."""
 
     request_id: str
-    kv: SequenceKV
     sampler: Sampler
-    hidden: torch.Tensor | None
-    """The last prompt position's hidden state, until the first token is sampled."""
     emit: Callable[[TokenChunk | BaseException], None]
     """Called on the model thread with each chunk (the last has a finish reason), or with the
     error that ended the sequence."""
+    prefilled: SequenceKV | None
+    """The prompt's KV cache, until it is copied into a slot."""
+    hidden: torch.Tensor | None
+    """The last prompt position's hidden state, until the first token is sampled."""
     prompt_tokens: int = 0
+    rope_delta: int = 0
+    slot: int = -1
+    length: int = 0
+    """Tokens in the slot's KV cache."""
+    last_token: int = -1
     cancelled: bool = False
-    last_token: int = field(default=-1)
 
 
 class ModelExecutor:
-    """Serializes all work on one model; decode steps batch every running sequence."""
+    """Serializes all work on one model; decode steps batch every running sequence.
 
-    def __init__(self, model: LanguageModel, max_batch: int = 32, stage: str = "decode") -> None:
+    With `decoding` settings the executor owns a static KV pool (and its CUDA graphs) and
+    decodes; without them it only runs jobs (a prefill worker).
+    """
+
+    def __init__(
+        self, model: LanguageModel, decoding: Decoding | None = None, stage: str = "decode"
+    ) -> None:
         self.model = model
-        self.max_batch = max_batch
         self.stage = stage
+        self.budget: KVBudget | None = None
+        self.decoder: Decoder | None = None
+        self.slots = 0
+        if decoding is not None:
+            budget = decoding.budget
+            if not budget.max_len:
+                budget = replace(budget, max_len=min(model.context_length, DEFAULT_MAX_LEN))
+            if budget.max_len > model.context_length:
+                raise ValueError(
+                    f"--max-model-len {budget.max_len} exceeds the model's context length "
+                    f"({model.context_length})"
+                )
+            self.budget = budget
+            self.slots = budget.slots(model.kv_shape, model.device)
+            pool = KVPool(model.kv_shape, self.slots, budget.max_len, model.device)
+            self.decoder = Decoder(model, pool, decoding.cuda_graphs)
+            self.decoder.capture()
+            log.info(
+                "%s: KV cache of %d slots x %d tokens (%.2f GiB)",
+                stage,
+                self.slots,
+                budget.max_len,
+                pool.capacity_bytes / 2**30,
+            )
+            metrics.KV_CAPACITY.labels(stage).set(pool.capacity_bytes)
+        self._free_slots = asyncio.Semaphore(self.slots)
+        self._waiting = 0
         self._jobs: deque[Callable[[], None]] = deque()
         self._admitted: deque[Running] = deque()
         self._running: list[Running] = []
@@ -56,18 +111,18 @@ class ModelExecutor:
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
         metrics.RUNNING.labels(stage).set_function(lambda: self.running)
         metrics.QUEUE_DEPTH.labels(stage).set_function(
-            lambda: len(self._jobs) + len(self._admitted)
+            lambda: len(self._jobs) + len(self._admitted) + self._waiting
         )
         metrics.KV_BYTES.labels(stage).set_function(self._kv_bytes)
 
+    @property
+    def max_len(self) -> int:
+        """Tokens one sequence may hold (0 when this executor does not decode)."""
+        return self.budget.max_len if self.budget is not None else 0
+
     def _kv_bytes(self) -> float:
-        return float(
-            sum(
-                keys.numel() * keys.element_size() * 2
-                for sequence in list(self._running)
-                for keys, _ in sequence.kv.kv
-            )
-        )
+        per_token = self.model.kv_shape.bytes_per_token
+        return float(sum(s.length for s in list(self._running)) * per_token)
 
     def start(self) -> None:
         """Start the model thread. Safe to call twice."""
@@ -84,8 +139,31 @@ class ModelExecutor:
 
     @property
     def running(self) -> int:
-        """Sequences decoding now."""
+        """Sequences decoding now or about to."""
         return len(self._running) + len(self._admitted)
+
+    def check_fits(self, prompt_tokens: int) -> None:
+        """A 400 for a prompt that cannot fit a slot with room for one generated token."""
+        if prompt_tokens >= self.max_len:
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST,
+                f"the prompt has {prompt_tokens} tokens; this model serves at most "
+                f"{self.max_len - 1} (--max-model-len {self.max_len}, one token kept to generate)",
+            )
+
+    @contextlib.asynccontextmanager
+    async def reservation(self, prompt_tokens: int) -> AsyncIterator[None]:
+        """Hold a KV slot for one request; waits in a queue while every slot is taken."""
+        self.check_fits(prompt_tokens)
+        self._waiting += 1
+        try:
+            await self._free_slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._free_slots.release()
 
     async def call(self, job: Callable[[], T]) -> T:
         """Run `job` on the model thread and return its result."""
@@ -106,7 +184,9 @@ class ModelExecutor:
         return await future
 
     def add(self, sequence: Running) -> None:
-        """Join the decode batch."""
+        """Join the decode batch (the caller holds a `reservation`)."""
+        if self.decoder is None:
+            raise RuntimeError("this executor does not decode")
         with self._wake:
             self._admitted.append(sequence)
             self._wake.notify()
@@ -119,46 +199,76 @@ class ModelExecutor:
                 if self._stopped:
                     return
                 job = self._jobs.popleft() if self._jobs else None
-                while self._admitted and len(self._running) < self.max_batch:
-                    self._running.append(self._admitted.popleft())
+                fresh: list[Running] = []
+                while self._admitted and len(self._running) + len(fresh) < self.slots:
+                    fresh.append(self._admitted.popleft())
             if job is not None:
                 job()
-            if self._running:
-                try:
+            try:
+                if fresh:
+                    self._admit(fresh)
+                if self._running:
                     self._step()
-                except Exception as error:
-                    log.exception("decode step failed; failing the batch")
-                    for sequence in self._running:
-                        sequence.emit(error)
-                    self._running.clear()
+            except Exception as error:
+                log.exception("decode step failed; failing the batch")
+                for sequence in self._running + fresh:
+                    sequence.emit(error)
+                self._running.clear()
+
+    def _admit(self, fresh: list[Running]) -> None:
+        """Sample each new sequence's first token; those that go on get a slot."""
+        assert self.decoder is not None
+        fresh = [s for s in fresh if not s.cancelled]
+        if not fresh:
+            return
+        logits = self.model.logits(torch.stack([s.hidden for s in fresh if s.hidden is not None]))
+        for sequence in fresh:
+            assert sequence.prefilled is not None
+            sequence.length = sequence.prefilled.length
+            sequence.rope_delta = sequence.prefilled.rope_delta
+        done = self._choose(fresh, logits, logits.argmax(-1))
+        for sequence in fresh:
+            if sequence not in done:
+                assert sequence.prefilled is not None
+                sequence.slot = len(self._running)
+                self.decoder.pool.load(sequence.slot, sequence.prefilled.kv)
+                self._running.append(sequence)
+            sequence.prefilled, sequence.hidden = None, None
 
     def _step(self) -> None:
-        self._running = [s for s in self._running if not s.cancelled]
-        fresh = [s for s in self._running if s.hidden is not None]
-        ongoing = [s for s in self._running if s.hidden is None]
-        hidden_rows: list[torch.Tensor] = []
-        order: list[Running] = []
-        if fresh:
-            hidden_rows.append(torch.stack([s.hidden for s in fresh if s.hidden is not None]))
-            order.extend(fresh)
-            for s in fresh:
-                s.hidden = None
-        if ongoing:
-            hidden_rows.append(
-                self.model.decode([s.last_token for s in ongoing], [s.kv for s in ongoing])
-            )
-            order.extend(ongoing)
-        if not order:
+        assert self.decoder is not None
+        self._compact(set())
+        batch = self._running
+        if not batch:
             return
-        logits = self.model.logits(torch.cat(hidden_rows))
-        metrics.BATCH_SIZE.labels(self.stage).observe(len(order))
-        metrics.TOKENS_PROCESSED.labels(self.stage, "decode").inc(len(order))
-        done: list[Running] = []
-        for row, sequence in zip(logits, order, strict=True):
-            token = sequence.sampler.next_token(row)
+        logits, argmax = self.decoder.step(
+            [s.last_token for s in batch],
+            [s.length + s.rope_delta for s in batch],
+            [s.length for s in batch],
+        )
+        for sequence in batch:
+            sequence.length += 1
+        metrics.BATCH_SIZE.labels(self.stage).observe(len(batch))
+        done = self._choose(batch, logits, argmax)
+        if done:
+            self._compact(done)
+
+    def _choose(
+        self, batch: list[Running], logits: torch.Tensor, argmax: torch.Tensor
+    ) -> set[Running]:
+        """Sample and emit each sequence's next token; returns those that finished."""
+        plain = [s.sampler.takes_argmax() for s in batch]
+        picked = argmax.tolist() if any(plain) else []
+        metrics.TOKENS_PROCESSED.labels(self.stage, "decode").inc(len(batch))
+        done: set[Running] = set()
+        for row, sequence in enumerate(batch):
+            sampler = sequence.sampler
+            token = sampler.accept(picked[row]) if plain[row] else sampler.next_token(logits[row])
             sequence.last_token = token
-            reason = sequence.sampler.finished()
-            first = len(sequence.sampler.generated) == 1
+            reason = sampler.finished()
+            if reason is None and sequence.length >= self.max_len:
+                reason = "length"  # the slot is full
+            first = len(sampler.generated) == 1
             sequence.emit(
                 TokenChunk(
                     token_ids=[token],
@@ -167,9 +277,33 @@ class ModelExecutor:
                 )
             )
             if reason is not None:
-                done.append(sequence)
-        if done:
-            self._running = [s for s in self._running if s not in done]
+                done.add(sequence)
+        return done
+
+    def _compact(self, done: set[Running]) -> None:
+        """Drop finished and cancelled sequences; move the rest down to slots ``0..n-1``."""
+        assert self.decoder is not None
+        survivors = [s for s in self._running if not (s.cancelled or s in done)]
+        if len(survivors) == len(self._running):
+            return
+        for index, sequence in enumerate(survivors):
+            if sequence.slot != index:  # slots only move down, in order: no overwrite
+                self.decoder.pool.move(sequence.slot, index, sequence.length)
+                sequence.slot = index
+        self._running = survivors
+
+
+async def load_executor(
+    model_path: str, device: str, decoding: Decoding | None, stage: str
+) -> ModelExecutor:
+    """Load the model, size its KV cache, capture its graphs, and start its thread."""
+
+    def build() -> ModelExecutor:
+        return ModelExecutor(LanguageModel(model_path, device), decoding, stage)
+
+    executor = await asyncio.to_thread(build)
+    executor.start()
+    return executor
 
 
 def _settle(future: "asyncio.Future[Any]", result: Any, error: BaseException | None) -> None:

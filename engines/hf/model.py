@@ -1,9 +1,7 @@
-"""The language model of a VLM checkpoint: prefill one sequence, decode a batch of sequences.
+"""The language model of a VLM checkpoint: loading it, and prefilling one sequence.
 
 Prefill runs transformers' own text-model forward, so its numbers are those of ``generate()``.
-Decode is our own batched step over HF's modules: projections, norms and MLP run on the whole
-batch at once, while each sequence attends over its own KV cache (no padding) through the same
-SDPA function HF uses. At batch 1 the arithmetic is the same as ``generate()``'s.
+Decode steps over a static KV pool live in `decoder`.
 """
 
 from dataclasses import dataclass, field
@@ -11,15 +9,11 @@ from typing import Any, cast
 
 import torch
 from transformers import AutoConfig, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from triptych.engines.hf.kv_cache import KVShape
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 """Per layer: keys and values, each [1, kv_heads, tokens, head_dim]."""
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _model_class(model_type: str) -> Any:
@@ -79,6 +73,7 @@ class LanguageModel:
         self.hidden_size = int(text_config.hidden_size)
         self.vocab_size = int(text_config.vocab_size)
         self.context_length = int(text_config.max_position_embeddings)
+        self.kv_shape = KVShape(self.num_layers, self.kv_heads, self.head_dim, self.dtype)
 
     @torch.inference_mode()
     def prefill(
@@ -123,45 +118,3 @@ class LanguageModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, hidden] → float32 logits [B, vocab]."""
         return self.model.lm_head(hidden).float()  # type: ignore[no-any-return]
-
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], sequences: list[SequenceKV]) -> torch.Tensor:
-        """One step for a batch: each sequence takes one token; returns hidden [B, hidden]."""
-        batch = len(tokens)
-        x = self.text.embed_tokens(torch.tensor(tokens, device=self.device).view(batch, 1))
-        positions = torch.tensor(
-            [s.length + s.rope_delta for s in sequences], device=self.device
-        ).view(1, batch, 1)
-        positions = positions.expand(3, batch, 1) if self.vlm else positions.view(batch, 1)
-        cos, sin = self.text.rotary_emb(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        for index, layer in enumerate(self.text.layers):
-            attention = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attention.q_proj(h).view(batch, 1, -1, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(h).view(batch, 1, -1, self.head_dim).transpose(1, 2)
-            v = attention.v_proj(h).view(batch, 1, -1, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            outputs = []
-            for b, sequence in enumerate(sequences):
-                keys, values = sequence.kv[index]
-                keys = torch.cat([keys, k[b : b + 1]], dim=2)
-                values = torch.cat([values, v[b : b + 1]], dim=2)
-                sequence.kv[index] = (keys, values)
-                out, _ = sdpa_attention_forward(
-                    attention,
-                    q[b : b + 1],
-                    keys,
-                    values,
-                    None,
-                    dropout=0.0,
-                    scaling=attention.scaling,
-                )
-                outputs.append(out)
-            attended = torch.cat(outputs).reshape(batch, 1, -1)
-            x = x + attention.o_proj(attended)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        for sequence in sequences:
-            sequence.length += 1
-        return self.text.norm(x)[:, 0]  # type: ignore[no-any-return]

@@ -20,14 +20,21 @@ class Sampler:
         self.stop_ids = stop_ids
         """Token ids that end generation (EOS unless ignored, plus `stop_token_ids`)."""
         self.generated: list[int] = []
+        self._penalties = bool(
+            options.repetition_penalty != 1.0
+            or options.frequency_penalty
+            or options.presence_penalty
+        )
         self._generator = torch.Generator(device=device)
         if options.seed is not None:
             self._generator.manual_seed(options.seed)
         else:
             self._generator.seed()
-        self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-        if prompt:
+        self._seen = torch.zeros(
+            vocab_size if self._penalties else 0, dtype=torch.bool, device=device
+        )
+        self._counts = torch.zeros(vocab_size if self._penalties else 0, device=device)
+        if prompt and self._penalties:
             self._seen[torch.tensor(prompt, device=device)] = True
 
     def next_token(self, logits: torch.Tensor) -> int:
@@ -37,9 +44,27 @@ class Sampler:
         if len(self.generated) < o.min_tokens and self.stop_ids:
             logits[list(self.stop_ids)] = -float("inf")
         token = int(torch.argmax(logits)) if o.greedy else self._draw(logits / o.temperature)
+        return self.accept(token)
+
+    def takes_argmax(self) -> bool:
+        """Whether the next token is the plain argmax of the logits: greedy, nothing to apply.
+
+        Then the caller may pick it from a batched argmax and `accept` it, saving a copy and a
+        device sync per sequence.
+        """
+        o = self.options
+        return (
+            o.greedy
+            and not self._penalties
+            and not (len(self.generated) < o.min_tokens and self.stop_ids)
+        )
+
+    def accept(self, token: int) -> int:
+        """Record `token` as the next one."""
         self.generated.append(token)
-        self._seen[token] = True
-        self._counts[token] += 1
+        if self._penalties:
+            self._seen[token] = True
+            self._counts[token] += 1
         return token
 
     def finished(self) -> FinishReason | None:

@@ -29,7 +29,8 @@ async def decode_stream(
 ) -> AsyncIterator[TokenChunk]:
     """Join the decode batch and yield chunks as they come (merging any that queued up).
 
-    Leaving the iteration early (cancel, client gone) takes the sequence out of the batch.
+    The caller holds a slot `reservation`. Leaving the iteration early (cancel, client gone)
+    takes the sequence out of the batch.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
@@ -39,10 +40,10 @@ async def decode_stream(
 
     running = Running(
         request_id=request_id,
-        kv=kv,
         sampler=sampler_for(request, executor),
-        hidden=hidden,
         emit=emit,
+        prefilled=kv,
+        hidden=hidden,
         prompt_tokens=len(request.token_ids),
     )
     executor.add(running)

@@ -1,0 +1,193 @@
+"""One decode step for a batch over the static KV pool; on CUDA, replays captured graphs.
+
+A step embeds each running sequence's last token, writes its keys and values at the sequence's
+length in its slot, attends over the slot, and returns float32 logits and their argmax. The
+sequences occupy slots ``0..n-1``.
+
+Eager (CPU, or ``--disable-cuda-graph``): projections, norms and MLP run on the whole batch at
+once, and each sequence attends over exactly its own positions with the SDPA function HF
+uses, so at batch 1 the arithmetic is that of ``generate()``.
+
+CUDA graphs: one graph per (batch bucket, length bucket), captured at start, largest first, in
+one shared memory pool. A step pads the batch to its bucket (padding rows write into free slots
+and are ignored) and attends over the length bucket with a mask, the query heads of each KV
+head grouped into one attention call (no KV repeat). Replaying a graph launches every kernel
+of the step at once: no Python per layer.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from triptych.engines.hf.kv_cache import KVPool
+from triptych.engines.hf.model import LanguageModel
+
+log = logging.getLogger(__name__)
+
+MIN_LEN_BUCKET = 256
+"""The shortest attention span a graph is captured for."""
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+"""Batch sizes graphs are captured for (those up to the pool's slots, plus the slots)."""
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _scaling(attention: torch.nn.Module) -> float:
+    return float(attention.scaling)  # type: ignore[arg-type]
+
+
+def buckets(limit: int, candidates: list[int]) -> list[int]:
+    """The candidates below `limit`, then `limit` itself."""
+    return [c for c in candidates if c < limit] + [limit]
+
+
+class Decoder:
+    """Runs decode steps for the sequences in a `KVPool`."""
+
+    def __init__(self, model: LanguageModel, pool: KVPool, cuda_graphs: bool = True) -> None:
+        self.model = model
+        self.pool = pool
+        device = model.device
+        slots = pool.slots
+        self._inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
+        """Per slot: last token, rope position, KV length (where the token's KV goes)."""
+        self._rows = torch.arange(slots, device=device)
+        self._span = torch.arange(pool.max_len, device=device)
+        self._logits = torch.zeros(slots, model.vocab_size, dtype=torch.float32, device=device)
+        self._argmax = torch.zeros(slots, dtype=torch.long, device=device)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.batch_buckets = buckets(slots, list(BATCH_BUCKETS))
+        lengths = [MIN_LEN_BUCKET << i for i in range(32) if MIN_LEN_BUCKET << i < pool.max_len]
+        self.len_buckets = buckets(pool.max_len, lengths)
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+
+    def capture(self) -> None:
+        """Capture a graph for every bucket pair (CUDA only; a no-op otherwise)."""
+        if not self.cuda_graphs:
+            return
+        started = time.perf_counter()
+        memory = None
+        side = torch.cuda.Stream(self.model.device)  # type: ignore[no-untyped-call]
+        with torch.inference_mode():
+            for batch in reversed(self.batch_buckets):
+                for span in reversed(self.len_buckets):
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(2):
+                            self._graph_step(batch, span)
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=memory):
+                        self._graph_step(batch, span)
+                    memory = graph.pool()
+                    self._graphs[(batch, span)] = graph
+        torch.cuda.synchronize(self.model.device)
+        log.info(
+            "captured %d decode graphs (batch %s x span %s) in %.1f s",
+            len(self._graphs),
+            self.batch_buckets,
+            self.len_buckets,
+            time.perf_counter() - started,
+        )
+
+    @torch.inference_mode()
+    def step(
+        self, tokens: list[int], positions: list[int], lengths: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for each of the first ``len(tokens)`` slots.
+
+        `positions` are rope positions, `lengths` the tokens already in each slot. Returns
+        float32 logits ``[n, vocab]`` and their argmax ``[n]`` (views of static buffers, valid
+        until the next step).
+        """
+        n = len(tokens)
+        top = max(lengths) + 1
+        if top > self.pool.max_len:
+            raise ValueError(f"a sequence outgrew its slot ({top} > {self.pool.max_len})")
+        if self.cuda_graphs:
+            batch = next(b for b in self.batch_buckets if b >= n)
+            span = next(s for s in self.len_buckets if s >= top)
+            pad = [0] * (batch - n)
+            host = torch.tensor([tokens + pad, positions + pad, lengths + pad], dtype=torch.long)
+            self._inputs[:, :batch].copy_(host, non_blocking=True)
+            self._graphs[(batch, span)].replay()
+        else:
+            host = torch.tensor([tokens, positions, lengths], dtype=torch.long)
+            self._inputs[:, :n].copy_(host)
+            self._run(n, self._attend_each(lengths))
+        return self._logits[:n], self._argmax[:n]
+
+    def _graph_step(self, batch: int, span: int) -> None:
+        lengths = self._inputs[2, :batch]
+        mask = (self._span[:span].view(1, span) <= lengths.view(batch, 1)).view(batch, 1, 1, span)
+
+        def attend(layer: int, attention: torch.nn.Module, q: torch.Tensor) -> torch.Tensor:
+            groups = q.shape[1] // self.model.kv_heads
+            grouped = q.reshape(batch, self.model.kv_heads, groups, self.model.head_dim)
+            out = F.scaled_dot_product_attention(
+                grouped,
+                self.pool.keys(layer)[:batch, :, :span],
+                self.pool.values(layer)[:batch, :, :span],
+                attn_mask=mask,
+                scale=_scaling(attention),
+            )
+            return out.reshape(batch, 1, -1)
+
+        self._run(batch, attend)
+
+    def _attend_each(
+        self, lengths: list[int]
+    ) -> Callable[[int, torch.nn.Module, torch.Tensor], torch.Tensor]:
+        def attend(layer: int, attention: torch.nn.Module, q: torch.Tensor) -> torch.Tensor:
+            keys, values = self.pool.keys(layer), self.pool.values(layer)
+            outputs = []
+            for row, length in enumerate(lengths):
+                out, _ = sdpa_attention_forward(
+                    attention,
+                    q[row : row + 1],
+                    keys[row : row + 1, :, : length + 1],
+                    values[row : row + 1, :, : length + 1],
+                    None,
+                    dropout=0.0,
+                    scaling=_scaling(attention),
+                )
+                outputs.append(out)
+            return torch.cat(outputs).reshape(len(lengths), 1, -1)
+
+        return attend
+
+    def _run(
+        self,
+        batch: int,
+        attend: Callable[[int, torch.nn.Module, torch.Tensor], torch.Tensor],
+    ) -> None:
+        """The step's arithmetic over the first `batch` slots; `attend` does the attention."""
+        model, text = self.model, self.model.text
+        tokens, positions, lengths = self._inputs[:, :batch]
+        rows = self._rows[:batch]
+        x = text.embed_tokens(tokens.view(batch, 1))
+        rope = positions.view(1, batch, 1).expand(3, batch, 1) if model.vlm else positions
+        cos, sin = text.rotary_emb(x, rope if model.vlm else rope.view(batch, 1))
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for index, layer in enumerate(text.layers):
+            attention = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attention.q_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
+            k = attention.k_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
+            v = attention.v_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.pool.keys(index)[rows, :, lengths] = k[:, :, 0]
+            self.pool.values(index)[rows, :, lengths] = v[:, :, 0]
+            x = x + attention.o_proj(attend(index, attention, q))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = model.model.lm_head(text.norm(x)[:, 0]).float()
+        self._logits[:batch].copy_(logits)
+        self._argmax[:batch].copy_(logits.argmax(-1))

@@ -182,6 +182,27 @@ async def test_pool_full(agent: TransferAgent) -> None:
     assert agent.pool_in_use == 0
 
 
+async def test_a_full_pool_makes_an_export_wait_for_the_importer(
+    agent: TransferAgent, peer: Peer
+) -> None:
+    first = make(6, 15 * MiB, "float32")  # 60 MiB of the 96
+    ref = agent.export(first, "first")
+    waiting = asyncio.create_task(
+        agent.export_when_room(make(7, 10 * MiB, "float32"), "second", 10)
+    )
+    await asyncio.sleep(0.1)
+    assert not waiting.done()  # 40 MiB more does not fit yet
+    assert (await peer.call("fetch", ref, 10.0))[0] == digest(first)
+    second = await asyncio.wait_for(waiting, 10)  # the importer's notice freed the region
+    assert (await peer.call("fetch", second, 10.0))[0] == digest(make(7, 10 * MiB, "float32"))
+    assert await agent.wait_released("second", 10)
+    agent.export(torch.zeros(60 * MiB, dtype=torch.uint8), "stuck")
+    with pytest.raises(PoolFull, match="deadline"):
+        await agent.export_when_room(torch.zeros(40 * MiB, dtype=torch.uint8), "late", 0.2)
+    agent.release("stuck")
+    assert agent.pool_in_use == 0
+
+
 async def test_fetch_of_a_released_export_fails(agent: TransferAgent, peer: Peer) -> None:
     ref = agent.export(make(6, 1000, "float32"), "gone")
     agent.release("gone")

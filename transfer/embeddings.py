@@ -50,15 +50,16 @@ class EmbeddingTransport:
         """How long a read waits for its bytes; published embeddings wait twice as long, so a
         region is never reused while a READ into it may still run."""
 
-    def publish(self, embeddings: ImageEmbeddings, key: str) -> TensorHandle:
-        """Make the embeddings readable by another process under `key`."""
+    async def publish(self, embeddings: ImageEmbeddings, key: str) -> TensorHandle:
+        """Make the embeddings readable by another process under `key` (waiting while the
+        transfer pool is full)."""
         if embeddings.tensor is None:
             return TensorHandle(
                 agent=SIMULATED, shape=(embeddings.num_tokens, embeddings.hidden_size), dtype="none"
             )
         if self.agent is None:
             raise ServiceError(ErrorCode.INTERNAL, "real embeddings need a transfer agent")
-        return to_handle(self.agent.export(embeddings.tensor, key))
+        return to_handle(await self.agent.export_when_room(embeddings.tensor, key, self.timeout_s))
 
     async def released(self, handle: TensorHandle) -> bool:
         """Wait until the reader has the embeddings (True) or the timeout passed; either way

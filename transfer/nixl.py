@@ -26,14 +26,16 @@ import logging
 import math
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from triptych.observability import nvtx
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_UCX_TLS = "tcp,cma,sm,self"
 """TCP for connections and notifications; cross-memory attach moves the bytes within a host."""
@@ -167,6 +169,8 @@ class TransferAgent:
         self._remotes: set[str] = set()
         self._exports: dict[str, _Export] = {}
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        """Set whenever a region is freed (fetches wait on it while the pool is full)."""
         self._poller: asyncio.Task[None] | None = None
 
     @property
@@ -230,7 +234,7 @@ class TransferAgent:
                 torch.cuda.synchronize(self.device)  # NIXL does not order after the stream
             descriptors = self._agent.get_serialized_descs(self._descs(offset, end))
         except BaseException:
-            self._pool.free(offset)
+            self._free(offset)
             raise
         self._exports[key] = _Export(offset, end)
         self._wake.set()
@@ -243,6 +247,12 @@ class TransferAgent:
             device=str(self.device),
             key=key,
         )
+
+    async def export_when_room(self, tensor: torch.Tensor, key: str, timeout: float) -> TensorRef:
+        """`export`, waiting up to `timeout` seconds while the pool is full."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        nbytes = tensor.numel() * tensor.element_size() + _TAG
+        return await self._when_room(lambda: self.export(tensor, key), nbytes, deadline)
 
     async def wait_released(self, key: str, timeout: float) -> bool:
         """Whether the importer notified completion of `key` within `timeout` seconds.
@@ -271,8 +281,28 @@ class TransferAgent:
     def _free_export(self, export: _Export) -> None:
         if export.offset is not None:
             self._buf[export.end - _TAG : export.end].zero_()  # a late fetch fails
-            self._pool.free(export.offset)
+            self._free(export.offset)
             export.offset = None
+
+    def _free(self, offset: int) -> None:
+        self._pool.free(offset)
+        self._room.set()
+
+    async def _when_room(self, attempt: Callable[[], T], nbytes: int, deadline: float) -> T:
+        """`attempt()`, retried each time a region is freed while it meets a full pool, until
+        `deadline` (PoolFull when `nbytes` never fits, or the wait runs out)."""
+        while True:
+            try:
+                return attempt()
+            except PoolFull:
+                if nbytes > self._pool_bytes:
+                    raise
+                self._room.clear()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self._room.wait()
+                except TimeoutError:
+                    raise PoolFull(f"no room for {nbytes} bytes before the deadline") from None
 
     async def _poll_notifs(self) -> None:
         """Poll NIXL's notifications every millisecond while exports are outstanding."""
@@ -300,8 +330,9 @@ class TransferAgent:
     async def fetch(self, ref: TensorRef, timeout: float) -> torch.Tensor:
         """READ the tensor behind `ref` into a new tensor on this agent's device.
 
-        Raises TransferError when the exporter is gone or released the export, or the READ
-        fails or is not done within `timeout` seconds; PoolFull when this pool has no room.
+        Waits while this pool is full. Raises TransferError when the exporter is gone or
+        released the export, or the READ fails or is not done within `timeout` seconds;
+        PoolFull when the tensor is larger than the pool or no room came in time.
         The timeout bounds the wait for the READ, not NIXL's own synchronous calls: connecting
         to a new exporter that has died fails within ~0.1 s on one host, a known one at once.
         """
@@ -309,7 +340,9 @@ class TransferAgent:
         deadline = asyncio.get_running_loop().time() + timeout
         dtype = _dtype(ref.dtype)
         nbytes = math.prod(ref.shape) * dtype.itemsize
-        offset = self._pool.alloc(nbytes + _TAG)
+        offset = await self._when_room(
+            lambda: self._pool.alloc(nbytes + _TAG), nbytes + _TAG, deadline
+        )
         end = offset + nbytes + _TAG
         keep = False  # when NIXL cannot abort a READ, its region is never reused
         try:
@@ -345,7 +378,7 @@ class TransferAgent:
             return out.view(dtype).view(ref.shape)
         finally:
             if not keep:
-                self._pool.free(offset)
+                self._free(offset)
 
     def _add_remote(self, ref: TensorRef) -> None:
         if ref.agent not in self._remotes:

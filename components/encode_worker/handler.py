@@ -40,7 +40,7 @@ class EncodeHandler:
         handle = None
         try:
             with nvtx.span("mm:enc:embedding_transfer"):
-                handle = self.transport.publish(embeddings, key=f"emb-{ctx.request_id}")
+                handle = await self.transport.publish(embeddings, key=f"emb-{ctx.request_id}")
                 images = [image.model_copy(update={"data": None}) for image in request.images]
                 await self.decode.forward(
                     request.model_copy(update={"images": images, "embeddings": handle}),

@@ -88,7 +88,8 @@ class HfPrefillEngine(RoomPrefillEngine):
                 lambda: model.prefill(request.token_ids, grids, tensor)
             )
             metrics.TOKENS_PROCESSED.labels("prefill", "prefill").inc(len(request.token_ids))
-            ref = self.agent.export(kv_transfer.pack(sequence, hidden), key)
+            packed = kv_transfer.pack(sequence, hidden)
+            ref = await self.agent.export_when_room(packed, key, KV_READ_S)
             slot.ready(
                 RoomReady(
                     room=room,

@@ -33,6 +33,12 @@ class TensorHandle(BaseModel):
     """"cpu" for DRAM, "cuda" for VRAM."""
     key: str = ""
     """The reader's completion notification carries this key; the exporter then frees it."""
+    offset: int = 0
+    """Where the tensor starts in the exporter's registered pool."""
+    ipc: bytes = b""
+    """The exporter's VRAM pool as CUDA IPC arguments, for a reader on the same GPU."""
+    gpu: str = ""
+    """Which physical GPU that pool is on (host boot id and GPU UUID)."""
 
 
 EmbeddingHandle = TensorHandle

@@ -125,6 +125,58 @@ def test_batched_decode_matches_one_at_a_time(model: LanguageModel) -> None:
     assert batched == alone
 
 
+def test_the_graph_step_pads_and_masks_like_the_eager_step(model: LanguageModel) -> None:
+    """The arithmetic captured on CUDA (batch and span padded, grouped masked attention), run
+    eagerly here: same tokens, logits equal to rounding."""
+    prompts = [[5, 6, 7], list(range(20, 60)), [900, 901, 902, 903]]
+    decoder = Decoder(model, KVPool(model.kv_shape, 8, 512, model.device), cuda_graphs=False)
+    states = [model.prefill(p, [], None) for p in prompts]
+    lengths = [decoder.pool.load(slot, state[0].kv) for slot, state in enumerate(states)]
+    tokens = [11, 12, 13]
+    eager_logits, eager_argmax = (t.clone() for t in decoder.step(tokens, lengths, lengths))
+    for slot, state in enumerate(states):  # undo the eager step's KV writes
+        decoder.pool.load(slot, state[0].kv)
+    batch, span = decoder.padded(tokens, lengths, lengths)
+    assert (batch, span) == (4, 256)  # 3 rows padded to 4; positions up to 40 in 256
+    with torch.inference_mode():
+        decoder._graph_step(batch, span)
+    torch.testing.assert_close(decoder._logits[:3], eager_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(decoder._argmax[:3], eager_argmax)
+
+
+def greedy_steps(decoder: Decoder, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """Each step's logits for the prompts decoded together, greedily."""
+    model = decoder.model
+    states = [model.prefill(p, [], None) for p in prompts]
+    lengths = [decoder.pool.load(slot, state[0].kv) for slot, state in enumerate(states)]
+    tokens = model.logits(torch.stack([state[1] for state in states])).argmax(-1).tolist()
+    seen = []
+    for _ in range(steps):
+        logits, argmax = decoder.step(tokens, lengths, lengths)
+        seen.append(logits.clone())
+        tokens, lengths = argmax.tolist(), [length + 1 for length in lengths]
+    return seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_match_eager_steps(tiny_model: Path) -> None:
+    model = LanguageModel(str(tiny_model), device="cuda")
+    prompts = [[5, 6, 7], list(range(20, 300)), [900, 901, 902, 903]]  # spans 256 and 512
+
+    def decoder(graphs: bool) -> Decoder:
+        built = Decoder(model, KVPool(model.kv_shape, 6, 1024, model.device), graphs)
+        built.capture()
+        return built
+
+    replayed = decoder(True)
+    assert replayed.cuda_graphs and replayed._graphs
+    for batch in (prompts, prompts[:1]):
+        expected = greedy_steps(decoder(False), batch, 12)
+        for got, want in zip(greedy_steps(replayed, batch, 12), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
 async def generate_all(
     executor: ModelExecutor, prompts: list[list[int]], steps: list[int]
 ) -> list[list[int]]:

@@ -249,3 +249,35 @@ def test_allocator_first_fit_and_merge() -> None:
     assert pool.alloc(4096) == 0  # everything merged back into one block
     with pytest.raises(PoolFull):
         pool.alloc(1)
+
+
+def _gpu_exporter(conn: Connection) -> None:
+    async def serve() -> None:
+        agent = TransferAgent("gpu-peer", "cuda", 64 * MiB)
+        await agent.start()
+        tensor = make(9, MiB, "bfloat16").to("cuda")
+        conn.send(agent.export(tensor, "on-gpu"))
+        conn.send(await agent.wait_released("on-gpu", 30))
+        await agent.close()
+
+    asyncio.run(serve())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_same_gpu_reads_map_the_exporters_pool() -> None:
+    context = multiprocessing.get_context("spawn")
+    here, there = context.Pipe()
+    peer = context.Process(target=_gpu_exporter, args=(there,), daemon=True)
+    peer.start()
+    agent = TransferAgent("gpu-test", "cuda", 64 * MiB)
+    await agent.start()
+    try:
+        ref = await asyncio.to_thread(here.recv)
+        assert ref.ipc and ref.gpu
+        got = await agent.fetch(ref, 10)
+        assert got.device.type == "cuda" and agent._mapped  # copied out of the mapped pool
+        assert digest(got.cpu()) == digest(make(9, MiB, "bfloat16"))
+        assert await asyncio.to_thread(here.recv)  # the exporter was notified and freed it
+    finally:
+        await agent.close()
+        peer.join(10)

@@ -14,7 +14,7 @@ from typing import Any
 
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, ServiceError, TensorHandle
-from triptych.transfer.nixl import TensorRef, TransferAgent, TransferError
+from triptych.transfer.nixl import PoolFull, TensorRef, TransferAgent, TransferError
 
 SIMULATED = "simulated"
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class EmbeddingTransport:
         started = time.perf_counter()
         try:
             tensor = await self.agent.fetch(to_ref(handle), self.timeout_s)
-        except TransferError as error:
+        except (TransferError, PoolFull) as error:
             metrics.TRANSFER_DURATION.labels("embedding", "error").observe(
                 time.perf_counter() - started
             )

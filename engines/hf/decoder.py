@@ -84,7 +84,7 @@ class Decoder:
                             self._graph_step(batch, span)
                     torch.cuda.current_stream().wait_stream(side)
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=memory):
+                    with torch.cuda.graph(graph, pool=memory, capture_error_mode="thread_local"):
                         self._graph_step(batch, span)
                     memory = graph.pool()
                     self._graphs[(batch, span)] = graph
@@ -112,17 +112,24 @@ class Decoder:
         if top > self.pool.max_len:
             raise ValueError(f"a sequence outgrew its slot ({top} > {self.pool.max_len})")
         if self.cuda_graphs:
-            batch = next(b for b in self.batch_buckets if b >= n)
-            span = next(s for s in self.len_buckets if s >= top)
-            pad = [0] * (batch - n)
-            host = torch.tensor([tokens + pad, positions + pad, lengths + pad], dtype=torch.long)
-            self._inputs[:, :batch].copy_(host, non_blocking=True)
+            batch, span = self.padded(tokens, positions, lengths)
             self._graphs[(batch, span)].replay()
         else:
             host = torch.tensor([tokens, positions, lengths], dtype=torch.long)
             self._inputs[:, :n].copy_(host)
             self._run(n, self._attend_each(lengths))
         return self._logits[:n], self._argmax[:n]
+
+    def padded(
+        self, tokens: list[int], positions: list[int], lengths: list[int]
+    ) -> tuple[int, int]:
+        """Load a step's inputs padded to its buckets; returns (batch, span) of its graph."""
+        batch = next(b for b in self.batch_buckets if b >= len(tokens))
+        span = next(s for s in self.len_buckets if s > max(lengths))
+        pad = [0] * (batch - len(tokens))
+        host = torch.tensor([tokens + pad, positions + pad, lengths + pad], dtype=torch.long)
+        self._inputs[:, :batch].copy_(host, non_blocking=True)
+        return batch, span
 
     def _graph_step(self, batch: int, span: int) -> None:
         lengths = self._inputs[2, :batch]

@@ -30,6 +30,7 @@ from triptych.protocol import (
 from triptych.transfer import (
     BootstrapClient,
     ImageEmbeddings,
+    PoolFull,
     TransferAgent,
     TransferError,
 )
@@ -155,7 +156,7 @@ class HfDecodeEngine(DecodeEngine):
         nbytes = ready.kv.tensor.shape[0] * model.dtype.itemsize
         try:
             flat = await self.agent.fetch(to_ref(ready.kv.tensor), KV_READ_S)
-        except TransferError as error:
+        except (TransferError, PoolFull) as error:
             _record_transfer("kv", nbytes, started, "error")
             raise ServiceError(
                 ErrorCode.UNAVAILABLE, f"KV cache could not be read: {error}"

@@ -1,0 +1,409 @@
+"""GPU speed of the ``hf`` engine against plain transformers, side by side in one run.
+
+Workload (fixed, so figures compare over time): a Qwen2.5-VL-7B-shaped checkpoint with random
+bf16 weights built from a config, requests of one 448x448 image + short text, 128 output tokens
+with ``ignore_eos``, greedy.
+
+1. Baselines, in this process: ``generate()`` on 8 requests one at a time, and ``generate()`` on
+   a left-padded batch of the 8. Time to first token comes from a streamer; the 8 requests all
+   arrive at the start, so one-at-a-time TTFT includes the wait behind earlier requests.
+2. triptych, each topology started with its launch script, all stages on the one GPU: EPD
+   (``agg.sh``) and E/P/D (``multimodal_disagg.sh``), loaded at concurrency 1, 8 and 32 through
+   the OpenAI API with streaming.
+
+Writes ``gpu_hf_<shape>.json`` and ``gpu_hf_<shape>.png`` into ``--out`` and prints the ratios the
+speed targets are stated in: output tokens/s at concurrency 8 against the better baseline, mean
+TTFT at concurrency 8 against one at a time, decode step time at concurrency 1 against the
+weight-bandwidth bound, E/P/D TTFT over EPD at concurrency 1, and transfer bandwidths.
+
+    python benchmarks/gpu_hf.py [--shape 7b|tiny] [--device cuda] [--out DIR]
+"""
+
+import argparse
+import asyncio
+import base64
+import gc
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_epd import build_checkpoint, copy_bandwidth, picture, transfer_times
+from launcher import free_port, launch, stop
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (
+    "Describe this picture in detail: its colours, shapes, textures and light, and what it shows."
+)
+TOPOLOGIES = {"EPD": "agg.sh", "E/P/D": "multimodal_disagg.sh"}
+
+
+def messages(image: str) -> list[dict[str, Any]]:
+    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": TEXT}]
+    return [{"role": "user", "content": content}]
+
+
+def weight_bytes(checkpoint: Path) -> int:
+    """Bytes of the language model's weights (everything but the vision tower)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in checkpoint.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118
+                if not key.startswith(("visual.", "model.visual.")):
+                    piece = weights.get_slice(key)
+                    numel = 1
+                    for size in piece.get_shape():
+                        numel *= size
+                    total += numel * {"BF16": 2, "F16": 2, "F32": 4}[piece.get_dtype()]
+    return total
+
+
+# baselines
+
+
+class FirstToken:
+    """A `generate()` streamer that notes when the first new token arrives."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.at = 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt; tokens come on the CPU
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def baselines(checkpoint: Path, device: str, requests: int, max_tokens: int) -> dict[str, Any]:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    loaded = [model.to(device).eval()]
+    del model
+    single = inputs(checkpoint, 1, device)
+    batch = inputs(checkpoint, requests, device)
+    options = {"do_sample": False, "max_new_tokens": max_tokens, "min_new_tokens": max_tokens}
+
+    def generate(given: Any, streamer: FirstToken | None = None, **extra: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return loaded[0].generate(**given, **{**options, **extra}, streamer=streamer)
+
+    generate(single, max_new_tokens=4, min_new_tokens=4)  # warm-up
+    _sync(device)
+    began = time.perf_counter()
+    ttfts: list[float] = []
+    produced = 0
+    for _ in range(requests):
+        streamer = FirstToken()
+        out = generate(single, streamer)
+        ttfts.append(streamer.at - began)
+        produced += out.shape[1] - single["input_ids"].shape[1]
+    _sync(device)
+    serial_s = time.perf_counter() - began
+    streamer = FirstToken()
+    began = time.perf_counter()
+    out = generate(batch, streamer)
+    _sync(device)
+    batch_s = time.perf_counter() - began
+    batch_tokens = (out.shape[1] - batch["input_ids"].shape[1]) * requests
+    result = {
+        "prompt_tokens": int(single["input_ids"].shape[1]),
+        "one_at_a_time": {
+            "requests": requests,
+            "output_tokens_per_s": produced / serial_s,
+            "ttft_ms_mean": 1e3 * statistics.mean(ttfts),
+            "first_request_ttft_ms": 1e3 * ttfts[0],
+            "seconds": serial_s,
+        },
+        "padded_batch": {
+            "requests": requests,
+            "output_tokens_per_s": batch_tokens / batch_s,
+            "ttft_ms_mean": 1e3 * (streamer.at - began),
+            "seconds": batch_s,
+        },
+    }
+    loaded.clear()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def inputs(checkpoint: Path, copies: int, device: str) -> dict[str, torch.Tensor]:
+    """What the model's processor makes of the request, `copies` times over (the image
+    processor, and the chat template with one placeholder per image token)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    image = Image.open(io.BytesIO(_png(448))).convert("RGB")
+    pixels = AutoImageProcessor.from_pretrained(checkpoint)(images=[image], return_tensors="pt")
+    placeholders = int(pixels["image_grid_thw"].prod()) // 4
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEXT}]}]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * placeholders)
+    ids = tokenizer([text] * copies, return_tensors="pt")
+    return {
+        "input_ids": ids["input_ids"].to(device),
+        "attention_mask": ids["attention_mask"].to(device),
+        "pixel_values": pixels["pixel_values"].repeat(copies, 1).to(device),
+        "image_grid_thw": pixels["image_grid_thw"].repeat(copies, 1).to(device),
+    }
+
+
+def _png(size: int) -> bytes:
+    return base64.b64decode(picture(size).split(",", 1)[1])
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# triptych
+
+
+async def timed(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, float]:
+    started = time.perf_counter()
+    stamps: list[float] = []
+    tokens = 0
+    usage: dict[str, int] = {}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            ids = chunk["choices"][0].get("token_ids") if chunk["choices"] else None
+            if ids:
+                stamps.append(time.perf_counter())
+                tokens += len(ids)
+    ended = time.perf_counter()
+    return {
+        "start": started,
+        "end": ended,
+        "ttft_ms": 1e3 * (stamps[0] - started),
+        "tokens": tokens,
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "step_ms": 1e3 * (stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 else 0.0,
+    }
+
+
+async def gated(gate: asyncio.Semaphore, work: Any) -> Any:
+    async with gate:
+        return await work
+
+
+async def sweep(
+    url: str, model: str, levels: list[int], max_tokens: int, per_level: dict[int, int]
+) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "return_token_ids": True,
+        "messages": messages(picture(448)),
+    }
+    out: dict[str, Any] = {}
+    limits = httpx.Limits(max_connections=max(levels) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        await asyncio.gather(*(timed(client, body) for _ in range(max(levels))))  # warm-up
+        for level in levels:
+            gate = asyncio.Semaphore(level)
+            records = await asyncio.gather(
+                *(gated(gate, timed(client, body)) for _ in range(per_level[level]))
+            )
+            span = max(r["end"] for r in records) - min(r["start"] for r in records)
+            out[str(level)] = {
+                "requests": len(records),
+                "output_tokens_per_s": sum(r["tokens"] for r in records) / span,
+                "ttft_ms_mean": statistics.mean(r["ttft_ms"] for r in records),
+                "ttft_ms_p50": statistics.median(r["ttft_ms"] for r in records),
+                "ttft_ms_max": max(r["ttft_ms"] for r in records),
+                "step_ms_median": statistics.median(r["step_ms"] for r in records),
+                "prompt_tokens": records[0]["prompt_tokens"],
+                "tokens_per_request": statistics.mean(r["tokens"] for r in records),
+            }
+            print(f"  c={level}: {json.dumps(out[str(level)])}", flush=True)
+    return out
+
+
+def run_topology(
+    name: str, checkpoint: Path, device: str, args: argparse.Namespace
+) -> tuple[dict[str, Any], str]:
+    port = free_port()
+    log_path = args.out / f"gpu_hf_{args.shape}_{name.replace('/', '')}.log"
+    began = time.perf_counter()
+    flags = ["--engine", "hf", "--device", device, "--model-path", str(checkpoint)]
+    launcher = launch(TOPOLOGIES[name], flags, port, log_path, timeout=600)
+    ready_s = time.perf_counter() - began
+    print(f"{name} ready in {ready_s:.0f} s", flush=True)
+    per_level = {level: max(4, 4 * level) if level < 32 else 64 for level in args.concurrency}
+    try:
+        levels = asyncio.run(
+            sweep(
+                f"http://127.0.0.1:{port}",
+                checkpoint.name,
+                args.concurrency,
+                args.max_tokens,
+                per_level,
+            )
+        )
+    finally:
+        stop(launcher)
+    log = log_path.read_text()
+    return {"ready_s": ready_s, "levels": levels}, log
+
+
+def bandwidth(items: list[dict[str, float]]) -> dict[str, float] | None:
+    if not items:
+        return None
+    ms = statistics.median(item["ms"] for item in items)
+    size = statistics.median(item["bytes"] for item in items)
+    return {"bytes": size, "ms_median": ms, "bytes_per_s": size / (ms / 1e3)}
+
+
+def chart(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed, first) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, result in summary["triptych"].items():
+        levels = sorted(int(c) for c in result["levels"])
+        speed.plot(
+            levels,
+            [result["levels"][str(c)]["output_tokens_per_s"] for c in levels],
+            "o-",
+            label=f"triptych {name}",
+        )
+        first.plot(
+            levels,
+            [result["levels"][str(c)]["ttft_ms_mean"] for c in levels],
+            "o-",
+            label=f"triptych {name}",
+        )
+    base = summary.get("baselines")
+    if base:
+        n = base["one_at_a_time"]["requests"]
+        for key, label, marker in (
+            ("one_at_a_time", "generate(), one at a time", "s"),
+            ("padded_batch", f"generate(), padded batch of {n}", "^"),
+        ):
+            speed.plot([n], [base[key]["output_tokens_per_s"]], marker, markersize=9, label=label)
+            first.plot([n], [base[key]["ttft_ms_mean"]], marker, markersize=9, label=label)
+    for axis, title in ((speed, "output tokens/s"), (first, "mean time to first token (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks([1, 8, 32], ["1", "8", "32"])
+        axis.set_xlabel("concurrent requests")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    first.set_yscale("log")
+    speed.legend(fontsize=8)
+    figure.suptitle(
+        f"hf engine vs transformers generate(), {summary['model']}, {summary['gpu']}", fontsize=10
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--shape", choices=("7b", "tiny"), default="7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/triptych-7b-random"))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--baseline-requests", type=int, default=8)
+    parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument(
+        "--topologies", nargs="+", choices=tuple(TOPOLOGIES), default=list(TOPOLOGIES)
+    )
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    checkpoint = build_checkpoint(args.checkpoint, args.shape, args.device)
+    print(f"checkpoint built in {time.perf_counter() - began:.0f} s", flush=True)
+    copy = copy_bandwidth(args.device)
+    weights = weight_bytes(checkpoint)
+    summary: dict[str, Any] = {
+        "benchmark": "hf engine vs transformers generate(): one 448x448 image + text, "
+        f"{args.max_tokens} tokens, ignore_eos, greedy",
+        "model": f"Qwen2.5-VL-{args.shape} shape, random bf16",
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device_copy_bytes_per_s": copy,
+        "language_model_weight_bytes": weights,
+        "weight_bound_step_ms": 1e3 * weights / copy if copy else None,
+    }
+    if not args.skip_baselines:
+        summary["baselines"] = baselines(
+            checkpoint, args.device, args.baseline_requests, args.max_tokens
+        )
+        print("baselines:", json.dumps(summary["baselines"]), flush=True)
+    summary["triptych"] = {}
+    summary["transfers"] = {}
+    result = args.out / f"gpu_hf_{args.shape}.json"
+    for name in args.topologies:
+        result.write_text(json.dumps(summary, indent=2) + "\n")  # what is done so far
+        summary["triptych"][name], log = run_topology(name, checkpoint, args.device, args)
+        if name == "E/P/D":
+            found = transfer_times(log)
+            summary["transfers"] = {kind: bandwidth(items) for kind, items in found.items()}
+    summary["ratios"] = ratios(summary)
+    result.write_text(json.dumps(summary, indent=2) + "\n")
+    chart(summary, result.with_suffix(".png"))
+    print(json.dumps(summary["ratios"], indent=1))
+    print(json.dumps(summary["transfers"], indent=1))
+
+
+def ratios(summary: dict[str, Any]) -> dict[str, float | None]:
+    """The figures the speed targets are stated in."""
+    out: dict[str, float | None] = {}
+    base = summary.get("baselines")
+    runs = summary["triptych"]
+    for name, result in runs.items():
+        levels = result["levels"]
+        if base and "8" in levels:
+            best = max(
+                base["one_at_a_time"]["output_tokens_per_s"],
+                base["padded_batch"]["output_tokens_per_s"],
+            )
+            out[f"{name} c8 throughput / best baseline"] = levels["8"]["output_tokens_per_s"] / best
+            out[f"one-at-a-time TTFT / {name} c8 TTFT"] = (
+                base["one_at_a_time"]["ttft_ms_mean"] / levels["8"]["ttft_ms_mean"]
+            )
+        if summary.get("weight_bound_step_ms") and "1" in levels:
+            out[f"{name} c1 decode: bound / step"] = (
+                summary["weight_bound_step_ms"] / levels["1"]["step_ms_median"]
+            )
+    if "EPD" in runs and "E/P/D" in runs and "1" in runs["EPD"]["levels"]:
+        epd = runs["EPD"]["levels"]["1"]["ttft_ms_mean"]
+        out["E/P/D c1 TTFT / EPD c1 TTFT"] = runs["E/P/D"]["levels"]["1"]["ttft_ms_mean"] / epd
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

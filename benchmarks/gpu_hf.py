@@ -248,7 +248,7 @@ def run_topology(
     name: str, checkpoint: Path, device: str, args: argparse.Namespace
 ) -> tuple[dict[str, Any], str]:
     port = free_port()
-    log_path = args.out / f"gpu_hf_{args.shape}_{name.replace('/', '')}.log"
+    log_path = args.out / f"gpu_hf_{args.shape}_{TOPOLOGIES[name].removesuffix('.sh')}.log"
     began = time.perf_counter()
     flags = ["--engine", "hf", "--device", device, "--model-path", str(checkpoint)]
     launcher = launch(TOPOLOGIES[name], flags, port, log_path, timeout=600)

@@ -18,6 +18,8 @@ of the step at once: no Python per layer.
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,57 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """HF's RMSNorm as one fused op."""
+    weight = norm.weight
+    assert isinstance(weight, torch.Tensor)
+    return F.rms_norm(x, (x.shape[-1],), weight, float(norm.variance_epsilon))  # type: ignore[arg-type]
+
+
+def _fused(linears: list[torch.nn.Module], part: str) -> torch.Tensor:
+    """One tensor holding the `part` ("weight"/"bias") of `linears` end to end; each module's
+    own parameter becomes a view of it."""
+    pieces = [getattr(linear, part) for linear in linears]
+    whole = torch.cat([piece.data for piece in pieces])
+    start = 0
+    for piece in pieces:
+        piece.data = whole[start : start + piece.shape[0]]
+        start += piece.shape[0]
+    return whole
+
+
+@dataclass(frozen=True)
+class _FusedLayer:
+    """One decoder layer's weights arranged for the captured step."""
+
+    input_norm: torch.nn.Module
+    post_norm: torch.nn.Module
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    scale: float
+
+    @classmethod
+    def of(cls, layer: Any) -> "_FusedLayer":
+        """From one of HF's Qwen2 decoder layers."""
+        attention, mlp = layer.self_attn, layer.mlp
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+        if any(p.bias is None for p in projections):
+            raise ValueError("the captured decode step expects q/k/v projections with biases")
+        return cls(
+            input_norm=layer.input_layernorm,
+            post_norm=layer.post_attention_layernorm,
+            qkv=_fused(projections, "weight"),
+            qkv_bias=_fused(projections, "bias"),
+            o=attention.o_proj.weight,
+            gate_up=_fused([mlp.gate_proj, mlp.up_proj], "weight"),
+            down=mlp.down_proj.weight,
+            scale=_scaling(attention),
+        )
 
 
 def _scaling(attention: torch.nn.Module) -> float:
@@ -67,6 +120,7 @@ class Decoder:
         lengths = [MIN_LEN_BUCKET << i for i in range(32) if MIN_LEN_BUCKET << i < pool.max_len]
         self.len_buckets = buckets(pool.max_len, lengths)
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self._fused: list[_FusedLayer] = []
 
     def capture(self) -> None:
         """Capture a graph for every bucket pair (CUDA only; a no-op otherwise)."""
@@ -132,22 +186,45 @@ class Decoder:
         return batch, span
 
     def _graph_step(self, batch: int, span: int) -> None:
-        lengths = self._inputs[2, :batch]
+        """The step as captured: fused projections, fused norms, residual adds inside the
+        GEMMs, and each KV head's query heads attending together over the padded span."""
+        model, text = self.model, self.model.text
+        layers = self._fused or self._fuse()
+        tokens, positions, lengths = self._inputs[:, :batch]
+        rows = self._rows[:batch]
+        heads, kv_heads, dim = model.num_heads, model.kv_heads, model.head_dim
         mask = (self._span[:span].view(1, span) <= lengths.view(batch, 1)).view(batch, 1, 1, span)
-
-        def attend(layer: int, attention: torch.nn.Module, q: torch.Tensor) -> torch.Tensor:
-            groups = q.shape[1] // self.model.kv_heads
-            grouped = q.reshape(batch, self.model.kv_heads, groups, self.model.head_dim)
-            out = F.scaled_dot_product_attention(
-                grouped,
-                self.pool.keys(layer)[:batch, :, :span],
-                self.pool.values(layer)[:batch, :, :span],
-                attn_mask=mask,
-                scale=_scaling(attention),
+        x = text.embed_tokens(tokens).view(batch, -1)
+        rope = positions.view(1, batch, 1).expand(3, batch, 1) if model.vlm else positions
+        cos, sin = text.rotary_emb(x, rope if model.vlm else rope.view(batch, 1))
+        cos, sin = cos.view(batch, 1, dim), sin.view(batch, 1, dim)
+        for index, fused in enumerate(layers):
+            qkv = torch.addmm(fused.qkv_bias, _norm(x, fused.input_norm), fused.qkv.t())
+            qk = qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
+            qk = qk * cos + _rotate_half(qk) * sin
+            self.pool.keys(index)[rows, :, lengths] = qk[:, heads:]
+            self.pool.values(index)[rows, :, lengths] = qkv[:, (heads + kv_heads) * dim :].view(
+                batch, kv_heads, dim
             )
-            return out.reshape(batch, 1, -1)
+            out = F.scaled_dot_product_attention(
+                qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim),
+                self.pool.keys(index)[:batch, :, :span],
+                self.pool.values(index)[:batch, :, :span],
+                attn_mask=mask,
+                scale=fused.scale,
+            )
+            x = torch.addmm(x, out.reshape(batch, heads * dim), fused.o.t())
+            gate, up = torch.mm(_norm(x, fused.post_norm), fused.gate_up.t()).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, fused.down.t())
+        logits = model.model.lm_head(_norm(x, text.norm)).float()
+        self._logits[:batch].copy_(logits)
+        self._argmax[:batch].copy_(logits.argmax(-1))
 
-        self._run(batch, attend)
+    def _fuse(self) -> list["_FusedLayer"]:
+        """Concatenate each layer's q/k/v and gate/up weights (the modules keep views of them,
+        so prefill is unchanged and no memory is duplicated)."""
+        self._fused = [_FusedLayer.of(layer) for layer in self.model.text.layers]
+        return self._fused
 
     def _attend_each(
         self, lengths: list[int]

@@ -71,6 +71,7 @@ class LanguageModel:
             or text_config.hidden_size // text_config.num_attention_heads
         )
         self.hidden_size = int(text_config.hidden_size)
+        self.num_heads = int(text_config.num_attention_heads)
         self.vocab_size = int(text_config.vocab_size)
         self.context_length = int(text_config.max_position_embeddings)
         self.kv_shape = KVShape(self.num_layers, self.kv_heads, self.head_dim, self.dtype)

@@ -207,6 +207,7 @@ class TransferAgent:
         self._ipc = b""
         self._gpu = ""
         self._mapped: dict[str, torch.Tensor] = {}
+        self._copies: torch.cuda.Stream | None = None
         """Pools of exporters on this GPU, mapped through CUDA IPC, by agent name."""
         self._exports: dict[str, _Export] = {}
         self._wake = asyncio.Event()
@@ -450,13 +451,17 @@ class TransferAgent:
         self, ref: TensorRef, pool: torch.Tensor, nbytes: int, dtype: torch.dtype
     ) -> torch.Tensor:
         """The same-GPU path: copy the export straight out of the exporter's mapped pool."""
-        with nvtx.span("mm:nixl:wait_completion"):
-            region = pool[ref.offset : ref.offset + nbytes + _TAG]
-            if region.numel() != nbytes + _TAG:
-                raise TransferError(f"{ref.key!r} lies outside {ref.agent}'s pool")
+        region = pool[ref.offset : ref.offset + nbytes + _TAG]
+        if region.numel() != nbytes + _TAG:
+            raise TransferError(f"{ref.key!r} lies outside {ref.agent}'s pool")
+        if self._copies is None:
+            self._copies = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        with nvtx.span("mm:nixl:wait_completion"), torch.cuda.stream(self._copies):
+            # a stream of its own: the copy does not queue behind this process's decode steps
             out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             out.copy_(region[:nbytes])
-            tag = region[nbytes:].cpu().numpy().tobytes()  # after the copy, on one stream
+            tag = region[nbytes:].cpu().numpy().tobytes()  # after the copy, on its stream
+        out.record_stream(torch.cuda.default_stream(self.device))  # where it will be read
         if tag != _digest(ref.key):
             raise TransferError(f"{ref.agent} released {ref.key!r} before it was read")
         try:

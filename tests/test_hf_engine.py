@@ -15,7 +15,7 @@ from triptych.engines.hf.decoder import Decoder
 from triptych.engines.hf.encode import HfEncodeEngine
 from triptych.engines.hf.executor import Decoding, ModelExecutor
 from triptych.engines.hf.kv_cache import KVBudget, KVPool
-from triptych.engines.hf.model import LanguageModel, SequenceKV
+from triptych.engines.hf.model import LanguageModel, Prompt, SequenceKV
 from triptych.engines.hf.sampler import Sampler
 from triptych.engines.hf.streaming import decode_stream
 from triptych.models import load_adapter
@@ -142,6 +142,26 @@ def test_the_graph_step_pads_and_masks_like_the_eager_step(model: LanguageModel)
         decoder._graph_step(batch, span)
     torch.testing.assert_close(decoder._logits[:3], eager_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(decoder._argmax[:3], eager_argmax)
+
+
+def test_prefills_batched_with_padding_match_one_at_a_time(model: LanguageModel) -> None:
+    """What CUDA does with prefills queued together (CPU prefills one at a time, for exactness)."""
+    assert model.image_token_id is not None
+    image = [5, 6, *[model.image_token_id] * 4, 7, 8, 9]
+    embeddings = torch.randn(4, model.hidden_size, generator=torch.Generator().manual_seed(3))
+    prompts: list[Prompt] = [
+        (list(range(20, 60)), [], None),
+        (image, [(1, 4, 4)], embeddings),
+        ([900, 901, 902], [], None),
+    ]
+    batched = model.prefill_batch(prompts)
+    for (sequence, hidden), prompt in zip(batched, prompts, strict=True):
+        alone, alone_hidden = model.prefill(*prompt)
+        assert (sequence.length, sequence.rope_delta) == (alone.length, alone.rope_delta)
+        torch.testing.assert_close(hidden, alone_hidden, rtol=1e-4, atol=1e-5)
+        for (keys, values), (want_keys, want_values) in zip(sequence.kv, alone.kv, strict=True):
+            torch.testing.assert_close(keys, want_keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(values, want_values, rtol=1e-4, atol=1e-5)
 
 
 def greedy_steps(decoder: Decoder, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:

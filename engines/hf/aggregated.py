@@ -42,14 +42,11 @@ class HfAggregatedEngine(AggregatedEngine):
         self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> AsyncIterator[TokenChunk]:
         assert self.executor is not None, "start() first"
-        model = self.executor.model
         grids = [image.grid_thw for image in request.images]
         tensor = embeddings.tensor if embeddings is not None else None
         if request.images and tensor is None:
             raise ServiceError(ErrorCode.INTERNAL, "images arrived without embeddings")
-        kv, hidden = await self.executor.call(
-            lambda: model.prefill(request.token_ids, grids, tensor)
-        )
+        kv, hidden = await self.executor.prefill((request.token_ids, grids, tensor))
         metrics.TOKENS_PROCESSED.labels("agg", "prefill").inc(len(request.token_ids))
         async for chunk in decode_stream(self.executor, request_id, request, kv, hidden):
             yield chunk

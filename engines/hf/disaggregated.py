@@ -85,9 +85,7 @@ class HfPrefillEngine(RoomPrefillEngine):
         try:
             grids = [image.grid_thw for image in request.images]
             tensor = embeddings.tensor if embeddings is not None else None
-            sequence, hidden = await self.executor.call(
-                lambda: model.prefill(request.token_ids, grids, tensor)
-            )
+            sequence, hidden = await self.executor.prefill((request.token_ids, grids, tensor))
             metrics.TOKENS_PROCESSED.labels("prefill", "prefill").inc(len(request.token_ids))
             packed = kv_transfer.pack(sequence, hidden)
             ref = await self.agent.export_when_room(packed, key, KV_READ_S)

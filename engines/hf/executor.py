@@ -1,7 +1,8 @@
 """One thread owns the model: it runs queued jobs (prefills) between batched decode steps.
 
 The asyncio side reserves a KV slot (waiting in a queue while none is free), submits the
-prefill as a job, and hands the prefilled sequence over; the model thread copies its cache into
+prefill (on CUDA, prefills queued together run as one padded batch), and hands the prefilled
+sequence over; the model thread copies its cache into
 the slot, samples its first token from the prompt's last hidden state and adds it to the decode
 batch. One job runs between two decode steps, so running requests keep streaming while new ones
 are admitted. Token chunks go back to the event loop through each sequence's `emit`.
@@ -21,7 +22,7 @@ import torch
 
 from triptych.engines.hf.decoder import Decoder
 from triptych.engines.hf.kv_cache import KVBudget, KVPool
-from triptych.engines.hf.model import LanguageModel, SequenceKV
+from triptych.engines.hf.model import LanguageModel, Prompt, SequenceKV
 from triptych.engines.hf.sampler import Sampler
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, ServiceError, TokenChunk
@@ -41,6 +42,19 @@ class Decoding:
     budget: KVBudget = field(default_factory=lambda: KVBudget(max_len=0))
     """``max_len`` 0 means the model's context length, at most `DEFAULT_MAX_LEN`."""
     cuda_graphs: bool = True
+
+
+PREFILL_BATCH = 8
+"""At most this many prompts share a prefill forward (CUDA only)."""
+PREFILL_BATCH_TOKENS = 8192
+"""...and at most this many padded positions."""
+
+
+@dataclass(eq=False)
+class _Prefill:
+    prompt: Prompt
+    future: "asyncio.Future[tuple[SequenceKV, torch.Tensor]]"
+    loop: asyncio.AbstractEventLoop
 
 
 @dataclass(eq=False)
@@ -105,6 +119,7 @@ class ModelExecutor:
         self._free_slots = asyncio.Semaphore(self.slots)
         self._waiting = 0
         self._jobs: deque[Callable[[], None]] = deque()
+        self._prefills: deque[_Prefill] = deque()
         self._admitted: deque[Running] = deque()
         self._running: list[Running] = []
         self._wake = threading.Condition()
@@ -112,7 +127,7 @@ class ModelExecutor:
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
         metrics.RUNNING.labels(stage).set_function(lambda: self.running)
         metrics.QUEUE_DEPTH.labels(stage).set_function(
-            lambda: len(self._jobs) + len(self._admitted) + self._waiting
+            lambda: len(self._jobs) + len(self._prefills) + len(self._admitted) + self._waiting
         )
         metrics.KV_BYTES.labels(stage).set_function(self._kv_bytes)
 
@@ -170,6 +185,38 @@ class ModelExecutor:
         finally:
             self._free_slots.release()
 
+    async def prefill(self, prompt: Prompt) -> tuple[SequenceKV, torch.Tensor]:
+        """Prefill on the model thread; on CUDA, prompts queued together share one forward."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[SequenceKV, torch.Tensor]] = loop.create_future()
+        with self._wake:
+            self._prefills.append(_Prefill(prompt, future, loop))
+            self._wake.notify()
+        return await future
+
+    def _take_prefills(self) -> list["_Prefill"]:
+        """The prefills to run next: one, or on CUDA as many as `PREFILL_BATCH` allows."""
+        taken = [self._prefills.popleft()] if self._prefills else []
+        while self._prefills and self.model.device.type == "cuda" and len(taken) < PREFILL_BATCH:
+            longest = max(len(p.prompt[0]) for p in [*taken, self._prefills[0]])
+            if longest * (len(taken) + 1) > PREFILL_BATCH_TOKENS:
+                break
+            taken.append(self._prefills.popleft())
+        return taken
+
+    def _run_prefills(self, batch: list["_Prefill"]) -> None:
+        batch = [p for p in batch if not p.future.cancelled()]
+        if not batch:
+            return
+        try:
+            results = self.model.prefill_batch([p.prompt for p in batch])
+        except BaseException as error:  # delivered to every awaiting coroutine
+            for p in batch:
+                p.loop.call_soon_threadsafe(_settle, p.future, None, error)
+            return
+        for p, result in zip(batch, results, strict=True):
+            p.loop.call_soon_threadsafe(_settle, p.future, result, None)
+
     async def call(self, job: Callable[[], T]) -> T:
         """Run `job` on the model thread and return its result."""
         loop = asyncio.get_running_loop()
@@ -199,16 +246,21 @@ class ModelExecutor:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopped or self._jobs or self._admitted or self._running):
+                while not (
+                    self._stopped or self._jobs or self._prefills or self._admitted or self._running
+                ):
                     self._wake.wait()
                 if self._stopped:
                     return
                 job = self._jobs.popleft() if self._jobs else None
+                prefills = self._take_prefills()
                 fresh: list[Running] = []
                 while self._admitted and len(self._running) + len(fresh) < self.slots:
                     fresh.append(self._admitted.popleft())
             if job is not None:
                 job()
+            if prefills:
+                self._run_prefills(prefills)
             try:
                 if fresh:
                     self._admit(fresh)

@@ -14,6 +14,8 @@ from triptych.engines.hf.kv_cache import KVShape
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 """Per layer: keys and values, each [1, kv_heads, tokens, head_dim]."""
+Prompt = tuple[list[int], list[tuple[int, int, int]], torch.Tensor | None]
+"""Token ids, image grids and image embeddings: what `LanguageModel.prefill` takes."""
 
 
 def _model_class(model_type: str) -> Any:
@@ -87,33 +89,81 @@ class LanguageModel:
 
         Returns the sequence's KV cache and the last position's final hidden state.
         """
-        ids = torch.tensor([token_ids], device=self.device)
-        embeds = self.text.embed_tokens(ids)
-        rope_delta = 0
-        if embeddings is not None and image_grids:
-            assert self.image_token_id is not None, "images given to a text-only model"
-            image_mask = torch.eq(ids, self.image_token_id)
-            rows = int(image_mask.sum())
-            if rows != embeddings.shape[0]:
-                raise ValueError(f"{embeddings.shape[0]} embedding rows for {rows} image tokens")
-            embeds = embeds.masked_scatter(
-                image_mask[..., None], embeddings.to(self.device, embeds.dtype)
-            )
-            positions, deltas = self.model.model.get_rope_index(
-                ids,
-                mm_token_type_ids=image_mask.int(),
-                image_grid_thw=torch.tensor(image_grids, device=self.device),
-            )
-            rope_delta = int(deltas.view(-1)[0])
-        else:
-            positions = torch.arange(len(token_ids), device=self.device).view(1, 1, -1)
-            positions = positions.expand(3, 1, -1) if self.vlm else positions.view(1, -1)
+        embeds, positions, rope_delta = self._inputs(token_ids, image_grids, embeddings)
         cache = DynamicCache(config=self.text.config)
         output = self.text(
             inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True
         )
         kv = cast(KV, [(layer.keys, layer.values) for layer in cache.layers])  # type: ignore[union-attr]
         return SequenceKV(kv, rope_delta), output.last_hidden_state[0, -1]
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: list[Prompt]) -> list[tuple[SequenceKV, torch.Tensor]]:
+        """Several prompts in one forward, right-padded to the longest under a padding mask.
+
+        Each sequence's KV cache and last hidden state equal its own `prefill` up to the
+        rounding of batched kernels (so the token-exact CPU path prefills one at a time).
+        """
+        if len(prompts) == 1:
+            return [self.prefill(*prompts[0])]
+        inputs = [self._inputs(*prompt) for prompt in prompts]
+        lengths = [len(prompt[0]) for prompt in prompts]
+        longest = max(lengths)
+        embeds = torch.zeros(
+            len(prompts), longest, self.hidden_size, dtype=inputs[0][0].dtype, device=self.device
+        )
+        rows = 3 if self.vlm else 1
+        positions = torch.zeros(rows, len(prompts), longest, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(prompts), longest, dtype=torch.long, device=self.device)
+        for row, ((embed, position, _), length) in enumerate(zip(inputs, lengths, strict=True)):
+            embeds[row, :length] = embed[0]
+            positions[:, row, :length] = position.view(rows, -1)
+            mask[row, :length] = 1
+        cache = DynamicCache(config=self.text.config)
+        output = self.text(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions if self.vlm else positions[0],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        layers = cast(KV, [(layer.keys, layer.values) for layer in cache.layers])  # type: ignore[union-attr]
+        hidden = cast(torch.Tensor, output.last_hidden_state)
+        results = []
+        for row, ((_, _, rope_delta), length) in enumerate(zip(inputs, lengths, strict=True)):
+            kv = cast(
+                KV,
+                [(k[row : row + 1, :, :length], v[row : row + 1, :, :length]) for k, v in layers],
+            )
+            results.append((SequenceKV(kv, rope_delta), hidden[row, length - 1]))
+        return results
+
+    def _inputs(
+        self,
+        token_ids: list[int],
+        image_grids: list[tuple[int, int, int]],
+        embeddings: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A prompt's input embeddings [1, T, hidden], rope positions and M-RoPE offset."""
+        ids = torch.tensor([token_ids], device=self.device)
+        embeds = self.text.embed_tokens(ids)
+        if embeddings is None or not image_grids:
+            positions = torch.arange(len(token_ids), device=self.device).view(1, 1, -1)
+            return embeds, positions.expand(3, 1, -1) if self.vlm else positions.view(1, -1), 0
+        assert self.image_token_id is not None, "images given to a text-only model"
+        image_mask = torch.eq(ids, self.image_token_id)
+        rows = int(image_mask.sum())
+        if rows != embeddings.shape[0]:
+            raise ValueError(f"{embeddings.shape[0]} embedding rows for {rows} image tokens")
+        embeds = embeds.masked_scatter(
+            image_mask[..., None], embeddings.to(self.device, embeds.dtype)
+        )
+        positions, deltas = self.model.model.get_rope_index(
+            ids,
+            mm_token_type_ids=image_mask.int(),
+            image_grid_thw=torch.tensor(image_grids, device=self.device),
+        )
+        return embeds, positions, int(deltas.view(-1)[0])
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

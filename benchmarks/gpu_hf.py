@@ -248,13 +248,16 @@ def run_topology(
     name: str, checkpoint: Path, device: str, args: argparse.Namespace
 ) -> tuple[dict[str, Any], str]:
     port = free_port()
-    log_path = args.out / f"gpu_hf_{args.shape}_{TOPOLOGIES[name].removesuffix('.sh')}.log"
+    log_path = (
+        args.out / f"gpu_hf_{args.shape}{args.tag}_{TOPOLOGIES[name].removesuffix('.sh')}.log"
+    )
     began = time.perf_counter()
     flags = ["--engine", "hf", "--device", device, "--model-path", str(checkpoint)]
+    flags += ["--", *args.worker_args.split()] if args.worker_args else []
     launcher = launch(TOPOLOGIES[name], flags, port, log_path, timeout=600)
     ready_s = time.perf_counter() - began
     print(f"{name} ready in {ready_s:.0f} s", flush=True)
-    per_level = {level: max(4, 4 * level) if level < 32 else 64 for level in args.concurrency}
+    per_level = {level: 8 if level == 1 else min(4 * level, 64) for level in args.concurrency}
     try:
         levels = asyncio.run(
             sweep(
@@ -336,6 +339,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--baseline-requests", type=int, default=8)
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--worker-args", default="", help="extra flags for every worker")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument(
         "--topologies", nargs="+", choices=tuple(TOPOLOGIES), default=list(TOPOLOGIES)
     )
@@ -349,6 +354,7 @@ def main() -> None:
     summary: dict[str, Any] = {
         "benchmark": "hf engine vs transformers generate(): one 448x448 image + text, "
         f"{args.max_tokens} tokens, ignore_eos, greedy",
+        "worker_args": args.worker_args,
         "model": f"Qwen2.5-VL-{args.shape} shape, random bf16",
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
@@ -364,7 +370,7 @@ def main() -> None:
         print("baselines:", json.dumps(summary["baselines"]), flush=True)
     summary["triptych"] = {}
     summary["transfers"] = {}
-    result = args.out / f"gpu_hf_{args.shape}.json"
+    result = args.out / f"gpu_hf_{args.shape}{args.tag}.json"
     for name in args.topologies:
         result.write_text(json.dumps(summary, indent=2) + "\n")  # what is done so far
         summary["triptych"][name], log = run_topology(name, checkpoint, args.device, args)

@@ -48,6 +48,8 @@ class EngineConfig:
     """The KV cache's size in tokens, instead of sizing it from --mem-fraction."""
     cuda_graphs: bool = True
     """Capture decode steps as CUDA graphs (--disable-cuda-graph turns it off)."""
+    max_prefill_batch: int = 8
+    """Prompts queued together that share one prefill forward on CUDA (--max-prefill-batch)."""
     mock: MockConfig = field(default_factory=MockConfig)
     """Simulated costs of the mock engine."""
 
@@ -90,6 +92,13 @@ class EngineConfig:
             action="store_true",
             help="run decode steps eagerly instead of replaying captured CUDA graphs",
         )
+        group.add_argument(
+            "--max-prefill-batch",
+            type=int,
+            default=8,
+            help="prompts queued together that share one prefill forward on CUDA (1: one at a "
+            "time; CPU always prefills one at a time)",
+        )
         group.add_argument("--mock-encode-s-per-image", type=float, default=0.0)
         group.add_argument("--mock-prefill-s-per-token", type=float, default=0.0)
         group.add_argument("--mock-decode-s-per-step", type=float, default=0.0)
@@ -113,6 +122,7 @@ class EngineConfig:
             mem_fraction=args.mem_fraction,
             kv_cache_tokens=args.kv_cache_tokens,
             cuda_graphs=not args.disable_cuda_graph,
+            max_prefill_batch=args.max_prefill_batch,
             mock=MockConfig(
                 encode_s_per_image=args.mock_encode_s_per_image,
                 prefill_s_per_token=args.mock_prefill_s_per_token,
@@ -162,7 +172,12 @@ def prefill_engine(config: EngineConfig, agent: TransferAgent | None) -> Prefill
         from triptych.engines.hf.disaggregated import HfPrefillEngine
 
         return HfPrefillEngine(
-            config.model_path, agent, config.device, config.bootstrap_host, config.bootstrap_port
+            config.model_path,
+            agent,
+            config.device,
+            config.bootstrap_host,
+            config.bootstrap_port,
+            prefill_batch=config.max_prefill_batch,
         )
     raise _unavailable(config, "prefill")
 
@@ -185,5 +200,7 @@ def aggregated_engine(config: EngineConfig) -> AggregatedEngine:
     if config.name == "hf":
         from triptych.engines.hf.aggregated import HfAggregatedEngine
 
-        return HfAggregatedEngine(config.model_path, config.device, _decoding(config))
+        return HfAggregatedEngine(
+            config.model_path, config.device, _decoding(config), config.max_prefill_batch
+        )
     raise _unavailable(config, "aggregated")

@@ -5,7 +5,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from triptych.engines.base import AggregatedEngine
-from triptych.engines.hf.executor import Decoding, ModelExecutor, load_executor
+from triptych.engines.hf.executor import PREFILL_BATCH, Decoding, ModelExecutor, load_executor
 from triptych.engines.hf.streaming import decode_stream
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk
@@ -19,16 +19,23 @@ class HfAggregatedEngine(AggregatedEngine):
     """
 
     def __init__(
-        self, model_path: str, device: str = "cpu", decoding: Decoding | None = None
+        self,
+        model_path: str,
+        device: str = "cpu",
+        decoding: Decoding | None = None,
+        prefill_batch: int = PREFILL_BATCH,
     ) -> None:
         self.model_path = model_path
         self.device = device
         self.decoding = decoding or Decoding()
+        self.prefill_batch = prefill_batch
         self.executor: ModelExecutor | None = None
 
     async def start(self) -> None:
         if self.executor is None:
-            self.executor = await load_executor(self.model_path, self.device, self.decoding, "agg")
+            self.executor = await load_executor(
+                self.model_path, self.device, self.decoding, "agg", self.prefill_batch
+            )
 
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
         assert self.executor is not None, "start() first"

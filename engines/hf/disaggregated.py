@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from triptych.engines.base import DecodeEngine
 from triptych.engines.hf import kv_transfer
-from triptych.engines.hf.executor import Decoding, ModelExecutor, load_executor
+from triptych.engines.hf.executor import PREFILL_BATCH, Decoding, ModelExecutor, load_executor
 from triptych.engines.hf.streaming import decode_stream
 from triptych.engines.rooms import RoomPrefillEngine
 from triptych.observability import metrics
@@ -54,8 +54,11 @@ class HfPrefillEngine(RoomPrefillEngine):
         device: str = "cpu",
         bootstrap_host: str = "127.0.0.1",
         bootstrap_port: int = 0,
+        *,
+        prefill_batch: int = PREFILL_BATCH,
     ) -> None:
         super().__init__(bootstrap_host, bootstrap_port)
+        self.prefill_batch = prefill_batch
         self.model_path = model_path
         self.device = device
         self.agent = agent
@@ -63,7 +66,9 @@ class HfPrefillEngine(RoomPrefillEngine):
 
     async def start(self) -> None:
         if self.executor is None:
-            self.executor = await load_executor(self.model_path, self.device, None, "prefill")
+            self.executor = await load_executor(
+                self.model_path, self.device, None, "prefill", self.prefill_batch
+            )
             await super().start()
 
     async def close(self) -> None:

@@ -45,7 +45,7 @@ class Decoding:
 
 
 PREFILL_BATCH = 8
-"""At most this many prompts share a prefill forward (CUDA only)."""
+"""By default at most this many prompts share a prefill forward (CUDA only)."""
 PREFILL_BATCH_TOKENS = 8192
 """...and at most this many padded positions."""
 
@@ -87,10 +87,15 @@ class ModelExecutor:
     """
 
     def __init__(
-        self, model: LanguageModel, decoding: Decoding | None = None, stage: str = "decode"
+        self,
+        model: LanguageModel,
+        decoding: Decoding | None = None,
+        stage: str = "decode",
+        prefill_batch: int = PREFILL_BATCH,
     ) -> None:
         self.model = model
         self.stage = stage
+        self.prefill_batch = max(1, prefill_batch)
         self.budget: KVBudget | None = None
         self.decoder: Decoder | None = None
         self.slots = 0
@@ -195,9 +200,10 @@ class ModelExecutor:
         return await future
 
     def _take_prefills(self) -> list["_Prefill"]:
-        """The prefills to run next: one, or on CUDA as many as `PREFILL_BATCH` allows."""
+        """The prefills to run next: one, or on CUDA up to `prefill_batch` of them."""
         taken = [self._prefills.popleft()] if self._prefills else []
-        while self._prefills and self.model.device.type == "cuda" and len(taken) < PREFILL_BATCH:
+        limit = self.prefill_batch if self.model.device.type == "cuda" else 1
+        while self._prefills and len(taken) < limit:
             longest = max(len(p.prompt[0]) for p in [*taken, self._prefills[0]])
             if longest * (len(taken) + 1) > PREFILL_BATCH_TOKENS:
                 break
@@ -351,12 +357,16 @@ class ModelExecutor:
 
 
 async def load_executor(
-    model_path: str, device: str, decoding: Decoding | None, stage: str
+    model_path: str,
+    device: str,
+    decoding: Decoding | None,
+    stage: str,
+    prefill_batch: int = PREFILL_BATCH,
 ) -> ModelExecutor:
     """Load the model, size its KV cache, capture its graphs, and start its thread."""
 
     def build() -> ModelExecutor:
-        return ModelExecutor(LanguageModel(model_path, device), decoding, stage)
+        return ModelExecutor(LanguageModel(model_path, device), decoding, stage, prefill_batch)
 
     executor = await asyncio.to_thread(build)
     executor.start()

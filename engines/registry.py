@@ -48,8 +48,9 @@ class EngineConfig:
     """The KV cache's size in tokens, instead of sizing it from --mem-fraction."""
     cuda_graphs: bool = True
     """Capture decode steps as CUDA graphs (--disable-cuda-graph turns it off)."""
-    max_prefill_batch: int = 8
-    """Prompts queued together that share one prefill forward on CUDA (--max-prefill-batch)."""
+    max_prefill_batch: int | None = None
+    """Prompts queued together that share one prefill forward on CUDA (--max-prefill-batch);
+    None: 8 on a prefill worker, 1 on an aggregated one (there every prefill stalls decode)."""
     mock: MockConfig = field(default_factory=MockConfig)
     """Simulated costs of the mock engine."""
 
@@ -95,9 +96,9 @@ class EngineConfig:
         group.add_argument(
             "--max-prefill-batch",
             type=int,
-            default=8,
-            help="prompts queued together that share one prefill forward on CUDA (1: one at a "
-            "time; CPU always prefills one at a time)",
+            default=None,
+            help="prompts queued together that share one prefill forward on CUDA (default 8 on "
+            "a prefill worker, 1 on an aggregated one; CPU always prefills one at a time)",
         )
         group.add_argument("--mock-encode-s-per-image", type=float, default=0.0)
         group.add_argument("--mock-prefill-s-per-token", type=float, default=0.0)
@@ -177,7 +178,7 @@ def prefill_engine(config: EngineConfig, agent: TransferAgent | None) -> Prefill
             config.device,
             config.bootstrap_host,
             config.bootstrap_port,
-            prefill_batch=config.max_prefill_batch,
+            prefill_batch=config.max_prefill_batch or 8,
         )
     raise _unavailable(config, "prefill")
 
@@ -201,6 +202,6 @@ def aggregated_engine(config: EngineConfig) -> AggregatedEngine:
         from triptych.engines.hf.aggregated import HfAggregatedEngine
 
         return HfAggregatedEngine(
-            config.model_path, config.device, _decoding(config), config.max_prefill_batch
+            config.model_path, config.device, _decoding(config), config.max_prefill_batch or 1
         )
     raise _unavailable(config, "aggregated")

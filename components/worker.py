@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from triptych.engines import EncodeEngine, Engine, EngineConfig, encode_engine
+from triptych.engines import EncodeEngine, Engine, EngineConfig, Runner, encode_engine
 from triptych.models import load_adapter
 from triptych.observability import metrics
 from triptych.runtime import Runtime, RuntimeConfig, Service
@@ -84,12 +84,14 @@ def add_encoder_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def inline_encoder(config: WorkerConfig, dedicated: bool) -> EncodeEngine | None:
+async def inline_encoder(
+    config: WorkerConfig, dedicated: bool, runner: Runner | None = None
+) -> EncodeEngine | None:
     """The started encoder of a worker that encodes images itself; None with a dedicated
-    encode worker or a text-only model."""
+    encode worker or a text-only model. `runner`: where its model work runs."""
     if dedicated or not has_vision(config):
         return None
-    encoder = encode_engine(config.engine)
+    encoder = encode_engine(config.engine, runner)
     await encoder.start()
     return encoder
 

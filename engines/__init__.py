@@ -6,6 +6,7 @@ from triptych.engines.base import (
     EncodeEngine,
     Engine,
     PrefillEngine,
+    Runner,
 )
 from triptych.engines.registry import (
     ENGINES,
@@ -26,6 +27,7 @@ __all__ = [
     "EngineConfig",
     "ImageEmbeddings",
     "PrefillEngine",
+    "Runner",
     "aggregated_engine",
     "decode_engine",
     "encode_engine",

@@ -4,7 +4,13 @@ import argparse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from triptych.engines.base import AggregatedEngine, DecodeEngine, EncodeEngine, PrefillEngine
+from triptych.engines.base import (
+    AggregatedEngine,
+    DecodeEngine,
+    EncodeEngine,
+    PrefillEngine,
+    Runner,
+)
 from triptych.engines.mock import (
     MockAggregatedEngine,
     MockConfig,
@@ -154,14 +160,15 @@ def _unavailable(config: EngineConfig, role: str) -> ServiceError:
     )
 
 
-def encode_engine(config: EngineConfig) -> EncodeEngine:
-    """The engine for an encode worker."""
+def encode_engine(config: EngineConfig, runner: Runner | None = None) -> EncodeEngine:
+    """The engine for an encode worker, or for a worker's inline encoder (`runner`: where its
+    model work runs, see `GeneratingEngine.model_runner`)."""
     if config.name == "mock":
         return MockEncodeEngine(config.mock)
     if config.name == "hf":
         from triptych.engines.hf.encode import HfEncodeEngine
 
-        return HfEncodeEngine(config.model_path, config.device)
+        return HfEncodeEngine(config.model_path, config.device, runner=runner)
     raise _unavailable(config, "encode")
 
 

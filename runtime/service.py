@@ -219,6 +219,12 @@ class Service:
             return
         await request.respond(b"", headers={wire.INSTANCE: self.instance_id})
         sink = StreamSink(self._runtime.publish, headers.get(wire.STREAM_TO, ""), request_id)
+        if request_id in self._cancelled:  # the cancel came while the ack was on its way
+            cancelled = ErrorInfo(
+                code=ErrorCode.CLIENT_CLOSED, message="request cancelled", request_id=request_id
+            )
+            await sink.fail(cancelled)
+            return
         ctx = Context(request_id=request_id, deadline=deadline, stream=sink)
         self._inflight.setdefault(request_id, set()).add(ctx)
         ctx.task = self._tasks.spawn(self._run(endpoint, payload, ctx), name=request_id)

@@ -3,7 +3,9 @@ queueing beyond the KV budget, sampling rules."""
 
 import asyncio
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -83,6 +85,21 @@ async def test_concurrent_requests_share_one_vision_forward(tiny_model: Path) ->
     for single, batched, images in zip(alone, together, requests, strict=True):
         assert batched.num_tokens == sum(image.num_tokens for image in images)
         torch.testing.assert_close(batched.tensor, single.tensor, rtol=1e-5, atol=1e-6)
+    await engine.close()
+
+
+async def test_an_inline_encoder_runs_its_forwards_where_it_is_told(tiny_model: Path) -> None:
+    """An aggregated worker on CUDA hands its model thread to its inline encoder."""
+    ran: list[str] = []
+
+    async def runner(work: Callable[[], Any]) -> Any:
+        ran.append("runner")
+        return work()
+
+    engine = HfEncodeEngine(str(tiny_model), runner=runner)
+    await engine.start()
+    embeddings = await engine.encode("r", [image_item(tiny_model, 56, 84)])
+    assert ran == ["runner"] and embeddings.num_tokens == 6
     await engine.close()
 
 

@@ -45,7 +45,7 @@ def main() -> None:
             return [engine]
         agg = aggregated_engine(config.engine)
         await agg.start()
-        encoder = await inline_encoder(config, args.dedicated_mm_encoder)
+        encoder = await inline_encoder(config, args.dedicated_mm_encoder, agg.model_runner())
         handler = AggregatedHandler(agg, transport, encoder)
         service.add_endpoint("generate", GenerateRequest, handler.generate)
         return [agg] if encoder is None else [agg, encoder]

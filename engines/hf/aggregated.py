@@ -4,7 +4,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from triptych.engines.base import AggregatedEngine
+from triptych.engines.base import AggregatedEngine, Runner
 from triptych.engines.hf.executor import PREFILL_BATCH, Decoding, ModelExecutor, load_executor
 from triptych.engines.hf.streaming import decode_stream
 from triptych.observability import metrics
@@ -36,6 +36,13 @@ class HfAggregatedEngine(AggregatedEngine):
             self.executor = await load_executor(
                 self.model_path, self.device, self.decoding, "agg", self.prefill_batch
             )
+
+    def model_runner(self) -> Runner | None:
+        """On CUDA, the model thread: an inline vision tower then takes turns with prefill and
+        decode instead of contending with them for the GIL and the GPU."""
+        if self.executor is None or self.executor.model.device.type != "cuda":
+            return None
+        return self.executor.call
 
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
         assert self.executor is not None, "start() first"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from triptych.engines.base import EncodeEngine
+from triptych.engines.base import EncodeEngine, Runner
 from triptych.models.vision_tower import VisionTower
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, ImageItem, ServiceError
@@ -23,10 +23,18 @@ class _Job:
 class HfEncodeEngine(EncodeEngine):
     """Runs the checkpoint's vision tower; requests that arrive together share one forward."""
 
-    def __init__(self, model_path: str, device: str = "cpu", max_batch_images: int = 32) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "cpu",
+        max_batch_images: int = 32,
+        runner: Runner | None = None,
+    ) -> None:
         self.model_path = model_path
         self.device = device
         self.max_batch_images = max_batch_images
+        self.runner = runner
+        """Where vision forwards run (default: a thread of their own)."""
         self.tower: VisionTower | None = None
         self._pending: list[_Job] = []
         self._wake = asyncio.Event()
@@ -80,9 +88,11 @@ class HfEncodeEngine(EncodeEngine):
         metrics.ENCODE_BATCH.observe(len(images))
         started = time.perf_counter()
         try:
-            embeddings, grids = await asyncio.to_thread(
-                _encode, tower, [image.data or b"" for image in images]
-            )
+            data = [image.data or b"" for image in images]
+            if self.runner is None:
+                embeddings, grids = await asyncio.to_thread(_encode, tower, data)
+            else:
+                embeddings, grids = await self.runner(lambda: _encode(tower, data))
         except Exception as error:
             failure = ServiceError(ErrorCode.INTERNAL, f"vision tower failed: {error}")
             for job in batch:

@@ -207,8 +207,9 @@ class TransferAgent:
         self._ipc = b""
         self._gpu = ""
         self._mapped: dict[str, torch.Tensor] = {}
-        self._copies: torch.cuda.Stream | None = None
         """Pools of exporters on this GPU, mapped through CUDA IPC, by agent name."""
+        self._copies: torch.cuda.Stream | None = None
+        """The stream that copies out of mapped pools."""
         self._exports: dict[str, _Export] = {}
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -245,6 +246,7 @@ class TransferAgent:
             self._poller = None
         for key in list(self._exports):
             self.release(key)
+        self._mapped.clear()
         if self._reg is not None:
             self._agent.deregister_memory(self._reg)
             self._reg = None

@@ -78,13 +78,21 @@ class _FusedLayer:
         """From one of HF's Qwen2 decoder layers."""
         attention, mlp = layer.self_attn, layer.mlp
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]
-        if any(p.bias is None for p in projections):
-            raise ValueError("the captured decode step expects q/k/v projections with biases")
+        qkv = _fused(projections, "weight")
+        if all(p.bias is not None for p in projections):
+            bias = _fused(projections, "bias")
+        else:  # models without q/k/v biases (or with some): zeros where absent
+            bias = torch.cat(
+                [
+                    p.bias.data if p.bias is not None else qkv.new_zeros(p.weight.shape[0])
+                    for p in projections
+                ]
+            )
         return cls(
             input_norm=layer.input_layernorm,
             post_norm=layer.post_attention_layernorm,
-            qkv=_fused(projections, "weight"),
-            qkv_bias=_fused(projections, "bias"),
+            qkv=qkv,
+            qkv_bias=bias,
             o=attention.o_proj.weight,
             gate_up=_fused([mlp.gate_proj, mlp.up_proj], "weight"),
             down=mlp.down_proj.weight,

@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_epd import copy_bandwidth
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (1_835_008, 18_357_248, 64 << 20)
 SETTINGS = {
@@ -113,18 +116,6 @@ def cuda_ipc() -> dict[str, Any]:
     return out
 
 
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    began = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * 10 * a.numel() / (time.perf_counter() - began)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/transfer_gpu.json")
@@ -135,7 +126,7 @@ def main() -> None:
         return
     summary: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(),
-        "device_copy_bytes_per_s": copy_bandwidth(),
+        "device_copy_bytes_per_s": copy_bandwidth("cuda"),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "reads": {},
     }

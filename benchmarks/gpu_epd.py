@@ -10,8 +10,6 @@ times the workers log. Figures, not a test: speed is the GPU speed work's.
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import re
 import shutil
@@ -23,9 +21,9 @@ from typing import Any
 
 import httpx
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_client import chat_body, picture, stream_chat
 from launcher import free_port, launch, stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,51 +132,17 @@ def build_checkpoint(out: Path, shape: str, device: str) -> Path:
     return out
 
 
-def picture(size: int) -> str:
-    buffer = io.BytesIO()
-    Image.effect_noise((size, size), 64).convert("RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+TEXT = "Describe the picture in detail, noting colours, shapes and textures, " * 4
 
 
 async def one_request(
     client: httpx.AsyncClient, model: str, image: str, max_tokens: int
 ) -> dict[str, float]:
-    words = "Describe the picture in detail, noting colours, shapes and textures, " * 4
-    body = {
-        "model": model,
-        "stream": True,
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "temperature": 0,
-        "return_token_ids": True,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image}},
-                    {"type": "text", "text": words.strip()},
-                ],
-            }
-        ],
-    }
-    started = time.perf_counter()
-    first = last = 0.0
-    tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
-        reply.raise_for_status()
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0].get("token_ids"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                tokens += len(chunk["choices"][0]["token_ids"])
+    streamed = await stream_chat(client, chat_body(model, [image], TEXT.strip(), max_tokens))
     return {
-        "ttft_ms": (first - started) * 1e3,
-        "tokens": tokens,
-        "decode_tokens_per_s": (tokens - 1) / (last - first) if last > first else 0.0,
+        "ttft_ms": streamed.ttft_s * 1e3,
+        "tokens": streamed.tokens,
+        "decode_tokens_per_s": 1 / streamed.step_s if streamed.step_s else 0.0,
     }
 
 

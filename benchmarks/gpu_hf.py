@@ -21,7 +21,6 @@ weight-bandwidth bound, E/P/D TTFT over EPD at concurrency 1, and transfer bandw
 
 import argparse
 import asyncio
-import base64
 import gc
 import io
 import json
@@ -36,7 +35,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_epd import build_checkpoint, copy_bandwidth, picture, transfer_times
+from chat_client import chat_body, picture, png, stream_chat
+from gpu_epd import build_checkpoint, copy_bandwidth, transfer_times
 from launcher import free_port, launch, stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +44,6 @@ TEXT = (
     "Describe this picture in detail: its colours, shapes, textures and light, and what it shows."
 )
 TOPOLOGIES = {"EPD": "agg.sh", "E/P/D": "multimodal_disagg.sh"}
-
-
-def messages(image: str) -> list[dict[str, Any]]:
-    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": TEXT}]
-    return [{"role": "user", "content": content}]
 
 
 def weight_bytes(checkpoint: Path) -> int:
@@ -93,8 +88,8 @@ def baselines(checkpoint: Path, device: str, requests: int, max_tokens: int) -> 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16)
     loaded = [model.to(device).eval()]
     del model
-    single = inputs(checkpoint, 1, device)
-    batch = inputs(checkpoint, requests, device)
+    single = inputs(checkpoint, device)
+    batch = {name: tensor.repeat(requests, 1) for name, tensor in single.items()}
     options = {"do_sample": False, "max_new_tokens": max_tokens, "min_new_tokens": max_tokens}
 
     def generate(given: Any, streamer: FirstToken | None = None, **extra: Any) -> torch.Tensor:
@@ -142,29 +137,25 @@ def baselines(checkpoint: Path, device: str, requests: int, max_tokens: int) -> 
     return result
 
 
-def inputs(checkpoint: Path, copies: int, device: str) -> dict[str, torch.Tensor]:
-    """What the model's processor makes of the request, `copies` times over (the image
-    processor, and the chat template with one placeholder per image token)."""
+def inputs(checkpoint: Path, device: str) -> dict[str, torch.Tensor]:
+    """What the model's processor makes of one request (the image processor, and the chat
+    template with one placeholder per image token)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    image = Image.open(io.BytesIO(_png(448))).convert("RGB")
+    image = Image.open(io.BytesIO(png(448))).convert("RGB")
     pixels = AutoImageProcessor.from_pretrained(checkpoint)(images=[image], return_tensors="pt")
     placeholders = int(pixels["image_grid_thw"].prod()) // 4
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEXT}]}]
     text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     text = text.replace("<|image_pad|>", "<|image_pad|>" * placeholders)
-    ids = tokenizer([text] * copies, return_tensors="pt")
+    ids = tokenizer([text], return_tensors="pt")
     return {
         "input_ids": ids["input_ids"].to(device),
         "attention_mask": ids["attention_mask"].to(device),
-        "pixel_values": pixels["pixel_values"].repeat(copies, 1).to(device),
-        "image_grid_thw": pixels["image_grid_thw"].repeat(copies, 1).to(device),
+        "pixel_values": pixels["pixel_values"].to(device),
+        "image_grid_thw": pixels["image_grid_thw"].to(device),
     }
-
-
-def _png(size: int) -> bytes:
-    return base64.b64decode(picture(size).split(",", 1)[1])
 
 
 def _sync(device: str) -> None:
@@ -176,29 +167,14 @@ def _sync(device: str) -> None:
 
 
 async def timed(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, float]:
-    started = time.perf_counter()
-    stamps: list[float] = []
-    tokens = 0
-    usage: dict[str, int] = {}
-    async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
-        reply.raise_for_status()
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            ids = chunk["choices"][0].get("token_ids") if chunk["choices"] else None
-            if ids:
-                stamps.append(time.perf_counter())
-                tokens += len(ids)
-    ended = time.perf_counter()
+    streamed = await stream_chat(client, body)
     return {
-        "start": started,
-        "end": ended,
-        "ttft_ms": 1e3 * (stamps[0] - started),
-        "tokens": tokens,
-        "prompt_tokens": usage.get("prompt_tokens", 0),
-        "step_ms": 1e3 * (stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 else 0.0,
+        "start": streamed.start,
+        "end": streamed.end,
+        "ttft_ms": 1e3 * streamed.ttft_s,
+        "tokens": streamed.tokens,
+        "prompt_tokens": streamed.prompt_tokens,
+        "step_ms": 1e3 * streamed.step_s,
     }
 
 
@@ -210,16 +186,7 @@ async def gated(gate: asyncio.Semaphore, work: Any) -> Any:
 async def sweep(
     url: str, model: str, levels: list[int], max_tokens: int, per_level: dict[int, int]
 ) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "temperature": 0,
-        "return_token_ids": True,
-        "messages": messages(picture(448)),
-    }
+    body = chat_body(model, [picture(448)], TEXT, max_tokens)
     out: dict[str, Any] = {}
     limits = httpx.Limits(max_connections=max(levels) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:

@@ -23,7 +23,8 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_epd import build_checkpoint, picture, transfer_times
+from chat_client import chat_body, picture, stream_chat
+from gpu_epd import build_checkpoint, transfer_times
 from launcher import free_port, launch, stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,39 +61,25 @@ def peer_bandwidth() -> float | None:
 
 
 async def timed_request(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, float]:
-    started = time.perf_counter()
-    first = 0.0
-    tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
-        if reply.status_code != 200:
-            return {"error": 1.0}
-        async for line in reply.aiter_lines():
-            if line.startswith("data: {") and '"token_ids":[' in line:
-                first = first or time.perf_counter()
-                tokens += len(json.loads(line[6:])["choices"][0]["token_ids"])
-    return {"ttft_s": first - started, "latency_s": time.perf_counter() - started, "tokens": tokens}
+    try:
+        streamed = await stream_chat(client, body)
+    except httpx.HTTPStatusError:
+        return {"error": 1.0}
+    return {
+        "ttft_s": streamed.ttft_s,
+        "latency_s": streamed.end - streamed.start,
+        "tokens": streamed.tokens,
+    }
 
 
 async def sweep(
     url: str, model: str, images: list[str], rates: list[float], seconds: float, max_tokens: int
 ) -> list[dict[str, Any]]:
-    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in images]
-    content.append(
-        {
-            "type": "text",
-            "text": "Describe these pictures in detail, noting "
-            "colours, shapes, textures and anything unusual about them.",
-        }
+    text = (
+        "Describe these pictures in detail, noting colours, shapes, textures and anything "
+        "unusual about them."
     )
-    body = {
-        "model": model,
-        "stream": True,
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "temperature": 0,
-        "return_token_ids": True,
-        "messages": [{"role": "user", "content": content}],
-    }
+    body = chat_body(model, images, text, max_tokens)
     rows = []
     rng = random.Random(0)
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:

@@ -269,11 +269,17 @@ def _make_config(ids: dict[str, int], vocab_size: int) -> Any:
 def _write_model(config: Any, ids: dict[str, int], seed: int, out: Path) -> None:
     """Build the model with seeded random weights; save weights, config and generation config."""
     import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.utils import logging as hf_logging
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    _save(Qwen2_5_VLForConditionalGeneration(config), ids, out)
+
+
+def _save(model: Any, ids: dict[str, int], out: Path) -> None:
+    """Save weights, config and a greedy generation config (without a progress bar)."""
+    from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
+
     model.generation_config = GenerationConfig.from_dict(
         {
             "bos_token_id": ids["<|endoftext|>"],
@@ -294,7 +300,7 @@ def _write_model(config: Any, ids: dict[str, int], seed: int, out: Path) -> None
 def _write_text_model(vl_config: Any, ids: dict[str, int], seed: int, out: Path) -> None:
     """A text-only Qwen2 with the same tokenizer and text shape (for P/D of a text LLM)."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     text = vl_config.text_config.to_dict()
     rope_theta = text.get("rope_parameters", {}).get("rope_theta", 1e6)
@@ -319,16 +325,7 @@ def _write_text_model(vl_config: Any, ids: dict[str, int], seed: int, out: Path)
         dtype="float32",
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig.from_dict(
-        {
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-            "pad_token_id": ids["<|endoftext|>"],
-            "do_sample": False,
-        }
-    )
-    model.save_pretrained(out, safe_serialization=True)
+    _save(Qwen2ForCausalLM(config), ids, out)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ of the step at once: no Python per layer.
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,7 +178,7 @@ class Decoder:
         else:
             host = torch.tensor([tokens, positions, lengths], dtype=torch.long)
             self._inputs[:, :n].copy_(host)
-            self._run(n, self._attend_each(lengths))
+            self._eager_step(lengths)
         return self._logits[:n], self._argmax[:n]
 
     def padded(
@@ -203,9 +202,7 @@ class Decoder:
         heads, kv_heads, dim = model.num_heads, model.kv_heads, model.head_dim
         mask = (self._span[:span].view(1, span) <= lengths.view(batch, 1)).view(batch, 1, 1, span)
         x = text.embed_tokens(tokens).view(batch, -1)
-        rope = positions.view(1, batch, 1).expand(3, batch, 1) if model.vlm else positions
-        cos, sin = text.rotary_emb(x, rope if model.vlm else rope.view(batch, 1))
-        cos, sin = cos.view(batch, 1, dim), sin.view(batch, 1, dim)
+        cos, sin = (t.view(batch, 1, dim) for t in self._rope(x, positions))
         for index, fused in enumerate(layers):
             qkv = torch.addmm(fused.qkv_bias, _norm(x, fused.input_norm), fused.qkv.t())
             qk = qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
@@ -234,14 +231,33 @@ class Decoder:
         self._fused = [_FusedLayer.of(layer) for layer in self.model.text.layers]
         return self._fused
 
-    def _attend_each(
-        self, lengths: list[int]
-    ) -> Callable[[int, torch.nn.Module, torch.Tensor], torch.Tensor]:
-        def attend(layer: int, attention: torch.nn.Module, q: torch.Tensor) -> torch.Tensor:
-            keys, values = self.pool.keys(layer), self.pool.values(layer)
-            outputs = []
-            for row, length in enumerate(lengths):
-                out, _ = sdpa_attention_forward(
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for one new token per row; M-RoPE's three sections share the position."""
+        batch = positions.shape[0]
+        if self.model.vlm:
+            return self.model.text.rotary_emb(x, positions.view(1, batch, 1).expand(3, batch, 1))  # type: ignore[no-any-return]
+        return self.model.text.rotary_emb(x, positions.view(batch, 1))  # type: ignore[no-any-return]
+
+    def _eager_step(self, lengths: list[int]) -> None:
+        """The step with HF's modules; each row attends over exactly its own positions."""
+        model, text, batch = self.model, self.model.text, len(lengths)
+        tokens, positions, written = self._inputs[:, :batch]
+        rows = self._rows[:batch]
+        x = text.embed_tokens(tokens.view(batch, 1))
+        cos, sin = (t.unsqueeze(1) for t in self._rope(x, positions))
+        for index, layer in enumerate(text.layers):
+            attention = layer.self_attn
+            keys, values = self.pool.keys(index), self.pool.values(index)
+            h = layer.input_layernorm(x)
+            q = attention.q_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
+            k = attention.k_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
+            v = attention.v_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys[rows, :, written] = k[:, :, 0]
+            values[rows, :, written] = v[:, :, 0]
+            attended = [
+                sdpa_attention_forward(
                     attention,
                     q[row : row + 1],
                     keys[row : row + 1, :, : length + 1],
@@ -249,36 +265,10 @@ class Decoder:
                     None,
                     dropout=0.0,
                     scaling=_scaling(attention),
-                )
-                outputs.append(out)
-            return torch.cat(outputs).reshape(len(lengths), 1, -1)
-
-        return attend
-
-    def _run(
-        self,
-        batch: int,
-        attend: Callable[[int, torch.nn.Module, torch.Tensor], torch.Tensor],
-    ) -> None:
-        """The step's arithmetic over the first `batch` slots; `attend` does the attention."""
-        model, text = self.model, self.model.text
-        tokens, positions, lengths = self._inputs[:, :batch]
-        rows = self._rows[:batch]
-        x = text.embed_tokens(tokens.view(batch, 1))
-        rope = positions.view(1, batch, 1).expand(3, batch, 1) if model.vlm else positions
-        cos, sin = text.rotary_emb(x, rope if model.vlm else rope.view(batch, 1))
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        for index, layer in enumerate(text.layers):
-            attention = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attention.q_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
-            k = attention.k_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
-            v = attention.v_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.pool.keys(index)[rows, :, lengths] = k[:, :, 0]
-            self.pool.values(index)[rows, :, lengths] = v[:, :, 0]
-            x = x + attention.o_proj(attend(index, attention, q))
+                )[0]
+                for row, length in enumerate(lengths)
+            ]
+            x = x + attention.o_proj(torch.cat(attended).reshape(batch, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = model.model.lm_head(text.norm(x)[:, 0]).float()
         self._logits[:batch].copy_(logits)

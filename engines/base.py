@@ -28,6 +28,9 @@ from typing import Any
 from triptych.protocol import BootstrapInfo, GenerateRequest, ImageItem, TokenChunk
 from triptych.transfer.embeddings import ImageEmbeddings
 
+Runner = Callable[[Callable[[], Any]], Awaitable[Any]]
+"""Runs a blocking piece of model work somewhere off the event loop and awaits its result."""
+
 
 class Engine:
     """Start and close; see the module docstring for the lifecycle."""
@@ -37,6 +40,11 @@ class Engine:
 
     async def close(self) -> None:
         """Release everything. Safe to call twice."""
+
+    def model_runner(self) -> Runner | None:
+        """Where an encoder in the same process should run its model work, so that one thread
+        owns the device (None: on a thread of its own)."""
+        return None
 
 
 class EncodeEngine(Engine, abc.ABC):
@@ -74,17 +82,8 @@ class PrefillEngine(Engine, abc.ABC):
         """Run prefill and offer the KV cache in `room`; on failure tell the room at once."""
 
 
-Runner = Callable[[Callable[[], Any]], Awaitable[Any]]
-"""Runs a blocking piece of model work somewhere off the event loop and awaits its result."""
-
-
 class GeneratingEngine(Engine):
     """What the decode and aggregated roles share: admission."""
-
-    def model_runner(self) -> Runner | None:
-        """Where an encoder in the same process should run its model work, so that one thread
-        owns the device (None: on a thread of its own)."""
-        return None
 
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold what one request needs to run (a KV slot), waiting while none is free.

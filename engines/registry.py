@@ -162,7 +162,7 @@ def _unavailable(config: EngineConfig, role: str) -> ServiceError:
 
 def encode_engine(config: EngineConfig, runner: Runner | None = None) -> EncodeEngine:
     """The engine for an encode worker, or for a worker's inline encoder (`runner`: where its
-    model work runs, see `GeneratingEngine.model_runner`)."""
+    model work runs, see `Engine.model_runner`)."""
     if config.name == "mock":
         return MockEncodeEngine(config.mock)
     if config.name == "hf":

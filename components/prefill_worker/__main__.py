@@ -32,7 +32,7 @@ def main() -> None:
     ) -> Sequence[Engine]:
         engine = prefill_engine(config.engine, transport.agent)
         await engine.start()
-        encoder = await inline_encoder(config, args.dedicated_mm_encoder)
+        encoder = await inline_encoder(config, args.dedicated_mm_encoder, engine.model_runner())
         handler = PrefillHandler(engine, transport, encoder)
         service.add_endpoint("generate", GenerateRequest, handler.generate)
         return [engine] if encoder is None else [engine, encoder]

@@ -38,11 +38,7 @@ class HfAggregatedEngine(AggregatedEngine):
             )
 
     def model_runner(self) -> Runner | None:
-        """On CUDA, the model thread: an inline vision tower then takes turns with prefill and
-        decode instead of contending with them for the GIL and the GPU."""
-        if self.executor is None or self.executor.model.device.type != "cuda":
-            return None
-        return self.executor.call
+        return self.executor.runner() if self.executor is not None else None
 
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
         assert self.executor is not None, "start() first"

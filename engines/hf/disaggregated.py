@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from triptych.engines.base import DecodeEngine
+from triptych.engines.base import DecodeEngine, Runner
 from triptych.engines.hf import kv_transfer
 from triptych.engines.hf.executor import PREFILL_BATCH, Decoding, ModelExecutor, load_executor
 from triptych.engines.hf.streaming import decode_stream
@@ -70,6 +70,9 @@ class HfPrefillEngine(RoomPrefillEngine):
                 self.model_path, self.device, None, "prefill", self.prefill_batch
             )
             await super().start()
+
+    def model_runner(self) -> Runner | None:
+        return self.executor.runner() if self.executor is not None else None
 
     async def close(self) -> None:
         await super().close()

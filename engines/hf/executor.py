@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from triptych.engines.base import Runner
 from triptych.engines.hf.decoder import Decoder
 from triptych.engines.hf.kv_cache import KVBudget, KVPool
 from triptych.engines.hf.model import LanguageModel, Prompt, SequenceKV
@@ -240,6 +241,11 @@ class ModelExecutor:
             self._jobs.append(run)
             self._wake.notify()
         return await future
+
+    def runner(self) -> Runner | None:
+        """On CUDA, `call`: other model work in this process (a vision tower) then takes turns
+        with prefill and decode instead of contending with them for the GIL and the GPU."""
+        return self.call if self.model.device.type == "cuda" else None
 
     def add(self, sequence: Running) -> None:
         """Join the decode batch (the caller holds a `reservation`)."""

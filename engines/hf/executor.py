@@ -136,6 +136,8 @@ class ModelExecutor:
             lambda: len(self._jobs) + len(self._prefills) + len(self._admitted) + self._waiting
         )
         metrics.KV_BYTES.labels(stage).set_function(self._kv_bytes)
+        self._batch_sizes = metrics.BATCH_SIZE.labels(stage)  # looked up once: per-step metrics
+        self._decoded = metrics.TOKENS_PROCESSED.labels(stage, "decode")
 
     @property
     def max_len(self) -> int:
@@ -317,7 +319,7 @@ class ModelExecutor:
         )
         for sequence in batch:
             sequence.length += 1
-        metrics.BATCH_SIZE.labels(self.stage).observe(len(batch))
+        self._batch_sizes.observe(len(batch))
         done = self._choose(batch, logits, argmax)
         if done:
             self._compact(done)
@@ -328,7 +330,7 @@ class ModelExecutor:
         """Sample and emit each sequence's next token; returns those that finished."""
         plain = [s.sampler.takes_argmax() for s in batch]
         picked = argmax.tolist() if any(plain) else []
-        metrics.TOKENS_PROCESSED.labels(self.stage, "decode").inc(len(batch))
+        self._decoded.inc(len(batch))
         done: set[Running] = set()
         for row, sequence in enumerate(batch):
             sampler = sequence.sampler

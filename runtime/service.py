@@ -70,6 +70,8 @@ class Context:
     stream: StreamSink
     """Where responses go (possibly a process further up the pipeline)."""
     task: "asyncio.Task[None] | None" = None
+    running: bool = False
+    """The task has taken its first step (before that, cancelling it would skip its cleanup)."""
     cancelled_by_caller: bool = False
     started: float = field(default_factory=time.monotonic)
 
@@ -235,7 +237,10 @@ class Service:
         loop = asyncio.get_running_loop()
         when = loop.time() + (ctx.deadline - time.time()) if math.isfinite(ctx.deadline) else None
         error: ErrorInfo | None = None
+        ctx.running = True
         try:
+            if ctx.cancelled_by_caller:  # the cancel came before this task's first step
+                raise asyncio.CancelledError
             async with asyncio.timeout_at(when):
                 await endpoint.handler(payload, ctx)
         except TimeoutError:
@@ -288,7 +293,9 @@ class Service:
         self._cancelled.add(request_id)
         for ctx in list(self._inflight.get(request_id, ())):
             ctx.cancelled_by_caller = True
-            if ctx.task is not None:
+            # A task cancelled before its first step never runs its body, so it would stay
+            # in flight for good: one that has not started sees the flag when it does.
+            if ctx.task is not None and ctx.running:
                 ctx.task.cancel()
 
     async def _keepalive_loop(self) -> None:

@@ -8,7 +8,7 @@ import pytest
 from pydantic import BaseModel
 
 from triptych.protocol import ErrorCode, ServiceError
-from triptych.runtime import Context, Runtime, RuntimeConfig, Service
+from triptych.runtime import Context, Runtime, RuntimeConfig, Service, wire
 from triptych.runtime.nats_server import NatsServer
 
 
@@ -278,3 +278,37 @@ async def test_a_cancel_that_overtakes_its_request_still_wins(
         await client.call(Ask(count=100, delay=0.05), request_id="early", deadline=soon())
     assert caught.value.code == 499
     assert worker.service.in_flight == 0
+
+
+class _HeldRequest:
+    """A NATS micro request as `Service` sees it, answered in place (no network round trip),
+    so that a cancel can be delivered in the one step between the ack and the task's start."""
+
+    def __init__(self, request_id: str) -> None:
+        self.headers = {wire.REQUEST_ID: request_id, wire.STREAM_TO: "_INBOX.nobody"}
+        self.data = Ask(count=100, delay=0.05).model_dump_json().encode()
+        self.acked = False
+
+    async def respond(self, data: bytes, headers: dict[str, str] | None = None) -> None:
+        self.acked = True
+
+    async def respond_error(self, code: str, description: str) -> None:
+        raise AssertionError(f"refused: {code} {description}")
+
+
+async def test_a_cancel_before_the_handler_starts_leaves_nothing_in_flight(
+    runtimes: tuple[Runtime, Runtime, Runtime],
+) -> None:
+    _, w1, _ = runtimes
+    worker = await started(w1)
+    service = worker.service
+    request = _HeldRequest("racy")
+    await service._receive(service._endpoints[0], request)  # type: ignore[arg-type]
+    assert request.acked and service.in_flight == 1
+    cancel = type("Msg", (), {"data": b"racy"})()
+    await service._on_cancel(cancel)  # no await yielded: the handler's task has not started
+    for _ in range(50):
+        if service.in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert service.in_flight == 0

@@ -228,7 +228,10 @@ class TransferAgent:
         elif "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
             log.warning("%s: expandable segments make NIXL fall back to TCP", self.name)
         api = _nixl_api()
-        self._agent = api.nixl_agent(self.name, api.nixl_agent_config(backends=["UCX"]))
+        # No progress thread: it spins a core per process, and NIXL progresses UCX inside the
+        # calls this agent makes anyway (posting and checking READs, polling notifications).
+        config = api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+        self._agent = api.nixl_agent(self.name, config)
         self._buf = torch.empty(self._pool_bytes, dtype=torch.uint8, device=self.device)
         self._reg = self._agent.register_memory(self._buf)
         self._metadata = self._agent.get_agent_metadata()

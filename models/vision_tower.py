@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoConfig, AutoImageProcessor
+from transformers.initialization import no_init_weights
 
 VISION_PREFIXES = ("visual.", "model.visual.")
 
@@ -67,7 +68,10 @@ class VisionTower:
         config = AutoConfig.from_pretrained(model_path)
         self.dtype = dtype or getattr(config, "dtype", None) or torch.float32
         self.device = torch.device(device)
-        tower = _tower_class(config.model_type)._from_config(config.vision_config, dtype=self.dtype)
+        with no_init_weights():  # every weight is loaded below: a random init is wasted
+            tower = _tower_class(config.model_type)._from_config(
+                config.vision_config, dtype=self.dtype
+            )
         missing, unexpected = tower.load_state_dict(load_vision_weights(root, "cpu"), strict=False)
         if missing or unexpected:
             raise ValueError(

@@ -281,3 +281,23 @@ async def test_same_gpu_reads_map_the_exporters_pool() -> None:
     finally:
         await agent.close()
         peer.join(10)
+
+
+async def test_a_notification_alone_reaches_a_new_peer() -> None:
+    """The same-GPU path notifies without a READ first, so its first notification to a peer
+    waits for the connection; the reader then makes no NIXL call the test could lean on."""
+    peer = Peer()
+    reader = TransferAgent("reader", pool_bytes=MiB)
+    await reader.start()
+    try:
+        ref = await peer.call("export", 9, (1000,), "float32", "notified")
+        assert await peer.call("in_use") > 0
+        reader._notify(ref)
+        for _ in range(100):
+            if await peer.call("in_use") == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await peer.call("in_use") == 0
+    finally:
+        await reader.close()
+        await peer.close()

@@ -56,6 +56,8 @@ _TAG = 8
 """Bytes after each exported tensor: a digest of its key."""
 _SPIN_S = 200e-6
 """How long a fetch yields in a busy loop before sleeping (asyncio rounds sleeps up to 1 ms)."""
+FLUSH_S = 1.0
+"""How long the poller keeps progressing UCX after this agent sent a notification."""
 
 
 class PoolFull(RuntimeError):
@@ -212,6 +214,8 @@ class TransferAgent:
         """The stream that copies out of mapped pools."""
         self._exports: dict[str, _Export] = {}
         self._wake = asyncio.Event()
+        self._flush_until = 0.0
+        """Until when (event loop time) the poller progresses UCX for notifications sent."""
         self._room = asyncio.Event()
         """Set whenever a region is freed (fetches wait on it while the pool is full)."""
         self._poller: asyncio.Task[None] | None = None
@@ -357,9 +361,11 @@ class TransferAgent:
                     raise PoolFull(f"no room for {nbytes} bytes before the deadline") from None
 
     async def _poll_notifs(self) -> None:
-        """Poll NIXL's notifications every millisecond while exports are outstanding."""
+        """Poll NIXL's notifications (which progresses UCX) every millisecond while exports
+        are outstanding or a notification this agent sent may still be on its way."""
+        loop = asyncio.get_running_loop()
         while True:
-            if not self._exports:
+            if not self._exports and loop.time() >= self._flush_until:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -423,10 +429,7 @@ class TransferAgent:
             region = self._buf[offset:end]
             if region[nbytes:].cpu().numpy().tobytes() != _digest(ref.key):
                 raise TransferError(f"{ref.agent} released {ref.key!r} before it was read")
-            try:
-                self._agent.send_notif(ref.agent, ref.key.encode())
-            except Exception as e:
-                log.warning("%s: cannot notify %s of %r: %r", self.name, ref.agent, ref.key, e)
+            self._notify(ref)
             out = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             out.copy_(region[:nbytes])
             if self.device.type == "cuda":
@@ -469,12 +472,23 @@ class TransferAgent:
         out.record_stream(torch.cuda.default_stream(self.device))  # where it will be read
         if tag != _digest(ref.key):
             raise TransferError(f"{ref.agent} released {ref.key!r} before it was read")
+        self._notify(ref)
+        return out.view(dtype).view(ref.shape)
+
+    def _notify(self, ref: TensorRef) -> None:
+        """Tell the exporter its export was read (so it frees the region).
+
+        NIXL does not track a notification that UCX could not send at once (the first one to
+        a peer waits for the connection): without a progress thread, only this agent's own
+        calls move it on, so the poller keeps progressing UCX for `FLUSH_S` after each one.
+        """
         try:
             self._add_remote(ref)
             self._agent.send_notif(ref.agent, ref.key.encode())
         except Exception as e:
             log.warning("%s: cannot notify %s of %r: %r", self.name, ref.agent, ref.key, e)
-        return out.view(dtype).view(ref.shape)
+        self._flush_until = asyncio.get_running_loop().time() + FLUSH_S
+        self._wake.set()
 
     def _add_remote(self, ref: TensorRef) -> None:
         if ref.agent not in self._remotes:

@@ -361,16 +361,13 @@ class TransferAgent:
                     raise PoolFull(f"no room for {nbytes} bytes before the deadline") from None
 
     async def _poll_notifs(self) -> None:
-        """Poll NIXL's notifications (which progresses UCX): every millisecond while exports
-        are outstanding, backing off to 64 ms while only a notification this agent sent may
-        still be on its way."""
+        """Poll NIXL's notifications (which progresses UCX) every millisecond while exports
+        are outstanding or a notification this agent sent may still be on its way."""
         loop = asyncio.get_running_loop()
-        pause = 0.001
         while True:
             if not self._exports and loop.time() >= self._flush_until:
                 self._wake.clear()
                 await self._wake.wait()
-                pause = 0.001
                 continue
             try:
                 notifs = self._agent.get_new_notifs()  # {str agent name: [bytes message]}
@@ -384,9 +381,7 @@ class TransferAgent:
                     export.notified = True
                     self._free_export(export)
                     export.done.set()
-            # exports want their notifications at once; sends only need moving on eventually
-            pause = 0.001 if self._exports else min(2 * pause, 0.064)
-            await asyncio.sleep(pause)
+            await asyncio.sleep(0.001)
 
     # importer side
 

@@ -1,9 +1,11 @@
-"""The hf engine's parts: a vision-only encoder that batches, batched decode over the KV pool,
+"""The hf engine's parts: a vision-only encoder that batches (packed window attention,
+threaded preprocessing), batched decode over the KV pool,
 queueing beyond the KV budget, sampling rules."""
 
 import asyncio
+import copy
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 from prometheus_client import REGISTRY
 from safetensors import safe_open
+from torch.nn import functional as F
 
 from triptych.engines.hf.decoder import Decoder
 from triptych.engines.hf.encode import HfEncodeEngine
@@ -21,6 +24,7 @@ from triptych.engines.hf.model import LanguageModel, Prompt, SequenceKV
 from triptych.engines.hf.sampler import Sampler
 from triptych.engines.hf.streaming import decode_stream
 from triptych.models import load_adapter
+from triptych.models.vision_tower import VisionTower
 from triptych.protocol import (
     ErrorCode,
     GenerateRequest,
@@ -101,6 +105,54 @@ async def test_an_inline_encoder_runs_its_forwards_where_it_is_told(tiny_model: 
     embeddings = await engine.encode("r", [image_item(tiny_model, 56, 84)])
     assert ran == ["runner"] and embeddings.num_tokens == 6
     await engine.close()
+
+
+SIZES = ((448, 448), (300, 517), (640, 200))
+"""A regular image (windows of one length) and two whose edge windows are shorter."""
+
+
+def test_packed_window_attention_is_transformers_arithmetic_in_fewer_calls(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tower = VisionTower(str(tiny_model))
+    packed = tower.module
+    plain = copy.deepcopy(packed)
+    for module in plain.modules():
+        vars(module).pop("forward", None)  # back to transformers' window-by-window forward
+    calls = 0
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+
+    def run(module: torch.nn.Module, images: Sequence[bytes]) -> tuple[torch.Tensor, int]:
+        nonlocal calls
+        tower.module, calls = module, 0
+        return tower.encode(*tower.preprocess(images)), calls
+
+    mixed = [image_item(tiny_model, w, h).data or b"" for w, h in SIZES]
+    out, mixed_calls = run(packed, mixed)
+    expected, plain_calls = run(plain, mixed)
+    assert torch.equal(out, expected)
+    assert plain_calls > 3 * mixed_calls
+    square = [image_item(tiny_model, 448, 448).data or b"" for _ in range(2)]
+    out, square_calls = run(packed, square)
+    assert torch.equal(out, run(plain, square)[0])
+    assert square_calls == 2  # a call per layer: 32 windows of one length, then 2 whole images
+
+
+def test_images_preprocessed_on_threads_match_one_processor_call(tiny_model: Path) -> None:
+    tower = VisionTower(str(tiny_model))
+    images = [image_item(tiny_model, w, h).data or b"" for w, h in SIZES]
+    pixels, grids = tower.preprocess(images)
+    pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+    whole = tower.processor(images=pictures, return_tensors="pt")
+    assert torch.equal(pixels, whole["pixel_values"])
+    assert torch.equal(grids, whole["image_grid_thw"])
 
 
 @pytest.fixture(scope="module")

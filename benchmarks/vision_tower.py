@@ -1,0 +1,152 @@
+"""The encode stage's own costs: the vision tower's forward and the images' preprocessing.
+
+1. The Qwen2.5-VL tower (7B- or tiny-shaped, random weights built from a config; bf16 on a GPU)
+   on 448x448 images: transformers' forward, which attends window by window,
+   against triptych's packed window attention, for 1 and 8 images and for three sizes at once;
+   median of 7 timed runs after a warm-up, and whether the outputs are bitwise equal.
+2. Preprocessing of 448x448 PNGs with the checkpoint's image processor: all images in one call
+   on one thread, against `VisionTower.preprocess` (one image per call on a thread pool).
+
+Writes ``vision_tower_<shape>_<device>.json`` into ``--out``.
+
+    python benchmarks/vision_tower.py [--shape 7b|tiny] [--device cuda] [--out DIR]
+"""
+
+import argparse
+import copy
+import io
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_epd import SHAPES
+from load import machine_info
+
+from triptych.models.tiny import default_model_path, ensure_checkpoint
+from triptych.models.vision_attention import pack_window_attention
+from triptych.models.vision_tower import VisionTower
+
+ROOT = Path(__file__).resolve().parents[1]
+GRIDS = {
+    "1 image 448x448": [[1, 32, 32]],
+    "8 images 448x448": [[1, 32, 32]] * 8,
+    "448x448 + 300x517 + 640x200": [[1, 32, 32], [1, 36, 22], [1, 14, 46]],
+}
+
+
+def median_ms(work: Callable[[], Any], device: torch.device, runs: int = 7) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    work()
+    sync()
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        work()
+        sync()
+        times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+def build_tower(shape: str, device: torch.device) -> torch.nn.Module:
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel,
+    )
+
+    vision = {**SHAPES[shape]["vision"], "patch_size": 14, "spatial_merge_size": 2}
+    config = Qwen2_5_VLConfig(vision_config={**vision, "temporal_patch_size": 2})
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(
+            config.vision_config, dtype=dtype
+        )
+    return tower.eval()
+
+
+@torch.inference_mode()
+def forwards(shape: str, device: torch.device) -> dict[str, Any]:
+    plain = build_tower(shape, device)
+    packed = copy.deepcopy(plain)
+    pack_window_attention(packed)
+    dtype = next(plain.parameters()).dtype
+    width = plain.config.in_channels * plain.config.temporal_patch_size * plain.config.patch_size**2
+    out: dict[str, Any] = {}
+    for name, grids in GRIDS.items():
+        rows = sum(t * h * w for t, h, w in grids)
+        pixels = torch.randn(rows, width, device=device, dtype=dtype)
+        grid = torch.tensor(grids, device=device)
+        expected = plain(pixels, grid_thw=grid).pooler_output
+        got = packed(pixels, grid_thw=grid).pooler_output
+        out[name] = {
+            "transformers_ms": median_ms(lambda: plain(pixels, grid_thw=grid), device),  # noqa: B023
+            "packed_ms": median_ms(lambda: packed(pixels, grid_thw=grid), device),  # noqa: B023
+            "bitwise_equal": bool(torch.equal(expected, got)),
+        }
+        print(f"  {name}: {json.dumps(out[name])}", flush=True)
+    return out
+
+
+def preprocessing() -> dict[str, Any]:
+    tower = VisionTower(str(ensure_checkpoint(default_model_path())))
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(8):
+        buffer = io.BytesIO()
+        pixels = (rng.random((448, 448, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+
+    def one_call(batch: list[bytes]) -> None:
+        pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in batch]
+        tower.processor(images=pictures, return_tensors="pt")
+
+    cpu = torch.device("cpu")
+    out = {
+        "1 image, one call": median_ms(lambda: one_call(images[:1]), cpu),
+        "8 images, one call": median_ms(lambda: one_call(images), cpu),
+        "8 images, VisionTower.preprocess": median_ms(lambda: tower.preprocess(images), cpu),
+    }
+    print(f"  preprocessing (ms): {json.dumps(out)}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--shape", choices=("7b", "tiny"), default="7b")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    summary = {
+        "benchmark": "vision tower forward (transformers vs packed window attention) and "
+        "image preprocessing; median ms of 7 runs",
+        "model": f"Qwen2.5-VL-{args.shape} vision tower, random weights",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "machine": machine_info(),
+        "torch": torch.__version__,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "forward_ms": forwards(args.shape, device),
+        "preprocessing_ms": preprocessing(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"vision_tower_{args.shape}_{device.type}.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

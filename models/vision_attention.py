@@ -5,8 +5,8 @@ transformers runs a tower's attention one window at a time unless flash-attn is 
 host sync, and eight images make 128. Here windows of equal length run as one batched SDPA
 call (a regular grid has one or a few lengths), and the windows' layout is read from the device
 once per forward instead of once per layer. The arithmetic per window is unchanged (outputs are
-bitwise equal). On an H100 the 7B-shaped tower went from 43 to 22 ms for one image and from
-189 to 75 ms for eight.
+bitwise equal). On an H100 the 7B-shaped tower went from 45 to 21 ms for one image and from
+168 to 76 ms for eight (``benchmarks/vision_tower.py``).
 """
 
 import itertools

@@ -5,6 +5,7 @@ queueing beyond the KV budget, sampling rules."""
 import asyncio
 import copy
 import io
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,18 @@ async def test_an_inline_encoder_runs_its_forwards_where_it_is_told(tiny_model: 
 
     engine = HfEncodeEngine(str(tiny_model), runner=runner)
     await engine.start()
+    assert engine.tower is not None
+    preprocess = engine.tower.preprocess
+
+    def recording(images: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+        ran.append(threading.current_thread().name)
+        return preprocess(images)
+
+    engine.tower.preprocess = recording  # type: ignore[method-assign]
     embeddings = await engine.encode("r", [image_item(tiny_model, 56, 84)])
-    assert ran == ["runner"] and embeddings.num_tokens == 6
+    # preprocessing (host work) stays off the runner, which gets only the forward
+    assert ran[1:] == ["runner"] and ran[0] != threading.current_thread().name
+    assert embeddings.num_tokens == 6
     await engine.close()
 
 

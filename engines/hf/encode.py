@@ -5,8 +5,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from triptych.engines.base import EncodeEngine, Runner
 from triptych.models.vision_tower import VisionTower
 from triptych.observability import metrics
@@ -88,11 +86,15 @@ class HfEncodeEngine(EncodeEngine):
         metrics.ENCODE_BATCH.observe(len(images))
         started = time.perf_counter()
         try:
-            data = [image.data or b"" for image in images]
+            # preprocessing is host work: it stays off the runner (a model thread between
+            # decode steps), which gets only the forward
+            pixels, grids = await asyncio.to_thread(
+                tower.preprocess, [image.data or b"" for image in images]
+            )
             if self.runner is None:
-                embeddings, grids = await asyncio.to_thread(_encode, tower, data)
+                embeddings = await asyncio.to_thread(tower.encode, pixels, grids)
             else:
-                embeddings, grids = await self.runner(lambda: _encode(tower, data))
+                embeddings = await self.runner(lambda: tower.encode(pixels, grids))
         except Exception as error:
             failure = ServiceError(ErrorCode.INTERNAL, f"vision tower failed: {error}")
             for job in batch:
@@ -123,8 +125,3 @@ class HfEncodeEngine(EncodeEngine):
             job.future.set_result(
                 ImageEmbeddings(num_tokens=count, hidden_size=int(part.shape[-1]), tensor=part)
             )
-
-
-def _encode(tower: VisionTower, images: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
-    pixel_values, grids = tower.preprocess(images)
-    return tower.encode(pixel_values, grids), grids

@@ -16,6 +16,8 @@ from PIL import Image
 from prometheus_client import REGISTRY
 from safetensors import safe_open
 from torch.nn import functional as F
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from triptych.engines.hf.decoder import Decoder
 from triptych.engines.hf.encode import HfEncodeEngine
@@ -25,6 +27,7 @@ from triptych.engines.hf.model import LanguageModel, Prompt, SequenceKV
 from triptych.engines.hf.sampler import Sampler
 from triptych.engines.hf.streaming import decode_stream
 from triptych.models import load_adapter
+from triptych.models.vision_attention import pack_window_attention
 from triptych.models.vision_tower import VisionTower
 from triptych.protocol import (
     ErrorCode,
@@ -154,6 +157,19 @@ def test_packed_window_attention_is_transformers_arithmetic_in_fewer_calls(
     out, square_calls = run(packed, square)
     assert torch.equal(out, run(plain, square)[0])
     assert square_calls == 2  # a call per layer: 32 windows of one length, then 2 whole images
+
+
+@torch.inference_mode()
+def test_packing_covers_qwen2_vl_towers_too() -> None:
+    """Qwen2-VL attends per whole image: images of one size share a call."""
+    config = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2)
+    plain = Qwen2VisionTransformerPretrainedModel._from_config(config).eval()
+    packed = copy.deepcopy(plain)
+    assert pack_window_attention(packed) == 2
+    grids = torch.tensor([[1, 8, 8], [1, 6, 10], [1, 8, 8]])
+    pixels = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14)
+    expected, got = plain(pixels, grid_thw=grids), packed(pixels, grid_thw=grids)
+    assert torch.equal(expected.pooler_output, got.pooler_output)
 
 
 def test_images_preprocessed_on_threads_match_one_processor_call(tiny_model: Path) -> None:

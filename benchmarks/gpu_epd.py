@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import chat_body, picture, stream_chat
 from launcher import free_port, launch, stop
+from load import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES: dict[str, dict[str, Any]] = {
@@ -162,6 +163,16 @@ def copy_bandwidth(device: str) -> float | None:
     return 2 * 10 * a.numel() / (time.perf_counter() - started)
 
 
+def run_info(device: str) -> dict[str, Any]:
+    """Where and when a GPU benchmark ran: its GPU, machine, torch version and time (UTC)."""
+    return {
+        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "machine": machine_info(),
+        "torch": torch.__version__,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def transfer_times(log: str) -> dict[str, list[dict[str, float]]]:
     found: dict[str, list[dict[str, float]]] = {"embeddings": [], "kv": []}
     for size, ms in re.findall(r"embeddings \S+: (\d+) bytes read in ([\d.]+) ms", log):
@@ -229,9 +240,7 @@ def main() -> None:
         "benchmark": "E/P/D on one device, hf engine, one 448x448 image + short text",
         "shape": args.shape,
         "device": args.device,
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        "torch": torch.__version__,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **run_info(args.device),
         "setup": timings,
         "device_copy_bytes_per_s": bandwidth,
         "requests": results,

@@ -36,9 +36,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import chat_body, picture, png, stream_chat
-from gpu_epd import build_checkpoint, copy_bandwidth, transfer_times
+from gpu_epd import build_checkpoint, copy_bandwidth, run_info, transfer_times
 from launcher import free_port, launch, stop
-from load import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (
@@ -324,10 +323,7 @@ def main() -> None:
         f"{args.max_tokens} tokens, ignore_eos, greedy",
         "worker_args": args.worker_args,
         "model": f"Qwen2.5-VL-{args.shape} shape, random bf16",
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "machine": machine_info(),
-        "torch": torch.__version__,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **run_info(args.device),
         "device_copy_bytes_per_s": copy,
         "language_model_weight_bytes": weights,
         "weight_bound_step_ms": 1e3 * weights / copy if copy else None,

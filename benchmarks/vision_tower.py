@@ -23,13 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_epd import SHAPES
-from load import machine_info
+from chat_client import png
+from gpu_epd import SHAPES, run_info
 
 from triptych.models.tiny import default_model_path, ensure_checkpoint
 from triptych.models.vision_attention import pack_window_attention
@@ -100,13 +99,7 @@ def forwards(shape: str, device: torch.device) -> dict[str, Any]:
 
 def preprocessing() -> dict[str, Any]:
     tower = VisionTower(str(ensure_checkpoint(default_model_path())))
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(8):
-        buffer = io.BytesIO()
-        pixels = (rng.random((448, 448, 3)) * 255).astype("uint8")
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        images.append(buffer.getvalue())
+    images = [png(448) for _ in range(8)]
 
     def one_call(batch: list[bytes]) -> None:
         pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in batch]
@@ -135,10 +128,7 @@ def main() -> None:
         "benchmark": "vision tower forward (transformers vs packed window attention) and "
         "image preprocessing; median ms of 7 runs",
         "model": f"Qwen2.5-VL-{args.shape} vision tower, random weights",
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "machine": machine_info(),
-        "torch": torch.__version__,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **run_info(args.device),
         "forward_ms": forwards(args.shape, device),
         "preprocessing_ms": preprocessing(),
     }

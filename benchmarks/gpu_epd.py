@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import chat_body, picture, stream_chat
-from launcher import free_port, launch, stop
+from launcher import launch, stop
 from load import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,12 +198,10 @@ def main() -> None:
     checkpoint = build_checkpoint(args.checkpoint, args.shape, args.device)
     timings["build_checkpoint_s"] = time.perf_counter() - begun
     bandwidth = copy_bandwidth(args.device)
-    port = free_port()
     log_path = args.out / f"gpu_epd_{args.shape}.log"
-    url = f"http://127.0.0.1:{port}"
     results: list[dict[str, float]] = []
     begun = time.perf_counter()
-    launcher = launch(
+    launcher, url = launch(
         "multimodal_disagg.sh",
         [
             "--engine",
@@ -216,7 +214,6 @@ def main() -> None:
             "--transfer-pool-mb",
             "1024",
         ],
-        port,
         log_path,
         timeout=480,
     )

@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import chat_body, picture, png, stream_chat
 from gpu_epd import build_checkpoint, copy_bandwidth, run_info, transfer_times
-from launcher import free_port, launch, stop
+from launcher import launch, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (
@@ -214,21 +214,20 @@ async def sweep(
 def run_topology(
     name: str, checkpoint: Path, device: str, args: argparse.Namespace
 ) -> tuple[dict[str, Any], str]:
-    port = free_port()
     log_path = (
         args.out / f"gpu_hf_{args.shape}{args.tag}_{TOPOLOGIES[name].removesuffix('.sh')}.log"
     )
     began = time.perf_counter()
     flags = ["--engine", "hf", "--device", device, "--model-path", str(checkpoint)]
     flags += ["--", *args.worker_args.split()] if args.worker_args else []
-    launcher = launch(TOPOLOGIES[name], flags, port, log_path, timeout=600)
+    launcher, url = launch(TOPOLOGIES[name], flags, log_path, timeout=600)
     ready_s = time.perf_counter() - began
     print(f"{name} ready in {ready_s:.0f} s", flush=True)
     per_level = {level: 8 if level == 1 else min(4 * level, 64) for level in args.concurrency}
     try:
         levels = asyncio.run(
             sweep(
-                f"http://127.0.0.1:{port}",
+                url,
                 checkpoint.name,
                 args.concurrency,
                 args.max_tokens,

@@ -19,7 +19,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import chat_body, picture
-from launcher import free_port, launch, stop
+from launcher import launch, stop
 from load import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +46,9 @@ def main() -> None:
     parser.add_argument("--warm-up", type=int, default=4, help="requests before measuring")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/idle_cpu.json")
     args = parser.parse_args()
-    port = free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "idle-cpu-launch.log"
-    launcher = launch(args.topology, ["--engine", "hf"], port, log)
+    launcher, url = launch(args.topology, ["--engine", "hf"], log)
     try:
-        url = f"http://127.0.0.1:{port}"
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         body = chat_body(model, [picture(112)], "Describe it.", 8)
         body.pop("stream_options")

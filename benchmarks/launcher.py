@@ -1,31 +1,24 @@
 """Starting and stopping a topology with its launch script, for the benchmarks."""
 
 import os
+import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+SERVING = re.compile(r"triptych is serving on http://[^:]+:([0-9]+) ")
 
 
 def launch(
-    script: str, args: list[str], port: int, log: Path, timeout: float = 300
-) -> subprocess.Popen[bytes]:
-    """Run ``launch/<script> args... --http-port port`` and wait until ``/ready`` says 200."""
+    script: str, args: list[str], log: Path, timeout: float = 300
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Run ``launch/<script> args... --http-port 0`` until it says it serves (it does so once
+    ``/ready`` answers 200); returns the launcher and the frontend's base URL."""
     env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
     split = args.index("--") if "--" in args else len(args)  # worker flags follow "--"
-    command = [*args[:split], "--http-port", str(port), *args[split:]]
+    command = [*args[:split], "--http-port", "0", *args[split:]]
     launcher = subprocess.Popen(
         ["bash", str(ROOT / "launch" / script), *command],
         stdout=log.open("wb"),
@@ -33,16 +26,13 @@ def launch(
         env=env,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}/ready"
     begun = time.monotonic()
     while time.monotonic() - begun < timeout:
         if launcher.poll() is not None:
             break
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return launcher
-        except httpx.HTTPError:
-            pass
+        serving = SERVING.search(log.read_text(errors="replace"))
+        if serving:
+            return launcher, f"http://127.0.0.1:{serving[1]}"
         time.sleep(0.2)
     stop(launcher)
     raise RuntimeError(f"{script} did not become ready:\n{log.read_text()[-3000:]}")

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import chat_body, picture, stream_chat
 from gpu_epd import build_checkpoint, transfer_times
-from launcher import free_port, launch, stop
+from launcher import launch, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = {
@@ -124,11 +124,9 @@ def run_topology(
     seconds: float,
     max_tokens: int,
 ) -> dict[str, Any]:
-    port = free_port()
     log = out / f"multi_gpu_{script[0].removesuffix('.sh')}.log"
-    url = f"http://127.0.0.1:{port}"
     begun = time.perf_counter()
-    launcher = launch(
+    launcher, url = launch(
         script[0],
         [
             *script[1:],
@@ -142,7 +140,6 @@ def run_topology(
             "--transfer-pool-mb",
             "2048",
         ],
-        port,
         log,
     )
     try:

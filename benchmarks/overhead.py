@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launcher import free_port, launch, stop
+from launcher import launch, stop
 from load import LoadConfig, machine_info, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,11 +55,10 @@ def main() -> None:
     results: dict[str, Any] = {}
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     for name, script in TOPOLOGIES.items():
-        port = free_port()
-        launcher = launch(script, ["--engine", "mock"], port, log_dir / f"overhead-{script}.log")
+        launcher, url = launch(script, ["--engine", "mock"], log_dir / f"overhead-{script}.log")
         try:
             results[name] = asyncio.run(
-                measure(f"http://127.0.0.1:{port}", args.model, args.requests_c1, args.requests_c32)
+                measure(url, args.model, args.requests_c1, args.requests_c32)
             )
         finally:
             stop(launcher)

@@ -25,7 +25,7 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launcher import free_port, launch, stop
+from launcher import launch, stop
 from load import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,10 +114,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/soak_cpu.json")
     args = parser.parse_args()
-    port = free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "soak-launch.log"
-    launcher = launch("multimodal_disagg.sh", ["--engine", "hf"], port, log)
-    url = f"http://127.0.0.1:{port}"
+    launcher, url = launch("multimodal_disagg.sh", ["--engine", "hf"], log)
     try:
         processes = psutil.Process(launcher.pid).children(recursive=True)
         stats: dict[str, Any] = {

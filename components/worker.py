@@ -9,11 +9,19 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from triptych.engines import EncodeEngine, Engine, EngineConfig, Runner, encode_engine
+from triptych.engines import (
+    EncodeEngine,
+    Engine,
+    EngineConfig,
+    PrefillEngine,
+    Runner,
+    encode_engine,
+)
 from triptych.models import load_adapter
 from triptych.observability import metrics
 from triptych.runtime import Runtime, RuntimeConfig, Service
 from triptych.runtime.entry import configure_logging, serve
+from triptych.runtime.port_file import write_port_file
 from triptych.runtime.status_server import StatusServer
 from triptych.transfer import EmbeddingTransport, TransferAgent
 
@@ -38,6 +46,8 @@ class WorkerConfig:
     """Interface of the worker's /metrics, /health and /ready."""
     metrics_port: int
     """Their port (0: any free port, announced in the logs and the NATS micro metadata)."""
+    port_file: str | None = None
+    """Where to announce the bound ports (``{"status": N}``, plus ``"bootstrap"`` on prefill)."""
 
 
 def worker_parser(description: str) -> argparse.ArgumentParser:
@@ -62,6 +72,11 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="port of /metrics, /health, /ready (0: a free one, announced)",
+    )
+    parser.add_argument(
+        "--port-file",
+        default=None,
+        help='write {"status": PORT} (and "bootstrap" on prefill) to this file once serving',
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -118,6 +133,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         transfer_pool_mb=args.transfer_pool_mb,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        port_file=args.port_file,
     )
 
 
@@ -150,6 +166,8 @@ def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
             engines = await setup(runtime, service, transport)
             try:
                 await service.start()
+                if config.port_file:
+                    write_port_file(config.port_file, _bound_ports(status.port, engines))
                 ready = True
                 await stop.wait()
                 ready = False
@@ -164,3 +182,11 @@ def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
                 await status.close()
 
     serve(main)
+
+
+def _bound_ports(status_port: int, engines: Sequence[Engine]) -> dict[str, int]:
+    ports = {"status": status_port}
+    for engine in engines:
+        if isinstance(engine, PrefillEngine):
+            ports["bootstrap"] = engine.bootstrap_address[1]
+    return ports

@@ -15,6 +15,5 @@ if [[ -n "$GPUS" ]]; then
 else
   start worker decode_worker "${FLAGS[@]}" --disaggregation-mode agg "${WORKER_ARGS[@]}"
 fi
-start frontend frontend --model-path "$MODEL_PATH" --topology EPD \
-  --http-host "$HTTP_HOST" --http-port "$HTTP_PORT"
+start_frontend EPD
 supervise

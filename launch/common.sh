@@ -24,7 +24,7 @@ RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/triptych-launch.XXXXXX")"
 
 usage() {
   cat <<USAGE
-usage: $(basename "$0") [--engine hf|mock|sglang] [--model-path P] [--http-port N]
+usage: $(basename "$0") [--engine hf|mock|sglang] [--model-path P] [--http-port N (0: any)]
                         [--http-host H] [--device D] [--encode-gpu N] [--prefill-gpu N]
                         [--decode-gpu N] [--gpus N,M,...] [-- extra worker flags...]
 Starts a private nats-server on a free loopback port when NATS_URL is unset.
@@ -132,10 +132,46 @@ worker_flags() {
   echo --engine "$ENGINE" --model-path "$MODEL_PATH" --device "$DEVICE"
 }
 
-# Block until a signal arrives or any component exits (then stop the rest and fail).
+# start_frontend TOPOLOGY: the frontend, on --http-port (0: a free port, announced in a file).
+start_frontend() {
+  start frontend frontend --model-path "$MODEL_PATH" --topology "$1" \
+    --http-host "$HTTP_HOST" --http-port "$HTTP_PORT" --port-file "$RUN_DIR/frontend.port"
+}
+
+# ready_on PORT: whether the frontend's /ready answers 200 (HTTP over bash's /dev/tcp).
+ready_on() {
+  local host="$HTTP_HOST" fd line=""
+  [[ "$host" == 0.0.0.0 ]] && host=127.0.0.1
+  { exec {fd}<>"/dev/tcp/$host/$1"; } 2>/dev/null || return 1
+  printf 'GET /ready HTTP/1.0\r\nHost: %s\r\n\r\n' "$host" >&"$fd"
+  read -r -t 2 line <&"$fd" || true
+  exec {fd}>&-
+  [[ "$line" == *" 200 "* ]]
+}
+
+# Wait until the frontend announced its port and every stage is ready; 1 if a process exited.
+await_ready() {
+  local pid port=""
+  while :; do
+    for pid in "${PIDS[@]}" $NATS_PID; do kill -0 "$pid" 2>/dev/null || return 1; done
+    if [[ -z "$port" && -s "$RUN_DIR/frontend.port" ]]; then
+      port="$(sed -E 's/.*"http": *([0-9]+).*/\1/' "$RUN_DIR/frontend.port")"
+    fi
+    if [[ -n "$port" ]] && ready_on "$port"; then
+      HTTP_PORT="$port"
+      return 0
+    fi
+    sleep 0.2
+  done
+}
+
+# Say where triptych serves once it answers, then block until a signal arrives or any component
+# exits (then stop the rest and fail).
 supervise() {
-  echo "triptych is serving on http://$HTTP_HOST:$HTTP_PORT (Ctrl-C to stop)" >&2
   set +e
+  if await_ready; then
+    echo "triptych is serving on http://$HTTP_HOST:$HTTP_PORT (Ctrl-C to stop)" >&2
+  fi
   wait -n "${PIDS[@]}" $NATS_PID
   local status=$?
   echo "a triptych process exited (status $status); stopping the stack" >&2

@@ -9,6 +9,5 @@ read -ra FLAGS <<<"$(worker_flags)"
 start_on "$PREFILL_GPU" prefill prefill_worker "${FLAGS[@]}" "${WORKER_ARGS[@]}"
 start_on "$DECODE_GPU" decode decode_worker "${FLAGS[@]}" --disaggregation-mode decode \
   "${WORKER_ARGS[@]}"
-start frontend frontend --model-path "$MODEL_PATH" --topology P/D \
-  --http-host "$HTTP_HOST" --http-port "$HTTP_PORT"
+start_frontend P/D
 supervise

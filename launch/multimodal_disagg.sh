@@ -11,6 +11,5 @@ start_on "$PREFILL_GPU" prefill prefill_worker "${FLAGS[@]}" --dedicated-mm-enco
   "${WORKER_ARGS[@]}"
 start_on "$DECODE_GPU" decode decode_worker "${FLAGS[@]}" --disaggregation-mode decode \
   --dedicated-mm-encoder "${WORKER_ARGS[@]}"
-start frontend frontend --model-path "$MODEL_PATH" --topology E/P/D \
-  --http-host "$HTTP_HOST" --http-port "$HTTP_PORT"
+start_frontend E/P/D
 supervise

@@ -9,6 +9,5 @@ read -ra FLAGS <<<"$(worker_flags)"
 start_on "$ENCODE_GPU" encode encode_worker "${FLAGS[@]}" "${WORKER_ARGS[@]}"
 start_on "$DECODE_GPU" pd decode_worker "${FLAGS[@]}" --disaggregation-mode agg \
   --dedicated-mm-encoder "${WORKER_ARGS[@]}"
-start frontend frontend --model-path "$MODEL_PATH" --topology E/PD \
-  --http-host "$HTTP_HOST" --http-port "$HTTP_PORT"
+start_frontend E/PD
 supervise

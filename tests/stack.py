@@ -3,7 +3,6 @@
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,9 @@ from typing import Any
 
 import httpx
 
+from triptych.runtime.port_file import read_port_file
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -56,8 +50,10 @@ class Stack:
     namespace: str = field(default_factory=lambda: f"t{os.getpid()}x{time.monotonic_ns()}")
     processes: list[Process] = field(default_factory=list)
     http_port: int = 0
+    """The frontend's port, once it announced it (it binds a free one itself)."""
     nats_token: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
+    _port_file: Path = field(default=Path("/nonexistent"), repr=False)
 
     def env(self) -> dict[str, str]:
         """Environment of every process of this stack."""
@@ -83,15 +79,18 @@ class Stack:
         return process
 
     def frontend(self, topology: str, *args: str) -> Process:
-        """Start the frontend on a free port."""
-        self.http_port = free_port()
+        """Start the frontend on a port it picks; `wait_ready` learns which."""
+        self.http_port = 0
+        self._port_file = self.tmp / f"frontend-{len(self.processes)}.port"
         return self.start(
             "frontend",
             "frontend",
             "--topology",
             topology,
             "--http-port",
-            str(self.http_port),
+            "0",
+            "--port-file",
+            str(self._port_file),
             *args,
         )
 
@@ -101,12 +100,18 @@ class Stack:
         return f"http://127.0.0.1:{self.http_port}"
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Wait until the frontend's /ready answers 200."""
+        """Wait until the frontend announced its port and its /ready answers 200."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for process in self.processes:
                 if process.popen.poll() is not None:
                     raise RuntimeError(f"{process.name} exited:\n{process.output()}")
+            if not self.http_port:
+                ports = read_port_file(self._port_file)
+                if ports is None:
+                    time.sleep(0.05)
+                    continue
+                self.http_port = ports["http"]
             try:
                 if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
                     return

@@ -4,6 +4,7 @@ problem, no worker sees the request, and the stack keeps serving."""
 import asyncio
 import base64
 import io
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from tests.stack import Stack, free_port, start_topology
+from tests.stack import Stack, start_topology
 from tests.test_scale_out import requests_per_instance
 from triptych.components.frontend.address_guard import AddressGuard, BlockedAddress
 from triptych.runtime.nats_server import NatsServer
@@ -51,7 +52,7 @@ class ImageServer:
     """A local web server with good and bad image resources (a thread, its own loop)."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port = 0  # bound by the server thread, known once `_ready` is set
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -86,7 +87,8 @@ class ImageServer:
         app.router.add_get("/to-private", to_private)
         runner = web.AppRunner(app)
         self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+        self.port = int(runner.addresses[0][1])
         self._ready.set()
         self._loop.run_forever()
 
@@ -145,6 +147,17 @@ def bomb() -> bytes:
     return buffer.getvalue()
 
 
+def _refusing_port() -> int:
+    """A loopback port that refuses connections and that nobody else can take: bound, held
+    open for the whole module, never listening."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return int(sock.getsockname()[1])
+
+
+_HELD: list[socket.socket] = []
+
 BAD: list[tuple[str, Any, str]] = [
     ("not an image", data_url(b"hello, not a picture"), "could not be decoded"),
     ("truncated", data_url(png(64, 64)[:60]), "could not be decoded"),
@@ -153,7 +166,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("too many pixels", data_url(png(1100, 1000)), "pixels"),
     ("decompression bomb", data_url(bomb()), "too large to decode"),
     ("unsupported scheme", "ftp://example.invalid/cat.png", "unsupported image URL scheme"),
-    ("unreachable", f"http://localhost:{free_port()}/cat.png", "could not be fetched"),
+    ("unreachable", f"http://localhost:{_refusing_port()}/cat.png", "could not be fetched"),
     ("outside the root", "file:///etc/passwd", "outside the allowed directory"),
     ("path traversal", "file://{root}/../../etc/passwd", "outside the allowed directory"),
     ("not an image resource", "/page", "could not be decoded"),

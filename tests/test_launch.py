@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,8 +13,9 @@ import nats
 import psutil
 import pytest
 
-from tests.stack import ROOT, free_port
+from tests.stack import ROOT
 
+SERVING = re.compile(r"triptych is serving on (http://127\.0\.0\.1:[1-9][0-9]*) ")
 SCRIPTS = [("multimodal_disagg.sh", 4), ("multimodal_epd.sh", 3), ("agg.sh", 2), ("disagg.sh", 3)]
 
 
@@ -21,11 +23,10 @@ SCRIPTS = [("multimodal_disagg.sh", 4), ("multimodal_epd.sh", 3), ("agg.sh", 2),
 def test_launch_script_serves_and_stops(
     script: str, components: int, tmp_path: Path, tiny_model: Path
 ) -> None:
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
     log = (tmp_path / "launch.log").open("wb")
     launcher = subprocess.Popen(
-        ["bash", str(ROOT / "launch" / script), "--engine", "mock", "--http-port", str(port)],
+        ["bash", str(ROOT / "launch" / script), "--engine", "mock", "--http-port", "0"],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -35,20 +36,18 @@ def test_launch_script_serves_and_stops(
         reply = None
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and launcher.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                    reply = httpx.post(
-                        f"http://127.0.0.1:{port}/v1/chat/completions",
-                        json={
-                            "model": tiny_model.name,
-                            "max_tokens": 5,
-                            "messages": [{"role": "user", "content": "hi"}],
-                        },
-                        timeout=30,
-                    )
-                    break
-            except httpx.HTTPError:
-                pass
+            serving = SERVING.search((tmp_path / "launch.log").read_text())
+            if serving:  # the launcher says so only once /ready answers 200
+                reply = httpx.post(
+                    f"{serving[1]}/v1/chat/completions",
+                    json={
+                        "model": tiny_model.name,
+                        "max_tokens": 5,
+                        "messages": [{"role": "user", "content": "hi"}],
+                    },
+                    timeout=30,
+                )
+                break
             time.sleep(0.2)
         assert reply is not None, (tmp_path / "launch.log").read_text()
         assert reply.status_code == 200

@@ -11,6 +11,7 @@ from triptych.components.frontend.prompt import Preprocessor
 from triptych.components.frontend.server import Frontend
 from triptych.runtime import Runtime
 from triptych.runtime.entry import configure_logging, serve
+from triptych.runtime.port_file import write_port_file
 
 log = logging.getLogger("triptych.frontend")
 
@@ -36,12 +37,15 @@ def main() -> None:
             await runner.setup()
             site = web.TCPSite(runner, config.http_host, config.http_port)
             await site.start()
+            port = int(runner.addresses[0][1])
+            if config.port_file:
+                write_port_file(config.port_file, {"http": port})
             log.info(
                 "frontend (%s, model '%s') on http://%s:%d",
                 config.topology,
                 config.served_model_name,
                 config.http_host,
-                config.http_port,
+                port,
             )
             try:
                 await stop.wait()

@@ -47,6 +47,9 @@ class FrontendConfig:
     """One of `TOPOLOGIES`."""
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    """0 binds a free port; the one bound is logged and written to `port_file`."""
+    port_file: str | None = None
+    """Where to announce the bound port as ``{"http": N}`` once listening."""
     request_timeout_s: float = 300.0
     """Deadline of each request, from arrival to the last token."""
     max_body_bytes: int = 64 * 1024 * 1024
@@ -68,7 +71,14 @@ class FrontendConfig:
             "--topology", type=str.upper, choices=tuple(TOPOLOGIES), default="E/P/D"
         )
         parser.add_argument("--http-host", default="127.0.0.1")
-        parser.add_argument("--http-port", type=int, default=8000)
+        parser.add_argument(
+            "--http-port", type=int, default=8000, help="0: a free port, announced once bound"
+        )
+        parser.add_argument(
+            "--port-file",
+            default=None,
+            help='write {"http": PORT} to this file once listening (for launchers and tests)',
+        )
         parser.add_argument("--request-timeout-s", type=float, default=300.0)
         parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
         parser.add_argument("--max-images", type=int, default=ImageLimits.max_images)
@@ -107,6 +117,7 @@ class FrontendConfig:
             topology=args.topology,
             http_host=args.http_host,
             http_port=args.http_port,
+            port_file=args.port_file,
             request_timeout_s=args.request_timeout_s,
             max_body_bytes=args.max_body_bytes,
             images=ImageLimits(

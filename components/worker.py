@@ -20,7 +20,7 @@ from triptych.engines import (
 from triptych.models import load_adapter
 from triptych.observability import metrics
 from triptych.runtime import Runtime, RuntimeConfig, Service
-from triptych.runtime.entry import configure_logging, serve
+from triptych.runtime.entry import configure_logging, serve, serving
 from triptych.runtime.port_file import write_port_file
 from triptych.runtime.status_server import StatusServer
 from triptych.transfer import EmbeddingTransport, TransferAgent
@@ -46,6 +46,11 @@ class WorkerConfig:
     """Interface of the worker's /metrics, /health and /ready."""
     metrics_port: int
     """Their port (0: any free port, announced in the logs and the NATS micro metadata)."""
+    transfer_timeout_s: float = 30.0
+    """How long a reader waits for embeddings or a KV cache to arrive."""
+    max_queued_requests: int = 128
+    """Requests an instance holds beyond the `--max-running-requests` it runs; more are
+    refused at once as busy (503 with Retry-After when every instance is full)."""
     port_file: str | None = None
     """Where to announce the bound ports (``{"status": N}``, plus ``"bootstrap"`` on prefill)."""
 
@@ -72,6 +77,19 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="port of /metrics, /health, /ready (0: a free one, announced)",
+    )
+    parser.add_argument(
+        "--transfer-timeout-s",
+        type=float,
+        default=WorkerConfig.transfer_timeout_s,
+        help="how long a reader waits for image embeddings to arrive",
+    )
+    parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=WorkerConfig.max_queued_requests,
+        help="requests an instance holds beyond --max-running-requests; more are refused at "
+        "once (the frontend answers 503 with Retry-After when every instance is full)",
     )
     parser.add_argument(
         "--port-file",
@@ -133,6 +151,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         transfer_pool_mb=args.transfer_pool_mb,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        transfer_timeout_s=args.transfer_timeout_s,
+        max_queued_requests=args.max_queued_requests,
         port_file=args.port_file,
     )
 
@@ -147,19 +167,21 @@ def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
     Engines that move real tensors share the worker's one NIXL agent (`transport.agent`).
     """
 
-    async def main(stop: asyncio.Event) -> None:
+    async def main(stop: asyncio.Event) -> int:
         agent = None
         if config.engine.name != "mock":
             agent = TransferAgent(component, config.engine.device, config.transfer_pool_mb << 20)
             await agent.start()
-        transport = EmbeddingTransport(agent)
+        transport = EmbeddingTransport(agent, config.transfer_timeout_s)
         ready = False
+        exit_status = 1  # set when serving ends normally
         status = StatusServer(config.metrics_host, config.metrics_port, lambda: ready)
         await status.start()
         log.info("%s: /metrics, /health and /ready on port %d", component, status.port)
         async with Runtime(config.runtime, name=component) as runtime:
             metadata = {"model": config.served_model_name, "metrics_port": str(status.port)}
-            service = Service(runtime, component, metadata=metadata)
+            capacity = config.engine.max_running_requests + config.max_queued_requests
+            service = Service(runtime, component, metadata=metadata, max_in_flight=capacity)
             if agent is not None:
                 service.add_gauge("transfer_pool_bytes_in_use", lambda: agent.pool_in_use)
                 metrics.POOL_IN_USE.set_function(lambda: agent.pool_in_use)
@@ -169,7 +191,7 @@ def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
                 if config.port_file:
                     write_port_file(config.port_file, _bound_ports(status.port, engines))
                 ready = True
-                await stop.wait()
+                exit_status = await serving(stop, runtime)
                 ready = False
                 log.info("%s: stopping, draining for up to %gs", component, config.drain_grace_s)
                 await service.drain(config.drain_grace_s)
@@ -180,6 +202,7 @@ def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
                 if agent is not None:
                     await agent.close()
                 await status.close()
+        return exit_status
 
     serve(main)
 

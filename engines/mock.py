@@ -10,6 +10,7 @@ same tokens for the same request, and they come from the model's ordinary vocabu
 """
 
 import asyncio
+import contextlib
 import hashlib
 import random
 from collections.abc import AsyncIterator, Sequence
@@ -57,6 +58,8 @@ class MockConfig:
     """How long prefill keeps a room's (simulated) cache for decode to fetch."""
     fail_prefill: bool = False
     """Fault injection: every prefill fails after its room was handed out."""
+    max_running: int = 32
+    """Requests a decoding engine runs at once; more wait for admission, as on a real one."""
 
 
 def mock_tokens(request: GenerateRequest, low: int, high: int) -> list[int]:
@@ -148,12 +151,28 @@ class MockPrefillEngine(RoomPrefillEngine):
             slot.close()
 
 
+class _Admission:
+    """At most `max_running` requests run; the rest wait in arrival order."""
+
+    def __init__(self, max_running: int) -> None:
+        self._running = asyncio.Semaphore(max(1, max_running))
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        async with self._running:
+            yield
+
+
 class MockDecodeEngine(DecodeEngine):
     """Decode: joins the room, waits for prefill, then generates."""
 
     def __init__(self, config: MockConfig) -> None:
         self._tokens = _Generator(config)
         self._rooms = BootstrapClient()
+        self._admission = _Admission(config.max_running)
+
+    def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._admission.admit()
 
     async def close(self) -> None:
         await self._rooms.close()
@@ -174,6 +193,10 @@ class MockAggregatedEngine(AggregatedEngine):
     def __init__(self, config: MockConfig) -> None:
         self.config = config
         self._tokens = _Generator(config)
+        self._admission = _Admission(config.max_running)
+
+    def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._admission.admit()
 
     async def generate(
         self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None

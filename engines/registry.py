@@ -135,6 +135,7 @@ class EngineConfig:
                 prefill_s_per_token=args.mock_prefill_s_per_token,
                 decode_s_per_step=args.mock_decode_s_per_step,
                 fail_prefill=args.mock_fail_prefill,
+                max_running=args.max_running_requests,
                 bootstrap_host=args.disaggregation_bootstrap_host,
                 bootstrap_port=args.disaggregation_bootstrap_port,
             ),

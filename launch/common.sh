@@ -20,6 +20,7 @@ GPUS="${TRIPTYCH_GPUS:-}"
 WORKER_ARGS=()
 PIDS=()
 NATS_PID=""
+WATCHDOG_PID=""
 RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/triptych-launch.XXXXXX")"
 
 usage() {
@@ -60,11 +61,12 @@ parse_args() {
 # Components drain first (they need NATS to finish in-flight requests), then NATS stops.
 stop_all() {
   trap - INT TERM EXIT
+  if [[ -n "$WATCHDOG_PID" ]]; then kill -TERM -- "-$WATCHDOG_PID" 2>/dev/null || true; fi
   local pid
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   local deadline=$((SECONDS + ${TRIPTYCH_STOP_GRACE_S:-35}))
   for pid in "${PIDS[@]}" $NATS_PID; do
-    [[ "$pid" == "$NATS_PID" ]] && kill -TERM "$pid" 2>/dev/null
+    if [[ "$pid" == "$NATS_PID" ]]; then kill -TERM "$pid" 2>/dev/null || true; fi
     while kill -0 "$pid" 2>/dev/null && (( SECONDS < deadline )); do sleep 0.05; done
     kill -KILL "$pid" 2>/dev/null || true
   done
@@ -78,9 +80,29 @@ on_signal() {
   exit 0
 }
 
+# A launcher killed with SIGKILL cannot clean up: a watchdog in a session of its own notices
+# and stops what it started (workers first, then NATS; all gone within 10 s).
+start_watchdog() {
+  setsid bash -c '
+    tail --pid="$1" -s 0.2 -f /dev/null
+    read -ra workers <"$2/pids" 2>/dev/null
+    kill -TERM "${workers[@]}" 2>/dev/null
+    for _ in $(seq 30); do kill -0 "${workers[@]}" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "${workers[@]}" 2>/dev/null
+    if [[ -s "$2/nats.pid" ]]; then
+      nats=$(<"$2/nats.pid")
+      kill -TERM "$nats" 2>/dev/null
+      for _ in $(seq 10); do kill -0 "$nats" 2>/dev/null || break; sleep 0.2; done
+      kill -KILL "$nats" 2>/dev/null
+    fi
+    rm -rf "$2"' watchdog "$$" "$RUN_DIR" </dev/null >/dev/null 2>&1 &
+  WATCHDOG_PID=$!
+}
+
 start_nats() {
   trap on_signal INT TERM
   trap stop_all EXIT
+  start_watchdog
   if [[ -n "${NATS_URL:-}" ]]; then
     echo "using NATS at $NATS_URL" >&2
     return
@@ -95,6 +117,7 @@ start_nats() {
     "$NATS_TOKEN" >"$RUN_DIR/nats.conf")
   setsid nats-server -c "$RUN_DIR/nats.conf" -ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
   NATS_PID=$!
+  echo "$NATS_PID" >"$RUN_DIR/nats.pid"
   local ports=""
   for _ in $(seq 1 500); do
     ports=$(ls "$RUN_DIR"/*.ports 2>/dev/null | head -n1 || true)
@@ -113,6 +136,7 @@ start() {
   local name="$1" module="$2"; shift 2
   "$PYTHON" -m "triptych.components.$module" "$@" &
   PIDS+=($!)
+  echo "${PIDS[*]}" >"$RUN_DIR/pids"
   echo "started $name (pid $!)" >&2
 }
 
@@ -125,6 +149,7 @@ start_on() {
   fi
   CUDA_VISIBLE_DEVICES="$gpu" "$PYTHON" -m "triptych.components.$module" "$@" --device cuda &
   PIDS+=($!)
+  echo "${PIDS[*]}" >"$RUN_DIR/pids"
   echo "started $name on GPU $gpu (pid $!)" >&2
 }
 

@@ -46,6 +46,16 @@ DISCONNECTS = Counter(
 )
 
 # every worker
+MIGRATIONS = Counter(
+    "triptych_frontend_migrations_total",
+    "Requests sent again to another instance after the one holding them failed before the "
+    "first token",
+)
+REJECTED = Counter(
+    "triptych_frontend_rejected_total",
+    "Requests refused for load (503 with Retry-After)",
+    ["reason"],
+)
 STAGE_DURATION = Histogram(
     "triptych_stage_request_duration_seconds",
     "Time a stage spent on a request",

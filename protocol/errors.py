@@ -39,6 +39,9 @@ class ErrorInfo(BaseModel):
     """Human-readable cause; safe to show to the client (no secrets, no tracebacks)."""
     request_id: str = ""
     """The request this error belongs to ("" when unknown)."""
+    retry_after_s: float | None = None
+    """Set when the cause is load, not a fault: the caller may retry after this many seconds
+    (the frontend's ``Retry-After``). A retry elsewhere would only add to the load."""
 
     @property
     def openai_type(self) -> str:
@@ -52,14 +55,18 @@ class ErrorInfo(BaseModel):
 class ServiceError(Exception):
     """A failure with an HTTP-style code; raised anywhere, it reaches the client as that status."""
 
-    def __init__(self, code: int, message: str, request_id: str = "") -> None:
+    def __init__(
+        self, code: int, message: str, request_id: str = "", retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
-        self.info = ErrorInfo(code=code, message=message, request_id=request_id)
+        self.info = ErrorInfo(
+            code=code, message=message, request_id=request_id, retry_after_s=retry_after_s
+        )
 
     @classmethod
     def from_info(cls, info: ErrorInfo) -> "ServiceError":
         """Rebuild the exception from an error received over the wire."""
-        return cls(info.code, info.message, info.request_id)
+        return cls(info.code, info.message, info.request_id, info.retry_after_s)
 
     @property
     def code(self) -> int:

@@ -1,6 +1,7 @@
 """Calling a component: round-robin over live instances, or one instance by id."""
 
 import asyncio
+import enum
 import itertools
 import logging
 import time
@@ -9,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 import nats.errors
 from pydantic import BaseModel
 
-from triptych.protocol import ErrorCode
+from triptych.protocol import ErrorCode, ErrorInfo
 from triptych.runtime import wire
 from triptych.runtime.discovery import InstanceTracker
-from triptych.runtime.errors import ServiceError, deadline_exceeded, unavailable
+from triptych.runtime.errors import ServiceError, busy, deadline_exceeded, unavailable
 from triptych.runtime.stream import ResponseStream, StreamSink
 
 if TYPE_CHECKING:
@@ -21,6 +22,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NO_RESPONDERS_RETRY_S = 0.02
+
+
+class _Offer(enum.Enum):
+    """How one instance answered a call."""
+
+    ACCEPTED = "accepted"
+    GONE = "gone"
+    """Dead, draining, or too slow to accept: the call moves on."""
+    BUSY = "busy"
+    """Its queue is full: the call moves on, and the caller learns to come back later."""
+
+
+def _refused_for_load(data: bytes) -> bool:
+    try:
+        return ErrorInfo.model_validate_json(data).retry_after_s is not None
+    except ValueError:
+        return False
 
 
 class Client:
@@ -64,19 +82,22 @@ class Client:
         earlier attempt can never mix into the stream.
         """
         data = request.__pydantic_serializer__.to_json(request)
+        refusals: list[_Offer] = []
         for candidate in await self._candidates(instance, deadline):
             stream = self._runtime.open_stream(request_id, deadline)
             try:
-                if await self._offer(
+                offer = await self._offer(
                     candidate, data, stream.subject, request_id, deadline=deadline
-                ):
-                    stream.instance = candidate
-                    return stream
+                )
             except BaseException:
                 stream.close()
                 raise
+            if offer is _Offer.ACCEPTED:
+                stream.instance = candidate
+                return stream
             stream.close()
-        raise unavailable(f"no live {self.component} instance", request_id)
+            refusals.append(offer)
+        raise self._nobody_took_it(refusals, request_id)
 
     async def forward(self, request: BaseModel, sink: StreamSink, deadline: float) -> str:
         """Hand the stream behind `sink` to an instance of this component; returns its id.
@@ -85,8 +106,9 @@ class Client:
         fails the request, since it might still answer on the caller's stream later.
         """
         data = request.__pydantic_serializer__.to_json(request)
+        refusals: list[_Offer] = []
         for candidate in await self._candidates(None, deadline):
-            accepted = await self._offer(
+            offer = await self._offer(
                 candidate,
                 data,
                 sink.subject,
@@ -94,10 +116,16 @@ class Client:
                 deadline=deadline,
                 retry_on_timeout=False,
             )
-            if accepted:
+            if offer is _Offer.ACCEPTED:
                 sink.hand_off()
                 return candidate
-        raise unavailable(f"no live {self.component} instance", sink.request_id)
+            refusals.append(offer)
+        raise self._nobody_took_it(refusals, sink.request_id)
+
+    def _nobody_took_it(self, refusals: list["_Offer"], request_id: str) -> ServiceError:
+        if refusals and all(offer is _Offer.BUSY for offer in refusals):
+            return busy(f"every {self.component} instance is busy", request_id)
+        return unavailable(f"no live {self.component} instance", request_id)
 
     async def _offer(
         self,
@@ -108,8 +136,8 @@ class Client:
         *,
         deadline: float,
         retry_on_timeout: bool = True,
-    ) -> bool:
-        """Offer the call to one instance: True if accepted, False to try the next one."""
+    ) -> "_Offer":
+        """Offer the call to one instance: accepted, or refused (try the next one)."""
         config = self._runtime.config
         subject = wire.endpoint_subject(config.namespace, self.component, self.endpoint, candidate)
         headers = {
@@ -122,7 +150,7 @@ class Client:
         except nats.errors.NoRespondersError:
             log.info("%s instance %s is gone (no responders)", self.component, candidate)
             self.instances.drop(candidate)
-            return False
+            return _Offer.GONE
         except nats.errors.TimeoutError:
             if time.time() >= deadline:
                 raise deadline_exceeded(request_id) from None
@@ -134,18 +162,24 @@ class Client:
                     request_id,
                 )
                 self.instances.drop(candidate)
-                return False
+                return _Offer.GONE
             raise unavailable(
                 f"{self.component} instance {candidate} did not accept the request in time",
                 request_id,
             ) from None
         ack_headers = ack.headers or {}
         if wire.ERROR_CODE not in ack_headers:
-            return True
+            return _Offer.ACCEPTED
         code = int(ack_headers[wire.ERROR_CODE])
-        if code == 503:  # draining: the next instance may take it
-            log.info("%s instance %s is draining", self.component, candidate)
-            return False
+        if code == ErrorCode.UNAVAILABLE:  # draining or busy: the next instance may take it
+            busy_now = _refused_for_load(ack.data)
+            log.info(
+                "%s instance %s is %s",
+                self.component,
+                candidate,
+                "busy" if busy_now else "draining",
+            )
+            return _Offer.BUSY if busy_now else _Offer.GONE
         raise ServiceError(code, ack_headers.get(wire.ERROR, "rejected"), request_id)
 
     async def _request(

@@ -33,6 +33,9 @@ class RuntimeConfig:
     """A worker holding a silent stream sends a keepalive this often."""
     stream_idle_timeout_s: float = 5.0
     """A caller fails a stream that has been silent (no data, no keepalive) this long."""
+    reconnect_window_s: float = 30.0
+    """A process that cannot reach NATS for this long exits non-zero, for its supervisor
+    (Kubernetes, systemd, a launcher) to restart it."""
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> "RuntimeConfig":
@@ -59,6 +62,13 @@ class RuntimeConfig:
         group.add_argument("--ack-timeout-s", type=float, default=base.ack_timeout_s)
         group.add_argument(
             "--stream-idle-timeout-s", type=float, default=base.stream_idle_timeout_s
+        )
+        group.add_argument(
+            "--nats-reconnect-window-s",
+            dest="reconnect_window_s",
+            type=float,
+            default=base.reconnect_window_s,
+            help="exit non-zero when NATS stays unreachable this long",
         )
 
     @classmethod

@@ -36,6 +36,10 @@ class Runtime:
         self._started = False
         self._closing = False
         self._refused = asyncio.Event()
+        self.lost = asyncio.Event()
+        """Set when NATS stayed unreachable for `config.reconnect_window_s`: the process
+        should exit non-zero and let its supervisor restart it."""
+        self._outage: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Connect to NATS (reconnecting forever afterwards) and open the stream inbox."""
@@ -70,6 +74,8 @@ class Runtime:
     async def close(self) -> None:
         """Stop clients and drain the connection. Safe to call twice."""
         self._closing = True
+        if self._outage is not None:
+            self._outage.cancel()
         for client in self._clients:
             await client.close()
         self._clients.clear()
@@ -149,11 +155,26 @@ class Runtime:
         log.warning("NATS: %s", error)
 
     async def _on_disconnected(self) -> None:
-        if not self._closing:
-            log.warning("%s lost NATS; reconnecting", self.name)
+        if self._closing:
+            return
+        window = self.config.reconnect_window_s
+        log.warning("%s lost NATS; reconnecting (for up to %gs)", self.name, window)
+        if self._outage is None:
+            self._outage = asyncio.get_running_loop().call_later(window, self._give_up)
 
     async def _on_reconnected(self) -> None:
+        if self._outage is not None:
+            self._outage.cancel()
+            self._outage = None
         log.info("%s reconnected to NATS at %.3f", self.name, time.time())
+
+    def _give_up(self) -> None:
+        log.error(
+            "%s could not reach NATS for %gs; exiting for a supervisor to restart it",
+            self.name,
+            self.config.reconnect_window_s,
+        )
+        self.lost.set()
 
 
 def _public(url: Any) -> str:

@@ -26,7 +26,7 @@ from triptych.observability import metrics
 from triptych.observability.logs import request_id
 from triptych.protocol import ErrorCode, ErrorInfo
 from triptych.runtime import wire
-from triptych.runtime.errors import ServiceError
+from triptych.runtime.errors import ServiceError, busy
 from triptych.runtime.runtime import Runtime
 from triptych.runtime.stream import StreamSink
 from triptych.runtime.tasks import TaskOwner
@@ -100,9 +100,13 @@ class Service:
         component: str,
         version: str = "0.1.0",
         metadata: dict[str, str] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self._runtime = runtime
         self.component = component
+        self.max_in_flight = max_in_flight
+        """Requests this instance holds at most; more are refused at once as busy (the caller
+        tries another instance, and answers 503 with Retry-After when all are full)."""
         self._version = version
         self._metadata = dict(metadata or {})
         self._endpoints: list[_Endpoint[Any]] = []
@@ -219,17 +223,38 @@ class Service:
         except (ValidationError, ValueError) as error:
             await request.respond_error(str(ErrorCode.BAD_REQUEST.value), _describe(error))
             return
-        await request.respond(b"", headers={wire.INSTANCE: self.instance_id})
+        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            refusal = busy(
+                f"{self.component} instance is busy ({self.in_flight} requests in flight)",
+                request_id,
+            ).info
+            await request.respond_error(
+                str(refusal.code), refusal.message, data=refusal.model_dump_json().encode()
+            )
+            return
         sink = StreamSink(self._runtime.publish, headers.get(wire.STREAM_TO, ""), request_id)
+        ctx = Context(request_id=request_id, deadline=deadline, stream=sink)
+        self._inflight.setdefault(request_id, set()).add(ctx)  # counted before the ack's await
+        try:
+            await request.respond(b"", headers={wire.INSTANCE: self.instance_id})
+        except BaseException:
+            self._forget(ctx)
+            raise
         if request_id in self._cancelled:  # the cancel came while the ack was on its way
+            self._forget(ctx)
             cancelled = ErrorInfo(
                 code=ErrorCode.CLIENT_CLOSED, message="request cancelled", request_id=request_id
             )
             await sink.fail(cancelled)
             return
-        ctx = Context(request_id=request_id, deadline=deadline, stream=sink)
-        self._inflight.setdefault(request_id, set()).add(ctx)
         ctx.task = self._tasks.spawn(self._run(endpoint, payload, ctx), name=request_id)
+
+    def _forget(self, ctx: Context) -> None:
+        contexts = self._inflight.get(ctx.request_id)
+        if contexts is not None:
+            contexts.discard(ctx)
+            if not contexts:
+                del self._inflight[ctx.request_id]
 
     async def _run(self, endpoint: _Endpoint[R], payload: R, ctx: Context) -> None:
         request_id.set(ctx.request_id)  # this task's (and its children's) log lines
@@ -266,11 +291,7 @@ class Service:
                 request_id=ctx.request_id,
             )
         finally:
-            contexts = self._inflight.get(ctx.request_id)
-            if contexts is not None:
-                contexts.discard(ctx)
-                if not contexts:
-                    del self._inflight[ctx.request_id]
+            self._forget(ctx)
         metrics.STAGE_DURATION.labels(self.component, "ok" if error is None else "error").observe(
             time.monotonic() - ctx.started
         )

@@ -99,7 +99,7 @@ class Stack:
         """Base URL of the frontend."""
         return f"http://127.0.0.1:{self.http_port}"
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 120) -> None:
         """Wait until the frontend announced its port and its /ready answers 200."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -54,7 +54,10 @@ def test_client_disconnect_frees_every_stage(stack: Stack) -> None:
     assert took < 2
 
 
-def stream_outcome(url: str, results: list[str], image: bool = False) -> None:
+def stream_outcome(
+    url: str, results: list[str], image: bool = False, first: threading.Event | None = None
+) -> None:
+    """Stream one request; `results` gets "ok" or "error"; `first` is set at its first token."""
     request = body(100)
     if image:
         request["messages"] = [
@@ -71,7 +74,13 @@ def stream_outcome(url: str, results: list[str], image: bool = False) -> None:
             if reply.status_code != 200:
                 results.append("error")
                 return
-            last = [line for line in reply.iter_lines() if line.startswith("data: ")][-2]
+            lines = []
+            for line in reply.iter_lines():
+                if first is not None and '"content":"' in line:
+                    first.set()
+                if line.startswith("data: "):
+                    lines.append(line)
+            last = lines[-2]
         results.append("error" if '"error"' in last else "ok")
     except httpx.HTTPError as error:
         results.append(f"transport {error}")
@@ -93,18 +102,26 @@ HOLD = {
 
 
 @pytest.mark.parametrize("victim_stage", ["encode", "prefill", "decode"])
-def test_killed_worker_fails_only_its_requests_in_bounded_time(
+def test_killed_worker_fails_only_requests_past_their_first_token(
     stack: Stack, victim_stage: str
 ) -> None:
+    """Requests a killed encode or prefill held had no token yet: they migrate to the other
+    instance and succeed. Those a killed decode was streaming fail, within bounded time."""
     start_topology(stack, "E/P/D", *HOLD[victim_stage], copies=2)
     results: list[str] = []
+    firsts = [threading.Event() for _ in range(6)]
     threads = [
-        threading.Thread(target=stream_outcome, args=(stack.url, results, victim_stage == "encode"))
-        for _ in range(6)
+        threading.Thread(
+            target=stream_outcome, args=(stack.url, results, victim_stage == "encode", first)
+        )
+        for first in firsts
     ]
     for thread in threads:
         thread.start()
-    time.sleep(0.7)
+    if victim_stage == "decode":  # every stream is past its first token
+        assert all(first.wait(30) for first in firsts)
+    else:  # the requests are still inside the victim's stage
+        time.sleep(0.7)
     victim = next(p for p in stack.processes if p.name == victim_stage)
     victim.kill()
     begun = time.monotonic()
@@ -112,7 +129,10 @@ def test_killed_worker_fails_only_its_requests_in_bounded_time(
         thread.join(40)
     assert time.monotonic() - begun < 12  # every request it held ended within ~10 s
     assert len(results) == 6 and set(results) <= {"ok", "error"}, results
-    assert "error" in results and "ok" in results, results
+    if victim_stage == "decode":
+        assert "error" in results and "ok" in results, results
+    else:
+        assert results == ["ok"] * 6, results
     after = httpx.post(f"{stack.url}/v1/chat/completions", json=body(5, stream=False), timeout=30)
     assert after.status_code == 200
     # a restarted worker rejoins and serves
@@ -161,7 +181,9 @@ def test_prefill_failure_reaches_the_client_at_once(stack: Stack) -> None:
     start_topology(stack, "E/P/D", "--mock-fail-prefill")
     begun = time.monotonic()
     reply = httpx.post(f"{stack.url}/v1/chat/completions", json=body(5, stream=False), timeout=30)
-    assert time.monotonic() - begun < 1.0  # told through the room, not by a timeout
+    # told through the room at once: a time-out would take 5 s or more (the slack is for a
+    # loaded test machine; on an idle one this takes ~20 ms)
+    assert time.monotonic() - begun < 3.0
     assert reply.status_code == 500
     assert "injected prefill failure" in reply.json()["error"]["message"]
     assert all(n == 0 for c in ("decode", "prefill") for n in in_flight(stack, c))

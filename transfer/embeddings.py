@@ -8,6 +8,7 @@ as a "simulated" handle that only carries their shape.
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -61,12 +62,19 @@ class EmbeddingTransport:
             raise ServiceError(ErrorCode.INTERNAL, "real embeddings need a transfer agent")
         return to_handle(await self.agent.export_when_room(embeddings.tensor, key, self.timeout_s))
 
-    async def released(self, handle: TensorHandle) -> bool:
-        """Wait until the reader has the embeddings (True) or the timeout passed; either way
-        the encoder's region is free afterwards."""
+    async def released(self, handle: TensorHandle, deadline: float) -> bool:
+        """Wait until the reader has the embeddings (True), or the request's `deadline` (Unix
+        time) passed; either way the encoder's region is free afterwards.
+
+        The embeddings are the request's for as long as it lives: a request queued behind
+        others for a KV slot finds them still there however long it waited (a cancel frees
+        them at once, through `release`). They are held at least twice the read timeout, so
+        a region is never reused while a READ into it may still run.
+        """
         if handle.agent == SIMULATED or self.agent is None:
             return True
-        return await self.agent.wait_released(handle.key, 2 * self.timeout_s)
+        hold = deadline - time.time() if math.isfinite(deadline) else 0.0
+        return await self.agent.wait_released(handle.key, max(hold, 2 * self.timeout_s))
 
     def release(self, handle: TensorHandle) -> None:
         """Free the region now (the request was cancelled)."""

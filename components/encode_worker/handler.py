@@ -47,7 +47,7 @@ class EncodeHandler:
                     ctx.stream,
                     ctx.deadline,
                 )
-            await self.transport.released(handle)
+            await self.transport.released(handle, ctx.deadline)
         finally:
             if handle is not None:
                 self.transport.release(handle)

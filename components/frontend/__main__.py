@@ -10,7 +10,7 @@ from triptych.components.frontend.images import ImageLoader
 from triptych.components.frontend.prompt import Preprocessor
 from triptych.components.frontend.server import Frontend
 from triptych.runtime import Runtime
-from triptych.runtime.entry import configure_logging, serve
+from triptych.runtime.entry import configure_logging, serve, serving
 from triptych.runtime.port_file import write_port_file
 
 log = logging.getLogger("triptych.frontend")
@@ -27,7 +27,7 @@ def main() -> None:
         model_path = str(default_model_path())
     config = FrontendConfig.from_args(args, model_path)
 
-    async def run(stop: asyncio.Event) -> None:
+    async def run(stop: asyncio.Event) -> int:
         loader = ImageLoader(config.images)
         preprocessor = Preprocessor(config.model_path, loader)
         async with Runtime(config.runtime, name="frontend") as runtime:
@@ -48,7 +48,7 @@ def main() -> None:
                 port,
             )
             try:
-                await stop.wait()
+                return await serving(stop, runtime)
             finally:
                 await runner.cleanup()
                 await loader.close()

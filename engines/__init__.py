@@ -12,10 +12,12 @@ from triptych.engines.registry import (
     ENGINES,
     EngineConfig,
     aggregated_engine,
+    check_available,
     decode_engine,
     encode_engine,
     prefill_engine,
 )
+from triptych.engines.sglang.preflight import EngineUnavailable
 from triptych.transfer import ImageEmbeddings
 
 __all__ = [
@@ -25,10 +27,12 @@ __all__ = [
     "EncodeEngine",
     "Engine",
     "EngineConfig",
+    "EngineUnavailable",
     "ImageEmbeddings",
     "PrefillEngine",
     "Runner",
     "aggregated_engine",
+    "check_available",
     "decode_engine",
     "encode_engine",
     "prefill_engine",

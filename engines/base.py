@@ -63,6 +63,11 @@ class PrefillEngine(Engine, abc.ABC):
     def bootstrap_address(self) -> tuple[str, int]:
         """``(host, port)`` where decode instances join rooms (known after `start`)."""
 
+    def bootstrap_info(self, room: int) -> BootstrapInfo:
+        """What decode is told about `room` (by default the bootstrap address and the room)."""
+        host, port = self.bootstrap_address
+        return BootstrapInfo(bootstrap_host=host, bootstrap_port=port, bootstrap_room=room)
+
     @abc.abstractmethod
     def open_room(self, request_id: str) -> int:
         """Allocate a room for a request, before prefill starts (answered to decode at once)."""

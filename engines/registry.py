@@ -1,6 +1,7 @@
 """Engine selection: ``--engine`` picks the implementation of each role."""
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,10 @@ class EngineConfig:
     """Which engine runs a role, on which checkpoint and device."""
 
     name: str = DEFAULT_ENGINE
-    """One of `ENGINES`."""
+    """One of `ENGINES`: the engine of prefill and decode (--engine)."""
+    encode_name: str = ""
+    """The engine of encoding, on an encode worker or a worker's inline encoder; empty means
+    `name` (--encode-engine)."""
     model_path: str = ""
     """Checkpoint directory (the tiny Qwen2.5-VL when empty)."""
     device: str = "cpu"
@@ -65,6 +69,12 @@ class EngineConfig:
         """The engine flags every worker takes."""
         group = parser.add_argument_group("engine")
         group.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
+        group.add_argument(
+            "--encode-engine",
+            choices=ENGINES,
+            default="",
+            help="engine that encodes images, on an encode worker or inline (default: --engine)",
+        )
         group.add_argument("--device", default="cpu")
         group.add_argument("--disaggregation-bootstrap-host", default="127.0.0.1")
         group.add_argument("--disaggregation-bootstrap-port", type=int, default=0)
@@ -120,6 +130,7 @@ class EngineConfig:
         """Build from parsed flags."""
         return cls(
             name=args.engine,
+            encode_name=args.encode_engine,
             model_path=model_path,
             device=args.device,
             bootstrap_host=args.disaggregation_bootstrap_host,
@@ -140,6 +151,40 @@ class EngineConfig:
                 bootstrap_port=args.disaggregation_bootstrap_port,
             ),
         )
+
+    def encoding(self) -> "EngineConfig":
+        """This config with the encode engine in `name` (what an encoder is built from)."""
+        return dataclasses.replace(self, name=self.encode_name or self.name, encode_name="")
+
+
+def check_available(config: EngineConfig, role: str, encodes_inline: bool = False) -> None:
+    """Refuse, before anything starts, a role this interpreter or machine cannot run.
+
+    Raises `EngineUnavailable` with a one-line reason: SGLang missing from the interpreter,
+    an ``sglang.Engine`` without CUDA or SGLang's kernels, or an SGLang encoder sharing a
+    process with an ``sglang.Engine`` (SGLang's config is process-wide).
+    """
+    from triptych.engines.sglang.preflight import (
+        EngineUnavailable,
+        require_gpu_runtime,
+        require_sglang,
+    )
+
+    encoder = config.encode_name or config.name
+    if role == "encode":
+        if encoder == "sglang":
+            require_sglang()
+        return
+    if config.name == "sglang":
+        if encodes_inline and encoder == "sglang":
+            raise EngineUnavailable(
+                f"engine 'sglang' cannot encode inline in the {role} worker: SGLang's MMEncoder "
+                "and sglang.Engine cannot share a process; run a dedicated encode worker or "
+                "pass --encode-engine hf"
+            )
+        require_gpu_runtime(role)
+    elif encodes_inline and encoder == "sglang":
+        require_sglang()
 
 
 def _decoding(config: EngineConfig) -> "Decoding":
@@ -170,6 +215,10 @@ def encode_engine(config: EngineConfig, runner: Runner | None = None) -> EncodeE
         from triptych.engines.hf.encode import HfEncodeEngine
 
         return HfEncodeEngine(config.model_path, config.device, runner=runner)
+    if config.name == "sglang":
+        from triptych.engines.sglang.encode import SglangEncodeEngine
+
+        return SglangEncodeEngine(config)
     raise _unavailable(config, "encode")
 
 
@@ -188,6 +237,10 @@ def prefill_engine(config: EngineConfig, agent: TransferAgent | None) -> Prefill
             config.bootstrap_port,
             prefill_batch=config.max_prefill_batch or 8,
         )
+    if config.name == "sglang":
+        from triptych.engines.sglang.disaggregated import SglangPrefillEngine
+
+        return SglangPrefillEngine(config)
     raise _unavailable(config, "prefill")
 
 
@@ -199,6 +252,10 @@ def decode_engine(config: EngineConfig, agent: TransferAgent | None) -> DecodeEn
         from triptych.engines.hf.disaggregated import HfDecodeEngine
 
         return HfDecodeEngine(config.model_path, agent, config.device, _decoding(config))
+    if config.name == "sglang":
+        from triptych.engines.sglang.disaggregated import SglangDecodeEngine
+
+        return SglangDecodeEngine(config)
     raise _unavailable(config, "decode")
 
 
@@ -212,4 +269,8 @@ def aggregated_engine(config: EngineConfig) -> AggregatedEngine:
         return HfAggregatedEngine(
             config.model_path, config.device, _decoding(config), config.max_prefill_batch or 1
         )
+    if config.name == "sglang":
+        from triptych.engines.sglang.aggregated import SglangAggregatedEngine
+
+        return SglangAggregatedEngine(config)
     raise _unavailable(config, "aggregated")

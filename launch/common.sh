@@ -5,10 +5,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
-export PATH="$ROOT/.venv/bin:$PATH"
+# nats-server and friends: next to the interpreter first (PYTHON=.venv-sglang/bin/python)
+export PATH="$(dirname "$PYTHON"):$ROOT/.venv/bin:$PATH"
 export PYTHONUNBUFFERED=1
 
 ENGINE=hf
+ENCODE_ENGINE=""
 MODEL_PATH=""
 HTTP_HOST=127.0.0.1
 HTTP_PORT=8000
@@ -25,10 +27,13 @@ RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/triptych-launch.XXXXXX")"
 
 usage() {
   cat <<USAGE
-usage: $(basename "$0") [--engine hf|mock|sglang] [--model-path P] [--http-port N (0: any)]
+usage: $(basename "$0") [--engine hf|mock|sglang] [--encode-engine hf|mock|sglang]
+                        [--model-path P] [--http-port N (0: any)]
                         [--http-host H] [--device D] [--encode-gpu N] [--prefill-gpu N]
                         [--decode-gpu N] [--gpus N,M,...] [-- extra worker flags...]
 Starts a private nats-server on a free loopback port when NATS_URL is unset.
+--engine runs prefill and decode, --encode-engine the encoding (default: --engine).
+PYTHON=<venv>/bin/python runs every process with that interpreter (.venv-sglang for sglang).
 --encode-gpu/--prefill-gpu/--decode-gpu (or TRIPTYCH_ENCODE_GPU, ...) pin a stage to one GPU
 (its process sees only that GPU, and --device becomes cuda); agg.sh --gpus 0,1 starts one
 independent worker per listed GPU.
@@ -39,6 +44,7 @@ parse_args() {
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --engine) ENGINE="$2"; shift 2 ;;
+      --encode-engine) ENCODE_ENGINE="$2"; shift 2 ;;
       --model-path) MODEL_PATH="$2"; shift 2 ;;
       --http-port) HTTP_PORT="$2"; shift 2 ;;
       --http-host) HTTP_HOST="$2"; shift 2 ;;
@@ -52,7 +58,11 @@ parse_args() {
       *) echo "unknown flag: $1" >&2; usage >&2; exit 2 ;;
     esac
   done
-  case "$ENGINE" in hf|mock|sglang) ;; *) echo "unknown engine: $ENGINE" >&2; exit 2 ;; esac
+  ENCODE_ENGINE="${ENCODE_ENGINE:-$ENGINE}"
+  local engine
+  for engine in "$ENGINE" "$ENCODE_ENGINE"; do
+    case "$engine" in hf|mock|sglang) ;; *) echo "unknown engine: $engine" >&2; exit 2 ;; esac
+  done
   if [[ -z "$MODEL_PATH" ]]; then
     MODEL_PATH="$("$PYTHON" -c 'from triptych.models.tiny import default_model_path; print(default_model_path())')"
   fi
@@ -154,7 +164,8 @@ start_on() {
 }
 
 worker_flags() {
-  echo --engine "$ENGINE" --model-path "$MODEL_PATH" --device "$DEVICE"
+  echo --engine "$ENGINE" --encode-engine "$ENCODE_ENGINE" --model-path "$MODEL_PATH" \
+    --device "$DEVICE"
 }
 
 # start_frontend TOPOLOGY: the frontend, on --http-port (0: a free port, announced in a file).

@@ -95,6 +95,11 @@ class BootstrapInfo(BaseModel):
     bootstrap_host: str
     bootstrap_port: int = Field(ge=1, le=65535)
     bootstrap_room: int = Field(ge=0, lt=2**63)
+    outcome_port: int | None = Field(default=None, ge=1, le=65535)
+    """When the KV cache moves through the engine's own bootstrap server (SGLang's, at
+    ``bootstrap_host:bootstrap_port``): the port on ``bootstrap_host`` of triptych's room
+    endpoint, where prefill reports the room's outcome (a failure at once). None when
+    ``bootstrap_port`` is triptych's room endpoint itself."""
 
 
 class TokenChunk(BaseModel):

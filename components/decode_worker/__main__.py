@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from triptych.components.decode_worker.handler import AggregatedHandler, DisaggregatedHandler
 from triptych.components.worker import (
     add_encoder_flag,
+    has_vision,
     inline_encoder,
     run_worker,
     worker_config,
@@ -50,7 +51,9 @@ def main() -> None:
         service.add_endpoint("generate", GenerateRequest, handler.generate)
         return [agg] if encoder is None else [agg, encoder]
 
-    run_worker(config, "decode", setup)
+    agg = args.disaggregation_mode == "agg"
+    inline = agg and not args.dedicated_mm_encoder and has_vision(config)
+    run_worker(config, "decode", setup, encodes_inline=inline)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """``python -m triptych.components.encode_worker``"""
 
+import dataclasses
 from collections.abc import Sequence
 
 from triptych.components.encode_worker.handler import EncodeHandler
@@ -13,6 +14,7 @@ from triptych.transfer import EmbeddingTransport
 def main() -> None:
     """Parse flags and serve until stopped."""
     config = worker_config(worker_parser("triptych encode worker").parse_args())
+    config = dataclasses.replace(config, engine=config.engine.encoding())
 
     async def setup(
         runtime: Runtime, service: Service, transport: EmbeddingTransport

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from triptych.components.prefill_worker.handler import PrefillHandler
 from triptych.components.worker import (
     add_encoder_flag,
+    has_vision,
     inline_encoder,
     run_worker,
     worker_config,
@@ -37,7 +38,8 @@ def main() -> None:
         service.add_endpoint("generate", GenerateRequest, handler.generate)
         return [engine] if encoder is None else [engine, encoder]
 
-    run_worker(config, "prefill", setup)
+    inline = not args.dedicated_mm_encoder and has_vision(config)
+    run_worker(config, "prefill", setup, encodes_inline=inline)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from triptych.engines import EncodeEngine, PrefillEngine
 from triptych.engines.inputs import gather_embeddings
 from triptych.observability import nvtx
-from triptych.protocol import BootstrapInfo, GenerateRequest
+from triptych.protocol import GenerateRequest
 from triptych.runtime import Context
 from triptych.transfer import EmbeddingTransport
 
@@ -22,11 +22,7 @@ class PrefillHandler:
         """Answer the bootstrap triple first; a later failure reaches decode through the room."""
         with nvtx.span("mm:prefill:bootstrap"):
             room = self.engine.open_room(ctx.request_id)
-            host, port = self.engine.bootstrap_address
-            await ctx.stream.send(
-                BootstrapInfo(bootstrap_host=host, bootstrap_port=port, bootstrap_room=room),
-                end=True,
-            )
+            await ctx.stream.send(self.engine.bootstrap_info(room), end=True)
         try:
             with nvtx.span("mm:prefill:load_multimodal"):
                 embeddings = await gather_embeddings(

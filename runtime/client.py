@@ -32,6 +32,9 @@ class _Offer(enum.Enum):
     """Dead, draining, or too slow to accept: the call moves on."""
     BUSY = "busy"
     """Its queue is full: the call moves on, and the caller learns to come back later."""
+    SLOW = "slow"
+    """It did not accept in time (frozen, or swamped): the call moves on; it stays in routing
+    until discovery stops seeing it, since under load every instance is slow."""
 
 
 def _refused_for_load(data: bytes) -> bool:
@@ -57,6 +60,17 @@ class Client:
             runtime.nc, cfg.namespace, component, cfg.discovery_interval_s, cfg.instance_ttl_s
         )
         self._round_robin = itertools.count()
+
+    @property
+    def capacity(self) -> int | None:
+        """Requests the live instances hold at most, together (None: unbounded, or none live).
+
+        Each instance announces its bound as ``max_in_flight`` in its metadata.
+        """
+        bounds = [self.instances.metadata(i).get("max_in_flight") for i in self.instances.live]
+        if not bounds or not all(b and b.isdigit() for b in bounds):
+            return None
+        return sum(int(b) for b in bounds if b)
 
     async def start(self) -> None:
         """Begin discovering instances. Safe to call twice."""
@@ -123,7 +137,7 @@ class Client:
         raise self._nobody_took_it(refusals, sink.request_id)
 
     def _nobody_took_it(self, refusals: list["_Offer"], request_id: str) -> ServiceError:
-        if refusals and all(offer is _Offer.BUSY for offer in refusals):
+        if refusals and all(offer in (_Offer.BUSY, _Offer.SLOW) for offer in refusals):
             return busy(f"every {self.component} instance is busy", request_id)
         return unavailable(f"no live {self.component} instance", request_id)
 
@@ -161,8 +175,7 @@ class Client:
                     candidate,
                     request_id,
                 )
-                self.instances.drop(candidate)
-                return _Offer.GONE
+                return _Offer.SLOW
             raise unavailable(
                 f"{self.component} instance {candidate} did not accept the request in time",
                 request_id,

@@ -28,6 +28,7 @@ class InstanceTracker:
         self._interval = interval
         self._ttl = ttl
         self._last_seen: dict[str, float] = {}
+        self._metadata: dict[str, dict[str, str]] = {}
         self._changed = asyncio.Event()
         self._tasks = TaskOwner(f"discovery:{component}")
         self._inbox = ""
@@ -57,8 +58,13 @@ class InstanceTracker:
         horizon = time.monotonic() - self._ttl
         return sorted(i for i, seen in self._last_seen.items() if seen >= horizon)
 
+    def metadata(self, instance: str) -> dict[str, str]:
+        """What the instance announces about itself (NATS micro metadata)."""
+        return self._metadata.get(instance, {})
+
     def drop(self, instance: str) -> None:
         """Forget an instance now (it met "no responders")."""
+        self._metadata.pop(instance, None)
         if self._last_seen.pop(instance, None) is not None:
             log.info("%s instance %s left routing", self._component, instance)
 
@@ -101,4 +107,6 @@ class InstanceTracker:
         if instance not in self._last_seen:
             log.info("%s instance %s joined routing", self._component, instance)
         self._last_seen[instance] = time.monotonic()
+        metadata = info.get("metadata")
+        self._metadata[instance] = metadata if isinstance(metadata, dict) else {}
         self._changed.set()

@@ -109,6 +109,8 @@ class Service:
         tries another instance, and answers 503 with Retry-After when all are full)."""
         self._version = version
         self._metadata = dict(metadata or {})
+        if max_in_flight is not None:
+            self._metadata["max_in_flight"] = str(max_in_flight)  # callers bound their admission
         self._endpoints: list[_Endpoint[Any]] = []
         self._micro: MicroService | None = None
         self._cancel_sub: Any = None

@@ -21,6 +21,7 @@ from tests.stack import ROOT, Stack, start_topology
 from tests.test_faults import body, in_flight, wait_until
 from triptych.runtime.entry import EXIT_NATS_LOST
 from triptych.runtime.nats_server import NatsServer
+from triptych.runtime.port_file import read_port_file
 
 SLOW_DECODE = ("--mock-decode-s-per-step", "0.05")
 
@@ -64,22 +65,37 @@ def test_a_full_frontend_answers_503_with_retry_after_at_once(stack: Stack) -> N
     assert after.status_code == 200  # room again once they finished
 
 
-def test_full_worker_queues_answer_503_with_retry_after(stack: Stack) -> None:
-    # decode runs one request and queues one: the third concurrent request finds it full
+def test_full_worker_queues_answer_503_with_retry_after(stack: Stack, tmp_path: Path) -> None:
+    """Decode runs one request and queues one. The frontend that holds them refuses a third at
+    its door (it knows decode's capacity); a second frontend, which holds none, passes it on,
+    and the decode instance refuses it as busy."""
     limits = ("--max-running-requests", "1", "--max-queued-requests", "1")
     start_topology(stack, "E/P/D", *SLOW_DECODE, *limits)
+    other = tmp_path / "second-frontend.port"
+    stack.start(
+        "frontend", "frontend", "--topology", "E/P/D", "--http-port", "0", "--port-file", str(other)
+    )
+    wait_until(other.exists, 120)
+    ports = read_port_file(other)
+    assert ports is not None
+    second = f"http://127.0.0.1:{ports['http']}"
+    wait_until(lambda: httpx.get(f"{second}/ready", timeout=5).status_code == 200, 60)
     held = hold_streams(stack.url, 2, max_tokens=100)
     wait_until(lambda: in_flight(stack, "decode") == [2], 10)
+    at_the_door = httpx.post(
+        f"{stack.url}/v1/chat/completions", json=body(5, stream=False), timeout=10
+    )
+    assert at_the_door.status_code == 503
+    assert at_the_door.headers["Retry-After"] == "1"
+    assert "every decode instance is full" in at_the_door.json()["error"]["message"]
     for stream in (False, True):
         begun = time.monotonic()
-        reply = httpx.post(
-            f"{stack.url}/v1/chat/completions", json=body(5, stream=stream), timeout=10
-        )
+        reply = httpx.post(f"{second}/v1/chat/completions", json=body(5, stream=stream), timeout=10)
         assert reply.status_code == 503, reply.text  # streamed too: nothing was sent yet
         assert reply.headers["Retry-After"] == "1"
         assert reply.json()["error"]["message"] == "every decode instance is busy"
         assert time.monotonic() - begun < 1.0  # no time-out involved (~5 ms when idle)
-    metrics = httpx.get(f"{stack.url}/metrics", timeout=5).text
+    metrics = httpx.get(f"{second}/metrics", timeout=5).text
     assert 'triptych_frontend_rejected_total{reason="workers_full"} 2.0' in metrics
     for thread in held:
         thread.join(30)

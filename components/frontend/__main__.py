@@ -35,7 +35,9 @@ def main() -> None:
             frontend = Frontend(config, runtime, preprocessor, stages)
             runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, config.http_host, config.http_port)
+            # A deep accept queue: under a burst, connections wait to be refused with a 503
+            # instead of having their SYNs dropped and retried seconds later.
+            site = web.TCPSite(runner, config.http_host, config.http_port, backlog=4096)
             await site.start()
             port = int(runner.addresses[0][1])
             if config.port_file:

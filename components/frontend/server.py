@@ -191,13 +191,9 @@ class Frontend:
         """``POST /v1/chat/completions``: streamed (SSE) or whole."""
         request_id = _request_id(request.headers.get("X-Request-Id"))
         request_id_var.set(request_id)
-        if self.in_flight >= self.config.max_inflight_requests:
+        refusal = self._refusal(request_id)
+        if refusal is not None:
             metrics.REJECTED.labels("frontend_full").inc()
-            refusal = busy(
-                f"server busy: {self.in_flight} requests in flight "
-                f"(--max-inflight-requests {self.config.max_inflight_requests})",
-                request_id,
-            )
             return error_response(refusal.info)
         self.in_flight += 1
         telemetry = RequestTelemetry()
@@ -210,6 +206,25 @@ class Frontend:
         finally:
             self.in_flight -= 1
             telemetry.finish(client_gone)
+
+    def _refusal(self, request_id: str) -> ServiceError | None:
+        """A busy answer when this frontend already holds as many requests as it may, or as
+        every decode instance can hold: refusing at the door costs next to nothing, where a
+        request refused by a worker was parsed, tokenized and sent on first."""
+        limit = self.config.max_inflight_requests
+        if self.in_flight >= limit:
+            return busy(
+                f"server busy: {self.in_flight} requests in flight "
+                f"(--max-inflight-requests {limit})",
+                request_id,
+            )
+        downstream = self.stages["decode"].capacity
+        if downstream is not None and self.in_flight >= downstream:
+            return busy(
+                f"server busy: every decode instance is full ({self.in_flight} requests in flight)",
+                request_id,
+            )
+        return None
 
     async def _chat(
         self, request: web.Request, request_id: str, telemetry: RequestTelemetry

@@ -120,23 +120,32 @@ class LocalCluster:
 
     def __post_init__(self) -> None:
         workloads = [w for w in self.objects if w["kind"] in ("Deployment", "StatefulSet")]
-        addresses = {
-            w["metadata"]["name"]: f"{self.subnet}.{10 + i}" for i, w in enumerate(workloads)
-        }
+        replicas: dict[str, list[tuple[str, str]]] = {}  # workload -> [(pod name, address)]
+        for workload in workloads:
+            name = workload["metadata"]["name"]
+            count = int(workload["spec"].get("replicas", 1))
+            replicas[name] = [
+                (
+                    name if count == 1 else f"{name}-{i}",
+                    f"{self.subnet}.{10 + 10 * len(replicas) + i}",
+                )
+                for i in range(count)
+            ]
         services: dict[str, str] = {}
         for service in find(self.objects, "Service"):
             selector = service["spec"]["selector"]
             for w in workloads:
                 labels = w["spec"]["template"]["metadata"]["labels"]
                 if all(labels.get(k) == v for k, v in selector.items()):
-                    services[service["metadata"]["name"]] = addresses[w["metadata"]["name"]]
+                    services[service["metadata"]["name"]] = replicas[w["metadata"]["name"]][0][1]
         self.services = services
         for workload, container in containers(self.objects):
-            name = workload["metadata"]["name"]
-            self.pods.append(self._pod(workload, container, addresses[name]))
+            for name, address in replicas[workload["metadata"]["name"]]:
+                self.pods.append(self._pod(workload, container, name, address))
 
-    def _pod(self, workload: dict[str, Any], container: dict[str, Any], address: str) -> Pod:
-        name = workload["metadata"]["name"]
+    def _pod(
+        self, workload: dict[str, Any], container: dict[str, Any], name: str, address: str
+    ) -> Pod:
         env: dict[str, str] = {}
         for source in container.get("envFrom", []):
             env.update(self._config_map(source["configMapRef"]["name"]))

@@ -275,3 +275,58 @@ def test_rendered_pods_serve_a_chat_with_an_image(cluster: LocalCluster, tiny_mo
     for pod in cluster.pods:
         if "advertised as" in pod.output():
             assert f"advertised as {pod.address}" in pod.output(), pod.name
+
+
+def test_nats_refuses_to_start_without_a_token(tmp_path: Path) -> None:
+    """As committed, the Secret holds no token: NATS says so and exits instead of running open."""
+    local = LocalCluster(render("e-p-d"), tmp_path, subnet=f"127.13.{secrets.randbelow(250) + 1}")
+    nats = next(p for p in local.pods if p.name == "triptych-nats")
+    assert nats.env["NATS_TOKEN"] == ""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = {**os.environ, **nats.env, "PATH": path}
+    done = subprocess.run(
+        nats.argv, env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode != 0
+    assert "holds no token" in done.stderr
+
+
+def stage_requests(pod_address: str, stage: str) -> float:
+    text = httpx.get(f"http://{pod_address}:9090/metrics", timeout=5).text
+    prefix = f'triptych_stage_request_duration_seconds_count{{outcome="ok",stage="{stage}"}}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_a_stage_scales_by_its_replicas_alone(tmp_path: Path, tiny_model: Path) -> None:
+    objects = render("e-p-d", token=secrets.token_urlsafe(24), workdir=tmp_path)
+    for deployment in find(objects, "Deployment"):
+        if deployment["metadata"]["name"] == "triptych-decode":
+            deployment["spec"]["replicas"] = 2  # what `kubectl scale --replicas=2` changes
+    local = LocalCluster(
+        objects,
+        tmp_path,
+        subnet=f"127.13.{secrets.randbelow(250) + 1}",
+        overrides={"TRIPTYCH_MODEL_PATH": str(tiny_model), "TRIPTYCH_ENGINE": "mock"},
+    )
+    try:
+        local.start(first="triptych-nats")
+        local.wait_ready(local.pods, 240)
+        frontend = next(p for p in local.pods if p.name == "triptych-frontend")
+        ready = httpx.get(f"http://{frontend.address}:8000/ready", timeout=5).json()
+        assert ready["instances"]["decode"] == 2
+        for i in range(12):
+            reply = httpx.post(
+                f"http://{frontend.address}:8000/v1/chat/completions",
+                json={
+                    "model": tiny_model.name,
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": f"request {i}"}],
+                },
+                timeout=60,
+            )
+            assert reply.status_code == 200, reply.text
+        decodes = [p for p in local.pods if p.name.startswith("triptych-decode")]
+        assert len(decodes) == 2
+        assert all(stage_requests(p.address, "decode") >= 3 for p in decodes)
+    finally:
+        local.stop()

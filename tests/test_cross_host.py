@@ -1,9 +1,12 @@
 """E/P/D across two hosts: two network namespaces joined by a veth pair (192.0.2.0/24, a
-documentation network). Host A runs NATS, encode and prefill; host B the frontend and decode.
-Every process binds 0.0.0.0 and advertises its host's address; UCX may use TCP only, as between
-real hosts (the namespaces share one kernel, where shared memory would otherwise be taken).
-Image bytes cross B -> A and the KV cache A -> B by NIXL, the bootstrap room is joined across,
-and the tokens are still transformers' own."""
+documentation network), NATS on host A. Every process binds 0.0.0.0 and advertises its host's
+address; UCX may use TCP only, as between real hosts (the namespaces share one kernel, where
+shared memory would otherwise be taken). Two placements:
+
+- encode + prefill on A, frontend + decode on B: image bytes cross B -> A, the KV cache A -> B;
+- prefill on A, frontend + encode + decode on B: embeddings cross B -> A, the KV cache A -> B.
+
+Either way the bootstrap room is joined across hosts and the tokens are transformers' own."""
 
 import json
 import os
@@ -115,9 +118,20 @@ CLIENT = textwrap.dedent(
 )
 
 
+PLACEMENTS = {
+    "encode_prefill__frontend_decode": {"encode": "a", "prefill": "a"},
+    "prefill__frontend_encode_decode": {"encode": "b", "prefill": "a"},
+}
+"""Where encode and prefill run (NATS is on A; frontend and decode on B)."""
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
 def test_epd_across_two_hosts_is_token_exact(
-    hosts: Hosts, tmp_path: Path, tiny_model: Path
+    hosts: Hosts, tmp_path: Path, tiny_model: Path, placement: str
 ) -> None:
+    where = {"frontend": "b", "decode": "b", **PLACEMENTS[placement]}
+    netns = {"a": hosts.a, "b": hosts.b}
+    address = {"a": HOST_A, "b": HOST_B}
     token = secrets.token_urlsafe(24)
     namespace = f"x{secrets.token_hex(4)}"
     nats_url = f"nats://{HOST_A}:4222"
@@ -138,21 +152,21 @@ def test_epd_across_two_hosts_is_token_exact(
         ("nats", hosts.a, {}, ["nats-server", "-c", str(conf)]),
         (
             "encode",
-            hosts.a,
+            netns[where["encode"]],
             {},
             [
                 *_component("encode_worker"),
                 *model,
                 "--advertise-host",
-                HOST_A,
+                address[where["encode"]],
                 "--metrics-port",
                 str(ENCODE_METRICS_PORT),
             ],
         ),
         (
             "prefill",
-            hosts.a,
-            {"POD_IP": HOST_A},
+            netns[where["prefill"]],
+            {"POD_IP": address[where["prefill"]]},
             [
                 *_component("prefill_worker"),
                 *model,
@@ -249,12 +263,11 @@ def test_epd_across_two_hosts_is_token_exact(
     oracle = Oracle(tiny_model)
     assert result["tokens"] == [oracle.tokens(case) for case in cases]
     # What each process handed to the others is its host's address, never 0.0.0.0.
-    assert result["metadata"]["encode"]["host"] == HOST_A
-    assert result["metadata"]["prefill"]["host"] == HOST_A
-    assert result["metadata"]["decode"]["host"] == HOST_B
-    # The large image's bytes crossed B -> A by NIXL (and the status port was reachable there).
+    for component in ("encode", "prefill", "decode"):
+        assert result["metadata"][component]["host"] == address[where[component]], component
+    # The large image's bytes moved by NIXL (and encode's advertised status port answered).
     assert result["image_bytes"] >= len(big)
-    # Embeddings were read by prefill, and the KV cache crossed A -> B, over NIXL.
+    # Prefill read the embeddings and decode the KV cache over NIXL.
     assert "embeddings" in logs["prefill"].read_text() and "read in" in logs["prefill"].read_text()
     assert sum(
         "KV cache" in line and "read in" in line for line in logs["decode"].read_text().splitlines()

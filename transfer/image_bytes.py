@@ -5,10 +5,11 @@ The frontend fetches and checks every image once (it needs the pixel size to exp
 prompt), so the bytes it checked are the bytes that get encoded: nothing is fetched twice, and
 ``data:`` and ``file://`` images work like any other. Small images still ride inline; the
 rest travel as a `TensorHandle` in `ImageItem.data_handle`, which keeps every NATS message
-far below a stock server's 1 MB ``max_payload``. The reader's completion notification frees
-the region at once; the frontend releases whatever is left when the request ends (success,
-failure or cancel), so a reader that never comes (the mock engine reads no pixels) costs
-nothing beyond the request's lifetime.
+far below a stock server's 1 MB ``max_payload``. The frontend frees each region when the
+request ends (success, failure or cancel), not at the reader's notification: a request that
+migrates to another instance before its first token is encoded again there and reads the same
+bytes. A reader that never comes (the mock engine reads no pixels) costs nothing beyond the
+request's lifetime.
 """
 
 import asyncio
@@ -48,7 +49,7 @@ async def offload(
                 budget -= len(data)
                 continue
             tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            ref = await agent.export_when_room(tensor, f"{key_prefix}-{i}", timeout_s)
+            ref = await agent.export_when_room(tensor, f"{key_prefix}-{i}", timeout_s, keep=True)
             out[i] = images[i].model_copy(update={"data": None, "data_handle": to_handle(ref)})
     except BaseException:
         release(agent, out)

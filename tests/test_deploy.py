@@ -116,31 +116,17 @@ def test_dockerfile_uses_only_what_the_repository_has(dockerfile: Path) -> None:
 
 def test_image_requirements_come_from_pyproject() -> None:
     script = ROOT / "deploy" / "docker" / "requirements.py"
-    plain = subprocess.run(
-        [sys.executable, str(script), "--pyproject", str(ROOT / "pyproject.toml")],
+    pyproject = ["--pyproject", str(ROOT / "pyproject.toml")]
+    listed = subprocess.run(
+        [sys.executable, str(script), *pyproject, "--extra", "profiling"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
-    assert any(r.startswith("transformers==") for r in plain)
-    assert any(r.startswith("nixl-cu12==") for r in plain)
-    sglang = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--pyproject",
-            str(ROOT / "pyproject.toml"),
-            "--extra",
-            "sglang",
-            "--drop",
-            "transformers",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert any(r.startswith("sglang==") for r in sglang)
-    assert not any(r.startswith("transformers") for r in sglang)
+    assert any(r.startswith("transformers") for r in listed)
+    assert any(r.startswith("nixl-cu12==") for r in listed)
+    assert any(r.startswith("nvtx") for r in listed)
+    assert not any(r.startswith("torch") for r in listed)  # installed first, from its own index
 
 
 @pytest.mark.parametrize("overlay", [*TOPOLOGIES, "hpa"])

@@ -2,9 +2,9 @@
 
 No image is built here (no daemon, no base images) and there is no cluster: the Dockerfile is
 linted and its inputs checked against the repository; every overlay is rendered with
-``kubectl kustomize`` and validated against the Kubernetes 1.30 schemas offline; and each
-rendered pod's command, args and environment are started as local processes, which must form a
-stack that answers a chat request with an image.
+``kubectl kustomize`` and validated offline against the Kubernetes 1.30 schemas and the newest at
+hand; and each rendered pod's command, args and environment are started as local processes,
+which must form a stack that answers a chat request with an image.
 """
 
 import base64
@@ -29,7 +29,8 @@ from tests.k8s import TOPOLOGIES, LocalCluster, containers, find, render
 from tests.stack import ROOT
 
 DOCKERFILES = sorted(p for p in ROOT.rglob("Dockerfile*") if ".venv" not in p.parts)
-KUBERNETES_VERSION = "1.30.0"
+KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+"""The oldest Kubernetes the manifests target, and the newest whose schemas are at hand."""
 MODEL_STAGES = {"encode", "prefill", "decode", "aggregated"}
 STAGES = {
     "e-p-d": {"frontend", "encode", "prefill", "decode"},
@@ -132,8 +133,9 @@ def test_image_requirements_come_from_pyproject() -> None:
 @pytest.mark.parametrize("overlay", [*TOPOLOGIES, "hpa"])
 def test_overlay_renders_and_validates(overlay: str) -> None:
     objects = render(overlay)
-    for obj in objects:
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    for version in KUBERNETES_VERSIONS:
+        for obj in objects:
+            kubernetes_validate.validate(obj, version, strict=True)
     kinds = {o["kind"] for o in objects}
     assert {"StatefulSet", "Service", "Secret", "ConfigMap", "Deployment"} <= kinds
     if overlay == "hpa":

@@ -22,7 +22,8 @@ from triptych.engines import (
 )
 from triptych.models import load_adapter
 from triptych.observability import metrics
-from triptych.runtime import Runtime, RuntimeConfig, Service
+from triptych.runtime import Env, Runtime, RuntimeConfig, Service
+from triptych.runtime.address import advertised_host, is_wildcard
 from triptych.runtime.entry import configure_logging, serve, serving
 from triptych.runtime.port_file import write_port_file
 from triptych.runtime.status_server import StatusServer
@@ -49,6 +50,9 @@ class WorkerConfig:
     """Interface of the worker's /metrics, /health and /ready."""
     metrics_port: int
     """Their port (0: any free port, announced in the logs and the NATS micro metadata)."""
+    advertise_host: str
+    """The address other processes reach this worker at (its bootstrap endpoint, its status
+    port in the NATS metadata): never a wildcard."""
     transfer_timeout_s: float = 30.0
     """How long a reader waits for embeddings or a KV cache to arrive."""
     max_queued_requests: int = 128
@@ -99,6 +103,12 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
         default=None,
         help='write {"status": PORT} (and "bootstrap" on prefill) to this file once serving',
     )
+    parser.add_argument(
+        "--advertise-host",
+        default=None,
+        help="address other processes reach this worker at (default: $POD_IP, else the bind "
+        "address, else this host's address toward NATS); never a wildcard",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     RuntimeConfig.add_arguments(parser)
@@ -145,9 +155,14 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     """Build a worker's config from its parsed flags."""
     configure_logging(args.log_level, args.log_format)
     model_path = resolve_model_path(args.model_path)
+    runtime = RuntimeConfig.from_args(args)
+    bind = args.disaggregation_bootstrap_host
+    if is_wildcard(bind):
+        bind = args.metrics_host
+    advertise = advertised_host(bind, args.advertise_host, Env.read().pod_ip, runtime.nats_url)
     return WorkerConfig(
-        runtime=RuntimeConfig.from_args(args),
-        engine=EngineConfig.from_args(args, model_path),
+        runtime=runtime,
+        engine=EngineConfig.from_args(args, model_path, advertise),
         model_path=model_path,
         served_model_name=args.served_model_name or model_path.rstrip("/").rsplit("/", 1)[-1],
         drain_grace_s=args.drain_grace_s,
@@ -157,6 +172,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         transfer_timeout_s=args.transfer_timeout_s,
         max_queued_requests=args.max_queued_requests,
         port_file=args.port_file,
+        advertise_host=advertise,
     )
 
 
@@ -187,9 +203,19 @@ def run_worker(
         exit_status = 1  # set when serving ends normally
         status = StatusServer(config.metrics_host, config.metrics_port, lambda: ready)
         await status.start()
-        log.info("%s: /metrics, /health and /ready on port %d", component, status.port)
+        log.info(
+            "%s: /metrics, /health and /ready on %s:%d (advertised as %s)",
+            component,
+            config.metrics_host,
+            status.port,
+            config.advertise_host,
+        )
         async with Runtime(config.runtime, name=component) as runtime:
-            metadata = {"model": config.served_model_name, "metrics_port": str(status.port)}
+            metadata = {
+                "model": config.served_model_name,
+                "host": config.advertise_host,
+                "metrics_port": str(status.port),
+            }
             capacity = config.engine.max_running_requests + config.max_queued_requests
             service = Service(runtime, component, metadata=metadata, max_in_flight=capacity)
             if agent is not None:

@@ -24,7 +24,7 @@ async def gather_embeddings(
             ErrorCode.INTERNAL, "images arrived unencoded at a worker with a dedicated encoder"
         )
     else:
-        embeddings = await encoder.encode(request_id, request.images)
+        embeddings = await encoder.encode(request_id, await transport.fetch_images(request.images))
     expected = sum(image.num_tokens for image in request.images)
     if embeddings.num_tokens != expected:
         raise ServiceError(

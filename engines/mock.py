@@ -54,6 +54,8 @@ class MockConfig:
     """Where prefill's bootstrap endpoint listens."""
     bootstrap_port: int = 0
     """Its port (0: any free port)."""
+    advertise_host: str | None = None
+    """The address decode reaches that endpoint at (None: `bootstrap_host`)."""
     room_done_timeout_s: float = 60.0
     """How long prefill keeps a room's (simulated) cache for decode to fetch."""
     fail_prefill: bool = False
@@ -126,7 +128,7 @@ class MockPrefillEngine(RoomPrefillEngine):
     """Prefill: a real bootstrap room, a simulated cache."""
 
     def __init__(self, config: MockConfig) -> None:
-        super().__init__(config.bootstrap_host, config.bootstrap_port)
+        super().__init__(config.bootstrap_host, config.bootstrap_port, config.advertise_host)
         self.config = config
 
     async def prefill(

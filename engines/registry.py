@@ -46,6 +46,9 @@ class EngineConfig:
     """Where a prefill engine's bootstrap endpoint listens (--disaggregation-bootstrap-host)."""
     bootstrap_port: int = 0
     """Its port; 0 picks a free one (--disaggregation-bootstrap-port)."""
+    advertise_host: str | None = None
+    """The address decode instances reach that endpoint at, when it differs from the bind
+    address (a pod binds 0.0.0.0 and advertises its IP; the worker resolves it)."""
     max_model_len: int = 0
     """Tokens one sequence may hold, prompt included; 0 means the model's context length,
     capped at 8192 (--max-model-len)."""
@@ -126,8 +129,10 @@ class EngineConfig:
         )
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, model_path: str) -> "EngineConfig":
-        """Build from parsed flags."""
+    def from_args(
+        cls, args: argparse.Namespace, model_path: str, advertise_host: str | None = None
+    ) -> "EngineConfig":
+        """Build from parsed flags; `advertise_host`: the address this worker advertises."""
         return cls(
             name=args.engine,
             encode_name=args.encode_engine,
@@ -135,6 +140,7 @@ class EngineConfig:
             device=args.device,
             bootstrap_host=args.disaggregation_bootstrap_host,
             bootstrap_port=args.disaggregation_bootstrap_port,
+            advertise_host=advertise_host,
             max_model_len=args.max_model_len,
             max_running_requests=args.max_running_requests,
             mem_fraction=args.mem_fraction,
@@ -149,6 +155,7 @@ class EngineConfig:
                 max_running=args.max_running_requests,
                 bootstrap_host=args.disaggregation_bootstrap_host,
                 bootstrap_port=args.disaggregation_bootstrap_port,
+                advertise_host=advertise_host,
             ),
         )
 
@@ -235,6 +242,7 @@ def prefill_engine(config: EngineConfig, agent: TransferAgent | None) -> Prefill
             config.device,
             config.bootstrap_host,
             config.bootstrap_port,
+            advertise_host=config.advertise_host,
             prefill_batch=config.max_prefill_batch or 8,
         )
     if config.name == "sglang":

@@ -9,8 +9,10 @@ class RoomPrefillEngine(PrefillEngine):
     """Owns a `BootstrapServer`: subclasses call ``super().start()``/``close()`` and offer
     each request's outcome through ``self.server.open(room)``."""
 
-    def __init__(self, bootstrap_host: str, bootstrap_port: int) -> None:
-        self.server = BootstrapServer(bootstrap_host, bootstrap_port)
+    def __init__(
+        self, bootstrap_host: str, bootstrap_port: int, advertise_host: str | None = None
+    ) -> None:
+        self.server = BootstrapServer(bootstrap_host, bootstrap_port, advertise_host)
 
     async def start(self) -> None:
         await self.server.start()

@@ -119,11 +119,11 @@ start_nats() {
   fi
   # Its own session: Ctrl-C in a terminal signals the whole foreground group, and NATS must
   # outlive the workers' drain; stop_all ends it last.
-  # A fresh token guards the private server; components read it from NATS_TOKEN. 64 MB
-  # messages (the server's maximum): images ride from the frontend to encode.
+  # A fresh token guards the private server; components read it from NATS_TOKEN. Messages
+  # stay within a stock server's 1 MB: large images move from the frontend on NIXL.
   NATS_TOKEN="$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(24))')"
   export NATS_TOKEN
-  (umask 077 && printf 'listen: "127.0.0.1:-1"\nmax_payload: 67108864\nauthorization { token: "%s" }\n' \
+  (umask 077 && printf 'listen: "127.0.0.1:-1"\nmax_payload: 1048576\nauthorization { token: "%s" }\n' \
     "$NATS_TOKEN" >"$RUN_DIR/nats.conf")
   setsid nats-server -c "$RUN_DIR/nats.conf" -ports_file_dir "$RUN_DIR" >"$RUN_DIR/nats.log" 2>&1 &
   NATS_PID=$!

@@ -61,7 +61,12 @@ class ImageItem(BaseModel):
     offset: int = Field(ge=0)
     """Index in `token_ids` of the image's first placeholder token."""
     data: bytes | None = None
-    """The validated encoded image (PNG, JPEG, ...) until an encoder has consumed it."""
+    """The validated encoded image (PNG, JPEG, ...) until an encoder has consumed it, when
+    small enough to ride inside the message."""
+    data_handle: TensorHandle | None = None
+    """Where the frontend keeps the encoded image (a uint8 tensor) for a NIXL READ, when it is
+    too large to ride inside a control-plane message; None once the bytes are in `data` or
+    consumed."""
 
 
 class GenerateRequest(BaseModel):

@@ -23,6 +23,9 @@ class Env:
     """TRIPTYCH_NAMESPACE: prefix of every subject and service name (default "triptych")."""
     nvtx: bool
     """DYN_NVTX: emit NVTX ranges for Nsight Systems."""
+    pod_ip: str | None
+    """POD_IP: this process's routable address (Kubernetes sets it from the downward API);
+    the address a worker advertises unless ``--advertise-host`` names one."""
 
     @classmethod
     def read(cls) -> "Env":
@@ -34,4 +37,5 @@ class Env:
             nats_token=os.environ.get("NATS_TOKEN") or None,
             namespace=os.environ.get("TRIPTYCH_NAMESPACE") or "triptych",
             nvtx=_flag("DYN_NVTX"),
+            pod_ip=os.environ.get("POD_IP") or None,
         )

@@ -28,7 +28,9 @@ def find_binary() -> str:
 
 
 class NatsServer:
-    """Runs nats-server on 127.0.0.1 with a port the OS picks; `url` is known after `start`."""
+    """Runs nats-server on 127.0.0.1 with a port the OS picks; `url` is known after `start`.
+
+    Messages are limited to 1 MiB, a stock server's default (`max_payload` changes it)."""
 
     def __init__(
         self,
@@ -36,7 +38,7 @@ class NatsServer:
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
-        max_payload: int = 64 * 1024 * 1024,
+        max_payload: int = 1024 * 1024,
     ) -> None:
         self._user, self._password, self._token = user, password, token
         self._max_payload = max_payload

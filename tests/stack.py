@@ -141,6 +141,7 @@ def start_topology(
     frontend_args: tuple[str, ...] = (),
     engine: str = "mock",
     model_path: str = "",
+    ready_timeout: float = 120,
 ) -> Stack:
     """Start the workers of a topology (`copies` of each) and its frontend."""
     model = ("--model-path", model_path) if model_path else ()
@@ -174,7 +175,7 @@ def start_topology(
             stack.start("prefill", "prefill_worker", *args)
             stack.start("decode", "decode_worker", "--disaggregation-mode", "decode", *args)
     stack.frontend(topology, *frontend_args)
-    stack.wait_ready()
+    stack.wait_ready(ready_timeout)
     return stack
 
 

@@ -137,6 +137,24 @@ async def test_tensor_arrives_bit_exact(agent: TransferAgent, peer: Peer, dtype:
     assert await agent.wait_released(ref.key, 10)
 
 
+async def test_a_kept_export_can_be_read_again_until_released(
+    agent: TransferAgent, peer: Peer
+) -> None:
+    """What a retried request needs: its image bytes stay readable after the first read."""
+    tensor = make(7, 5000, "float32")
+    ref = agent.export(tensor, "kept", keep=True)
+    first = await peer.call("fetch", ref, 10.0)
+    assert await agent.wait_released(ref.key, 10) is True  # notified, and now released
+    ref = agent.export(tensor, "kept-again", keep=True)
+    for _ in range(2):
+        assert (await peer.call("fetch", ref, 10.0))[0] == first[0] == digest(tensor)
+    before = agent.pool_in_use
+    agent.release(ref.key)
+    assert agent.pool_in_use < before
+    with pytest.raises(TransferError):
+        await peer.call("fetch", ref, 5.0)
+
+
 async def test_large_tensor_both_ways(agent: TransferAgent, peer: Peer) -> None:
     tensor = make(2, 16 * MiB, "float32")  # 64 MiB
     ref = agent.export(tensor, "large")

@@ -1,5 +1,6 @@
 """Moving state between workers: bootstrap rooms for the KV hand-off, NIXL for the bytes."""
 
+from triptych.transfer import image_bytes
 from triptych.transfer.bootstrap import BootstrapClient, BootstrapServer, RoomSlot
 from triptych.transfer.embeddings import EmbeddingTransport, ImageEmbeddings
 from triptych.transfer.nixl import PoolFull, TensorRef, TransferAgent, TransferError
@@ -14,4 +15,5 @@ __all__ = [
     "TensorRef",
     "TransferAgent",
     "TransferError",
+    "image_bytes",
 ]

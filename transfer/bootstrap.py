@@ -80,6 +80,11 @@ class BootstrapServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None):
         self._bind = (host, port)
         self.host = advertise_host or host
+        """The host decode instances are told to join at: routable, never a wildcard."""
+        if self.host.strip() in {"", "0.0.0.0", "::", "[::]"}:
+            raise ValueError(
+                f"the bootstrap endpoint binds {host!r}: it needs an address to advertise"
+            )
         self.port = port
         self._rooms: dict[int, _Room] = {}
         self._server: asyncio.Server | None = None

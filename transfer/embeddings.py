@@ -6,16 +6,18 @@ notification frees the encoder's region. Embeddings without bytes (the mock engi
 as a "simulated" handle that only carries their shape.
 """
 
-import dataclasses
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from triptych.observability import metrics
-from triptych.protocol import ErrorCode, ServiceError, TensorHandle
-from triptych.transfer.nixl import PoolFull, TensorRef, TransferAgent, TransferError
+from triptych.protocol import ErrorCode, ImageItem, ServiceError, TensorHandle
+from triptych.transfer import image_bytes
+from triptych.transfer.handles import to_handle, to_ref
+from triptych.transfer.nixl import PoolFull, TransferAgent, TransferError
 
 SIMULATED = "simulated"
 log = logging.getLogger(__name__)
@@ -30,16 +32,6 @@ class ImageEmbeddings:
     hidden_size: int
     tensor: Any = None
     """A ``torch.Tensor`` [num_tokens, hidden_size], or None when simulated."""
-
-
-def to_handle(ref: TensorRef) -> TensorHandle:
-    """The wire form of a NIXL export."""
-    return TensorHandle(**dataclasses.asdict(ref))
-
-
-def to_ref(handle: TensorHandle) -> TensorRef:
-    """A NIXL reference from its wire form."""
-    return TensorRef(**handle.model_dump())
 
 
 class EmbeddingTransport:
@@ -80,6 +72,11 @@ class EmbeddingTransport:
         """Free the region now (the request was cancelled)."""
         if handle.agent != SIMULATED and self.agent is not None:
             self.agent.release(handle.key)
+
+    async def fetch_images(self, images: Sequence[ImageItem]) -> list[ImageItem]:
+        """The images with the bytes the frontend left in its registered memory read into
+        `data` (see `image_bytes`)."""
+        return await image_bytes.fetch(self.agent, images, self.timeout_s)
 
     async def read(self, handle: TensorHandle) -> ImageEmbeddings:
         """Fetch the embeddings behind a handle."""

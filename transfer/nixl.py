@@ -139,6 +139,8 @@ class _Export:
     """End of the region's digest."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     notified: bool = False
+    keep: bool = False
+    """Held until `release` even after a reader's notification (it may be read again)."""
 
 
 def _digest(key: str) -> bytes:
@@ -271,8 +273,11 @@ class TransferAgent:
 
     # exporter side
 
-    def export(self, tensor: torch.Tensor, key: str) -> TensorRef:
-        """Copy `tensor` (any device) into a free pool region and describe it for an importer."""
+    def export(self, tensor: torch.Tensor, key: str, *, keep: bool = False) -> TensorRef:
+        """Copy `tensor` (any device) into a free pool region and describe it for an importer.
+
+        The region is freed by the importer's notification, or with `keep` only by `release`
+        (for bytes a retried request may read again)."""
         self._check_running()
         if key in self._exports:
             raise ValueError(f"key {key!r} is already exported")
@@ -289,7 +294,7 @@ class TransferAgent:
         except BaseException:
             self._free(offset)
             raise
-        self._exports[key] = _Export(offset, end)
+        self._exports[key] = _Export(offset, end, keep=keep)
         self._wake.set()
         return TensorRef(
             agent=self.name,
@@ -304,11 +309,13 @@ class TransferAgent:
             gpu=self._gpu,
         )
 
-    async def export_when_room(self, tensor: torch.Tensor, key: str, timeout: float) -> TensorRef:
+    async def export_when_room(
+        self, tensor: torch.Tensor, key: str, timeout: float, *, keep: bool = False
+    ) -> TensorRef:
         """`export`, waiting up to `timeout` seconds while the pool is full."""
         deadline = asyncio.get_running_loop().time() + timeout
         nbytes = tensor.numel() * tensor.element_size() + _TAG
-        return await self._when_room(lambda: self.export(tensor, key), nbytes, deadline)
+        return await self._when_room(lambda: self.export(tensor, key, keep=keep), nbytes, deadline)
 
     async def wait_released(self, key: str, timeout: float) -> bool:
         """Whether the importer notified completion of `key` within `timeout` seconds.
@@ -379,7 +386,8 @@ class TransferAgent:
                 export = self._exports.get(bytes(message).decode(errors="replace"))
                 if export is not None and not export.notified:
                     export.notified = True
-                    self._free_export(export)
+                    if not export.keep:
+                        self._free_export(export)
                     export.done.set()
             await asyncio.sleep(0.001)
 

@@ -28,8 +28,9 @@ class EncodeHandler:
         if not request.images or request.embeddings is not None:
             await self.decode.forward(request, ctx.stream, ctx.deadline)
             return
+        images = await self.transport.fetch_images(request.images)
         with nvtx.span("mm:enc:vision_encode"):
-            embeddings = await self.engine.encode(ctx.request_id, request.images)
+            embeddings = await self.engine.encode(ctx.request_id, images)
         metrics.IMAGES_ENCODED.inc(len(request.images))
         expected = sum(image.num_tokens for image in request.images)
         if embeddings.num_tokens != expected:
@@ -41,7 +42,10 @@ class EncodeHandler:
         try:
             with nvtx.span("mm:enc:embedding_transfer"):
                 handle = await self.transport.publish(embeddings, key=f"emb-{ctx.request_id}")
-                images = [image.model_copy(update={"data": None}) for image in request.images]
+                images = [
+                    image.model_copy(update={"data": None, "data_handle": None})
+                    for image in request.images
+                ]
                 await self.decode.forward(
                     request.model_copy(update={"images": images, "embeddings": handle}),
                     ctx.stream,

@@ -12,6 +12,7 @@ from triptych.components.frontend.server import Frontend
 from triptych.runtime import Runtime
 from triptych.runtime.entry import configure_logging, serve, serving
 from triptych.runtime.port_file import write_port_file
+from triptych.transfer import TransferAgent
 
 log = logging.getLogger("triptych.frontend")
 
@@ -30,30 +31,35 @@ def main() -> None:
     async def run(stop: asyncio.Event) -> int:
         loader = ImageLoader(config.images)
         preprocessor = Preprocessor(config.model_path, loader)
-        async with Runtime(config.runtime, name="frontend") as runtime:
-            stages = {name: await runtime.client(name) for name in config.stages}
-            frontend = Frontend(config, runtime, preprocessor, stages)
-            runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
-            await runner.setup()
-            # A deep accept queue: under a burst, connections wait to be refused with a 503
-            # instead of having their SYNs dropped and retried seconds later.
-            site = web.TCPSite(runner, config.http_host, config.http_port, backlog=4096)
-            await site.start()
-            port = int(runner.addresses[0][1])
-            if config.port_file:
-                write_port_file(config.port_file, {"http": port})
-            log.info(
-                "frontend (%s, model '%s') on http://%s:%d",
-                config.topology,
-                config.served_model_name,
-                config.http_host,
-                port,
-            )
-            try:
-                return await serving(stop, runtime)
-            finally:
-                await runner.cleanup()
-                await loader.close()
+        agent = TransferAgent("frontend", "cpu", config.transfer_pool_mb << 20)
+        await agent.start()
+        try:
+            async with Runtime(config.runtime, name="frontend") as runtime:
+                stages = {name: await runtime.client(name) for name in config.stages}
+                frontend = Frontend(config, runtime, preprocessor, stages, agent)
+                runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
+                await runner.setup()
+                # A deeper accept queue than the default 128: a burst waits to be refused
+                # with a 503 instead of having its connections dropped and retried.
+                site = web.TCPSite(runner, config.http_host, config.http_port, backlog=1024)
+                await site.start()
+                port = int(runner.addresses[0][1])
+                if config.port_file:
+                    write_port_file(config.port_file, {"http": port})
+                log.info(
+                    "frontend (%s, model '%s') on http://%s:%d",
+                    config.topology,
+                    config.served_model_name,
+                    config.http_host,
+                    port,
+                )
+                try:
+                    return await serving(stop, runtime)
+                finally:
+                    await runner.cleanup()
+                    await loader.close()
+        finally:
+            await agent.close()
 
     serve(run)
 

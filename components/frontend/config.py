@@ -4,6 +4,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from triptych.runtime import RuntimeConfig
+from triptych.transfer.image_bytes import INLINE_BYTES
 
 # Each topology: the component the frontend calls first, then every stage that must be live.
 TOPOLOGIES: dict[str, tuple[str, ...]] = {
@@ -59,6 +60,11 @@ class FrontendConfig:
     migration_limit: int = 1
     """How many times a request whose instance died before its first token is sent again."""
     images: ImageLimits = field(default_factory=ImageLimits)
+    inline_image_bytes: int = INLINE_BYTES
+    """Encoded image bytes per request that may ride inside the NATS message; larger images
+    wait in this process's registered memory and the encoder READs them over NIXL."""
+    transfer_pool_mb: int = 256
+    """Size of the NIXL-registered memory holding those images until they are read."""
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -119,6 +125,18 @@ class FrontendConfig:
             default=None,
             help="directory file:// image URLs may read from (off by default)",
         )
+        parser.add_argument(
+            "--max-inline-image-bytes",
+            type=int,
+            default=INLINE_BYTES,
+            help="image bytes per request carried inside the NATS message; the rest move by NIXL",
+        )
+        parser.add_argument(
+            "--transfer-pool-mb",
+            type=int,
+            default=256,
+            help="NIXL-registered memory for images waiting to be read by an encoder",
+        )
         parser.add_argument("--log-level", default="INFO")
         parser.add_argument("--log-format", choices=("text", "json"), default="text")
         RuntimeConfig.add_arguments(parser)
@@ -148,6 +166,8 @@ class FrontendConfig:
                 allowed_hosts=_split(args.allowed_image_hosts),
                 allowed_networks=_split(args.allowed_image_networks),
             ),
+            inline_image_bytes=args.max_inline_image_bytes,
+            transfer_pool_mb=args.transfer_pool_mb,
         )
 
 

@@ -30,6 +30,7 @@ from triptych.protocol import (
     ErrorInfo,
     ErrorResponse,
     GenerateRequest,
+    ImageItem,
     ModelCard,
     ModelList,
     ServiceError,
@@ -39,6 +40,7 @@ from triptych.protocol import (
 from triptych.protocol.openai import AssistantMessage, Choice, ChunkChoice, Delta, ErrorBody
 from triptych.runtime import Client, Runtime
 from triptych.runtime.errors import busy
+from triptych.transfer import TransferAgent, image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +142,11 @@ class Frontend:
         runtime: Runtime,
         preprocessor: Preprocessor,
         stages: dict[str, Client],
+        agent: TransferAgent,
     ) -> None:
         self.config = config
+        self.agent = agent
+        """Holds images too large for a NATS message until an encoder has read them."""
         self.runtime = runtime
         self.preprocessor = preprocessor
         self.stages = stages
@@ -198,13 +203,15 @@ class Frontend:
         self.in_flight += 1
         telemetry = RequestTelemetry()
         client_gone = False
+        exported: list[ImageItem] = []
         try:
-            return await self._chat(request, request_id, telemetry)
+            return await self._chat(request, request_id, telemetry, exported)
         except asyncio.CancelledError:
             client_gone = True
             raise
         finally:
             self.in_flight -= 1
+            image_bytes.release(self.agent, exported)
             telemetry.finish(client_gone)
 
     def _refusal(self, request_id: str) -> ServiceError | None:
@@ -227,15 +234,22 @@ class Frontend:
         return None
 
     async def _chat(
-        self, request: web.Request, request_id: str, telemetry: RequestTelemetry
+        self,
+        request: web.Request,
+        request_id: str,
+        telemetry: RequestTelemetry,
+        exported: list[ImageItem],
     ) -> web.StreamResponse:
+        """Serve one chat request; images it exports to the transfer pool go into `exported`
+        (the caller frees them when the request is over, migrations included)."""
         generation: Generation | None = None
         rest: AsyncGenerator[TokenChunk] | None = None
         try:
             try:
                 body = await request.read()
                 chat = ChatCompletionRequest.model_validate_json(body)
-                generate = await self._generate_request(chat)
+                generate = await self._generate_request(chat, request_id)
+                exported.extend(i for i in generate.images if i.data_handle is not None)
                 telemetry.prompt(generate)
                 generation = Generation(
                     self.runtime,
@@ -294,7 +308,9 @@ class Frontend:
             )
         return error_response(info.model_copy(update={"request_id": request_id}))
 
-    async def _generate_request(self, chat: ChatCompletionRequest) -> GenerateRequest:
+    async def _generate_request(
+        self, chat: ChatCompletionRequest, request_id: str
+    ) -> GenerateRequest:
         if chat.model != self.config.served_model_name:
             raise ServiceError(
                 ErrorCode.NOT_FOUND,
@@ -312,10 +328,13 @@ class Frontend:
                     f"{wanted}, over the context length of {self.preprocessor.context_length}"
                 ),
             )
+        images = await image_bytes.offload(
+            self.agent, prompt.images, f"img-{request_id}", self.config.inline_image_bytes
+        )
         return GenerateRequest(
             model=chat.model,
             token_ids=prompt.token_ids,
-            images=prompt.images,
+            images=images,
             sampling=chat.sampling(wanted or room),
             eos_token_ids=self.preprocessor.eos_token_ids,
         )

@@ -34,7 +34,7 @@ from triptych.transfer import (
     TransferAgent,
     TransferError,
 )
-from triptych.transfer.embeddings import to_handle, to_ref
+from triptych.transfer.handles import to_handle, to_ref
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,10 @@ class HfPrefillEngine(RoomPrefillEngine):
         bootstrap_host: str = "127.0.0.1",
         bootstrap_port: int = 0,
         *,
+        advertise_host: str | None = None,
         prefill_batch: int = PREFILL_BATCH,
     ) -> None:
-        super().__init__(bootstrap_host, bootstrap_port)
+        super().__init__(bootstrap_host, bootstrap_port, advertise_host)
         self.prefill_batch = prefill_batch
         self.model_path = model_path
         self.device = device

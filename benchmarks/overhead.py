@@ -1,82 +1,182 @@
-"""Request-path overhead: the mock engine at zero cost, so every millisecond is triptych's own.
+"""Request-path overhead, side by side with Dynamo's Rust frontend.
 
-Starts each topology with its launch script (private nats-server, real processes), then
-measures streamed, text-only chat completions of 16 output tokens: time to first token at
-concurrency 1 and requests/s at concurrency 32. Client, server and NATS share the machine.
+Every system serves a simulated engine whose time is ~0, so every millisecond is the request
+path's own: triptych E/P/D and EPD on the mock engine streaming one chunk per token, and
+(with `--dynamo-dir`) NVIDIA Dynamo's frontend + mocker (`../shared/anchors/dynamo-cpu/`:
+installed there, started with its TCP_NODELAY shim, speed-up 1e6). Each system is measured in
+turn, in alternating order over `--rounds`, with the same client: streamed text-only chat
+completions of 16 tokens, time to the first chunk with text at concurrency 1, and requests/s at
+concurrency 32. Client, servers and NATS share the machine's cores.
 
-    python benchmarks/overhead.py [--out benchmarks/results/overhead_mock_cpu.json]
+    python benchmarks/overhead.py [--dynamo-dir DIR] [--rounds 2] [--out FILE]
+
+The JSON holds every measurement, the median of each figure over the rounds, and `ratios`
+whose keys say what is divided by what.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launcher import launch, stop
 from load import LoadConfig, machine_info, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
-TOPOLOGIES = {"E/P/D": "multimodal_disagg.sh", "EPD (agg)": "agg.sh"}
+# one chunk per token: a decode step of 1 us (a step of 0 sends the whole answer at once)
+PER_TOKEN = ["--engine", "mock", "--", "--mock-decode-s-per-step", "0.000001"]
+TRIPTYCH = {"E/P/D": "multimodal_disagg.sh", "EPD": "agg.sh"}
+MAX_TOKENS = 16
 
 
-def summary(result: dict[str, Any]) -> dict[str, Any]:
-    return {
-        key: result[key]
-        for key in ("concurrency", "requests", "errors", "requests_per_s", "ttft_ms", "latency_ms")
-    }
+class Dynamo:
+    """Dynamo 1.6.1's frontend and mocker, as the anchor's start.sh runs them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def start(self) -> str:
+        env = {
+            **os.environ,
+            "DYN_DIR": str(self.directory),
+            "FRONTEND_PRELOAD": str(self.directory / "nodelay_shim.so"),
+        }
+        subprocess.run(
+            ["bash", str(self.directory / "start.sh"), "--speedup-ratio", "1000000"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        url = "http://127.0.0.1:8000"
+        for _ in range(120):
+            try:
+                if "tiny" in httpx.get(f"{url}/v1/models", timeout=2).text:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("Dynamo did not come up")
+
+    def stop(self) -> None:
+        for name in ("mocker.pid", "frontend.pid"):
+            pid_file = self.directory / name
+            if pid_file.exists():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        time.sleep(3)
 
 
-async def measure(url: str, model: str, requests_c1: int, requests_c32: int) -> dict[str, Any]:
-    common = {
+async def measure(url: str, model: str, requests_c1: int, seconds_c32: float) -> dict[str, Any]:
+    common: dict[str, Any] = {
         "url": url,
         "model": model,
-        "max_tokens": 16,
+        "max_tokens": MAX_TOKENS,
         "prompt_tokens": 16,
         "stream": True,
         "ignore_eos": True,
     }
     c1 = await run_load(LoadConfig(concurrency=1, requests=requests_c1, warmup=50, **common))
-    c32 = await run_load(LoadConfig(concurrency=32, requests=requests_c32, warmup=320, **common))
-    return {"c1": summary(c1), "c32": summary(c32)}
+    c32 = await run_load(LoadConfig(concurrency=32, duration=seconds_c32, warmup=320, **common))
+    keep = ("requests", "errors", "requests_per_s", "ttft_ms", "latency_ms", "itl_ms")
+    return {
+        "c1": {k: c1[k] for k in keep},
+        "c32": {k: c32[k] for k in keep},
+    }
+
+
+def one_round(system: str, args: argparse.Namespace) -> dict[str, Any]:
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"overhead-{system.replace('/', '')}.log"
+    if system == "Dynamo":
+        dynamo = Dynamo(args.dynamo_dir)
+        url = dynamo.start()
+        try:
+            return asyncio.run(measure(url, "tiny", args.requests_c1, args.seconds_c32))
+        finally:
+            dynamo.stop()
+    launcher, url = launch(TRIPTYCH[system], PER_TOKEN, log)
+    try:
+        return asyncio.run(measure(url, args.model, args.requests_c1, args.seconds_c32))
+    finally:
+        stop(launcher)
+
+
+def median(results: list[dict[str, Any]], level: str, *path: str) -> float:
+    values = []
+    for result in results:
+        value: Any = result[level]
+        for key in path:
+            value = value[key]
+        values.append(float(value))
+    return statistics.median(values)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/overhead_mock_cpu.json"))
-    parser.add_argument("--requests-c1", type=int, default=1000)
-    parser.add_argument("--requests-c32", type=int, default=6000)
+    parser.add_argument("--dynamo-dir", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests-c1", type=int, default=500)
+    parser.add_argument("--seconds-c32", type=float, default=20.0)
     parser.add_argument("--model", default="tiny-qwen2.5-vl")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/overhead_cpu.json"))
     args = parser.parse_args()
-    results: dict[str, Any] = {}
-    log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
-    for name, script in TOPOLOGIES.items():
-        launcher, url = launch(script, ["--engine", "mock"], log_dir / f"overhead-{script}.log")
-        try:
-            results[name] = asyncio.run(
-                measure(url, args.model, args.requests_c1, args.requests_c32)
+    systems = [*TRIPTYCH, *(["Dynamo"] if args.dynamo_dir else [])]
+    runs: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
+    order: list[str] = []
+    for round_index in range(args.rounds):
+        for system in systems if round_index % 2 == 0 else reversed(systems):
+            result = one_round(system, args)
+            runs[system].append(result)
+            order.append(system)
+            print(
+                f"round {round_index + 1} {system:6s} c=1 TTFT p50 "
+                f"{result['c1']['ttft_ms']['p50']:.2f} ms | c=32 "
+                f"{result['c32']['requests_per_s']:.0f} req/s "
+                f"(errors {result['c1']['errors'] + result['c32']['errors']})",
+                flush=True,
             )
-        finally:
-            stop(launcher)
-        c1, c32 = results[name]["c1"], results[name]["c32"]
-        print(
-            f"{name:10s} c=1 TTFT p50 {c1['ttft_ms']['p50']:.2f} ms p99 "
-            f"{c1['ttft_ms']['p99']:.2f} ms | c=32 {c32['requests_per_s']:.0f} req/s "
-            f"(errors {c1['errors'] + c32['errors']})"
-        )
+    medians = {
+        system: {
+            "c1_ttft_p50_ms": median(results, "c1", "ttft_ms", "p50"),
+            "c1_latency_p50_ms": median(results, "c1", "latency_ms", "p50"),
+            "c32_requests_per_s": median(results, "c32", "requests_per_s"),
+        }
+        for system, results in runs.items()
+    }
+    ratios: dict[str, float] = {}
+    if "Dynamo" in medians:
+        peer = medians["Dynamo"]
+        for system in TRIPTYCH:
+            mine = medians[system]
+            ratios[f"{system} c32 req/s / Dynamo c32 req/s"] = (
+                mine["c32_requests_per_s"] / peer["c32_requests_per_s"]
+            )
+            ratios[f"{system} c1 TTFT p50 / Dynamo c1 TTFT p50"] = (
+                mine["c1_ttft_p50_ms"] / peer["c1_ttft_p50_ms"]
+            )
     report = {
-        "benchmark": "request-path overhead, mock engine at zero cost",
-        "workload": "streamed chat, text only (~16-word prompt), 16 output tokens, ignore_eos",
+        "benchmark": "request-path overhead: streamed text chat, 16 tokens one chunk per token, "
+        "simulated engines at ~0 cost; c=1 TTFT at the first chunk with text, c=32 req/s",
         "machine": machine_info(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "results": results,
+        "order": order,
+        "runs": runs,
+        "medians": medians,
+        "ratios": ratios,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(json.dumps({"medians": medians, "ratios": ratios}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Overload: E/P/D on the mock engine at realistic costs, offered 4x what it can serve.
 
-First the capacity is measured (a closed loop of as many clients as decode runs requests at
-once). Then requests arrive open-loop, Poisson, at `--factor` times that rate for `--seconds`.
+The engine is the bottleneck, as a GPU is in production: the mock decodes 16 sequences at a
+time at 50 ms a step, far below what this machine's CPUs can stream. First the capacity is
+measured (a closed loop of as many clients as decode runs at once). Then requests arrive
+open-loop, Poisson, at `--factor` times that rate for `--seconds`.
 What should hold: only 200s and 503s (each 503 with ``Retry-After``, answered at once), the
 p99 latency of admitted requests bounded by the queue, and every process's resident memory flat.
 
@@ -27,19 +29,20 @@ from launcher import launch, stop
 from load import LoadConfig, _summary_ms, build_body, machine_info, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
-# Per stage: encode 20 ms an image, prefill 0.2 ms a token, decode 20 ms a step (all running
-# sequences together), 32 sequences per decode instance and 128 more queued.
+# Per stage: encode 20 ms an image, prefill 0.2 ms a token, decode 50 ms a step (all running
+# sequences together), 16 sequences per decode instance and 64 more queued.
+RUNNING = 16
 COSTS = [
     "--mock-encode-s-per-image",
     "0.02",
     "--mock-prefill-s-per-token",
     "0.0002",
     "--mock-decode-s-per-step",
-    "0.02",
+    "0.05",
     "--max-running-requests",
-    "32",
+    str(RUNNING),
     "--max-queued-requests",
-    "128",
+    "64",
 ]
 MAX_TOKENS = 32
 
@@ -125,7 +128,7 @@ def main() -> None:
                 LoadConfig(
                     url=url,
                     model=model,
-                    concurrency=32,
+                    concurrency=RUNNING,
                     duration=20,
                     warmup=32,
                     max_tokens=MAX_TOKENS,

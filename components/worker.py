@@ -217,7 +217,13 @@ def run_worker(
                 "metrics_port": str(status.port),
             }
             capacity = config.engine.max_running_requests + config.max_queued_requests
-            service = Service(runtime, component, metadata=metadata, max_in_flight=capacity)
+            service = Service(
+                runtime,
+                component,
+                metadata=metadata,
+                max_in_flight=capacity,
+                link_host=config.metrics_host,
+            )
             if agent is not None:
                 service.add_gauge("transfer_pool_bytes_in_use", lambda: agent.pool_in_use)
                 metrics.POOL_IN_USE.set_function(lambda: agent.pool_in_use)

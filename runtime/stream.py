@@ -41,6 +41,8 @@ class ResponseStream:
         self._finished = False
         self.instance = ""
         """The instance that accepted the call."""
+        self.link: object | None = None
+        """The direct link its frames arrive on, once one did (None: NATS)."""
 
     def feed(self, data: bytes, headers: dict[str, str] | None) -> None:
         """Called by the runtime for each frame that arrives on this stream's subject."""
@@ -123,6 +125,10 @@ class StreamSink:
     async def send(self, message: BaseModel, *, end: bool = False) -> None:
         """Send one payload; `end` makes it the last frame."""
         await self._frame(message.__pydantic_serializer__.to_json(message), end)
+
+    async def send_bytes(self, data: bytes, *, end: bool = False) -> None:
+        """Send one payload already encoded (e.g. a token chunk by its own codec)."""
+        await self._frame(data, end)
 
     async def end(self) -> None:
         """Send the end marker alone."""

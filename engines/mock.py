@@ -24,6 +24,7 @@ from triptych.engines.base import (
 from triptych.engines.rooms import RoomPrefillEngine
 from triptych.protocol import (
     BootstrapInfo,
+    FinishReason,
     ErrorCode,
     GenerateRequest,
     ImageItem,
@@ -99,7 +100,7 @@ class _Generator:
             last = finished or index + 1 == sampling.max_tokens
             if step > 0 or last:  # with no decode cost every token is ready at once
                 await _sleep(step)
-                reason = ("stop" if finished else "length") if last else None
+                reason: FinishReason | None = ("stop" if finished else "length") if last else None
                 yield TokenChunk(
                     token_ids=pending,
                     finish_reason=reason,

@@ -18,6 +18,8 @@ from triptych.protocol.messages import (
     RoomReady,
     TensorHandle,
     TokenChunk,
+    decode_chunk,
+    encode_chunk,
 )
 from triptych.protocol.openai import (
     ChatCompletionChunk,
@@ -61,4 +63,6 @@ __all__ = [
     "TextPart",
     "TokenChunk",
     "Usage",
+    "decode_chunk",
+    "encode_chunk",
 ]

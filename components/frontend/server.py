@@ -19,6 +19,7 @@ from triptych.components.frontend.config import FrontendConfig
 from triptych.components.frontend.migration import Generation
 from triptych.components.frontend.output import Output
 from triptych.components.frontend.prompt import Preprocessor
+from triptych.components.frontend.sse import ChunkFrames
 from triptych.components.frontend.telemetry import RequestTelemetry
 from triptych.observability import metrics
 from triptych.observability.logs import request_id as request_id_var
@@ -214,6 +215,13 @@ class Frontend:
             image_bytes.release(self.agent, exported)
             telemetry.finish(client_gone)
 
+    def entry_for(self, request: GenerateRequest) -> Client:
+        """The stage a request enters at: text goes straight to decode (past the encoder, when
+        the topology has one), a request with images to the topology's entry stage."""
+        if request.images or self.entry.component != "encode":
+            return self.entry
+        return self.stages["decode"]
+
     def _refusal(self, request_id: str) -> ServiceError | None:
         """A busy answer when this frontend already holds as many requests as it may, or as
         every decode instance can hold: refusing at the door costs next to nothing, where a
@@ -253,7 +261,7 @@ class Frontend:
                 telemetry.prompt(generate)
                 generation = Generation(
                     self.runtime,
-                    self.entry,
+                    self.entry_for(generate),
                     generate,
                     request_id,
                     deadline=time.time() + self.config.request_timeout_s,
@@ -383,13 +391,13 @@ class Frontend:
             )
 
         await response.write(_sse(chunk(Delta(role="assistant", content=""))))
+        frames = ChunkFrames(request_id, created, chat.model)
         try:
             async for token_chunk in exchange.chunks():
                 text = output.add(token_chunk)
                 ids = token_chunk.token_ids if chat.return_token_ids else None
                 if text or output.finished or ids:
-                    delta = Delta(content=text)
-                    await response.write(_sse(chunk(delta, output.finish_reason, ids)))
+                    await response.write(frames.delta(text, output.finish_reason, ids))
                 if output.finished:
                     break
         except ServiceError as error:

@@ -33,6 +33,7 @@ def main() -> None:
     ) -> Sequence[Engine]:
         engine = prefill_engine(config.engine, transport.agent)
         await engine.start()
+        service.announce(engine.bootstrap_metadata())  # decode reaches rooms without asking
         encoder = await inline_encoder(config, args.dedicated_mm_encoder, engine.model_runner())
         handler = PrefillHandler(engine, transport, encoder)
         service.add_endpoint("generate", GenerateRequest, handler.generate)

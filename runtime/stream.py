@@ -88,6 +88,11 @@ class ResponseStream:
             if remaining <= 0:
                 self.close()
                 raise deadline_exceeded(self.request_id)
+            if not self._queue.empty():  # already here: no timer to arm and cancel
+                frame = self._queue.get_nowait()
+                if frame[1] is not None and wire.KEEPALIVE in frame[1]:
+                    continue
+                return frame
             silent_limit = remaining > self._idle_timeout
             try:
                 async with asyncio.timeout(min(remaining, self._idle_timeout)):

@@ -24,8 +24,8 @@ from triptych.engines.base import (
 from triptych.engines.rooms import RoomPrefillEngine
 from triptych.protocol import (
     BootstrapInfo,
-    FinishReason,
     ErrorCode,
+    FinishReason,
     GenerateRequest,
     ImageItem,
     RoomReady,

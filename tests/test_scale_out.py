@@ -5,6 +5,7 @@ import asyncio
 import openai
 
 from tests.stack import Stack, micro_stats, start_topology
+from tests.test_faults import PIXEL
 
 MODEL = "tiny-qwen2.5-vl"
 STAGES = ("encode", "prefill", "decode")
@@ -16,10 +17,18 @@ async def requests_per_instance(stack: Stack, component: str) -> dict[str, int]:
 
 
 def chat(stack: Stack, text: str) -> str:
+    """One request with a small image, so that it passes every stage (text alone skips the
+    encode worker)."""
+    content = [
+        {"type": "image_url", "image_url": {"url": PIXEL}},
+        {"type": "text", "text": text},
+    ]
     reply = openai.OpenAI(
         base_url=f"{stack.url}/v1", api_key="-", max_retries=0, timeout=30
     ).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=4
+        model=MODEL,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=4,
     )
     assert reply.choices[0].finish_reason == "length"
     return reply.choices[0].message.content or ""

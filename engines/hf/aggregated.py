@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from triptych.engines.base import AggregatedEngine, Runner
 from triptych.engines.hf.executor import PREFILL_BATCH, Decoding, ModelExecutor, load_executor
 from triptych.engines.hf.streaming import decode_stream
+from triptych.models.mrope import media_grids
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk
 from triptych.transfer import ImageEmbeddings
@@ -52,9 +53,9 @@ class HfAggregatedEngine(AggregatedEngine):
         self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> AsyncIterator[TokenChunk]:
         assert self.executor is not None, "start() first"
-        grids = [image.grid_thw for image in request.images]
+        grids = media_grids(request)
         tensor = embeddings.tensor if embeddings is not None else None
-        if request.images and tensor is None:
+        if request.media and tensor is None:
             raise ServiceError(ErrorCode.INTERNAL, "images arrived without embeddings")
         kv, hidden = await self.executor.prefill((request.token_ids, grids, tensor))
         metrics.TOKENS_PROCESSED.labels("agg", "prefill").inc(len(request.token_ids))

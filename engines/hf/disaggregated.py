@@ -17,6 +17,7 @@ from triptych.engines.hf import kv_transfer
 from triptych.engines.hf.executor import PREFILL_BATCH, Decoding, ModelExecutor, load_executor
 from triptych.engines.hf.streaming import decode_stream
 from triptych.engines.rooms import RoomPrefillEngine
+from triptych.models.mrope import media_grids
 from triptych.observability import metrics
 from triptych.protocol import (
     BootstrapInfo,
@@ -92,7 +93,7 @@ class HfPrefillEngine(RoomPrefillEngine):
         slot = self.server.open(room)
         key = f"kv-{room}"
         try:
-            grids = [image.grid_thw for image in request.images]
+            grids = media_grids(request)
             tensor = embeddings.tensor if embeddings is not None else None
             sequence, hidden = await self.executor.prefill((request.token_ids, grids, tensor))
             metrics.TOKENS_PROCESSED.labels("prefill", "prefill").inc(len(request.token_ids))

@@ -11,11 +11,13 @@ import torch
 from transformers import AutoConfig, DynamicCache
 
 from triptych.engines.hf.kv_cache import KVShape
+from triptych.models.mrope import Grid, rope_index, vision_mask
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 """Per layer: keys and values, each [1, kv_heads, tokens, head_dim]."""
-Prompt = tuple[list[int], list[tuple[int, int, int]], torch.Tensor | None]
-"""Token ids, image grids and image embeddings: what `LanguageModel.prefill` takes."""
+Prompt = tuple[list[int], list[Grid], torch.Tensor | None]
+"""Token ids, image and video grids (prompt order) and their embeddings: what
+`LanguageModel.prefill` takes."""
 
 
 def _model_class(model_type: str) -> Any:
@@ -66,6 +68,7 @@ class LanguageModel:
         self.text = self.model.model.language_model if self.vlm else self.model.model
         text_config = getattr(config, "text_config", config)
         self.image_token_id: int | None = getattr(config, "image_token_id", None)
+        self.video_token_id: int | None = getattr(config, "video_token_id", None)
         self.num_layers = int(text_config.num_hidden_layers)
         self.kv_heads = int(text_config.num_key_value_heads)
         self.head_dim = int(
@@ -82,10 +85,10 @@ class LanguageModel:
     def prefill(
         self,
         token_ids: list[int],
-        image_grids: list[tuple[int, int, int]],
+        image_grids: list[Grid],
         embeddings: torch.Tensor | None,
     ) -> tuple[SequenceKV, torch.Tensor]:
-        """Run the prompt; image embeddings take the placeholders' places.
+        """Run the prompt; image and video embeddings take the placeholders' places.
 
         Returns the sequence's KV cache and the last position's final hidden state.
         """
@@ -141,7 +144,7 @@ class LanguageModel:
     def _inputs(
         self,
         token_ids: list[int],
-        image_grids: list[tuple[int, int, int]],
+        image_grids: list[Grid],
         embeddings: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """A prompt's input embeddings [1, T, hidden], rope positions and M-RoPE offset."""
@@ -151,19 +154,15 @@ class LanguageModel:
             positions = torch.arange(len(token_ids), device=self.device).view(1, 1, -1)
             return embeds, positions.expand(3, 1, -1) if self.vlm else positions.view(1, -1), 0
         assert self.image_token_id is not None, "images given to a text-only model"
-        image_mask = torch.eq(ids, self.image_token_id)
-        rows = int(image_mask.sum())
+        mask = vision_mask(ids, self.image_token_id, self.video_token_id)
+        rows = int(mask.sum())
         if rows != embeddings.shape[0]:
             raise ValueError(f"{embeddings.shape[0]} embedding rows for {rows} image tokens")
-        embeds = embeds.masked_scatter(
-            image_mask[..., None], embeddings.to(self.device, embeds.dtype)
+        embeds = embeds.masked_scatter(mask[..., None], embeddings.to(self.device, embeds.dtype))
+        positions, delta = rope_index(
+            self.model.model, ids, image_grids, self.image_token_id, self.video_token_id
         )
-        positions, deltas = self.model.model.get_rope_index(
-            ids,
-            mm_token_type_ids=image_mask.int(),
-            image_grid_thw=torch.tensor(image_grids, device=self.device),
-        )
-        return embeds, positions, int(deltas.view(-1)[0])
+        return embeds, positions, delta
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

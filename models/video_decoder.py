@@ -86,6 +86,10 @@ def probe_video(data: bytes, bounds: VideoBounds) -> VideoProbe:
         rate = stream.average_rate or stream.guessed_rate
         if frames == 0:
             raise VideoRejected("video has no frames")
+        if frames < declared:
+            raise VideoRejected(
+                f"video is truncated: its container declares {declared} frames, {frames} are there"
+            )
         if not rate or rate <= 0:
             raise VideoRejected("video has no frame rate")
         fps = float(rate)

@@ -90,3 +90,23 @@ async def test_a_video_that_will_not_decode_fails_alone(tiny_model: Path) -> Non
     with pytest.raises(ServiceError):
         await engine.encode("bad-again", [], [broken])
     await engine.close()
+
+
+async def test_the_sglang_engines_refuse_videos(tiny_model: Path) -> None:
+    """SGLang's encoder would sample the frames by its own rules: a clear 400, not a guess."""
+    from triptych.engines.registry import EngineConfig
+    from triptych.engines.sglang.encode import SglangEncodeEngine
+    from triptych.engines.sglang.requests import image_item
+    from triptych.protocol import GenerateRequest, SamplingOptions
+
+    video = video_item(tiny_model, clip(56, 56, 4, 10, seed=1), 4, 10, 56, 56, offset=1)
+    engine = SglangEncodeEngine(EngineConfig(name="sglang", model_path=str(tiny_model)))
+    with pytest.raises(ServiceError, match="--encode-engine hf") as refused:
+        await engine.encode("r", [], [video])
+    assert refused.value.info.code == ErrorCode.BAD_REQUEST
+    request = GenerateRequest(
+        model="m", token_ids=[1] * 10, videos=[video], sampling=SamplingOptions(max_tokens=4)
+    )
+    with pytest.raises(ServiceError, match="--engine hf") as refused:
+        image_item(request, None)
+    assert refused.value.info.code == ErrorCode.BAD_REQUEST

@@ -18,6 +18,7 @@ from transformers.video_utils import read_video_pyav
 
 from tests.stack import Stack, start_topology
 from tests.test_correctness import MAX_TOKENS, image_part, picture, request, tokens_of
+from tests.test_metrics import metrics_ports, scrape, value
 from tests.videos import clip, sample_indices, video_part, video_patches
 from triptych.runtime.nats_server import NatsServer
 
@@ -165,6 +166,17 @@ def served(
 
 
 def test_videos_equal_generate(served: Stack, oracle: VideoOracle, tiny_model: Path) -> None:
+    # E/P/D (the only topology with both an encoder and a prefill worker) is served with
+    # --max-inline-image-bytes 0: its encoder READs every video's bytes from the frontend's pool
+    nixl = {"encode", "prefill"} <= {process.name for process in served.processes}
+    encoder = ""
+    read_before = 0.0
+    if nixl:
+        encoder = f"http://127.0.0.1:{asyncio.run(metrics_ports(served, 'encode'))[0]}/metrics"
+        read_before = value(
+            scrape(encoder), "triptych_transfer_bytes_total", kind="video", outcome="ok"
+        )
+
     async def run() -> list[list[int]]:
         async with httpx.AsyncClient(base_url=served.url, timeout=180) as client:
             return [
@@ -176,6 +188,9 @@ def test_videos_equal_generate(served: Stack, oracle: VideoOracle, tiny_model: P
     for case, tokens in zip(CASES, got, strict=True):
         assert len(tokens) == MAX_TOKENS
         assert tokens == oracle.tokens(case)
+    if nixl:  # every video's bytes were READ from the frontend's pool: 6 videos in all
+        read = value(scrape(encoder), "triptych_transfer_bytes_total", kind="video", outcome="ok")
+        assert read - read_before == len(SHORT) * 2 + len(WIDE) * 2 + len(TALL)
 
 
 def test_videos_batched_with_images_across_requests(

@@ -88,7 +88,7 @@ def probe_video(data: bytes, bounds: VideoBounds) -> VideoProbe:
             raise VideoRejected("video has no frames")
         if frames < declared:
             raise VideoRejected(
-                f"video is truncated: its container declares {declared} frames, {frames} are there"
+                f"video is truncated: its container declares {declared} frames and holds {frames}"
             )
         if not rate or rate <= 0:
             raise VideoRejected("video has no frame rate")

@@ -25,6 +25,8 @@ GOOD = clip(56, 56, frames=8, fps=4, seed=7)
 """2 s at 4 fps: 4 frames sampled (Qwen's 2 per second), 2 temporal patches, 8 tokens."""
 BOMB_MKV = clip(16, 16, frames=3000, fps=1000, container="matroska", noise=False)
 """50 KB holding 3000 frames; Matroska declares no frame count, so only the packets tell."""
+INDEXED = clip(56, 56, frames=8, fps=4, seed=7, faststart=True)
+"""GOOD with its index first: cut short, it still declares 8 frames but holds fewer."""
 MAX_FRAMES = 60
 MAX_PIXELS = 300_000
 MAX_SECONDS = 10
@@ -132,6 +134,11 @@ BAD: list[tuple[str, Any, str]] = [
     ("not a video", video_part(b"hello, not a video"), "video could not be decoded"),
     ("an image", video_part(png(56, 56), "png"), "video cannot be sampled"),
     ("truncated", video_part(GOOD[: len(GOOD) // 2]), "video could not be decoded"),
+    (
+        "truncated, index first",
+        video_part(INDEXED[: len(INDEXED) * 6 // 10]),
+        "video is truncated: its container declares 8 frames",
+    ),
     ("one frame", video_part(clip(56, 56, frames=1, fps=4)), "at least 2 are needed"),
     ("too long", video_part(clip(16, 16, frames=24, fps=2)), "over 10 seconds"),
     ("too many frames", video_part(clip(16, 16, frames=61, fps=30)), "61 frames (at most 60)"),
@@ -196,6 +203,14 @@ def test_bombs_are_refused_without_decoding() -> None:
     with pytest.raises(VideoRejected, match="over 60 frames"):
         probe_video(BOMB_MKV, VideoBounds(MAX_FRAMES, MAX_PIXELS, 600))
     assert time.perf_counter() - started < 5
+
+
+def test_an_indexed_video_cut_short_is_truncated() -> None:
+    """Whole, the index-first MP4 is a good video; cut short, its index still counts 8."""
+    bounds = VideoBounds(MAX_FRAMES, MAX_PIXELS, MAX_SECONDS)
+    assert probe_video(INDEXED, bounds).frames == 8
+    with pytest.raises(VideoRejected, match=r"declares 8 frames and holds [0-7]$"):
+        probe_video(INDEXED[: len(INDEXED) * 6 // 10], bounds)
 
 
 def test_good_videos_by_every_scheme_move_the_metrics(

@@ -4,6 +4,8 @@ the transformers oracle's view of them."""
 import base64
 import io
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import av
@@ -20,11 +22,35 @@ def clip(
     seed: int = 0,
     container: str = "mp4",
     noise: bool = True,
+    faststart: bool = False,
 ) -> bytes:
-    """A video of `frames` frames (noise, or black) at `fps` frames per second."""
-    rng = np.random.default_rng(seed)
+    """A video of `frames` frames (noise, or black) at `fps` frames per second; `faststart`
+    puts an MP4's index (every frame's size and place) before the frames, as streamed MP4s do
+    (FFmpeg moves it there in a second pass over a file)."""
+    if faststart:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "clip.mp4"
+            _write(str(path), width, height, frames, fps, seed, "mp4", noise, faststart=True)
+            return path.read_bytes()
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format=container) as output:
+    _write(buffer, width, height, frames, fps, seed, container, noise)
+    return buffer.getvalue()
+
+
+def _write(
+    target: str | io.BytesIO,
+    width: int,
+    height: int,
+    frames: int,
+    fps: int,
+    seed: int,
+    container: str,
+    noise: bool,
+    faststart: bool = False,
+) -> None:
+    rng = np.random.default_rng(seed)
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(target, "w", format=container, options=options) as output:
         stream = output.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for _ in range(frames):
@@ -37,7 +63,6 @@ def clip(
                 output.mux(packet)
         for packet in stream.encode():
             output.mux(packet)
-    return buffer.getvalue()
 
 
 def video_part(data: bytes, kind: str = "mp4") -> dict[str, Any]:

@@ -135,7 +135,7 @@ class Sampler:
         ]
         if pairs:
             where = self._tensor([i for i, _ in pairs]), self._tensor([s for _, s in pairs])
-            logits.index_put_(where, torch.tensor(float("-inf"), device=logits.device))
+            logits.index_put_(where, logits.new_full((), float("-inf")))
 
     def _draw(self, logits: torch.Tensor, rows: list[Row], greedy: torch.Tensor) -> torch.Tensor:
         """Temperature, top-k, top-p and min-p, then a Gumbel-max draw, for every row at once

@@ -50,7 +50,7 @@ def timed(work: Any, repeats: int = 50) -> float:
 def attention(batches: list[int], length: int) -> dict[str, Any]:
     from triptych.engines.hf.paged_attention import reference_paged_attention as reference
     from triptych.engines.hf.paged_attention import splits_for
-    from triptych.engines.hf.triton_attention import triton_paged_attention
+    from triptych.engines.hf.triton_kernels import triton_paged_attention
 
     heads, kv_heads, dim, page = 28, 4, 128, 16
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -123,9 +123,9 @@ def test_the_triton_kernel_equals_the_reference(dtype: torch.dtype, splits: int)
 
 
 def decoder_for(model: LanguageModel, fused: bool, graphs: bool = False) -> tuple[Decoder, KVCache]:
-    cache = KVCache(model.kv_shape, num_blocks=64, block_size=4, device=model.device)
+    cache = KVCache(model.kv_shape, num_blocks=256, block_size=4, device=model.device)
     decoder = Decoder(
-        model, cache, max_batch=6, sequence_rows=6, max_blocks=32, cuda_graphs=graphs, fused=fused
+        model, cache, max_batch=6, sequence_rows=6, max_blocks=96, cuda_graphs=graphs, fused=fused
     )
     return decoder, cache
 
@@ -386,3 +386,22 @@ async def test_seeded_sampling_repeats_in_any_company(core_factory: Any) -> None
     )
     assert crowd[0] == alone
     assert await run(core, [5, 6, 7, 8], 12, **{**options, "seed": 124}) != alone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_the_core_on_cuda_generates_what_generate_does(tiny_model: Path) -> None:
+    """Graphs, the Triton kernels, device sampling and the one-step lookahead together."""
+    gpu = LanguageModel(str(tiny_model), device="cuda")
+    core = EngineCore(gpu, HfConfig(max_len=512, max_running=8, page_size=16), True, "cuda")
+    core.start()
+    try:
+        prompts = [*PROMPTS, list(range(100, 400))]
+        steps = [*STEPS, 20]
+        got = await asyncio.gather(*(run(core, p, n) for p, n in zip(prompts, steps, strict=True)))
+        assert got == [generate(gpu, p, n) for p, n in zip(prompts, steps, strict=True)]
+        sampled = {"temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 5}
+        assert await run(core, [5, 6, 7], 16, **sampled) == await run(
+            core, [5, 6, 7], 16, **sampled
+        )
+    finally:
+        core.close()

@@ -5,6 +5,11 @@ So the device always has the next step queued while the host checks stop conditi
 tokens and frees blocks: one wait on the device per turn, off the critical path. A sequence that
 stopped on a token is seen one step late; the extra token computed for it is dropped.
 
+Every ``STATS_S`` seconds of work the thread logs what it did: decode steps and their mean
+batch, tokens per second, KV blocks in use, requests waiting, and (on CUDA, from events around
+each kind of work) how the device's time split between decode, prefill, other model work and
+idleness.
+
 The asyncio side talks to the thread through `_post` (commands run at the start of a turn) and
 gets chunks back through each sequence's sink, one wake-up per event loop per turn.
 """
@@ -14,7 +19,8 @@ import contextlib
 import logging
 import sys
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -31,6 +37,39 @@ from triptych.protocol import ErrorCode, FinishReason, SamplingOptions, ServiceE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+STATS_S = 10.0
+"""How often the model thread logs its statistics while it has work."""
+
+
+class DeviceClock:
+    """Device time per kind of work, from CUDA events recorded around it (CUDA only)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._spans: deque[tuple[str, Any, Any]] = deque()
+        self.totals: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def span(self, kind: str) -> Any:
+        """Time the device work queued inside the block."""
+        if not self.enabled:
+            yield
+            return
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        try:
+            yield
+        finally:
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end.record()
+            self._spans.append((kind, start, end))
+
+    def collect(self) -> None:
+        """Add up the spans the device has finished."""
+        while self._spans and self._spans[0][2].query():
+            kind, start, end = self._spans.popleft()
+            self.totals[kind] += start.elapsed_time(end)
 
 
 class _Stream:
@@ -96,6 +135,9 @@ class EngineCore:
             lambda: len(sched.waiting) + len(sched.prefilling) + len(sched.swapped)
         )
         metrics.KV_BYTES.labels(stage).set_function(self._kv_bytes)
+        self._clock = DeviceClock(cuda)
+        self._stats: Counter[str] = Counter()
+        self._stats_since = time.monotonic()
         self._batch_sizes = metrics.BATCH_SIZE.labels(stage)
         self._decoded = metrics.TOKENS_PROCESSED.labels(stage, "decode")
         self._prefilled = metrics.TOKENS_PROCESSED.labels(stage, "prefill")
@@ -243,7 +285,8 @@ class EngineCore:
 
         def run() -> None:
             try:
-                result = job()
+                with self._clock.span("other"):
+                    result = job()
             except BaseException as error:  # delivered to the awaiting coroutine
                 loop.call_soon_threadsafe(_settle, future, None, error)
             else:
@@ -300,23 +343,59 @@ class EngineCore:
         previous, self._pending = self._pending, launched
         for launch in previous:  # the device works on this turn's launches meanwhile
             self._deliver(launch)
+        self._log_stats()
+
+    def _log_stats(self) -> None:
+        now = time.monotonic()
+        wall = now - self._stats_since
+        if wall < STATS_S:
+            return
+        stats, clock = self._stats, self._clock
+        if stats["turns"]:
+            clock.collect()
+            busy = {kind: ms / (10 * wall) for kind, ms in clock.totals.items()}
+            device = ", ".join(f"{kind} {share:.0f}%" for kind, share in sorted(busy.items()))
+            blocks = self.runner.blocks
+            log.info(
+                "%s: %d decode steps (mean batch %.1f), %.0f tokens/s, %d prompt positions; "
+                "KV blocks %s in use; %d waiting%s",
+                self.stage,
+                stats["steps"],
+                stats["rows"] / max(stats["steps"], 1),
+                stats["tokens"] / wall,
+                stats["prefilled"],
+                f"{blocks.used}/{blocks.capacity}" if blocks is not None else "-",
+                len(self.scheduler.waiting) + len(self.scheduler.prefilling),
+                f"; device: {device}, idle {max(0.0, 100 - sum(busy.values())):.0f}%"
+                if clock.enabled
+                else "",
+            )
+        clock.totals.clear()
+        self._stats = Counter()
+        self._stats_since = now
 
     def _launch(self, plan: Plan) -> list[Launch]:
         runner, scheduler = self.runner, self.scheduler
         launched: list[Launch] = []
         if plan.preempt:
-            runner.swap_out(plan.preempt)
+            with self._clock.span("load"):
+                runner.swap_out(plan.preempt)
+        self._stats["turns"] += 1
         if plan.decode:
             try:
-                launched.append(runner.decode(plan.decode))
+                with self._clock.span("decode"):
+                    launched.append(runner.decode(plan.decode))
             except Exception as error:
                 log.exception("%s: decode step failed; failing the batch", self.stage)
                 self._fail(plan.decode, error)
             else:
                 self._batch_sizes.observe(len(plan.decode))
+                self._stats["steps"] += 1
+                self._stats["rows"] += len(plan.decode)
         if plan.loads:
             try:
-                launch = runner.load(plan.loads)
+                with self._clock.span("load"):
+                    launch = runner.load(plan.loads)
             except Exception as error:
                 log.exception("%s: loading KV caches failed", self.stage)
                 self._fail(plan.loads, error)
@@ -328,12 +407,14 @@ class EngineCore:
             sequences = [chunk.sequence for chunk in plan.prefill]
             positions = sum(chunk.end - chunk.sequence.prefilled for chunk in plan.prefill)
             try:
-                launch, packed = runner.prefill(plan.prefill)
+                with self._clock.span("prefill"):
+                    launch, packed = runner.prefill(plan.prefill)
             except Exception as error:
                 log.exception("%s: prefill failed", self.stage)
                 self._fail(sequences, error)
             else:
                 self._prefilled.inc(positions)
+                self._stats["prefilled"] += positions
                 launched.extend([launch] if launch is not None else [])
                 for chunk in plan.prefill:
                     if chunk.last and runner.decoding:
@@ -357,6 +438,7 @@ class EngineCore:
         """Read a launch's tokens; emit them, checking stop conditions, and free what ended."""
         tokens = launch.values()
         self._decoded.inc(len(tokens))
+        self._stats["tokens"] += len(tokens)
         for sequence, token in zip(launch.sequences, tokens, strict=True):
             if sequence.done:
                 continue

@@ -103,6 +103,30 @@ def _scaling(attention: torch.nn.Module) -> float:
     return float(attention.scaling)  # type: ignore[arg-type]
 
 
+def _rope_and_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    *,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    heads: int,
+) -> torch.Tensor:
+    """Rotate the new token's queries and keys; store its keys and values at `slots` of
+    `keys`/`values` [slots, kv_heads, D]. Returns the queries [B, heads, D]."""
+    if qkv.device.type == "cuda":
+        from triptych.engines.hf.triton_kernels import triton_rope_and_store
+
+        return triton_rope_and_store(qkv, cos, sin, slots, keys=keys, values=values, heads=heads)
+    batch, kv_heads, dim = qkv.shape[0], keys.shape[1], keys.shape[2]
+    qk = qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
+    qk = qk * cos.view(batch, 1, dim) + _rotate_half(qk) * sin.view(batch, 1, dim)
+    keys.index_copy_(0, slots, qk[:, heads:])
+    values.index_copy_(0, slots, qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim))
+    return qk[:, :heads]
+
+
 def buckets(limit: int, candidates: tuple[int, ...]) -> list[int]:
     """The candidates below `limit`, then `limit` itself."""
     return [c for c in candidates if c < limit] + [limit]
@@ -232,17 +256,14 @@ class Decoder:
         heads, kv_heads, dim = model.num_heads, model.kv_heads, model.head_dim
         splits = splits_for(batch, kv_heads, self._sms)
         x = text.embed_tokens(self.last_tokens[rows]).view(batch, -1)
-        cos, sin = (t.view(batch, 1, dim) for t in self._rope(x, positions))
+        cos, sin = (t.reshape(batch, dim) for t in self._rope(x, positions))
         cache = self.cache
         for index, fused in enumerate(layers):
             qkv = torch.addmm(fused.qkv_bias, _norm(x, fused.input_norm), fused.qkv.t())
-            qk = qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
-            qk = qk * cos + _rotate_half(qk) * sin
-            values = qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim)
-            cache.slots_view[index, 0].index_copy_(0, slots, qk[:, heads:])
-            cache.slots_view[index, 1].index_copy_(0, slots, values)
+            keys, values = cache.slots_view[index, 0], cache.slots_view[index, 1]
+            query = _rope_and_store(qkv, cos, sin, slots, keys=keys, values=values, heads=heads)
             out = paged_attention(
-                qk[:, :heads],
+                query,
                 cache.keys(index),
                 cache.values(index),
                 tables,

@@ -67,7 +67,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """The batched decode attention: the Triton kernel on CUDA, the reference elsewhere."""
     if query.device.type == "cuda":
-        from triptych.engines.hf.triton_attention import triton_paged_attention
+        from triptych.engines.hf.triton_kernels import triton_paged_attention
 
         return triton_paged_attention(
             query, keys, values, block_tables, seq_lens, scale=scale, splits=splits

@@ -1,13 +1,15 @@
-"""The Triton kernel behind `paged_attention` on CUDA (split-K "flash decoding").
+"""The decode step's Triton kernels (CUDA only; Triton ships with CUDA builds of PyTorch).
 
-One program per (row, KV head, split): it loads the row's query heads that share the KV head
-(grouped-query attention: the group is read once per KV block, not once per query head),
-walks its share of the row's positions ``BLOCK_N`` at a time through the block table, and keeps
-an online softmax in float32. A second kernel merges the splits. The grid and every buffer
-depend only on the batch size and the split count, never on the lengths, so a step that calls
-it can be captured in a CUDA graph once per batch size.
+`triton_paged_attention` (split-K "flash decoding"): one program per (row, KV head, split)
+loads the row's query heads that share the KV head (grouped-query attention: the group reads
+each KV block once, not once per query head), walks its share of the row's positions
+``BLOCK_N`` at a time through the block table, and keeps an online softmax in float32; a second
+kernel merges the splits (with one split, the first kernel writes the output itself). The grid
+and every buffer depend only on the batch size and the split count, never on the lengths, so a
+step that calls it can be captured in a CUDA graph once per batch size.
 
-Imported only on CUDA machines (Triton ships with CUDA builds of PyTorch).
+`triton_rope_and_store`: rotary embedding of the new token's queries and keys, and the keys'
+and values' store into their cache slots, in one kernel instead of eight small ones per layer.
 """
 
 import torch
@@ -47,6 +49,9 @@ def _split_kernel(  # noqa: PLR0917 (Triton passes arguments by position)
     BLOCK: tl.constexpr,
     SPLITS: tl.constexpr,
     IEEE: tl.constexpr,
+    output,
+    stride_ob,
+    stride_oh,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,11 +93,16 @@ def _split_kernel(  # noqa: PLR0917 (Triton passes arguments by position)
         else:
             acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
         best = new_best
-    out = row * stride_pb + heads[:, None] * stride_ph + split * stride_ps + dims[None, :]
-    tl.store(partial + out, acc, mask=in_group[:, None])
-    where = row * stride_sb + heads * stride_sh + split * stride_ss
-    tl.store(stats + where, best, mask=in_group)
-    tl.store(stats + where + 1, total, mask=in_group)
+    if SPLITS == 1:  # the whole row here: normalize and write the output
+        out = output + row * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        merged = acc / total[:, None]
+        tl.store(out, merged.to(output.dtype.element_ty), mask=in_group[:, None])
+    else:
+        out = row * stride_pb + heads[:, None] * stride_ph + split * stride_ps + dims[None, :]
+        tl.store(partial + out, acc, mask=in_group[:, None])
+        where = row * stride_sb + heads * stride_sh + split * stride_ss
+        tl.store(stats + where, best, mask=in_group)
+        tl.store(stats + where + 1, total, mask=in_group)
 
 
 @triton.jit
@@ -174,7 +184,12 @@ def triton_paged_attention(
         BLOCK=BLOCK_N,
         SPLITS=splits,
         IEEE=query.dtype == torch.float32,
+        output=output,
+        stride_ob=output.stride(0),
+        stride_oh=output.stride(1),
     )
+    if splits == 1:
+        return output
     _merge_kernel[(batch, heads)](
         partial,
         stats,
@@ -191,3 +206,88 @@ def triton_paged_attention(
         SPLITS=splits,
     )
     return output
+
+
+@triton.jit
+def _rope_store_kernel(  # noqa: PLR0917
+    qkv,
+    cos,
+    sin,
+    slots,
+    query,
+    keys,
+    values,
+    stride_xb,
+    stride_cb,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    half = tl.arange(0, DIM // 2)
+    source = qkv + row * stride_xb + head * DIM
+    slot = tl.load(slots + row).to(tl.int64)
+    if head >= HEADS + KV_HEADS:  # a value head: stored as is
+        whole = tl.arange(0, DIM)
+        tl.store(
+            values + slot * stride_ks + (head - HEADS - KV_HEADS) * stride_kh + whole,
+            tl.load(source + whole),
+        )
+    else:
+        first = tl.load(source + half).to(tl.float32)
+        second = tl.load(source + DIM // 2 + half).to(tl.float32)
+        c1 = tl.load(cos + row * stride_cb + half).to(tl.float32)
+        c2 = tl.load(cos + row * stride_cb + DIM // 2 + half).to(tl.float32)
+        s1 = tl.load(sin + row * stride_cb + half).to(tl.float32)
+        s2 = tl.load(sin + row * stride_cb + DIM // 2 + half).to(tl.float32)
+        out_first = first * c1 - second * s1
+        out_second = second * c2 + first * s2
+        if head < HEADS:
+            target = query + row * stride_qb + head * stride_qh
+        else:
+            target = keys + slot * stride_ks + (head - HEADS) * stride_kh
+        tl.store(target + half, out_first.to(query.dtype.element_ty))
+        tl.store(target + DIM // 2 + half, out_second.to(query.dtype.element_ty))
+
+
+def triton_rope_and_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    *,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    heads: int,
+) -> torch.Tensor:
+    """`qkv` [B, (heads + 2 kv_heads) * D] (bias added) → rotated queries [B, heads, D]; the
+    rotated keys and the values go to `keys`/`values` [slots, kv_heads, D] at `slots` [B].
+    `cos`/`sin`: [B, D]."""
+    batch = qkv.shape[0]
+    _, kv_heads, dim = keys.shape
+    query = torch.empty(batch, heads, dim, dtype=qkv.dtype, device=qkv.device)
+    assert qkv.stride(1) == 1 and cos.stride(1) == 1 and sin.stride() == cos.stride()
+    _rope_store_kernel[(batch, heads + 2 * kv_heads)](
+        qkv,
+        cos,
+        sin,
+        slots,
+        query,
+        keys,
+        values,
+        qkv.stride(0),
+        cos.stride(0),
+        query.stride(0),
+        query.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        HEADS=heads,
+        KV_HEADS=kv_heads,
+        DIM=dim,
+    )
+    return query

@@ -87,7 +87,7 @@ def steps(checkpoint: Path, batches: list[int], length: int, count: int) -> dict
     from triptych.engines.hf.config import HfConfig
     from triptych.engines.hf.model import LanguageModel
     from triptych.engines.hf.runner import ModelRunner
-    from triptych.engines.hf.sequence import Sequence, Status
+    from triptych.engines.hf.sequence import Prompt, Sequence, Status
     from triptych.protocol import SamplingOptions
 
     model = LanguageModel(str(checkpoint), "cuda")
@@ -131,6 +131,14 @@ def steps(checkpoint: Path, batches: list[int], length: int, count: int) -> dict
                 runner.blocks.release(sequence.block_table)
             out[f"{batch}-{name}"] = {"step_ms": step_ms, "mean_length": length + 5 + count / 2}
             print(f"step B={batch} {name}: {step_ms:.2f} ms", flush=True)
+    for prompts in (1, 6):  # what one prefill step costs, for the benchmark's 320-token prompts
+
+        def prefill(n: int = prompts) -> None:
+            model.prefill_together([model.prepare(Prompt(list(range(320)))) for _ in range(n)])
+
+        ms = timed(prefill, repeats=10)
+        out[f"prefill-{prompts}x320"] = {"ms": ms}
+        print(f"prefill {prompts} x 320 tokens: {ms:.1f} ms", flush=True)
     return out
 
 
@@ -162,7 +170,7 @@ def main() -> None:
     }
     ratios = {}
     for key, step in summary["steps"].items():
-        if key == "capture_s":
+        if key == "capture_s" or key.startswith("prefill"):
             continue
         batch = int(key.split("-")[0])
         bound_ms = 1e3 * (weights + batch * step["mean_length"] * kv_per_token) / copy

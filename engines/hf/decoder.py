@@ -127,6 +127,16 @@ def _rope_and_store(
     return qk[:, :heads]
 
 
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """The MLP's ``silu(gate) * up`` from the fused gate/up product [B, 2 I]."""
+    if gate_up.device.type == "cuda":
+        from triptych.engines.hf.triton_kernels import triton_silu_mul
+
+        return triton_silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def buckets(limit: int, candidates: tuple[int, ...]) -> list[int]:
     """The candidates below `limit`, then `limit` itself."""
     return [c for c in candidates if c < limit] + [limit]
@@ -272,8 +282,8 @@ class Decoder:
                 splits=splits,
             )
             x = torch.addmm(x, out.reshape(batch, heads * dim), fused.o.t())
-            gate, up = torch.mm(_norm(x, fused.post_norm), fused.gate_up.t()).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate) * up, fused.down.t())
+            gate_up = torch.mm(_norm(x, fused.post_norm), fused.gate_up.t())
+            x = torch.addmm(x, _silu_mul(gate_up), fused.down.t())
         logits = model.model.lm_head(_norm(x, text.norm)).float()
         self._logits[:batch].copy_(logits)
         torch.argmax(logits, -1, out=self._argmax[:batch])

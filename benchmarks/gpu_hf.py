@@ -257,44 +257,42 @@ def bandwidth(items: list[dict[str, float]]) -> dict[str, float] | None:
     return {"bytes": size, "ms_median": ms, "bytes_per_s": size / (ms / 1e3)}
 
 
-def chart(summary: dict[str, Any], path: Path) -> None:
+def chart(summary: dict[str, Any], path: Path, before: dict[str, Any] | None = None) -> None:
+    """Tokens/s and TTFT per concurrency level; `before` (an earlier run's summary) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (speed, first) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, result in summary["triptych"].items():
-        levels = sorted(int(c) for c in result["levels"] if c.isdigit())
-        sampled = [c for c in result["levels"] if c.endswith("-sampled")]
-        speed.plot(
-            [int(c.split("-")[0]) for c in sampled],
-            [result["levels"][c]["output_tokens_per_s"] for c in sampled],
-            "x",
-            markersize=9,
-            label=f"triptych {name}, sampled",
-        )
-        speed.plot(
-            levels,
-            [result["levels"][str(c)]["output_tokens_per_s"] for c in levels],
-            "o-",
-            label=f"triptych {name}",
-        )
-        first.plot(
-            levels,
-            [result["levels"][str(c)]["ttft_ms_mean"] for c in levels],
-            "o-",
-            label=f"triptych {name}",
-        )
+    colors = {"EPD": "tab:orange", "E/P/D": "tab:red"}
+    runs = [(summary, "-", "")] + ([(before, "--", " before")] if before else [])
+    for run, style, suffix in runs:
+        for name, result in run["triptych"].items():
+            color = colors.get(name)
+            levels = sorted(int(c) for c in result["levels"] if c.isdigit())
+            label = f"triptych {name}{suffix}"
+            for axis, key in ((speed, "output_tokens_per_s"), (first, "ttft_ms_mean")):
+                values = [result["levels"][str(c)][key] for c in levels]
+                axis.plot(levels, values, "o" + style, color=color, label=label)
+            sampled = [c for c in result["levels"] if c.endswith("-sampled")]
+            speed.plot(
+                [int(c.split("-")[0]) for c in sampled],
+                [result["levels"][c]["output_tokens_per_s"] for c in sampled],
+                "x",
+                color=color,
+                markersize=10,
+                label=f"{label}, sampled (T 0.8, top-p 0.9, top-k 50)",
+            )
     base = summary.get("baselines")
     if base:
         n = base["one_at_a_time"]["requests"]
-        for key, label, marker in (
-            ("one_at_a_time", "generate(), one at a time", "s"),
-            ("padded_batch", f"generate(), padded batch of {n}", "^"),
+        for key, label, marker, color in (
+            ("one_at_a_time", "generate(), one at a time", "s", "tab:blue"),
+            ("padded_batch", f"generate(), padded batch of {n}", "^", "tab:green"),
         ):
-            speed.plot([n], [base[key]["output_tokens_per_s"]], marker, markersize=9, label=label)
-            first.plot([n], [base[key]["ttft_ms_mean"]], marker, markersize=9, label=label)
+            for axis, metric in ((speed, "output_tokens_per_s"), (first, "ttft_ms_mean")):
+                axis.plot([n], [base[key][metric]], marker, color=color, markersize=9, label=label)
     for axis, title in ((speed, "output tokens/s"), (first, "mean time to first token (ms)")):
         axis.set_xscale("log", base=2)
         axis.set_xticks([1, 8, 32, 64], ["1", "8", "32", "64"])
@@ -343,7 +341,15 @@ def main() -> None:
     parser.add_argument(
         "--topologies", nargs="+", choices=tuple(TOPOLOGIES), default=list(TOPOLOGIES)
     )
+    parser.add_argument(
+        "--replot", type=Path, help="only redraw the chart of this result file (no GPU needed)"
+    )
+    parser.add_argument("--before", type=Path, help="an earlier result file, drawn dashed")
     args = parser.parse_args()
+    before = json.loads(args.before.read_text()) if args.before else None
+    if args.replot:
+        chart(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"), before)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     built = (args.checkpoint / "config.json").exists()  # by an earlier benchmark of this run
@@ -380,7 +386,7 @@ def main() -> None:
             summary["transfers"] = {kind: bandwidth(items) for kind, items in found.items()}
     summary["ratios"] = ratios(summary)
     result.write_text(json.dumps(summary, indent=2) + "\n")
-    chart(summary, result.with_suffix(".png"))
+    chart(summary, result.with_suffix(".png"), before)
     print(json.dumps(summary["ratios"], indent=1))
     print(json.dumps(summary["transfers"], indent=1))
 

@@ -5,6 +5,7 @@ checked against transformers' own ``generate()``."""
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -242,10 +243,12 @@ async def run(core: EngineCore, prompt: list[int], steps: int, **options: Any) -
 
 
 async def test_requests_beyond_free_blocks_queue_and_blocks_are_reused(
-    core_factory: Any, model: LanguageModel
+    core_factory: Any, model: LanguageModel, caplog: pytest.LogCaptureFixture
 ) -> None:
     # 32 blocks of 4: the prompts and their growth cannot all fit at once
+    caplog.set_level(logging.INFO, logger="triptych.engines.hf.core")
     core = core_factory(max_len=64, kv_tokens=128, page_size=4)
+    assert "test: KV cache of 128 tokens (32 blocks of 4" in caplog.text
     prompts = [*PROMPTS, [3] * 30, list(range(100, 125))]
     steps = [*STEPS, 6, 8]
     depths: list[float] = []

@@ -2,8 +2,10 @@
 prefill that leaves room for decode steps, preemption when blocks run out."""
 
 import pytest
+import torch
 
 from triptych.engines.hf.block_manager import BlockManager
+from triptych.engines.hf.kv_cache import KVBudget, KVShape
 from triptych.engines.hf.scheduler import Admission, Scheduler
 from triptych.engines.hf.sequence import Prompt, Sequence, Status
 from triptych.protocol import SamplingOptions
@@ -68,6 +70,26 @@ def test_admission_waits_for_free_blocks_not_for_slots() -> None:
     short = scheduler(blocks=10, size=4)
     granted = [a for a in admit(short, *[2] * 8) if a.granted]
     assert len(granted) == 5  # one block each, plus one spare per sequence already admitted
+
+
+def test_at_context_length_8192_the_memory_of_four_slots_runs_62_sequences_of_500_tokens() -> None:
+    """The issue's KV target: at --context-length 8192 a static cache of one slot per sequence
+    holds 4 sequences in 4 x 8192 token positions; blocks of 16 hold 62 sequences of 500 tokens
+    (a 499-token prompt and the position its first generated token writes), all decoding."""
+    shape = KVShape(layers=28, kv_heads=4, head_dim=128, dtype=torch.bfloat16)
+    budget = KVBudget(max_len=8192, max_running=128, kv_tokens=4 * 8192, block_size=16)
+    num_blocks = budget.num_blocks(shape, torch.device("cpu"))
+    assert num_blocks == 4 * 8192 // 16 + 1  # the padding block besides
+    sched = Scheduler(
+        BlockManager(num_blocks, 16), 128, max_len=8192, chunk_tokens=2048, prefill_batch=8
+    )
+    granted = [a.granted for a in admit(sched, *[499] * 100) if a.granted is not None]
+    assert len(granted) == 62  # 32 blocks each, and one spare per live sequence
+    for sequence in granted:
+        start(sched, sequence, max_tokens=2)
+    plan = sched.schedule()  # every sequence writes its 500th position
+    assert plan.decode == granted and not plan.preempt
+    assert len(plan.decode) >= 4 * 4
 
 
 def test_admission_is_first_come_first_served_and_a_withdrawn_request_steps_aside() -> None:

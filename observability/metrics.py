@@ -113,4 +113,7 @@ KV_BYTES = Gauge("triptych_engine_kv_cache_bytes", "KV cache memory held", ["sta
 KV_CAPACITY = Gauge(
     "triptych_engine_kv_cache_capacity_bytes", "KV cache memory allocated", ["stage"]
 )
+KV_CAPACITY_TOKENS = Gauge(
+    "triptych_engine_kv_cache_capacity_tokens", "Token positions the KV cache holds", ["stage"]
+)
 TOKENS_PROCESSED = Counter("triptych_engine_tokens_total", "Tokens processed", ["stage", "phase"])

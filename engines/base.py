@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from triptych.protocol import BootstrapInfo, GenerateRequest, ImageItem, TokenChunk
+from triptych.protocol import BootstrapInfo, GenerateRequest, ImageItem, TokenChunk, VideoItem
 from triptych.transfer.embeddings import ImageEmbeddings
 
 Runner = Callable[[Callable[[], Any]], Awaitable[Any]]
@@ -52,8 +52,12 @@ class EncodeEngine(Engine, abc.ABC):
     """Runs the vision tower (only the vision tower: no language-model weights)."""
 
     @abc.abstractmethod
-    async def encode(self, request_id: str, images: Sequence[ImageItem]) -> ImageEmbeddings:
-        """Embed the images (each carries its encoded bytes in `data`)."""
+    async def encode(
+        self, request_id: str, images: Sequence[ImageItem], videos: Sequence[VideoItem] = ()
+    ) -> ImageEmbeddings:
+        """Embed the images and videos (each carries its encoded bytes in `data`); rows come
+        back in prompt order (by `offset`). An engine that reads no videos refuses them with
+        a 400."""
 
 
 class PrefillEngine(Engine, abc.ABC):

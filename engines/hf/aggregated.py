@@ -9,6 +9,7 @@ from triptych.engines.hf.admissions import Admissions, stop_ids
 from triptych.engines.hf.config import HfConfig
 from triptych.engines.hf.core import EngineCore, load_core
 from triptych.engines.hf.sequence import Prompt
+from triptych.models.mrope import media_grids
 from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk
 from triptych.transfer import ImageEmbeddings
 
@@ -49,9 +50,9 @@ class HfAggregatedEngine(AggregatedEngine):
         sequence = self.admissions.take(request)
         sequence.request_id = request_id
         tensor = embeddings.tensor if embeddings is not None else None
-        if request.images and tensor is None:
+        if request.media and tensor is None:
             raise ServiceError(ErrorCode.INTERNAL, "images arrived without embeddings")
-        prompt = Prompt(request.token_ids, [image.grid_thw for image in request.images], tensor)
+        prompt = Prompt(request.token_ids, media_grids(request), tensor)
         async for chunk in self.core.generate(
             sequence, request.sampling, stop_ids(request), prompt
         ):

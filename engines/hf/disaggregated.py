@@ -20,6 +20,7 @@ from triptych.engines.hf.config import HfConfig
 from triptych.engines.hf.core import EngineCore, load_core
 from triptych.engines.hf.sequence import Prompt
 from triptych.engines.rooms import RoomPrefillEngine
+from triptych.models.mrope import media_grids
 from triptych.observability import metrics
 from triptych.protocol import (
     BootstrapInfo,
@@ -94,7 +95,7 @@ class HfPrefillEngine(RoomPrefillEngine):
         key = f"kv-{room}"
         try:
             self.core.check_fits(len(request.token_ids))
-            grids = [image.grid_thw for image in request.images]
+            grids = media_grids(request)
             tensor = embeddings.tensor if embeddings is not None else None
             prompt = Prompt(request.token_ids, grids, tensor)
             packed, rope_delta = await self.core.prefill_only(request_id, prompt)

@@ -15,6 +15,7 @@ from transformers import AutoConfig, DynamicCache
 
 from triptych.engines.hf.kv_cache import KVShape
 from triptych.engines.hf.sequence import Prompt
+from triptych.models.mrope import rope_index, vision_mask
 
 
 def _model_class(model_type: str) -> Any:
@@ -73,6 +74,7 @@ class LanguageModel:
         self.text = self.model.model.language_model if self.vlm else self.model.model
         text_config = getattr(config, "text_config", config)
         self.image_token_id: int | None = getattr(config, "image_token_id", None)
+        self.video_token_id: int | None = getattr(config, "video_token_id", None)
         self.num_layers = int(text_config.num_hidden_layers)
         self.kv_heads = int(text_config.num_key_value_heads)
         self.head_dim = int(
@@ -95,21 +97,19 @@ class LanguageModel:
             positions = positions.expand(3, 1, -1) if self.vlm else positions.view(1, -1)
             return PrefillState(embeds, positions.to(self.device, non_blocking=True), 0)
         assert self.image_token_id is not None, "images given to a text-only model"
-        image_mask = torch.eq(ids, self.image_token_id)
-        rows = prompt.token_ids.count(self.image_token_id)
+        mask = vision_mask(ids, self.image_token_id, self.video_token_id)
+        rows = int(mask.sum())
         if rows != prompt.embeddings.shape[0]:
             raise ValueError(f"{prompt.embeddings.shape[0]} embedding rows for {rows} image tokens")
         embeds = embeds.masked_scatter(
-            image_mask.to(self.device, non_blocking=True)[..., None],
+            mask.to(self.device, non_blocking=True)[..., None],
             prompt.embeddings.to(self.device, embeds.dtype),
         )
         # on the host: the index is integer work with loops, which would wait for the device
-        positions, deltas = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=image_mask.int(), image_grid_thw=torch.tensor(prompt.image_grids)
+        positions, delta = rope_index(
+            self.model.model, ids, prompt.image_grids, self.image_token_id, self.video_token_id
         )
-        return PrefillState(
-            embeds, positions.to(self.device, non_blocking=True), int(deltas.view(-1)[0])
-        )
+        return PrefillState(embeds, positions.to(self.device, non_blocking=True), delta)
 
     @torch.inference_mode()
     def prefill_chunk(self, state: PrefillState, end: int) -> tuple[DynamicCache, torch.Tensor]:

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from triptych.models.mrope import Grid
 from triptych.protocol import FinishReason, SamplingOptions, TokenChunk
 
 
@@ -38,11 +39,11 @@ class Status(enum.Enum):
 
 @dataclass
 class Prompt:
-    """What prefill runs: token ids, image grids and image embeddings (rows of the image tokens
-    in order)."""
+    """What prefill runs: token ids, image and video grids (prompt order) and their embeddings
+    (rows of the image and video tokens in order)."""
 
     token_ids: list[int]
-    image_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    image_grids: list[Grid] = field(default_factory=list)
     embeddings: torch.Tensor | None = None
 
 

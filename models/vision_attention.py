@@ -32,24 +32,32 @@ class _Group:
     """Row indices in window order; None when the group is every row, in order."""
 
 
-class _Layouts:
+class WindowLayouts:
     """Window layouts by `cu_seqlens` tensor: a tower's forward makes two (windowed and full)
-    and hands the same tensors to every layer, so each is read from the device once."""
+    and hands the same tensors to every layer. A caller that built them on the host registers
+    them with their bounds (`register`), so the forward never waits on the device; otherwise
+    each is read from the device once per forward."""
 
     def __init__(self) -> None:
         self._recent: list[tuple[torch.Tensor, list[_Group]]] = []
+
+    def register(self, cu_seqlens: torch.Tensor, bounds: list[int]) -> None:
+        """`cu_seqlens` (on the tower's device) has these values: plan from them."""
+        self._remember(cu_seqlens, _plan(bounds, cu_seqlens.device))
 
     def groups(self, cu_seqlens: torch.Tensor) -> list[_Group]:
         for tensor, groups in self._recent:
             if tensor is cu_seqlens:
                 return groups
-        groups = _plan(cu_seqlens)
-        self._recent = [*self._recent[-1:], (cu_seqlens, groups)]
+        groups = _plan(cu_seqlens.tolist(), cu_seqlens.device)
+        self._remember(cu_seqlens, groups)
         return groups
 
+    def _remember(self, cu_seqlens: torch.Tensor, groups: list[_Group]) -> None:
+        self._recent = [*self._recent[-1:], (cu_seqlens, groups)]
 
-def _plan(cu_seqlens: torch.Tensor) -> list[_Group]:
-    bounds = cu_seqlens.tolist()
+
+def _plan(bounds: list[int], device: torch.device) -> list[_Group]:
     starts_by_length: dict[int, list[int]] = {}
     for start, end in itertools.pairwise(bounds):
         if end > start:
@@ -61,7 +69,9 @@ def _plan(cu_seqlens: torch.Tensor) -> list[_Group]:
     for length, starts in starts_by_length.items():
         offsets = torch.arange(length)
         rows = (torch.tensor(starts)[:, None] + offsets).reshape(-1)
-        groups.append(_Group(length, len(starts), rows.to(cu_seqlens.device)))
+        if device.type == "cuda":
+            rows = rows.pin_memory()
+        groups.append(_Group(length, len(starts), rows.to(device, non_blocking=True)))
     return groups
 
 
@@ -80,7 +90,7 @@ def _attend(
 class _PackedForward:
     """The forward given to one attention module; `layouts` is shared by the tower's layers."""
 
-    def __init__(self, attention: Any, layouts: _Layouts) -> None:
+    def __init__(self, attention: Any, layouts: WindowLayouts) -> None:
         self.attention = attention
         self.layouts = layouts
         self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
@@ -110,9 +120,10 @@ class _PackedForward:
         return attention.proj(out.reshape(rows, -1))  # type: ignore[no-any-return]
 
 
-def pack_window_attention(tower: nn.Module) -> int:
-    """Give every attention module of `tower` the packed forward; returns how many."""
-    layouts = _Layouts()
+def pack_window_attention(tower: nn.Module, layouts: WindowLayouts | None = None) -> int:
+    """Give every attention module of `tower` the packed forward, sharing `layouts`; returns
+    how many."""
+    layouts = layouts or WindowLayouts()
     patched = 0
     for module in tower.modules():
         if type(module).__name__ in ATTENTION_CLASSES:

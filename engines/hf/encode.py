@@ -86,15 +86,17 @@ class HfEncodeEngine(EncodeEngine):
         metrics.ENCODE_BATCH.observe(len(images))
         started = time.perf_counter()
         try:
-            # preprocessing is host work: it stays off the runner (a model thread between
-            # decode steps), which gets only the forward
-            pixels, grids = await asyncio.to_thread(
-                tower.preprocess, [image.data or b"" for image in images]
+            # the host's work (decoding, resizing, the layouts the forward derives from the
+            # grids, pinning) stays off the runner (a model thread between decode steps),
+            # which only launches the forward
+            prepared = await asyncio.to_thread(
+                lambda: tower.prepare(*tower.preprocess([image.data or b"" for image in images]))
             )
+            grids = prepared.grid_thw
             if self.runner is None:
-                embeddings = await asyncio.to_thread(tower.encode, pixels, grids)
+                embeddings = await asyncio.to_thread(tower.run, prepared)
             else:
-                embeddings = await self.runner(lambda: tower.encode(pixels, grids))
+                embeddings = await self.runner(lambda: tower.run(prepared))
         except Exception as error:
             failure = ServiceError(ErrorCode.INTERNAL, f"vision tower failed: {error}")
             for job in batch:

@@ -3,8 +3,9 @@
 1. The Qwen2.5-VL tower (7B- or tiny-shaped, random weights built from a config; bf16 on a GPU)
    on 448x448 images: transformers' forward, which attends window by window, against
    triptych's packed window attention (``packed``), and against the tower as the encode engine
-   runs it (``prepared``: packed attention, the patch embedding as one GEMM, the grids' layouts
-   built on the host beforehand, so the forward never waits on the device), for 1, 8 and 32
+   runs it (``prepared``: packed attention, the grids' layouts built on the host beforehand so
+   that the forward never waits on the device, the patch embedding as one GEMM, RMSNorm and
+   rotary as Triton kernels; ``prepared_gemm_only`` without the kernels), for 1, 8 and 32
    images and for three sizes at once; median of 7 timed runs after a warm-up, whether the
    packed outputs are bitwise equal, and the prepared outputs' largest difference. With
    ``--profile``, the device time of the prepared forward on 32 images by kernel.
@@ -36,7 +37,7 @@ from gpu_epd import SHAPES, run_info
 
 from triptych.models.tiny import default_model_path, ensure_checkpoint
 from triptych.models.vision_attention import WindowLayouts, pack_window_attention
-from triptych.models.vision_patch_embed import gemm_patch_embedding
+from triptych.models.vision_cuda import cuda_forwards
 from triptych.models.vision_tower import VisionTower, prepare_batch, run_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +86,12 @@ def forwards(shape: str, device: torch.device, profile: bool) -> dict[str, Any]:
     plain = build_tower(shape, device)
     packed = copy.deepcopy(plain)
     pack_window_attention(packed)
-    fast = copy.deepcopy(plain)
-    layouts = WindowLayouts()
-    pack_window_attention(fast, layouts)
-    gemm_patch_embedding(fast)
+    variants = {}
+    for variant, kernels in (("prepared_gemm_only", False), ("prepared", True)):
+        tower, layouts = copy.deepcopy(plain), WindowLayouts()
+        pack_window_attention(tower, layouts)
+        cuda_forwards(tower, kernels=kernels)
+        variants[variant] = (tower, layouts)
     dtype = next(plain.parameters()).dtype
     width = plain.config.in_channels * plain.config.temporal_patch_size * plain.config.patch_size**2
     out: dict[str, Any] = {}
@@ -99,23 +102,28 @@ def forwards(shape: str, device: torch.device, profile: bool) -> dict[str, Any]:
         expected = plain(pixels, grid_thw=grid).pooler_output
         got = packed(pixels, grid_thw=grid).pooler_output
         host = pixels.cpu()
-
-        def prepared(host: torch.Tensor = host, grids: list[list[int]] = grids) -> torch.Tensor:
-            batch = prepare_batch(fast, host, torch.tensor(grids), dtype, device)
-            return run_batch(fast, layouts, batch, device)
-
-        fast_out = prepared()
         out[name] = {
             "transformers_ms": median_ms(lambda: plain(pixels, grid_thw=grid), device),  # noqa: B023
             "packed_ms": median_ms(lambda: packed(pixels, grid_thw=grid), device),  # noqa: B023
-            "prepared_ms": median_ms(prepared, device),
             "bitwise_equal": bool(torch.equal(expected, got)),
-            "prepared_max_abs_diff": float((fast_out.float() - expected.float()).abs().max()),
             "output_max_abs": float(expected.float().abs().max()),
         }
+        for variant, (tower, layouts) in variants.items():
+            began = time.perf_counter()
+            batch = prepare_batch(tower, host, torch.tensor(grids), dtype, device)
+            out[name][f"{variant}_host_prepare_ms"] = (time.perf_counter() - began) * 1e3
+
+            def prepared(
+                tower: torch.nn.Module = tower, layouts: WindowLayouts = layouts, batch: Any = batch
+            ) -> torch.Tensor:
+                return run_batch(tower, layouts, batch, device)
+
+            difference = (prepared().float() - expected.float()).abs().max()
+            out[name][f"{variant}_ms"] = median_ms(prepared, device)
+            out[name][f"{variant}_max_abs_diff"] = float(difference)
         print(f"  {name}: {json.dumps(out[name])}", flush=True)
         if profile and name == "32 images 448x448":
-            out["profile_32_images"] = kernel_profile(prepared)
+            out["profile_32_images"] = kernel_profile(prepared)  # the last variant
     return out
 
 

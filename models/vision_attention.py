@@ -94,6 +94,8 @@ class _PackedForward:
         self.attention = attention
         self.layouts = layouts
         self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+        self.kernel_rotary = False
+        """Rotate with the Triton kernel on CUDA (`vision_cuda.cuda_forwards`)."""
 
     def __call__(
         self,
@@ -108,7 +110,12 @@ class _PackedForward:
         q, k, v = qkv.permute(1, 0, 2, 3)
         if position_embeddings is None:
             raise ValueError("the vision tower passed no rotary position embeddings")
-        q, k = self.rotary(q, k, *position_embeddings)
+        if self.kernel_rotary and q.device.type == "cuda":
+            from triptych.models.vision_kernels import triton_vision_rotary
+
+            q, k = triton_vision_rotary(q, k, *position_embeddings)
+        else:
+            q, k = self.rotary(q, k, *position_embeddings)
         groups = self.layouts.groups(cu_seqlens)
         if len(groups) == 1 and groups[0].rows is None:
             out = _attend(q, k, v, groups[0], attention.scaling)

@@ -28,7 +28,7 @@ from transformers.vision_utils import (
 )
 
 from triptych.models.vision_attention import WindowLayouts, pack_window_attention
-from triptych.models.vision_patch_embed import gemm_patch_embedding
+from triptych.models.vision_cuda import cuda_forwards
 
 VISION_PREFIXES = ("visual.", "model.visual.")
 
@@ -92,7 +92,7 @@ class VisionTower:
             )
         self.layouts = WindowLayouts()
         pack_window_attention(tower, self.layouts)
-        gemm_patch_embedding(tower)
+        cuda_forwards(tower)
         self.module = tower.to(self.device).eval()
         self.processor = AutoImageProcessor.from_pretrained(model_path)  # type: ignore[no-untyped-call]
         self.merge = int(config.vision_config.spatial_merge_size)

@@ -92,8 +92,8 @@ class VisionTower:
             )
         self.layouts = WindowLayouts()
         pack_window_attention(tower, self.layouts)
-        cuda_forwards(tower)
         self.module = tower.to(self.device).eval()
+        cuda_forwards(self.module)
         self.processor = AutoImageProcessor.from_pretrained(model_path)  # type: ignore[no-untyped-call]
         self.merge = int(config.vision_config.spatial_merge_size)
         self.hidden_size = int(

@@ -31,6 +31,8 @@ from triptych.models.vision_attention import WindowLayouts, pack_window_attentio
 from triptych.models.vision_cuda import cuda_forwards
 
 VISION_PREFIXES = ("visual.", "model.visual.")
+LONGEST = {"cu_seqlens": "max_seqlen", "cu_window_seqlens": "max_window_seqlen"}
+"""transformers' keyword for the longest sequence of each ``cu_*seqlens`` a forward takes."""
 
 
 def _tower_class(model_type: str) -> Any:
@@ -193,8 +195,7 @@ def run_batch(
     }
     for name, bounds in batch.bounds.items():
         layouts.register(inputs[name], bounds)
-        longest = max(b - a for a, b in itertools.pairwise(bounds))
-        inputs[name.replace("cu_", "max_")] = longest  # max_seqlen, max_window_seqlen
+        inputs[LONGEST[name]] = max(b - a for a, b in itertools.pairwise(bounds))
     output = module(batch.pixels.to(device, non_blocking=True), grid_thw=batch.grid_thw, **inputs)
     embeddings = output.pooler_output if hasattr(output, "pooler_output") else output
     return embeddings  # type: ignore[no-any-return]

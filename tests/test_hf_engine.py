@@ -381,3 +381,22 @@ def test_sampling_rules(model: LanguageModel) -> None:
     assert [first.next_token(logits) for _ in range(5)] == [
         second.next_token(logits) for _ in range(5)
     ]
+
+
+def test_logprobs_come_from_the_distribution_drawn_from(model: LanguageModel) -> None:
+    logits = torch.linspace(-3, 3, model.vocab_size)
+    greedy = sampler(model, temperature=0, logprobs=2)
+    token = greedy.next_token(logits.clone())
+    raw = torch.log_softmax(logits, -1)
+    assert greedy.logprobs is not None
+    assert greedy.logprobs.logprob == pytest.approx(float(raw[token]))
+    assert [t for t, _ in greedy.logprobs.top] == torch.topk(raw, 2).indices.tolist()
+    warm = sampler(model, temperature=0.5, seed=1, logprobs=0)
+    drawn = warm.next_token(logits.clone())
+    assert warm.logprobs is not None and warm.logprobs.top == []
+    assert warm.logprobs.logprob == pytest.approx(float(torch.log_softmax(logits / 0.5, -1)[drawn]))
+    penalized = sampler(model, temperature=0, logprobs=1, repetition_penalty=2.0)
+    first = penalized.next_token(logits.clone())
+    penalized.next_token(logits.clone())
+    assert penalized.logprobs is not None
+    assert penalized.logprobs.top[0][0] != first  # after the penalty, not before

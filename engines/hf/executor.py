@@ -345,6 +345,7 @@ class ModelExecutor:
                     token_ids=[token],
                     finish_reason=reason,
                     prompt_tokens=sequence.prompt_tokens if first else 0,
+                    logprobs=None if sampler.logprobs is None else [sampler.logprobs],
                 )
             )
             if reason is not None:

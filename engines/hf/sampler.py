@@ -1,8 +1,16 @@
-"""Choosing the next token: penalties, greedy or temperature/top-k/top-p/min-p, seeded."""
+"""Choosing the next token: penalties, greedy or temperature/top-k/top-p/min-p, seeded.
+
+Log-probabilities, when a request asks for them, come from the distribution the token is drawn
+from after penalties and temperature (a greedy request counts as temperature 1) and before
+top-k, top-p and min-p cut it: vLLM's ``processed_logprobs``.
+"""
 
 import torch
 
-from triptych.protocol import FinishReason, SamplingOptions
+from triptych.protocol import FinishReason, SamplingOptions, TokenLogprob
+
+LOGPROB_FLOOR = -9999.0
+"""What an impossible token's log-probability (-inf) is reported as (JSON has no infinity)."""
 
 
 class Sampler:
@@ -20,6 +28,8 @@ class Sampler:
         self.stop_ids = stop_ids
         """Token ids that end generation (EOS unless ignored, plus `stop_token_ids`)."""
         self.generated: list[int] = []
+        self.logprobs: TokenLogprob | None = None
+        """The last token's log-probability and top alternatives, when the request asked."""
         self._penalties = bool(
             options.repetition_penalty != 1.0
             or options.frequency_penalty
@@ -43,7 +53,10 @@ class Sampler:
         o = self.options
         if len(self.generated) < o.min_tokens and self.stop_ids:
             logits[list(self.stop_ids)] = -float("inf")
-        token = int(torch.argmax(logits)) if o.greedy else self._draw(logits / o.temperature)
+        scaled = logits if o.greedy else logits / o.temperature
+        token = int(torch.argmax(logits)) if o.greedy else self._draw(scaled)
+        if o.logprobs is not None:
+            self.logprobs = _logprobs(scaled, token, o.logprobs)
         return self.accept(token)
 
     def takes_argmax(self) -> bool:
@@ -55,6 +68,7 @@ class Sampler:
         o = self.options
         return (
             o.greedy
+            and o.logprobs is None
             and not self._penalties
             and not (len(self.generated) < o.min_tokens and self.stop_ids)
         )
@@ -104,3 +118,11 @@ class Sampler:
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs / probs.sum(), 1, generator=self._generator))
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under softmax(`logits`) and the `top` most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)
+    best = torch.topk(logprobs, min(top, logprobs.numel())) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best else []
+    return TokenLogprob(logprob=float(logprobs[token]), top=pairs)

@@ -8,7 +8,7 @@ import torch
 from triptych.engines.hf.executor import ModelExecutor, Running
 from triptych.engines.hf.model import SequenceKV
 from triptych.engines.hf.sampler import Sampler
-from triptych.protocol import GenerateRequest, TokenChunk
+from triptych.protocol import GenerateRequest, TokenChunk, TokenLogprob
 
 
 def sampler_for(request: GenerateRequest, executor: ModelExecutor) -> Sampler:
@@ -51,17 +51,23 @@ async def decode_stream(
         while True:
             item = await queue.get()
             tokens: list[int] = []
+            logprobs: list[TokenLogprob] | None = None
             prompt_tokens = 0
             while True:
                 if isinstance(item, BaseException):
                     raise item
                 tokens.extend(item.token_ids)
+                if item.logprobs is not None:
+                    logprobs = [*(logprobs or []), *item.logprobs]
                 prompt_tokens = prompt_tokens or item.prompt_tokens
                 if item.finish_reason is not None or queue.empty():
                     break
                 item = queue.get_nowait()
             yield TokenChunk(
-                token_ids=tokens, finish_reason=item.finish_reason, prompt_tokens=prompt_tokens
+                token_ids=tokens,
+                finish_reason=item.finish_reason,
+                prompt_tokens=prompt_tokens,
+                logprobs=logprobs,
             )
             if item.finish_reason is not None:
                 return

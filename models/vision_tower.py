@@ -7,7 +7,6 @@ tensor from the safetensors files, keeping only those under the tower's prefix.
 
 import functools
 import io
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +19,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.initialization import no_init_weights
 
+from triptych.models.checkpoint import VISION_PREFIXES, vision_shards
 from triptych.models.vision_attention import pack_window_attention
-
-VISION_PREFIXES = ("visual.", "model.visual.")
 
 
 def _tower_class(model_type: str) -> Any:
@@ -42,10 +40,11 @@ def _tower_class(model_type: str) -> Any:
 
 
 def _weight_files(root: Path) -> list[Path]:
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [root / name for name in names]
+    """The files holding the tower: per the index, only those shards (an encode worker may
+    have fetched no other); without an index, every weight file."""
+    shards = vision_shards(root)
+    if shards is not None:
+        return [root / name for name in shards]
     return sorted(root.glob("*.safetensors"))
 
 

@@ -103,6 +103,12 @@ def middlewares(
             headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else {}
             info = ErrorInfo(code=error.status, message=_plain(error, request))
             return error_response(info, headers)
+        except Exception as error:  # a bug of ours: a clean 500, details in our log only
+            log.exception("%s %s failed", request.method, request.path, exc_info=error)
+            info = ErrorInfo(
+                code=ErrorCode.INTERNAL, message=f"internal error ({type(error).__name__})"
+            )
+            return error_response(info)
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -16,7 +16,7 @@ from triptych.components.frontend.choices import Choices
 from triptych.components.frontend.logprobs import TokenText
 from triptych.components.frontend.middleware import Exchange, error_response
 from triptych.components.frontend.output import Output
-from triptych.protocol import ErrorResponse, ServiceError, TokenChunk, Usage
+from triptych.protocol import ErrorCode, ErrorResponse, ServiceError, TokenChunk, Usage
 from triptych.protocol.openai import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -140,5 +140,10 @@ class Reply(abc.ABC):
                             break
         except ServiceError as error:
             return error
+        except ConnectionError:  # the client went away: nothing to tell it
+            raise
+        except Exception as error:  # a bug of ours: the client gets a clean 500, we the details
+            log.exception("request %s failed while streaming", self.request_id)
+            return ServiceError(ErrorCode.INTERNAL, f"internal error ({type(error).__name__})")
         self.usage()
         return None

@@ -2,6 +2,8 @@
 line for what it refuses, and ``triptych serve`` bringing up each topology."""
 
 import argparse
+import base64
+import io
 import os
 import re
 import signal
@@ -16,8 +18,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from PIL import Image
 
-from tests.stack import FAST_MOCK, ROOT
+from tests.stack import FAST_MOCK, ROOT, Process, Stack, start_topology
 from triptych.cli.serve import flags as serve_flags
 from triptych.components.decode_worker.__main__ import parser as decode_parser
 from triptych.components.encode_worker.__main__ import parser as encode_parser
@@ -265,3 +268,65 @@ def test_help_of_serve_lists_component_flags() -> None:
     names = {a.dest for a in settable(parser)}
     assert {"api_key", "chat_template", "max_running_requests", "engine", "revision"} <= names
     assert isinstance(parser, argparse.ArgumentParser)
+
+
+class CommandStack(Stack):
+    """A stack whose processes are the ``triptych`` command's components, as a user runs them
+    one per terminal (or per container)."""
+
+    COMMANDS = {
+        "encode_worker": "encode",
+        "prefill_worker": "prefill",
+        "decode_worker": "decode",
+        "frontend": "frontend",
+    }
+
+    def start(
+        self, name: str, module: str, *args: str, env: dict[str, str] | None = None
+    ) -> Process:
+        log = self.tmp / f"{name}-{len(self.processes)}.log"
+        popen = subprocess.Popen(
+            [TRIPTYCH, self.COMMANDS[module], *args],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**self.env(), **(env or {})},
+            cwd=ROOT,
+        )
+        process = Process(name, popen, log)
+        self.processes.append(process)
+        return process
+
+
+def test_one_component_per_command_makes_a_stack(
+    nats_server: NatsServer, tmp_path: Path, tiny_model: Path
+) -> None:
+    """``triptych encode``, ``prefill``, ``decode`` and ``frontend``, each started on its own,
+    serve E/P/D together: a chat with an image crosses all four."""
+    stack = CommandStack(nats_server.url, tmp_path)
+    try:
+        start_topology(stack, "E/P/D", model_path=str(tiny_model))
+        picture = io.BytesIO()
+        Image.new("RGB", (56, 56), (200, 30, 30)).save(picture, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()
+        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="tiny-qwen2.5-vl",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "what is this?"},
+                    ],
+                }
+            ],
+            max_tokens=3,
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+        assert reply.usage.prompt_tokens > 4  # the image's tokens, expanded by the frontend
+        scraped = httpx.get(f"{stack.url}/metrics", timeout=10).text
+        assert "triptych_frontend_images_per_request_sum 1.0" in scraped.splitlines()
+        for process in reversed(stack.processes):  # frontend first, as an operator would
+            assert process.terminate(timeout=60) == 0, process.output()[-2000:]
+    finally:
+        stack.stop()

@@ -292,6 +292,9 @@ def run_worker(
                 metrics.POOL_IN_USE.set_function(lambda: agent.pool_in_use)
             engines = await setup(runtime, service, transport)
             try:
+                if stop.is_set():  # stopped while the engines loaded: never join routing
+                    log.info("%s: stopped before it served", component)
+                    return 0
                 await service.start()
                 if config.port_file:
                     write_port_file(config.port_file, _bound_ports(status.port, engines))

@@ -17,6 +17,7 @@ from triptych.protocol.messages import (
     GenerateRequest,
     ImageItem,
     KVHandle,
+    MediaItem,
     RoomDone,
     RoomFailed,
     RoomJoin,
@@ -25,6 +26,7 @@ from triptych.protocol.messages import (
     TensorHandle,
     TokenChunk,
     TokenLogprob,
+    VideoItem,
 )
 from triptych.protocol.openai import (
     ChatCompletionChunk,
@@ -42,6 +44,7 @@ from triptych.protocol.openai import (
     TextPart,
     TopLogprob,
     Usage,
+    VideoPart,
 )
 from triptych.protocol.sampling import MAX_TOP_LOGPROBS, FinishReason, SamplingOptions
 
@@ -67,6 +70,7 @@ __all__ = [
     "ImageItem",
     "ImagePart",
     "KVHandle",
+    "MediaItem",
     "ModelCard",
     "ModelList",
     "RoomDone",
@@ -84,4 +88,6 @@ __all__ = [
     "TokenLogprob",
     "TopLogprob",
     "Usage",
+    "VideoItem",
+    "VideoPart",
 ]

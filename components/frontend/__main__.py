@@ -13,6 +13,7 @@ from triptych.components.frontend.images import ImageLoader
 from triptych.components.frontend.prompt import Preprocessor
 from triptych.components.frontend.server import Frontend
 from triptych.components.frontend.template import read_template
+from triptych.components.frontend.videos import VideoLoader
 from triptych.models.checkpoint import CheckpointError, Needs, resolve_checkpoint
 from triptych.runtime import Runtime
 from triptych.runtime.entry import (
@@ -49,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     async def run(stop: asyncio.Event) -> int:
         loader = ImageLoader(config.images)
+        videos = VideoLoader(config.videos, loader.fetcher)
         preprocessor = Preprocessor(
-            config.model_path, loader, config.chat_template, config.model_sampling_defaults
+            config.model_path, loader, videos, config.chat_template, config.model_sampling_defaults
         )
         agent = TransferAgent("frontend", "cpu", config.transfer_pool_mb << 20)
         await agent.start()

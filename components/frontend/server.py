@@ -33,10 +33,12 @@ from triptych.protocol import (
     ErrorInfo,
     GenerateRequest,
     ImageItem,
+    MediaItem,
     ModelCard,
     ModelList,
     SamplingFields,
     ServiceError,
+    VideoItem,
 )
 from triptych.runtime import Client, Runtime
 from triptych.runtime.errors import busy
@@ -67,7 +69,7 @@ class _Plan:
     """One per choice: ``n`` per prompt, in choice-index order."""
     reply: type[Reply]
     logprobs: bool
-    exported: list[ImageItem] = field(default_factory=list)
+    exported: list[MediaItem] = field(default_factory=list)
     """Images waiting in the transfer pool for their encoders (freed when the request ends)."""
 
 
@@ -84,7 +86,8 @@ class Frontend:
     ) -> None:
         self.config = config
         self.agent = agent
-        """Holds images too large for a NATS message until their encoders have read them."""
+        """Holds images and videos too large for a NATS message until an encoder has read
+        them."""
         self.runtime = runtime
         self.preprocessor = preprocessor
         self.stages = stages
@@ -327,6 +330,7 @@ class Frontend:
                 model=fields.model,
                 token_ids=prompt.token_ids,
                 images=prompt.images,
+                videos=prompt.videos,
                 sampling=fields.sampling(
                     max_tokens,
                     self.preprocessor.sampling_defaults,
@@ -344,14 +348,22 @@ class Frontend:
         prompt = await self.preprocessor.prompt(chat)
         param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
         max_tokens = self._max_tokens(prompt, chat.requested_max_tokens, param)
-        # Images too large for a NATS message wait in this process's pool, one export for every
-        # choice (each choice's encoder reads it), until the request ends.
-        images = await image_bytes.offload(
-            self.agent, prompt.images, f"img-{request_id}", self.config.inline_image_bytes
+        # Images and videos too large for a NATS message wait in this process's pool, one export
+        # for every choice (each choice's encoder reads it), until the request ends.
+        items: list[MediaItem] = [*prompt.images, *prompt.videos]
+        media = await image_bytes.offload(
+            self.agent,
+            items,
+            f"img-{request_id}",
+            self.config.inline_image_bytes,
         )
-        sent = Prompt(token_ids=prompt.token_ids, images=images)
+        sent = Prompt(
+            token_ids=prompt.token_ids,
+            images=[item for item in media if isinstance(item, ImageItem)],
+            videos=[item for item in media if isinstance(item, VideoItem)],
+        )
         requests = self._requests(chat, sent, max_tokens, chat.top_logprobs_count)
-        exported = [image for image in images if image.data_handle is not None]
+        exported = [item for item in media if item.data_handle is not None]
         logprobs = chat.top_logprobs_count is not None
         return _Plan(chat, [prompt], requests, ChatReply, logprobs, exported)
 

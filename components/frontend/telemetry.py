@@ -22,6 +22,10 @@ class RequestTelemetry:
             metrics.INPUT_TOKENS.inc(len(prompt.token_ids))
             metrics.IMAGES.observe(len(prompt.images))
             metrics.IMAGE_TOKENS.observe(sum(image.num_tokens for image in prompt.images))
+            metrics.VIDEOS.observe(len(prompt.videos))
+            if prompt.videos:
+                metrics.VIDEO_TOKENS.observe(sum(video.num_tokens for video in prompt.videos))
+                metrics.VIDEO_FRAMES.inc(sum(len(video.frame_indices) for video in prompt.videos))
 
     def chunk(self, tokens: int) -> None:
         """A chunk of `tokens` tokens arrived from decode."""

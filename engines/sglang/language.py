@@ -149,7 +149,7 @@ def generate_kwargs(
         kwargs["return_logprob"] = True
         kwargs["top_logprobs_num"] = request.sampling.logprobs
         kwargs["logprob_start_len"] = -1  # the output's, not the prompt's
-    if request.images:
+    if request.images or request.videos:  # a video is refused there
         kwargs["image_data"] = [image_item(request, embeddings)]
     if bootstrap is not None:
         kwargs["bootstrap_host"] = bootstrap.bootstrap_host

@@ -67,7 +67,7 @@ def test_the_command_prints_help_for_each_command() -> None:
 
 def test_sglang_names_are_aliases() -> None:
     args = decode_parser().parse_args(["--context-length", "2048", "--mem-fraction-static", "0.5"])
-    assert (args.max_model_len, args.mem_fraction) == (2048, 0.5)
+    assert (args.max_model_len, args.mem_fraction_static) == (2048, 0.5)
     args = FrontendConfig.parser().parse_args(["--host", "0.0.0.0", "--port", "9000"])
     assert (args.http_host, args.http_port) == ("0.0.0.0", 9000)
 

@@ -4,6 +4,12 @@ Pure data (pydantic v2 models and validators). Nothing here does I/O or imports 
 the project; every other layer may import it.
 """
 
+from triptych.protocol.completions import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from triptych.protocol.errors import ErrorCode, ErrorInfo, ServiceError
 from triptych.protocol.messages import (
     BootstrapInfo,
@@ -11,6 +17,7 @@ from triptych.protocol.messages import (
     GenerateRequest,
     ImageItem,
     KVHandle,
+    MediaItem,
     RoomDone,
     RoomFailed,
     RoomJoin,
@@ -18,6 +25,8 @@ from triptych.protocol.messages import (
     RoomReady,
     TensorHandle,
     TokenChunk,
+    TokenLogprob,
+    VideoItem,
     decode_chunk,
     encode_chunk,
 )
@@ -25,22 +34,35 @@ from triptych.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprob,
     ChatMessage,
+    ChoiceLogprobs,
     ErrorResponse,
     ImagePart,
     ModelCard,
     ModelList,
+    SamplingDefaults,
+    SamplingFields,
     TextPart,
+    TopLogprob,
     Usage,
+    VideoPart,
 )
-from triptych.protocol.sampling import FinishReason, SamplingOptions
+from triptych.protocol.sampling import MAX_TOP_LOGPROBS, FinishReason, SamplingOptions
 
 __all__ = [
+    "MAX_TOP_LOGPROBS",
     "BootstrapInfo",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
+    "ChatLogprob",
     "ChatMessage",
+    "ChoiceLogprobs",
+    "CompletionChoice",
+    "CompletionLogprobs",
+    "CompletionRequest",
+    "CompletionResponse",
     "EmbeddingHandle",
     "ErrorCode",
     "ErrorInfo",
@@ -50,6 +72,7 @@ __all__ = [
     "ImageItem",
     "ImagePart",
     "KVHandle",
+    "MediaItem",
     "ModelCard",
     "ModelList",
     "RoomDone",
@@ -57,12 +80,18 @@ __all__ = [
     "RoomJoin",
     "RoomMessage",
     "RoomReady",
+    "SamplingDefaults",
+    "SamplingFields",
     "SamplingOptions",
     "ServiceError",
     "TensorHandle",
     "TextPart",
     "TokenChunk",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
+    "VideoItem",
+    "VideoPart",
     "decode_chunk",
     "encode_chunk",
 ]

@@ -239,26 +239,3 @@ async def test_decode_chooses_the_room_and_joins_before_prefill_answers(
     tokens = [t for frame in sink.frames if frame for t in decode_chunk(frame).token_ids]
     assert tokens == mock_tokens(request, 256, 1024)
     assert prefill_engine.server.open_rooms == 0
-
-
-def test_sse_frames_equal_the_chunk_models() -> None:
-    """The per-request byte template gives what `ChatCompletionChunk` would, field for field."""
-    from triptych.components.frontend.sse import ChunkFrames
-    from triptych.protocol import ChatCompletionChunk
-    from triptych.protocol.openai import ChunkChoice, Delta
-
-    frames = ChunkFrames('chat-"1"', 1700000000, "m\u00e9del")
-    for text, finish, ids in [
-        ("hello", None, None),
-        ('quo"te \\ back\nline \u2603 \x01', "length", [1, 2]),
-        ("", "stop", []),
-    ]:
-        model = ChatCompletionChunk(
-            id='chat-"1"',
-            created=1700000000,
-            model="m\u00e9del",
-            choices=[ChunkChoice(delta=Delta(content=text), finish_reason=finish, token_ids=ids)],
-        )
-        framed = frames.delta(text, finish, ids)
-        assert framed.startswith(b"data: ") and framed.endswith(b"\n\n")
-        assert json.loads(framed[6:]) == json.loads(model.model_dump_json())

@@ -156,6 +156,10 @@ class BootstrapServer:
                         del self._rooms[message.room]
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            # close() ends the connection: the handler ends quietly (asyncio logs a server
+            # callback's cancellation as an error, with a traceback, on every shutdown)
+            pass
         except ValueError as error:
             log.warning("bad bootstrap frame: %s", error)
         finally:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from triptych.engines.base import EncodeEngine, Runner
+from triptych.engines.load import METER
 from triptych.models.vision_tower import VisionTower
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, ImageItem, ServiceError
@@ -41,6 +42,8 @@ class HfEncodeEngine(EncodeEngine):
     async def start(self) -> None:
         if self.tower is None:
             self.tower = await asyncio.to_thread(VisionTower, self.model_path, self.device)
+            if self.runner is None:  # inline, the model thread's queue counts it already
+                METER.add_queue(lambda: len(self._pending))
             self._batcher = asyncio.create_task(self._batches(), name="encode-batches")
 
     async def close(self) -> None:
@@ -92,7 +95,8 @@ class HfEncodeEngine(EncodeEngine):
                 tower.preprocess, [image.data or b"" for image in images]
             )
             if self.runner is None:
-                embeddings = await asyncio.to_thread(tower.encode, pixels, grids)
+                with METER.busy("encode"):
+                    embeddings = await asyncio.to_thread(tower.encode, pixels, grids)
             else:
                 embeddings = await self.runner(lambda: tower.encode(pixels, grids))
         except Exception as error:
@@ -102,6 +106,7 @@ class HfEncodeEngine(EncodeEngine):
                     job.future.set_exception(failure)
             return
         metrics.ENCODE_DURATION.observe(time.perf_counter() - started)
+        METER.count("images", len(images))
         rows = tower.tokens(grids)
         start = 0
         index = 0

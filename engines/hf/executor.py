@@ -25,6 +25,7 @@ from triptych.engines.hf.decoder import Decoder
 from triptych.engines.hf.kv_cache import KVBudget, KVPool
 from triptych.engines.hf.model import LanguageModel, Prompt, SequenceKV
 from triptych.engines.hf.sampler import Sampler
+from triptych.engines.load import METER
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, ServiceError, TokenChunk
 
@@ -132,12 +133,15 @@ class ModelExecutor:
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
         metrics.RUNNING.labels(stage).set_function(lambda: self.running)
-        metrics.QUEUE_DEPTH.labels(stage).set_function(
-            lambda: len(self._jobs) + len(self._prefills) + len(self._admitted) + self._waiting
-        )
+        metrics.QUEUE_DEPTH.labels(stage).set_function(self.queue_depth)
+        METER.add_queue(self.queue_depth)
         metrics.KV_BYTES.labels(stage).set_function(self._kv_bytes)
         self._batch_sizes = metrics.BATCH_SIZE.labels(stage)  # looked up once: per-step metrics
         self._decoded = metrics.TOKENS_PROCESSED.labels(stage, "decode")
+
+    def queue_depth(self) -> int:
+        """Work waiting for the model thread: jobs, prefills, requests waiting for a slot."""
+        return len(self._jobs) + len(self._prefills) + len(self._admitted) + self._waiting
 
     @property
     def max_len(self) -> int:
@@ -223,6 +227,7 @@ class ModelExecutor:
             for p in batch:
                 p.loop.call_soon_threadsafe(_settle, p.future, None, error)
             return
+        METER.count("prompt_tokens", sum(len(p.prompt[0]) for p in batch))
         for p, result in zip(batch, results, strict=True):
             p.loop.call_soon_threadsafe(_settle, p.future, result, None)
 
@@ -272,14 +277,18 @@ class ModelExecutor:
                 while self._admitted and len(self._running) + len(fresh) < self.slots:
                     fresh.append(self._admitted.popleft())
             if job is not None:
-                job()
+                with METER.busy("encode"):  # other model work: an inline vision tower
+                    job()
             if prefills:
-                self._run_prefills(prefills)
+                with METER.busy("prefill"):
+                    self._run_prefills(prefills)
             try:
-                if fresh:
-                    self._admit(fresh)
-                if self._running:
-                    self._step()
+                if fresh or self._running:
+                    with METER.busy("decode"):
+                        if fresh:
+                            self._admit(fresh)
+                        if self._running:
+                            self._step()
             except Exception as error:
                 log.exception("decode step failed; failing the batch")
                 for sequence in self._running + fresh:
@@ -331,6 +340,7 @@ class ModelExecutor:
         plain = [s.sampler.takes_argmax() for s in batch]
         picked = argmax.tolist() if any(plain) else []
         self._decoded.inc(len(batch))
+        METER.count("output_tokens", len(batch))
         done: set[Running] = set()
         for row, sequence in enumerate(batch):
             sampler = sequence.sampler

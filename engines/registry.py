@@ -95,11 +95,14 @@ class EngineConfig:
             help="sequences decoded together; more requests wait in a queue",
         )
         group.add_argument(
+            "--mem-fraction-static",
             "--mem-fraction",
+            dest="mem_fraction",
             type=float,
             default=0.9,
             help="fraction of the device's memory this process may hold (weights + KV cache); "
-            "the KV cache gets what is left of it, up to --max-running-requests sequences",
+            "the KV cache gets what is left of it, up to --max-running-requests sequences; on "
+            "CUDA the process's allocations are capped at it, so workers can share a GPU",
         )
         group.add_argument(
             "--kv-cache-tokens",

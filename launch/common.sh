@@ -19,6 +19,9 @@ ENCODE_GPU="${TRIPTYCH_ENCODE_GPU:-}"
 PREFILL_GPU="${TRIPTYCH_PREFILL_GPU:-}"
 DECODE_GPU="${TRIPTYCH_DECODE_GPU:-}"
 GPUS="${TRIPTYCH_GPUS:-}"
+ENCODE_MEM=""
+PREFILL_MEM=""
+DECODE_MEM=""
 WORKER_ARGS=()
 PIDS=()
 NATS_PID=""
@@ -30,13 +33,17 @@ usage() {
 usage: $(basename "$0") [--engine hf|mock|sglang] [--encode-engine hf|mock|sglang]
                         [--model-path P] [--http-port N (0: any)]
                         [--http-host H] [--device D] [--encode-gpu N] [--prefill-gpu N]
-                        [--decode-gpu N] [--gpus N,M,...] [-- extra worker flags...]
+                        [--decode-gpu N] [--gpus N,M,...]
+                        [--encode-mem-fraction-static F] [--prefill-mem-fraction-static F]
+                        [--decode-mem-fraction-static F] [-- extra worker flags...]
 Starts a private nats-server on a free loopback port when NATS_URL is unset.
 --engine runs prefill and decode, --encode-engine the encoding (default: --engine).
 PYTHON=<venv>/bin/python runs every process with that interpreter (.venv-sglang for sglang).
 --encode-gpu/--prefill-gpu/--decode-gpu (or TRIPTYCH_ENCODE_GPU, ...) pin a stage to one GPU
-(its process sees only that GPU, and --device becomes cuda); agg.sh --gpus 0,1 starts one
-independent worker per listed GPU.
+(its process sees only that GPU, and --device becomes cuda); a list starts one worker per
+entry (--encode-gpu 0,0,1: two encoders on GPU 0, one on GPU 1). agg.sh --gpus 0,1 starts one
+independent worker per listed GPU. --STAGE-mem-fraction-static gives that stage's workers
+their share of a GPU they share (python -m triptych.components.planner plan prints a split).
 USAGE
 }
 
@@ -53,6 +60,9 @@ parse_args() {
       --prefill-gpu) PREFILL_GPU="$2"; shift 2 ;;
       --decode-gpu) DECODE_GPU="$2"; shift 2 ;;
       --gpus) GPUS="$2"; shift 2 ;;
+      --encode-mem-fraction-static) ENCODE_MEM="$2"; shift 2 ;;
+      --prefill-mem-fraction-static) PREFILL_MEM="$2"; shift 2 ;;
+      --decode-mem-fraction-static) DECODE_MEM="$2"; shift 2 ;;
       -h|--help) usage; exit 0 ;;
       --) shift; WORKER_ARGS+=("$@"); break ;;
       *) echo "unknown flag: $1" >&2; usage >&2; exit 2 ;;
@@ -161,6 +171,24 @@ start_on() {
   PIDS+=($!)
   echo "${PIDS[*]}" >"$RUN_DIR/pids"
   echo "started $name on GPU $gpu (pid $!)" >&2
+}
+
+# start_each GPU_LIST MEM_FRACTION NAME MODULE FLAGS...: one worker per entry of GPU_LIST
+# (one unpinned worker when it is empty), each with --mem-fraction-static when given.
+start_each() {
+  local list="$1" mem="$2" name="$3" module="$4"; shift 4
+  local budget=()
+  [[ -n "$mem" ]] && budget=(--mem-fraction-static "$mem")
+  if [[ -z "$list" ]]; then
+    start_on "" "$name" "$module" "$@" "${budget[@]}"
+    return
+  fi
+  local gpus gpu index=0
+  IFS=, read -ra gpus <<<"$list"
+  for gpu in "${gpus[@]}"; do
+    start_on "$gpu" "$name-$index" "$module" "$@" "${budget[@]}"
+    index=$((index + 1))
+  done
 }
 
 worker_flags() {

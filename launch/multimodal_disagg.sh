@@ -6,10 +6,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
 start_nats
 read -ra FLAGS <<<"$(worker_flags)"
-start_on "$ENCODE_GPU" encode encode_worker "${FLAGS[@]}" "${WORKER_ARGS[@]}"
-start_on "$PREFILL_GPU" prefill prefill_worker "${FLAGS[@]}" --dedicated-mm-encoder \
-  "${WORKER_ARGS[@]}"
-start_on "$DECODE_GPU" decode decode_worker "${FLAGS[@]}" --disaggregation-mode decode \
+start_each "$ENCODE_GPU" "$ENCODE_MEM" encode encode_worker "${FLAGS[@]}" "${WORKER_ARGS[@]}"
+start_each "$PREFILL_GPU" "$PREFILL_MEM" prefill prefill_worker "${FLAGS[@]}" \
   --dedicated-mm-encoder "${WORKER_ARGS[@]}"
+start_each "$DECODE_GPU" "$DECODE_MEM" decode decode_worker "${FLAGS[@]}" \
+  --disaggregation-mode decode --dedicated-mm-encoder "${WORKER_ARGS[@]}"
 start_frontend E/P/D
 supervise

@@ -12,7 +12,7 @@ Poisson arrivals). For each mix (one 448x448 image; three 1024x1024 images):
 
 Goodput is the highest completed requests/s at a rate whose TTFT p99 stayed within the target.
 
-    python benchmarks/planner.py --out DIR [--gpus 2] [--seconds 6]
+    python benchmarks/planner.py --out DIR [--gpus 2] [--engine mock: a dry run on a CPU]
 """
 
 import argparse
@@ -54,10 +54,26 @@ TEXT = (
     "about them."
 )
 MIXES: dict[str, dict[str, Any]] = {
-    "one_448_image": {"images": 1, "size": 448, "rates": [6, 12, 18, 24, 30, 36, 42, 48]},
-    "three_1024_images": {"images": 3, "size": 1024, "rates": [0.5, 1, 1.5, 2, 2.5, 3, 4]},
+    "one_448_image": {"images": 1, "size": 448, "seconds": 6, "rates": [8, 16, 24, 32, 40, 48]},
+    "three_1024_images": {
+        "images": 3,
+        "size": 1024,
+        "seconds": 10,
+        "rates": [0.25, 0.5, 1, 1.5, 2, 3, 4],
+    },
 }
 TTFT_TARGET_S = 1.0
+MOCK_COSTS = {
+    # --engine mock: a dry run of the whole procedure on a CPU (simulated stage costs)
+    "mock": [
+        "--mock-encode-s-per-image",
+        "0.01",
+        "--mock-prefill-s-per-token",
+        "0.00002",
+        "--mock-decode-s-per-step",
+        "0.005",
+    ]
+}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -68,8 +84,15 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def one_rate(
-    client: httpx.AsyncClient, body: dict[str, Any], rate: float, seconds: float, rng: random.Random
-) -> dict[str, Any]:
+    client: httpx.AsyncClient,
+    body: dict[str, Any],
+    rate: float,
+    seconds: float,
+    rng: random.Random,
+    runtime: Runtime | None,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Poisson arrivals at `rate` for `seconds`; the stages' signals as arrivals end."""
+
     async def timed() -> dict[str, float] | None:
         try:
             streamed = await stream_chat(client, body)
@@ -82,6 +105,10 @@ async def one_rate(
     while time.perf_counter() - started < seconds:
         tasks.append(asyncio.create_task(timed()))
         await asyncio.sleep(rng.expovariate(rate))
+    signals: dict[str, list[dict[str, Any]]] = {}
+    if runtime is not None:
+        read = await read_signals(runtime, ("encode", "prefill", "decode"))
+        signals = {s: [x.model_dump() for x in sig.loads] for s, sig in read.items()}
     done, pending = await asyncio.wait(tasks, timeout=20)
     for task in pending:
         task.cancel()
@@ -99,7 +126,7 @@ async def one_rate(
         "ttft_ms_p50": statistics.median(ttfts) if ttfts else None,
         "ttft_ms_p99": percentile(ttfts, 0.99),
         "itl_ms_mean_p99": percentile(steps, 0.99),
-    }
+    }, signals
 
 
 def within_target(row: dict[str, Any]) -> bool:
@@ -111,31 +138,30 @@ async def sweep(
     url: str,
     model: str,
     mix: dict[str, Any],
-    seconds: float,
     max_tokens: int,
     runtime: Runtime | None,
     deadline: float,
 ) -> dict[str, Any]:
-    """Rising rates until TTFT p99 passes the target (or time runs out); signals sampled at the
-    end of every rate that met it."""
+    """Rising rates until TTFT p99 passes the target (or time runs out), with the stages'
+    signals at the end of the last rate's arrivals (the most load: the best calibration)."""
     body = chat_body(model, [picture(mix["size"])] * mix["images"], TEXT, max_tokens)
     rows: list[dict[str, Any]] = []
     signals: dict[str, list[dict[str, Any]]] = {}
     rng = random.Random(0)
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        await stream_chat(client, {**body, "max_tokens": 4})  # warm-up
+        try:
+            await stream_chat(client, {**body, "max_tokens": 4})  # warm-up
+        except httpx.HTTPStatusError as error:
+            return {"rows": [], "goodput_req_per_s": 0.0, "signals": {}, "error": str(error)}
         for rate in mix["rates"]:
-            if time.monotonic() + seconds + 20 > deadline:
+            if time.monotonic() + mix["seconds"] + 20 > deadline:
                 print("  out of time for this sweep", flush=True)
                 break
-            row = await one_rate(client, body, rate, seconds, rng)
+            row, signals = await one_rate(client, body, rate, mix["seconds"], rng, runtime)
             rows.append(row)
             print(f"  rate {rate}: {json.dumps(row)}", flush=True)
             if not within_target(row):
                 break
-            if runtime is not None:
-                read = await read_signals(runtime, ("encode", "prefill", "decode"))
-                signals = {s: [x.model_dump() for x in sig.loads] for s, sig in read.items()}
     passing = [r["throughput_req_per_s"] for r in rows if within_target(r)]
     return {"rows": rows, "goodput_req_per_s": max(passing, default=0.0), "signals": signals}
 
@@ -155,9 +181,9 @@ def serve_and_sweep(
         [
             *script[1:],
             "--engine",
-            "hf",
+            args.engine,
             "--device",
-            "cuda",
+            "cuda" if args.engine == "hf" else "cpu",
             "--model-path",
             str(checkpoint),
             "--",
@@ -165,6 +191,7 @@ def serve_and_sweep(
             "2048",
             "--max-running-requests",
             str(args.max_running_requests),
+            *MOCK_COSTS.get(args.engine, []),
         ],
         log,
         env=env,
@@ -177,7 +204,7 @@ def serve_and_sweep(
         async with Runtime(config, name="benchmark") as runtime:
             for name, mix in mixes.items():
                 result[name] = await sweep(
-                    url, checkpoint.name, mix, args.seconds, args.max_tokens, runtime, deadline
+                    url, checkpoint.name, mix, args.max_tokens, runtime, deadline
                 )
 
     try:
@@ -203,17 +230,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/triptych-7b-random"))
     parser.add_argument("--gpus", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-running-requests", type=int, default=64)
     parser.add_argument("--budget-s", type=float, default=540, help="stop sweeping after this")
     parser.add_argument("--report", default="planner_h200x2.json")
     parser.add_argument("--mixes", default=",".join(MIXES))
+    parser.add_argument("--engine", choices=("hf", "mock"), default="hf")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
     mixes = {name: MIXES[name] for name in args.mixes.split(",")}
-    checkpoint = build_checkpoint(args.checkpoint, "7b", "cuda")
+    if args.engine == "hf":
+        checkpoint = build_checkpoint(args.checkpoint, "7b", "cuda")
+    else:
+        from triptych.models.tiny import default_model_path
+
+        checkpoint = default_model_path()
     nats = NatsServer()
     nats.start()
     env = {k: v for k, v in os.environ.items() if k != "NATS_TOKEN"}
@@ -221,11 +253,12 @@ def main() -> None:
     gpus = ",".join(str(g) for g in range(args.gpus))
     report: dict[str, Any] = {
         "benchmark": "planner's split vs one EPD worker per GPU: goodput at TTFT p99 <= 1 s",
-        "run": run_info("cuda:0"),
+        "run": run_info("cuda:0" if args.engine == "hf" else "cpu"),
+        "engine": args.engine,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "ttft_p99_target_s": TTFT_TARGET_S,
         "max_tokens": args.max_tokens,
-        "seconds_per_rate": args.seconds,
+        "mix_settings": mixes,
         "max_running_requests": args.max_running_requests,
         "mixes": {},
         "ratios": {},
@@ -272,6 +305,9 @@ def main() -> None:
             command = chosen_plan["launch"].split()
             if command[0] == "launch/agg.sh":
                 result = {**report["mixes"][name]["2xEPD"], "same_as_baseline": True}
+            elif deadline - time.monotonic() < 90:
+                print(f"{name}: no time left to launch the planner's split", flush=True)
+                continue
             else:
                 script = [Path(command[0]).name, *command[1:]]
                 served = serve_and_sweep(

@@ -113,18 +113,19 @@ def calibrate(
     """`costs` scaled to what the instances measured for this profile's traffic.
 
     `loads` maps a stage (encode, prefill, decode, or an aggregated worker's "decode") to its
-    instances' signals. Each kind of work's busy seconds per second, over the items per second
-    it processed, is its cost now; only kinds with traffic in the window are replaced.
+    instances' signals. Encoding's and prefill's busy seconds per second, over the images and
+    prompt tokens per second they processed, are their costs now (kinds without traffic in the
+    window keep theirs). Decode keeps its step model: its busy time per token depends on the
+    batch it ran at, which the signals do not carry.
     """
     busy = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
-    images = prompt = output = 0.0
+    images = prompt = 0.0
     for stage_loads in loads.values():
         for load in stage_loads:
             for kind in busy:
                 busy[kind] += load.busy_by_work.get(kind, 0.0)
             images += load.images_per_s
             prompt += load.prompt_tokens_per_s
-            output += load.output_tokens_per_s
     updated = costs
     if images > 0 and busy["encode"] > 0:
         measured = busy["encode"] / images * profile.images_per_request
@@ -136,19 +137,6 @@ def calibrate(
         )
     if prompt > 0 and busy["prefill"] > 0:
         updated = replace(updated, prefill_s_per_token=busy["prefill"] / prompt)
-    if output > 0 and busy["decode"] > 0:
-        # busy decode time per token at the batch it ran: scale the whole step model
-        requests = output / max(profile.output_tokens, 1)
-        batch = max(1.0, output * busy["decode"] / max(requests, 1e-9) / profile.output_tokens)
-        batch = min(batch, float(costs.max_running))
-        per_token = busy["decode"] / output
-        modelled = costs.step_s(batch, profile) / batch
-        scale = per_token / max(modelled, 1e-12)
-        updated = replace(
-            updated,
-            decode_step_s=costs.decode_step_s * scale,
-            decode_step_s_per_context_token=costs.decode_step_s_per_context_token * scale,
-        )
     return updated
 
 

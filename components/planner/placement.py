@@ -141,8 +141,9 @@ def plan(
             continue  # EPD workers and a disaggregated pipeline are not mixed
         if any(p.memory_fractions(costs) is None for p in packs):
             continue
+        ordered = _ordered(packs)
         candidate = Plan(
-            _ordered(packs), capacity(list(packs), profile, costs, target_utilisation), costs
+            ordered, capacity(list(ordered), profile, costs, target_utilisation), costs
         )
         if not all(b.allows(candidate.counts.get(s, 0)) for s, b in bounds.items()):
             continue

@@ -24,6 +24,8 @@ def limit_device_memory(device: str, fraction: float) -> bool:
     import torch
 
     target = torch.device(device)
+    if target.index is None:  # "cuda": the current device
+        target = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_per_process_memory_fraction(fraction, target)
     total = torch.cuda.get_device_properties(target).total_memory
     log.info(

@@ -310,15 +310,20 @@ def main() -> None:
                 continue
             else:
                 script = [Path(command[0]).name, *command[1:]]
-                served = serve_and_sweep(
-                    script,
-                    checkpoint,
-                    args.out / f"planner_{name}.log",
-                    {name: mix},
-                    args,
-                    env,
-                    deadline,
-                )
+                try:
+                    served = serve_and_sweep(
+                        script,
+                        checkpoint,
+                        args.out / f"planner_{name}.log",
+                        {name: mix},
+                        args,
+                        env,
+                        deadline,
+                    )
+                except RuntimeError as error:  # it did not start: say so, go on
+                    report["mixes"][name]["planner"] = {"error": str(error)[-2000:]}
+                    save()
+                    continue
                 result = {**served[name], "ready_s": served["ready_s"]}
             report["mixes"][name]["planner"] = result
             base = report["mixes"][name]["2xEPD"]["goodput_req_per_s"]

@@ -58,8 +58,8 @@ MIXES: dict[str, dict[str, Any]] = {
     "three_1024_images": {
         "images": 3,
         "size": 1024,
-        "seconds": 10,
-        "rates": [0.25, 0.5, 1, 1.5, 2, 3, 4],
+        "seconds": 8,
+        "rates": [0.5, 1, 1.5, 2, 3, 4],
     },
 }
 TTFT_TARGET_S = 1.0

@@ -157,6 +157,17 @@ def test_calibration_takes_the_measured_costs() -> None:
     assert measured.encode_gpu_s(ONE_448) == pytest.approx(0.05)
     assert measured.prefill_s_per_token == pytest.approx(1e-4)
     assert measured.decode_step_s == costs.decode_step_s  # no decode traffic: unchanged
+    # an aggregated worker's prefills (one at a time between decode steps) say nothing of a
+    # prefill worker's batches; its encoding counts
+    aggregated = StageLoad(
+        busy_fraction=0.9,
+        busy_by_work={"encode": 0.2, "prefill": 0.4, "decode": 0.3},
+        images_per_s=10,
+        prompt_tokens_per_s=4000,
+    )
+    from_epd = calibrate(costs, ONE_448, {"decode": [aggregated]})
+    assert from_epd.encode_gpu_s(ONE_448) == pytest.approx(0.02)
+    assert from_epd.prefill_s_per_token == costs.prefill_s_per_token
 
 
 # -- scaling with hysteresis ---------------------------------------------------------------

@@ -115,16 +115,21 @@ def calibrate(
     `loads` maps a stage (encode, prefill, decode, or an aggregated worker's "decode") to its
     instances' signals. Encoding's and prefill's busy seconds per second, over the images and
     prompt tokens per second they processed, are their costs now (kinds without traffic in the
-    window keep theirs). Decode keeps its step model: its busy time per token depends on the
-    batch it ran at, which the signals do not carry.
+    window keep theirs). Prefill is taken from prefill workers only: an aggregated worker runs
+    its prefills one at a time between decode steps (80 us per token measured on an H200 with
+    the one-image mix), a cost a prefill worker's batches do not pay. Decode keeps its step
+    model: its busy time per token depends on the batch it ran at, which the signals do not
+    carry.
     """
     busy = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
     images = prompt = 0.0
     for stage_loads in loads.values():
         for load in stage_loads:
-            for kind in busy:
-                busy[kind] += load.busy_by_work.get(kind, 0.0)
+            busy["encode"] += load.busy_by_work.get("encode", 0.0)
             images += load.images_per_s
+            if load.busy_by_work.get("decode", 0.0) > 0:
+                continue  # aggregated: its prefills run one at a time between decode steps
+            busy["prefill"] += load.busy_by_work.get("prefill", 0.0)
             prompt += load.prompt_tokens_per_s
     updated = costs
     if images > 0 and busy["encode"] > 0:

@@ -137,7 +137,8 @@ async def gauges(nats_url: str) -> dict[str, list[dict[str, Any]]]:
             answers: list[dict[str, Any]] = []
 
             async def collect(msg: Any, into: list[dict[str, Any]] = answers) -> None:
-                into.append(json.loads(msg.data))
+                if msg.data:  # an empty reply is a "no responders" status, not an instance
+                    into.append(json.loads(msg.data))
 
             sub = await nc.subscribe(inbox, cb=collect)
             await nc.publish(f"$SRV.STATS.{NAMESPACE}-{stage}", b"", reply=inbox)
@@ -231,7 +232,10 @@ def main() -> None:
                     worker.process.terminate()
             for worker in workers:
                 if worker.process is not None:
-                    worker.process.wait(60)
+                    try:
+                        worker.process.wait(60)
+                    except subprocess.TimeoutExpired:
+                        worker.kill()
     latency = sorted(tally.latency)
     report = {
         "benchmark": f"chaos: E/P/D, 2 instances per stage, {args.engine} engine (tiny "

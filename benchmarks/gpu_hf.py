@@ -8,13 +8,18 @@ with ``ignore_eos``, greedy.
    a left-padded batch of the 8. Time to first token comes from a streamer; the 8 requests all
    arrive at the start, so one-at-a-time TTFT includes the wait behind earlier requests.
 2. triptych, each topology started with its launch script, all stages on the one GPU: EPD
-   (``agg.sh``) and E/P/D (``multimodal_disagg.sh``), loaded at concurrency 1, 8 and 32 through
-   the OpenAI API with streaming.
+   (``agg.sh``) and E/P/D (``multimodal_disagg.sh``), loaded at concurrency 1, 8, 32 and 64
+   through the OpenAI API with streaming, then at concurrency 32 again with the sampling most
+   clients use (temperature 0.8, top-p 0.9, top-k 50): level ``32-sampled``.
 
 Writes ``gpu_hf_<shape>.json`` and ``gpu_hf_<shape>.png`` into ``--out`` and prints the ratios the
 speed targets are stated in: output tokens/s at concurrency 8 against the better baseline, mean
 TTFT at concurrency 8 against one at a time, decode step time at concurrency 1 against the
-weight-bandwidth bound, E/P/D TTFT over EPD at concurrency 1, and transfer bandwidths.
+weight-bandwidth bound, E/P/D TTFT over EPD at concurrency 1, tokens/s at concurrency 64 against
+64 sequences at the bound step, the decode step at concurrency 64 against the bound step, sampled
+over greedy at concurrency 32, and transfer bandwidths. The bound step at concurrency ``c`` reads
+the language model's weights once and ``c`` sequences' KV caches (at their mean length) at the
+copy bandwidth measured in the run.
 
     python benchmarks/gpu_hf.py [--shape 7b|tiny] [--device cuda] [--out DIR]
 """
@@ -44,6 +49,11 @@ TEXT = (
     "Describe this picture in detail: its colours, shapes, textures and light, and what it shows."
 )
 TOPOLOGIES = {"EPD": "agg.sh", "E/P/D": "multimodal_disagg.sh"}
+SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 50}
+"""The sampled level's options."""
+REQUESTS = {1: 8, 8: 32, 32: 64, 64: 128}
+"""Requests per concurrency level (others: four times the level, at most 128)."""
+KV_BYTES_PER_TOKEN = {"7b": 28 * 2 * 4 * 128 * 2, "tiny": 2 * 2 * 2 * 16 * 2}
 
 
 def weight_bytes(checkpoint: Path) -> int:
@@ -183,21 +193,28 @@ async def gated(gate: asyncio.Semaphore, work: Any) -> Any:
         return await work
 
 
-async def sweep(
-    url: str, model: str, levels: list[int], max_tokens: int, per_level: dict[int, int]
-) -> dict[str, Any]:
-    body = chat_body(model, [picture(448)], TEXT, max_tokens)
+def requests_at(level: int) -> int:
+    return REQUESTS.get(level, min(4 * level, 128))
+
+
+async def sweep(url: str, model: str, levels: list[str], max_tokens: int) -> dict[str, Any]:
+    """Each level (``"8"``, or ``"32-sampled"`` for the sampled options) in turn."""
+    greedy = chat_body(model, [picture(448)], TEXT, max_tokens)
+    sampled = {**greedy, **SAMPLED}
     out: dict[str, Any] = {}
-    limits = httpx.Limits(max_connections=max(levels) + 4)
+    widest = max(int(level.split("-")[0]) for level in levels)
+    limits = httpx.Limits(max_connections=widest + 4)
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
-        await asyncio.gather(*(timed(client, body) for _ in range(max(levels))))  # warm-up
+        await asyncio.gather(*(timed(client, greedy) for _ in range(widest)))  # warm-up
         for level in levels:
-            gate = asyncio.Semaphore(level)
+            concurrency = int(level.split("-")[0])
+            body = sampled if level.endswith("-sampled") else greedy
+            gate = asyncio.Semaphore(concurrency)
             records = await asyncio.gather(
-                *(gated(gate, timed(client, body)) for _ in range(per_level[level]))
+                *(gated(gate, timed(client, body)) for _ in range(requests_at(concurrency)))
             )
             span = max(r["end"] for r in records) - min(r["start"] for r in records)
-            out[str(level)] = {
+            out[level] = {
                 "requests": len(records),
                 "output_tokens_per_s": sum(r["tokens"] for r in records) / span,
                 "ttft_ms_mean": statistics.mean(r["ttft_ms"] for r in records),
@@ -207,7 +224,7 @@ async def sweep(
                 "prompt_tokens": records[0]["prompt_tokens"],
                 "tokens_per_request": statistics.mean(r["tokens"] for r in records),
             }
-            print(f"  c={level}: {json.dumps(out[str(level)])}", flush=True)
+            print(f"  c={level}: {json.dumps(out[level])}", flush=True)
     return out
 
 
@@ -223,21 +240,13 @@ def run_topology(
     launcher, url = launch(TOPOLOGIES[name], flags, log_path, timeout=600)
     ready_s = time.perf_counter() - began
     print(f"{name} ready in {ready_s:.0f} s", flush=True)
-    per_level = {level: 8 if level == 1 else min(4 * level, 64) for level in args.concurrency}
+    levels = [str(c) for c in args.concurrency] + [f"{c}-sampled" for c in args.sampled]
     try:
-        levels = asyncio.run(
-            sweep(
-                url,
-                checkpoint.name,
-                args.concurrency,
-                args.max_tokens,
-                per_level,
-            )
-        )
+        found = asyncio.run(sweep(url, checkpoint.name, levels, args.max_tokens))
     finally:
         stop(launcher)
     log = log_path.read_text()
-    return {"ready_s": ready_s, "levels": levels}, log
+    return {"ready_s": ready_s, "levels": found}, log
 
 
 def bandwidth(items: list[dict[str, float]]) -> dict[str, float] | None:
@@ -248,39 +257,45 @@ def bandwidth(items: list[dict[str, float]]) -> dict[str, float] | None:
     return {"bytes": size, "ms_median": ms, "bytes_per_s": size / (ms / 1e3)}
 
 
-def chart(summary: dict[str, Any], path: Path) -> None:
+def chart(summary: dict[str, Any], path: Path, before: dict[str, Any] | None = None) -> None:
+    """Tokens/s and TTFT per concurrency level; `before` (an earlier run's summary) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (speed, first) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, result in summary["triptych"].items():
-        levels = sorted(int(c) for c in result["levels"])
-        speed.plot(
-            levels,
-            [result["levels"][str(c)]["output_tokens_per_s"] for c in levels],
-            "o-",
-            label=f"triptych {name}",
-        )
-        first.plot(
-            levels,
-            [result["levels"][str(c)]["ttft_ms_mean"] for c in levels],
-            "o-",
-            label=f"triptych {name}",
-        )
+    colors = {"EPD": "tab:orange", "E/P/D": "tab:red"}
+    runs = [(summary, "-", "")] + ([(before, "--", " before")] if before else [])
+    for run, style, suffix in runs:
+        for name, result in run["triptych"].items():
+            color = colors.get(name)
+            levels = sorted(int(c) for c in result["levels"] if c.isdigit())
+            label = f"triptych {name}{suffix}"
+            for axis, key in ((speed, "output_tokens_per_s"), (first, "ttft_ms_mean")):
+                values = [result["levels"][str(c)][key] for c in levels]
+                axis.plot(levels, values, "o" + style, color=color, label=label)
+            sampled = [c for c in result["levels"] if c.endswith("-sampled")]
+            speed.plot(
+                [int(c.split("-")[0]) for c in sampled],
+                [result["levels"][c]["output_tokens_per_s"] for c in sampled],
+                "x",
+                color=color,
+                markersize=10,
+                label=f"{label}, sampled (T 0.8, top-p 0.9, top-k 50)",
+            )
     base = summary.get("baselines")
     if base:
         n = base["one_at_a_time"]["requests"]
-        for key, label, marker in (
-            ("one_at_a_time", "generate(), one at a time", "s"),
-            ("padded_batch", f"generate(), padded batch of {n}", "^"),
+        for key, label, marker, color in (
+            ("one_at_a_time", "generate(), one at a time", "s", "tab:blue"),
+            ("padded_batch", f"generate(), padded batch of {n}", "^", "tab:green"),
         ):
-            speed.plot([n], [base[key]["output_tokens_per_s"]], marker, markersize=9, label=label)
-            first.plot([n], [base[key]["ttft_ms_mean"]], marker, markersize=9, label=label)
+            for axis, metric in ((speed, "output_tokens_per_s"), (first, "ttft_ms_mean")):
+                axis.plot([n], [base[key][metric]], marker, color=color, markersize=9, label=label)
     for axis, title in ((speed, "output tokens/s"), (first, "mean time to first token (ms)")):
         axis.set_xscale("log", base=2)
-        axis.set_xticks([1, 8, 32], ["1", "8", "32"])
+        axis.set_xticks([1, 8, 32, 64], ["1", "8", "32", "64"])
         axis.set_xlabel("concurrent requests")
         axis.set_title(title)
         axis.grid(alpha=0.3)
@@ -293,6 +308,15 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def bound_step_ms(summary: dict[str, Any], level: dict[str, Any], concurrency: int) -> float:
+    """The memory-bound decode step at `concurrency`: the weights, and every sequence's KV cache
+    at its mean length, read once at the measured copy bandwidth."""
+    mean_length = level["prompt_tokens"] + level["tokens_per_request"] / 2
+    kv = concurrency * mean_length * summary["kv_bytes_per_token"]
+    weights = summary["weight_bound_step_ms"] / 1e3 * summary["device_copy_bytes_per_s"]
+    return 1e3 * (weights + kv) / summary["device_copy_bytes_per_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -301,7 +325,14 @@ def main() -> None:
     parser.add_argument("--shape", choices=("7b", "tiny"), default="7b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/triptych-7b-random"))
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument(
+        "--sampled",
+        type=int,
+        nargs="*",
+        default=[32],
+        help="concurrency levels run again with temperature 0.8, top-p 0.9, top-k 50",
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--baseline-requests", type=int, default=8)
     parser.add_argument("--skip-baselines", action="store_true")
@@ -310,10 +341,21 @@ def main() -> None:
     parser.add_argument(
         "--topologies", nargs="+", choices=tuple(TOPOLOGIES), default=list(TOPOLOGIES)
     )
+    parser.add_argument(
+        "--replot", type=Path, help="only redraw the chart of this result file (no GPU needed)"
+    )
+    parser.add_argument("--before", type=Path, help="an earlier result file, drawn dashed")
     args = parser.parse_args()
+    before = json.loads(args.before.read_text()) if args.before else None
+    if args.replot:
+        chart(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"), before)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    checkpoint = build_checkpoint(args.checkpoint, args.shape, args.device)
+    built = (args.checkpoint / "config.json").exists()  # by an earlier benchmark of this run
+    checkpoint = (
+        args.checkpoint if built else build_checkpoint(args.checkpoint, args.shape, args.device)
+    )
     print(f"checkpoint built in {time.perf_counter() - began:.0f} s", flush=True)
     copy = copy_bandwidth(args.device)
     weights = weight_bytes(checkpoint)
@@ -325,6 +367,7 @@ def main() -> None:
         **run_info(args.device),
         "device_copy_bytes_per_s": copy,
         "language_model_weight_bytes": weights,
+        "kv_bytes_per_token": KV_BYTES_PER_TOKEN[args.shape],
         "weight_bound_step_ms": 1e3 * weights / copy if copy else None,
     }
     if not args.skip_baselines:
@@ -343,7 +386,7 @@ def main() -> None:
             summary["transfers"] = {kind: bandwidth(items) for kind, items in found.items()}
     summary["ratios"] = ratios(summary)
     result.write_text(json.dumps(summary, indent=2) + "\n")
-    chart(summary, result.with_suffix(".png"))
+    chart(summary, result.with_suffix(".png"), before)
     print(json.dumps(summary["ratios"], indent=1))
     print(json.dumps(summary["transfers"], indent=1))
 
@@ -366,8 +409,20 @@ def ratios(summary: dict[str, Any]) -> dict[str, float | None]:
             )
         if summary.get("weight_bound_step_ms") and "1" in levels:
             out[f"{name} c1 decode: bound / step"] = (
-                summary["weight_bound_step_ms"] / levels["1"]["step_ms_median"]
+                bound_step_ms(summary, levels["1"], 1) / levels["1"]["step_ms_median"]
             )
+        if summary.get("weight_bound_step_ms") and "64" in levels:
+            bound = bound_step_ms(summary, levels["64"], 64)
+            out[f"{name} c64 tokens/s / (64 / bound step)"] = levels["64"][
+                "output_tokens_per_s"
+            ] / (64 / (bound / 1e3))
+            out[f"{name} c64 decode step / bound step"] = levels["64"]["step_ms_median"] / bound
+        for level in [c for c in levels if c.endswith("-sampled")]:
+            greedy = level.split("-")[0]
+            if greedy in levels:
+                out[f"{name} c{greedy} sampled / greedy tokens/s"] = (
+                    levels[level]["output_tokens_per_s"] / levels[greedy]["output_tokens_per_s"]
+                )
     if "EPD" in runs and "E/P/D" in runs and "1" in runs["EPD"]["levels"]:
         epd = runs["EPD"]["levels"]["1"]["ttft_ms_mean"]
         out["E/P/D c1 TTFT / EPD c1 TTFT"] = runs["E/P/D"]["levels"]["1"]["ttft_ms_mean"] / epd

@@ -194,8 +194,7 @@ def run_worker(
         check_available(config.engine, component, encodes_inline)
     except EngineUnavailable as reason:
         sys.exit(f"triptych {component} worker refuses to start: {reason}")
-    if "hf" in (config.engine.name, config.engine.encode_name or config.engine.name):
-        limit_device_memory(config.engine.device, config.engine.mem_fraction)
+    limit_device_memory(config.engine)
 
     async def main(stop: asyncio.Event) -> int:
         agent = None
@@ -235,6 +234,9 @@ def run_worker(
                 metrics.POOL_IN_USE.set_function(lambda: agent.pool_in_use)
             engines = await setup(runtime, service, transport)
             try:
+                if stop.is_set():  # stopped while the engines loaded: never join routing
+                    log.info("%s: stopped before it served", component)
+                    return 0
                 await service.start()
                 if config.port_file:
                     write_port_file(config.port_file, _bound_ports(status.port, engines))

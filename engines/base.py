@@ -10,7 +10,8 @@ Lifecycle, common to all roles:
 2. Per request, the worker calls the role's method (``encode``, ``prefill`` or ``generate``);
    calls for different requests run concurrently and the engine batches them as it sees fit.
    Decode and aggregated workers first enter ``engine.admit(request)``, which waits for
-   capacity (a KV slot) so that a request that does not fit yet queues instead of failing.
+   capacity (KV blocks for the prompt) so that a request that does not fit yet queues instead
+   of failing.
 3. Cancellation is abort: the worker cancels the task awaiting ``encode``/``prefill`` or stops
    iterating ``generate``; the engine frees everything the request held (KV blocks, buffers,
    rooms) in its ``finally`` blocks, and never leaves work running for it.
@@ -25,7 +26,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from triptych.protocol import BootstrapInfo, GenerateRequest, ImageItem, TokenChunk
+from triptych.protocol import BootstrapInfo, GenerateRequest, ImageItem, TokenChunk, VideoItem
 from triptych.transfer.embeddings import ImageEmbeddings
 
 Runner = Callable[[Callable[[], Any]], Awaitable[Any]]
@@ -51,8 +52,12 @@ class EncodeEngine(Engine, abc.ABC):
     """Runs the vision tower (only the vision tower: no language-model weights)."""
 
     @abc.abstractmethod
-    async def encode(self, request_id: str, images: Sequence[ImageItem]) -> ImageEmbeddings:
-        """Embed the images (each carries its encoded bytes in `data`)."""
+    async def encode(
+        self, request_id: str, images: Sequence[ImageItem], videos: Sequence[VideoItem] = ()
+    ) -> ImageEmbeddings:
+        """Embed the images and videos (each carries its encoded bytes in `data`); rows come
+        back in prompt order (by `offset`). An engine that reads no videos refuses them with
+        a 400."""
 
 
 class PrefillEngine(Engine, abc.ABC):
@@ -91,7 +96,8 @@ class GeneratingEngine(Engine):
     """What the decode and aggregated roles share: admission."""
 
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
-        """Hold what one request needs to run (a KV slot), waiting while none is free.
+        """Hold what one request needs to run (KV blocks for its prompt), waiting while they
+        are not free.
 
         The worker enters it before any work for the request starts (prefill, encoding) and
         leaves it once the request is done. Raises a 4xx `ServiceError` for a request that can

@@ -75,6 +75,16 @@ class LoadMeter:
                 self._busy.append((opened[0], ended, opened[1]))
                 self._trim(ended)
 
+    def record(self, kind: str, seconds: float) -> None:
+        """Add `seconds` of `kind` work that ended just now, timed elsewhere (a device's events
+        read back after the work finished)."""
+        if seconds <= 0:
+            return
+        ended = self._clock()
+        with self._lock:
+            self._busy.append((ended - seconds, ended, kind))
+            self._trim(ended)
+
     def count(self, unit: str, n: int = 1) -> None:
         """Record `n` items of `unit` processed (images, prompt_tokens, output_tokens,
         requests)."""

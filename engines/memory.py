@@ -9,14 +9,20 @@ instead of starving its neighbours.
 
 import logging
 
+from triptych.engines.registry import EngineConfig
+
 log = logging.getLogger(__name__)
 
 
-def limit_device_memory(device: str, fraction: float) -> bool:
-    """Cap this process's CUDA allocations on `device` at `fraction` of its memory.
+def limit_device_memory(config: EngineConfig) -> bool:
+    """Cap this process's CUDA allocations on `config.device` at `config.mem_fraction_static`
+    of its memory, where an ``hf`` engine runs in it (SGLang keeps to its own budget).
 
     Returns whether a cap was set (only on CUDA devices; CPU memory is not capped).
     """
+    device, fraction = config.device, config.mem_fraction_static
+    if "hf" not in (config.name, config.encode_name or config.name):
+        return False
     if not device.startswith("cuda"):
         return False
     if not 0.0 < fraction <= 1.0:

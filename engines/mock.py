@@ -31,6 +31,7 @@ from triptych.protocol import (
     RoomReady,
     ServiceError,
     TokenChunk,
+    VideoItem,
 )
 from triptych.transfer import BootstrapClient, ImageEmbeddings
 
@@ -163,17 +164,21 @@ class _Generator:
 
 
 class MockEncodeEngine(EncodeEngine):
-    """Encode: as many (zero) embedding rows as the images' token counts, after a delay."""
+    """Encode: as many (zero) embedding rows as the images' and videos' token counts, after
+    a delay (a video costs one image per temporal patch)."""
 
     def __init__(self, config: MockConfig) -> None:
         self.config = config
         self._model = _ModelThread()
 
-    async def encode(self, request_id: str, images: Sequence[ImageItem]) -> ImageEmbeddings:
-        await self._model.run("encode", self.config.encode_s_per_image * len(images))
-        METER.count("images", len(images))
+    async def encode(
+        self, request_id: str, images: Sequence[ImageItem], videos: Sequence[VideoItem] = ()
+    ) -> ImageEmbeddings:
+        pictures = len(images) + sum(video.grid_thw[0] for video in videos)
+        await self._model.run("encode", self.config.encode_s_per_image * pictures)
+        METER.count("images", pictures)
         return ImageEmbeddings(
-            num_tokens=sum(image.num_tokens for image in images),
+            num_tokens=sum(i.num_tokens for i in images) + sum(v.num_tokens for v in videos),
             hidden_size=self.config.hidden_size,
         )
 
@@ -280,7 +285,7 @@ class MockAggregatedEngine(AggregatedEngine):
 
 
 def _check_embeddings(request: GenerateRequest, embeddings: ImageEmbeddings | None) -> None:
-    expected = sum(image.num_tokens for image in request.images)
+    expected = request.media_tokens
     rows = embeddings.num_tokens if embeddings is not None else 0
     if rows != expected:
         raise ServiceError(

@@ -23,7 +23,7 @@ from triptych.protocol import ErrorCode, ServiceError
 from triptych.transfer import TransferAgent
 
 if TYPE_CHECKING:
-    from triptych.engines.hf.executor import Decoding
+    from triptych.engines.hf.config import HfConfig
 
 ENGINES = ("hf", "mock", "sglang")
 DEFAULT_ENGINE = "hf"
@@ -51,19 +51,23 @@ class EngineConfig:
     address (a pod binds 0.0.0.0 and advertises its IP; the worker resolves it)."""
     max_model_len: int = 0
     """Tokens one sequence may hold, prompt included; 0 means the model's context length,
-    capped at 8192 (--max-model-len)."""
-    max_running_requests: int = 32
-    """Sequences a decode batch runs at once (--max-running-requests)."""
-    mem_fraction: float = 0.9
+    capped at 8192 (--max-model-len, alias --context-length)."""
+    max_running_requests: int = 128
+    """Sequences admitted at once; decode batches are no larger (--max-running-requests)."""
+    mem_fraction_static: float = 0.9
     """Fraction of the device's memory a decoding process may hold, weights and KV cache
-    together (--mem-fraction)."""
+    together (--mem-fraction-static, alias --mem-fraction)."""
     kv_cache_tokens: int | None = None
-    """The KV cache's size in tokens, instead of sizing it from --mem-fraction."""
+    """The KV cache's size in tokens, instead of sizing it from --mem-fraction-static."""
+    page_size: int = 16
+    """Token positions per KV cache block (--page-size)."""
+    chunked_prefill_size: int = 2048
+    """Prompt positions one prefill step runs at most (--chunked-prefill-size)."""
     cuda_graphs: bool = True
     """Capture decode steps as CUDA graphs (--disable-cuda-graph turns it off)."""
-    max_prefill_batch: int | None = None
-    """Prompts queued together that share one prefill forward on CUDA (--max-prefill-batch);
-    None: 8 on a prefill worker, 1 on an aggregated one (there every prefill stalls decode)."""
+    max_prefill_batch: int = 8
+    """Whole prompts queued together that share one prefill step on CUDA
+    (--max-prefill-batch); their padded length counts against --chunked-prefill-size."""
     mock: MockConfig = field(default_factory=MockConfig)
     """Simulated costs of the mock engine."""
 
@@ -83,6 +87,8 @@ class EngineConfig:
         group.add_argument("--disaggregation-bootstrap-port", type=int, default=0)
         group.add_argument(
             "--max-model-len",
+            "--context-length",
+            dest="max_model_len",
             type=int,
             default=0,
             help="tokens one sequence may hold, prompt included (default: the model's context "
@@ -91,24 +97,39 @@ class EngineConfig:
         group.add_argument(
             "--max-running-requests",
             type=int,
-            default=32,
-            help="sequences decoded together; more requests wait in a queue",
+            default=128,
+            help="sequences admitted at once (decode batches are no larger); more requests "
+            "wait in a queue",
         )
         group.add_argument(
             "--mem-fraction-static",
             "--mem-fraction",
-            dest="mem_fraction",
+            dest="mem_fraction_static",
             type=float,
             default=0.9,
             help="fraction of the device's memory this process may hold (weights + KV cache); "
-            "the KV cache gets what is left of it, up to --max-running-requests sequences; on "
-            "CUDA the process's allocations are capped at it, so workers can share a GPU",
+            "the KV cache gets what is left of it, at most what --max-running-requests "
+            "sequences of --max-model-len tokens fill; on CUDA the process's allocations are "
+            "capped at it, so workers can share a GPU",
         )
         group.add_argument(
             "--kv-cache-tokens",
             type=int,
             default=None,
-            help="size the KV cache in tokens instead of from --mem-fraction",
+            help="size the KV cache in tokens instead of from --mem-fraction-static",
+        )
+        group.add_argument(
+            "--page-size",
+            type=int,
+            default=16,
+            help="token positions per KV cache block",
+        )
+        group.add_argument(
+            "--chunked-prefill-size",
+            type=int,
+            default=2048,
+            help="prompt positions one prefill step runs at most: a longer prompt is "
+            "prefilled in chunks, with decode steps in between",
         )
         group.add_argument(
             "--disable-cuda-graph",
@@ -118,9 +139,10 @@ class EngineConfig:
         group.add_argument(
             "--max-prefill-batch",
             type=int,
-            default=None,
-            help="prompts queued together that share one prefill forward on CUDA (default 8 on "
-            "a prefill worker, 1 on an aggregated one; CPU always prefills one at a time)",
+            default=8,
+            help="whole prompts queued together that share one prefill step on CUDA (their "
+            "padded length counts against --chunked-prefill-size; the CPU prefills one at a "
+            "time)",
         )
         group.add_argument("--mock-encode-s-per-image", type=float, default=0.0)
         group.add_argument("--mock-prefill-s-per-token", type=float, default=0.0)
@@ -146,8 +168,10 @@ class EngineConfig:
             advertise_host=advertise_host,
             max_model_len=args.max_model_len,
             max_running_requests=args.max_running_requests,
-            mem_fraction=args.mem_fraction,
+            mem_fraction_static=args.mem_fraction_static,
             kv_cache_tokens=args.kv_cache_tokens,
+            page_size=args.page_size,
+            chunked_prefill_size=args.chunked_prefill_size,
             cuda_graphs=not args.disable_cuda_graph,
             max_prefill_batch=args.max_prefill_batch,
             mock=MockConfig(
@@ -197,17 +221,19 @@ def check_available(config: EngineConfig, role: str, encodes_inline: bool = Fals
         require_sglang()
 
 
-def _decoding(config: EngineConfig) -> "Decoding":
-    from triptych.engines.hf.executor import Decoding
-    from triptych.engines.hf.kv_cache import KVBudget
+def _hf(config: EngineConfig) -> "HfConfig":
+    from triptych.engines.hf.config import HfConfig
 
-    budget = KVBudget(
+    return HfConfig(
         max_len=config.max_model_len,
         max_running=config.max_running_requests,
-        mem_fraction=config.mem_fraction,
+        mem_fraction_static=config.mem_fraction_static,
         kv_tokens=config.kv_cache_tokens,
+        page_size=config.page_size,
+        chunked_prefill_size=config.chunked_prefill_size,
+        prefill_batch=config.max_prefill_batch,
+        cuda_graphs=config.cuda_graphs,
     )
-    return Decoding(budget, config.cuda_graphs)
 
 
 def _unavailable(config: EngineConfig, role: str) -> ServiceError:
@@ -246,7 +272,7 @@ def prefill_engine(config: EngineConfig, agent: TransferAgent | None) -> Prefill
             config.bootstrap_host,
             config.bootstrap_port,
             advertise_host=config.advertise_host,
-            prefill_batch=config.max_prefill_batch or 8,
+            config=_hf(config),
         )
     if config.name == "sglang":
         from triptych.engines.sglang.disaggregated import SglangPrefillEngine
@@ -262,7 +288,7 @@ def decode_engine(config: EngineConfig, agent: TransferAgent | None) -> DecodeEn
     if config.name == "hf" and agent is not None:
         from triptych.engines.hf.disaggregated import HfDecodeEngine
 
-        return HfDecodeEngine(config.model_path, agent, config.device, _decoding(config))
+        return HfDecodeEngine(config.model_path, agent, config.device, _hf(config))
     if config.name == "sglang":
         from triptych.engines.sglang.disaggregated import SglangDecodeEngine
 
@@ -277,9 +303,7 @@ def aggregated_engine(config: EngineConfig) -> AggregatedEngine:
     if config.name == "hf":
         from triptych.engines.hf.aggregated import HfAggregatedEngine
 
-        return HfAggregatedEngine(
-            config.model_path, config.device, _decoding(config), config.max_prefill_batch or 1
-        )
+        return HfAggregatedEngine(config.model_path, config.device, _hf(config))
     if config.name == "sglang":
         from triptych.engines.sglang.aggregated import SglangAggregatedEngine
 

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from triptych.models.base import ImageLayout, ModelAdapter
+from triptych.models.base import ImageLayout, ModelAdapter, VideoLayout
 from triptych.models.qwen2_vl import QwenVLAdapter
 
 ADAPTERS: dict[str, type[QwenVLAdapter]] = {
@@ -21,7 +21,16 @@ def load_adapter(model_path: str | Path) -> ModelAdapter | None:
         return None
     preprocessor_file = root / "preprocessor_config.json"
     preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.exists() else {}
-    return adapter(config, preprocessor)
+    video_file = root / "video_preprocessor_config.json"
+    video = json.loads(video_file.read_text()) if video_file.exists() else None
+    return adapter(config, preprocessor, video)
 
 
-__all__ = ["ADAPTERS", "ImageLayout", "ModelAdapter", "QwenVLAdapter", "load_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "ImageLayout",
+    "ModelAdapter",
+    "QwenVLAdapter",
+    "VideoLayout",
+    "load_adapter",
+]

@@ -41,6 +41,19 @@ IMAGE_TOKENS = Histogram(
     "Image placeholder tokens per request",
     buckets=TOKENS,
 )
+VIDEOS = Histogram("triptych_frontend_videos_per_request", "Videos per request", buckets=COUNTS)
+VIDEO_FRAMES = Counter(
+    "triptych_frontend_video_frames_total", "Video frames sampled for the vision tower"
+)
+VIDEO_TOKENS = Histogram(
+    "triptych_frontend_video_tokens_per_request",
+    "Video placeholder tokens per request with videos",
+    buckets=TOKENS,
+)
+VIDEOS_REJECTED = Counter(
+    "triptych_frontend_videos_rejected_total",
+    "Videos refused with a 400: unreachable, unreadable or over a limit",
+)
 DISCONNECTS = Counter(
     "triptych_frontend_client_disconnects_total", "Requests whose client went away before the end"
 )
@@ -71,11 +84,15 @@ ENCODE_DURATION = Histogram(
     "triptych_encode_duration_seconds", "Vision tower time per batch", buckets=LATENCY
 )
 ENCODE_BATCH = Histogram(
-    "triptych_encode_batch_size", "Images per vision-tower batch", buckets=COUNTS
+    "triptych_encode_batch_size", "Images and videos per vision-tower batch", buckets=COUNTS
 )
 IMAGES_ENCODED = Counter("triptych_encode_images_total", "Images encoded")
+VIDEOS_ENCODED = Counter("triptych_encode_videos_total", "Videos encoded")
+VIDEO_FRAMES_ENCODED = Counter(
+    "triptych_encode_video_frames_total", "Video frames through the vision tower"
+)
 
-# transfers (kind: embedding | kv; outcome: ok | error)
+# transfers (kind: embedding | kv | image | video; outcome: ok | error)
 TRANSFER_BYTES = Counter(
     "triptych_transfer_bytes_total", "Bytes read over NIXL", ["kind", "outcome"]
 )
@@ -95,5 +112,8 @@ BATCH_SIZE = Histogram(
 KV_BYTES = Gauge("triptych_engine_kv_cache_bytes", "KV cache memory held", ["stage"])
 KV_CAPACITY = Gauge(
     "triptych_engine_kv_cache_capacity_bytes", "KV cache memory allocated", ["stage"]
+)
+KV_CAPACITY_TOKENS = Gauge(
+    "triptych_engine_kv_cache_capacity_tokens", "Token positions the KV cache holds", ["stage"]
 )
 TOKENS_PROCESSED = Counter("triptych_engine_tokens_total", "Tokens processed", ["stage", "phase"])

@@ -11,6 +11,7 @@ from triptych.protocol.messages import (
     GenerateRequest,
     ImageItem,
     KVHandle,
+    MediaItem,
     RoomDone,
     RoomFailed,
     RoomJoin,
@@ -18,6 +19,7 @@ from triptych.protocol.messages import (
     RoomReady,
     TensorHandle,
     TokenChunk,
+    VideoItem,
 )
 from triptych.protocol.openai import (
     ChatCompletionChunk,
@@ -30,6 +32,7 @@ from triptych.protocol.openai import (
     ModelList,
     TextPart,
     Usage,
+    VideoPart,
 )
 from triptych.protocol.sampling import FinishReason, SamplingOptions
 
@@ -48,6 +51,7 @@ __all__ = [
     "ImageItem",
     "ImagePart",
     "KVHandle",
+    "MediaItem",
     "ModelCard",
     "ModelList",
     "RoomDone",
@@ -61,4 +65,6 @@ __all__ = [
     "TextPart",
     "TokenChunk",
     "Usage",
+    "VideoItem",
+    "VideoPart",
 ]

@@ -42,7 +42,8 @@ class TensorHandle(BaseModel):
 
 
 EmbeddingHandle = TensorHandle
-"""A request's image embeddings, rows in prompt order: shape (num_tokens, hidden_size)."""
+"""A request's image and video embeddings, rows in prompt order: shape (num_tokens,
+hidden_size)."""
 
 
 class ImageItem(BaseModel):
@@ -69,6 +70,41 @@ class ImageItem(BaseModel):
     consumed."""
 
 
+class VideoItem(BaseModel):
+    """One video of a request, as it travels down the pipeline.
+
+    The encoder decodes the same bytes the frontend checked and keeps the same frames.
+    """
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    width: int = Field(ge=1)
+    """Original frame width in pixels."""
+    height: int = Field(ge=1)
+    """Original frame height in pixels."""
+    frame_indices: list[int] = Field(min_length=1)
+    """Which decoded frames (0-based, ascending) the vision tower sees, as the checkpoint's
+    processor samples them (fps, min/max frames, a multiple of the temporal patch size)."""
+    second_per_grid_t: float = Field(gt=0)
+    """Seconds of video one temporal patch spans (Qwen2.5-VL's M-RoPE time axis)."""
+    grid_thw: tuple[int, int, int]
+    """Patch grid (temporal, height, width) after resizing, as the vision tower sees it."""
+    num_tokens: int = Field(ge=1)
+    """Number of placeholder tokens this video occupies in `token_ids`."""
+    offset: int = Field(ge=0)
+    """Index in `token_ids` of the video's first placeholder token."""
+    data: bytes | None = None
+    """The validated encoded video (MP4, WebM, ...) until an encoder has consumed it, when
+    small enough to ride inside the message."""
+    data_handle: TensorHandle | None = None
+    """Where the frontend keeps the encoded video (a uint8 tensor) for a NIXL READ, when it is
+    too large to ride inside a control-plane message."""
+
+
+MediaItem = ImageItem | VideoItem
+"""An image or a video: what an encoder embeds."""
+
+
 class GenerateRequest(BaseModel):
     """A tokenized request: frontend → encode → decode (→ prefill).
 
@@ -81,15 +117,29 @@ class GenerateRequest(BaseModel):
     model: str
     """Served model name."""
     token_ids: list[int] = Field(min_length=1)
-    """Prompt token ids, image placeholders already expanded to each image's `num_tokens`."""
+    """Prompt token ids, image and video placeholders already expanded to each item's
+    `num_tokens`."""
     images: list[ImageItem] = []
     """Images in prompt order."""
+    videos: list[VideoItem] = []
+    """Videos in prompt order."""
     embeddings: EmbeddingHandle | None = None
-    """Where the encoder left the embeddings of all images (rows in prompt order), once
-    encoded; None while images still carry their bytes, and for text-only requests."""
+    """Where the encoder left the embeddings of all images and videos (rows in prompt order),
+    once encoded; None while they still carry their bytes, and for text-only requests."""
     sampling: SamplingOptions
     eos_token_ids: list[int] = []
     """The model's end-of-sequence ids (honoured unless `sampling.ignore_eos`)."""
+
+    @property
+    def media(self) -> list[MediaItem]:
+        """Images and videos together, in prompt order."""
+        items: list[MediaItem] = [*self.images, *self.videos]
+        return sorted(items, key=lambda item: item.offset)
+
+    @property
+    def media_tokens(self) -> int:
+        """Placeholder tokens of every image and video (= embedding rows)."""
+        return sum(item.num_tokens for item in self.media)
 
 
 class BootstrapInfo(BaseModel):

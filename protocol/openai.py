@@ -40,7 +40,24 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    """Where a video comes from: ``http(s)://``, ``data:video/...;base64,`` or ``file://``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1)
+
+
+class VideoPart(BaseModel):
+    """A video content part (as vLLM and SGLang accept it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -60,6 +77,8 @@ class ChatMessage(BaseModel):
             raise ValueError("content must not be an empty list")
         if self.role != "user" and self.images:
             raise ValueError(f"images are only accepted in user messages, not {self.role}")
+        if self.role != "user" and self.videos:
+            raise ValueError(f"videos are only accepted in user messages, not {self.role}")
         return self
 
     @property
@@ -68,6 +87,13 @@ class ChatMessage(BaseModel):
         if not isinstance(self.content, list):
             return []
         return [part for part in self.content if isinstance(part, ImagePart)]
+
+    @property
+    def videos(self) -> list[VideoPart]:
+        """The video parts of this message, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [part for part in self.content if isinstance(part, VideoPart)]
 
 
 class StreamOptions(BaseModel):

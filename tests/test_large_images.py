@@ -1,5 +1,6 @@
-"""A 3 MB image through a NATS server with the stock 1 MB ``max_payload``: the bytes move from
-the frontend to the encoder by NIXL, and the answer is still transformers' own."""
+"""A 3 MB image and a 1.5 MB video through a NATS server with the stock 1 MB ``max_payload``:
+the bytes move from the frontend to the encoder by NIXL, and the answer is still transformers'
+own."""
 
 import asyncio
 import io
@@ -17,6 +18,8 @@ from PIL import Image
 
 from tests.stack import Stack, start_topology
 from tests.test_correctness import Oracle, image_part, request, tokens_of
+from tests.test_video_correctness import VideoOracle
+from tests.videos import clip, video_part
 from triptych.runtime.nats_server import NatsServer
 
 STOCK_MAX_PAYLOAD = 1024 * 1024
@@ -59,8 +62,9 @@ async def server_max_payload(url: str) -> int:
         await nc.close()
 
 
-async def image_bytes_read(stack: Stack, component: str) -> float:
-    """What `component` has read over NIXL as image bytes (its /metrics, found via NATS)."""
+async def media_bytes_read(stack: Stack, component: str, kind: str = "image") -> float:
+    """What `component` has read over NIXL as image (or video) bytes (its /metrics, found via
+    NATS)."""
     nc = await nats.connect(stack.nats_url)
     inbox = nc.new_inbox()
     infos: list[dict[str, Any]] = []
@@ -79,7 +83,7 @@ async def image_bytes_read(stack: Stack, component: str) -> float:
             meta = info["metadata"]
             text = (await client.get(f"http://{meta['host']}:{meta['metrics_port']}/metrics")).text
             for line in text.splitlines():
-                if line.startswith('triptych_transfer_bytes_total{kind="image",outcome="ok"}'):
+                if line.startswith(f'triptych_transfer_bytes_total{{kind="{kind}",outcome="ok"}}'):
                     total += float(line.split()[-1])
     return total
 
@@ -95,4 +99,19 @@ def test_a_3_mb_image_passes_a_stock_1_mb_nats(served: Stack, tiny_model: Path) 
             return await tokens_of(client, tiny_model.name, request(messages))
 
     assert asyncio.run(ask()) == Oracle(tiny_model).tokens(messages)
-    assert asyncio.run(image_bytes_read(served, "encode")) >= len(picture)
+    assert asyncio.run(media_bytes_read(served, "encode")) >= len(picture)
+
+
+def test_a_video_over_1_mb_passes_a_stock_1_mb_nats(served: Stack, tiny_model: Path) -> None:
+    """3 s of 320x240 noise at 30 fps: 6 frames sampled, 3 temporal patches."""
+    video = clip(320, 240, frames=90, fps=30, seed=int.from_bytes(os.urandom(2), "little"))
+    assert len(video) > STOCK_MAX_PAYLOAD
+    messages = [{"role": "user", "content": [video_part(video), {"type": "text", "text": "?"}]}]
+    before = asyncio.run(media_bytes_read(served, "encode", "video"))
+
+    async def ask() -> list[int]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=300) as client:
+            return await tokens_of(client, tiny_model.name, request(messages))
+
+    assert asyncio.run(ask()) == VideoOracle(tiny_model).tokens(messages)
+    assert asyncio.run(media_bytes_read(served, "encode", "video")) - before == len(video)

@@ -35,7 +35,12 @@ from triptych.components.planner.model import (
     capacity,
 )
 from triptych.components.planner.placement import Bounds, plan
+from triptych.engines.hf.config import HfConfig
+from triptych.engines.hf.core import EngineCore
+from triptych.engines.hf.model import LanguageModel
+from triptych.engines.hf.sequence import Prompt
 from triptych.engines.load import LoadMeter
+from triptych.protocol import SamplingOptions
 from triptych.protocol.load import StageLoad
 
 ONE_448 = WorkloadProfile(images_per_request=1, image_width=448, image_height=448)
@@ -76,6 +81,37 @@ def test_meter_busy_fraction_rates_and_window() -> None:
     clock.now += 30  # all of it leaves the window
     later = meter.snapshot()
     assert later.busy_fraction == 0 and later.images_per_s == 0
+
+
+async def test_the_hf_engine_meters_its_model_thread(tiny_model: Path) -> None:
+    """The hf core's own clock and counters feed the meter: prefill and decode time, prompt
+    positions prefilled and tokens emitted (not the extra one a stopped sequence computed)."""
+    meter = LoadMeter(window_s=600.0)
+    model = await asyncio.to_thread(LanguageModel, str(tiny_model), "cpu")
+    settings = HfConfig(max_len=256, max_running=8, kv_tokens=8 * 256, page_size=4)
+    core = EngineCore(model, settings, True, "metered", meter=meter)
+    core.start()
+    sampling = SamplingOptions(max_tokens=8, temperature=0, ignore_eos=True)
+
+    async def run(prompt: list[int]) -> int:
+        count = 0
+        async with core.admission("r", len(prompt)) as sequence:
+            async for chunk in core.generate(sequence, sampling, set(), Prompt(prompt)):
+                count += len(chunk.token_ids)
+        return count
+
+    try:
+        prompts = [list(range(10, 30)), list(range(40, 55)), [7] * 25]
+        counts = await asyncio.gather(*(run(p) for p in prompts))
+    finally:
+        await asyncio.to_thread(core.close)
+    load = meter.snapshot()
+    assert counts == [8, 8, 8]
+    assert load.output_tokens_per_s * load.window_s == pytest.approx(24)
+    assert load.prompt_tokens_per_s * load.window_s == pytest.approx(60)
+    assert load.busy_by_work["prefill"] > 0 and load.busy_by_work["decode"] > 0
+    assert load.busy_by_work["encode"] == 0
+    assert load.queue_depth == 0
 
 
 def test_load_round_trips_through_metadata() -> None:

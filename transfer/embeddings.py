@@ -1,4 +1,4 @@
-"""Image embeddings between encoder and reader: the in-memory form and how it travels.
+"""Image and video embeddings between encoder and reader: the in-memory form and how it travels.
 
 An encoder `publish`es a request's embeddings and forwards the returned handle; the reader
 `read`s them (a NIXL READ straight from the encoder's registered memory) and its completion
@@ -11,24 +11,25 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from triptych.observability import metrics
-from triptych.protocol import ErrorCode, ImageItem, ServiceError, TensorHandle
+from triptych.protocol import ErrorCode, MediaItem, ServiceError, TensorHandle
 from triptych.transfer import image_bytes
 from triptych.transfer.handles import to_handle, to_ref
 from triptych.transfer.nixl import PoolFull, TransferAgent, TransferError
 
 SIMULATED = "simulated"
+Item = TypeVar("Item", bound=MediaItem)
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ImageEmbeddings:
-    """The vision tower's output for one request's images, rows in prompt order."""
+    """The vision tower's output for one request's images and videos, rows in prompt order."""
 
     num_tokens: int
-    """Rows: must equal the sum of the images' `num_tokens`."""
+    """Rows: must equal the sum of the images' and videos' `num_tokens`."""
     hidden_size: int
     tensor: Any = None
     """A ``torch.Tensor`` [num_tokens, hidden_size], or None when simulated."""
@@ -73,9 +74,9 @@ class EmbeddingTransport:
         if handle.agent != SIMULATED and self.agent is not None:
             self.agent.release(handle.key)
 
-    async def fetch_images(self, images: Sequence[ImageItem]) -> list[ImageItem]:
-        """The images with the bytes the frontend left in its registered memory read into
-        `data` (see `image_bytes`)."""
+    async def fetch_images(self, images: Sequence[Item]) -> list[Item]:
+        """The images (or videos) with the bytes the frontend left in its registered memory
+        read into `data` (see `image_bytes`)."""
         return await image_bytes.fetch(self.agent, images, self.timeout_s)
 
     async def read(self, handle: TensorHandle) -> ImageEmbeddings:

@@ -8,7 +8,8 @@ from triptych.transfer import EmbeddingTransport
 
 
 class EncodeHandler:
-    """Embeds a request's images, then hands the request (and its stream) to decode.
+    """Embeds a request's images and videos, then hands the request (and its stream) to
+    decode.
 
     The embeddings stay in this worker's registered memory until the reader's completion
     notification (or a timeout, or a cancel) frees them.
@@ -20,19 +21,22 @@ class EncodeHandler:
         self.transport = transport
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
-        """Encode (if there are images) and forward to a decode instance."""
+        """Encode (if there are images or videos) and forward to a decode instance."""
         with nvtx.span("mm:enc:generate"):
             await self._generate(request, ctx)
 
     async def _generate(self, request: GenerateRequest, ctx: Context) -> None:
-        if not request.images or request.embeddings is not None:
+        if not request.media or request.embeddings is not None:
             await self.decode.forward(request, ctx.stream, ctx.deadline)
             return
         images = await self.transport.fetch_images(request.images)
+        videos = await self.transport.fetch_images(request.videos)
         with nvtx.span("mm:enc:vision_encode"):
-            embeddings = await self.engine.encode(ctx.request_id, images)
+            embeddings = await self.engine.encode(ctx.request_id, images, videos)
         metrics.IMAGES_ENCODED.inc(len(request.images))
-        expected = sum(image.num_tokens for image in request.images)
+        metrics.VIDEOS_ENCODED.inc(len(request.videos))
+        metrics.VIDEO_FRAMES_ENCODED.inc(sum(len(video.frame_indices) for video in videos))
+        expected = request.media_tokens
         if embeddings.num_tokens != expected:
             raise ServiceError(
                 ErrorCode.INTERNAL,
@@ -42,12 +46,12 @@ class EncodeHandler:
         try:
             with nvtx.span("mm:enc:embedding_transfer"):
                 handle = await self.transport.publish(embeddings, key=f"emb-{ctx.request_id}")
-                images = [
-                    image.model_copy(update={"data": None, "data_handle": None})
-                    for image in request.images
-                ]
+                spent = {"data": None, "data_handle": None}
+                images = [image.model_copy(update=spent) for image in request.images]
+                videos = [video.model_copy(update=spent) for video in request.videos]
+                update = {"images": images, "videos": videos, "embeddings": handle}
                 await self.decode.forward(
-                    request.model_copy(update={"images": images, "embeddings": handle}),
+                    request.model_copy(update=update),
                     ctx.stream,
                     ctx.deadline,
                 )

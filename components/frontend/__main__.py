@@ -9,6 +9,7 @@ from triptych.components.frontend.config import FrontendConfig
 from triptych.components.frontend.images import ImageLoader
 from triptych.components.frontend.prompt import Preprocessor
 from triptych.components.frontend.server import Frontend
+from triptych.components.frontend.videos import VideoLoader
 from triptych.runtime import Runtime
 from triptych.runtime.entry import configure_logging, serve, serving
 from triptych.runtime.port_file import write_port_file
@@ -30,7 +31,8 @@ def main() -> None:
 
     async def run(stop: asyncio.Event) -> int:
         loader = ImageLoader(config.images)
-        preprocessor = Preprocessor(config.model_path, loader)
+        videos = VideoLoader(config.videos, loader.fetcher)
+        preprocessor = Preprocessor(config.model_path, loader, videos)
         agent = TransferAgent("frontend", "cpu", config.transfer_pool_mb << 20)
         await agent.start()
         try:

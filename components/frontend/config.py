@@ -38,6 +38,24 @@ class ImageLimits:
 
 
 @dataclass(frozen=True)
+class VideoLimits:
+    """What the frontend accepts as videos (fetched like images, under the image flags'
+    timeout, redirects, allow-lists and ``file://`` root)."""
+
+    max_videos: int = 4
+    """Videos per request."""
+    max_bytes: int = 32 * 1024 * 1024
+    """Encoded bytes per video."""
+    max_frames: int = 7200
+    """Frames per video (before sampling): checked from the container's packets without
+    decoding, so a tiny file holding a huge number of frames is refused at once."""
+    max_pixels: int = 3840 * 2160
+    """Pixels per frame, checked from the stream header before decoding."""
+    max_duration_s: float = 600.0
+    """Seconds per video."""
+
+
+@dataclass(frozen=True)
 class FrontendConfig:
     """Everything the frontend is told on its command line."""
 
@@ -60,9 +78,10 @@ class FrontendConfig:
     migration_limit: int = 1
     """How many times a request whose instance died before its first token is sent again."""
     images: ImageLimits = field(default_factory=ImageLimits)
+    videos: VideoLimits = field(default_factory=VideoLimits)
     inline_image_bytes: int = INLINE_BYTES
-    """Encoded image bytes per request that may ride inside the NATS message; larger images
-    wait in this process's registered memory and the encoder READs them over NIXL."""
+    """Encoded image and video bytes per request that may ride inside the NATS message; larger
+    ones wait in this process's registered memory and the encoder READs them over NIXL."""
     transfer_pool_mb: int = 256
     """Size of the NIXL-registered memory holding those images until they are read."""
 
@@ -123,13 +142,41 @@ class FrontendConfig:
         parser.add_argument(
             "--allowed-local-media-path",
             default=None,
-            help="directory file:// image URLs may read from (off by default)",
+            help="directory file:// image and video URLs may read from (off by default)",
+        )
+        parser.add_argument(
+            "--max-videos", type=int, default=VideoLimits.max_videos, help="videos per request"
+        )
+        parser.add_argument(
+            "--max-video-bytes",
+            type=int,
+            default=VideoLimits.max_bytes,
+            help="encoded bytes per video",
+        )
+        parser.add_argument(
+            "--max-video-frames",
+            type=int,
+            default=VideoLimits.max_frames,
+            help="frames per video before sampling (counted without decoding)",
+        )
+        parser.add_argument(
+            "--max-video-pixels",
+            type=int,
+            default=VideoLimits.max_pixels,
+            help="pixels per video frame",
+        )
+        parser.add_argument(
+            "--max-video-duration-s",
+            type=float,
+            default=VideoLimits.max_duration_s,
+            help="seconds per video",
         )
         parser.add_argument(
             "--max-inline-image-bytes",
             type=int,
             default=INLINE_BYTES,
-            help="image bytes per request carried inside the NATS message; the rest move by NIXL",
+            help="image and video bytes per request carried inside the NATS message; the rest "
+            "move by NIXL",
         )
         parser.add_argument(
             "--transfer-pool-mb",
@@ -165,6 +212,13 @@ class FrontendConfig:
                 file_root=args.allowed_local_media_path,
                 allowed_hosts=_split(args.allowed_image_hosts),
                 allowed_networks=_split(args.allowed_image_networks),
+            ),
+            videos=VideoLimits(
+                max_videos=args.max_videos,
+                max_bytes=args.max_video_bytes,
+                max_frames=args.max_video_frames,
+                max_pixels=args.max_video_pixels,
+                max_duration_s=args.max_video_duration_s,
             ),
             inline_image_bytes=args.max_inline_image_bytes,
             transfer_pool_mb=args.transfer_pool_mb,

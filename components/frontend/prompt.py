@@ -1,22 +1,29 @@
-"""From OpenAI messages to token ids: chat template, tokenizer, image placeholder expansion."""
+"""From OpenAI messages to token ids: chat template, tokenizer, image and video placeholder
+expansion."""
 
+import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
 
-from triptych.components.frontend.images import ImageLoader
+from triptych.components.frontend.images import ImageLoader, LoadedImage
 from triptych.components.frontend.template import ChatTemplate
-from triptych.models import ModelAdapter, load_adapter
+from triptych.components.frontend.videos import LoadedVideo, VideoLoader
+from triptych.models import ImageLayout, ModelAdapter, VideoLayout, load_adapter
+from triptych.models.video_decoder import VideoProbe
 from triptych.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     ErrorCode,
     ImageItem,
+    ImagePart,
     ServiceError,
     TextPart,
+    VideoItem,
+    VideoPart,
 )
 
 
@@ -26,6 +33,7 @@ class Prompt:
 
     token_ids: list[int]
     images: list[ImageItem]
+    videos: list[VideoItem] = field(default_factory=list)
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:
@@ -34,7 +42,11 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     if isinstance(message.content, str):
         return {"role": message.role, "content": message.content}
     parts = [
-        {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
+        {"type": "text", "text": part.text}
+        if isinstance(part, TextPart)
+        else {"type": "video"}
+        if isinstance(part, VideoPart)
+        else {"type": "image"}
         for part in message.content
     ]
     return {"role": message.role, "content": parts}
@@ -43,13 +55,17 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
 class Preprocessor:
     """The model's tokenizer, chat template and image geometry."""
 
-    def __init__(self, model_path: str, loader: ImageLoader) -> None:
+    def __init__(
+        self, model_path: str, loader: ImageLoader, videos: VideoLoader | None = None
+    ) -> None:
         root = Path(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.template = ChatTemplate(self.tokenizer)
         self._encoder = self.tokenizer.backend_tokenizer
         self.adapter: ModelAdapter | None = load_adapter(model_path)
         self.loader = loader
+        self.videos = videos
+        """None: this frontend refuses videos."""
         config = json.loads((root / "config.json").read_text())
         text_config = config.get("text_config") or config
         self.context_length = int(
@@ -72,28 +88,86 @@ class Preprocessor:
     async def prompt(self, request: ChatCompletionRequest) -> Prompt:
         """Render, tokenize and expand; bad input raises a 400 `ServiceError`."""
         urls = [part.image_url.url for message in request.messages for part in message.images]
+        video_urls = [part.video_url.url for message in request.messages for part in message.videos]
         if urls and self.adapter is None:
             raise ServiceError(ErrorCode.BAD_REQUEST, "this model does not accept images")
+        if video_urls and (
+            self.adapter is None or self.adapter.video_token_id is None or self.videos is None
+        ):
+            raise ServiceError(ErrorCode.BAD_REQUEST, "this model does not accept videos")
         text = self.template.render([_template_message(message) for message in request.messages])
         token_ids: list[int] = self._encoder.encode(text, add_special_tokens=False).ids
-        if not urls:
+        if not urls and not video_urls:
             return Prompt(token_ids=token_ids, images=[])
-        assert self.adapter is not None
-        loaded = await self.loader.load_all(urls)
-        layouts = [self.adapter.image_layout(image.height, image.width) for image in loaded]
+        adapter = self.adapter
+        assert adapter is not None
+        images, videos = await self._load(urls, video_urls, adapter)
+        layouts: dict[int, ImageLayout | VideoLayout] = {
+            id(image): adapter.image_layout(image.height, image.width) for image in images
+        }
+        layouts.update({id(video): video.layout for video in videos})
+        in_order = _media_in_prompt_order(request, images, videos)
         try:
-            expanded, offsets = self.adapter.expand_placeholders(token_ids, layouts)
+            expanded, offsets = adapter.expand_placeholders(
+                token_ids, [layouts[id(item)] for item in in_order]
+            )
         except ValueError as error:
             raise ServiceError(ErrorCode.BAD_REQUEST, str(error)) from None
-        images = [
-            ImageItem(
-                width=image.width,
-                height=image.height,
-                grid_thw=layout.grid_thw,
-                num_tokens=layout.num_tokens,
-                offset=offset,
-                data=image.data,
-            )
-            for image, layout, offset in zip(loaded, layouts, offsets, strict=True)
-        ]
-        return Prompt(token_ids=expanded, images=images)
+        offset_of = {id(item): offset for item, offset in zip(in_order, offsets, strict=True)}
+        image_items = [_image_item(i, layouts[id(i)], offset_of[id(i)]) for i in images]
+        video_items = [_video_item(v, offset_of[id(v)]) for v in videos]
+        return Prompt(token_ids=expanded, images=image_items, videos=video_items)
+
+    async def _load(
+        self, urls: list[str], video_urls: list[str], adapter: ModelAdapter
+    ) -> tuple[list[LoadedImage], list[LoadedVideo]]:
+        def plan(probe: VideoProbe) -> VideoLayout:
+            return adapter.video_layout(probe.frames, probe.fps, probe.height, probe.width)
+
+        images = self.loader.load_all(urls)
+        if not video_urls:
+            return await images, []
+        assert self.videos is not None
+        videos = self.videos.load_all(video_urls, plan)
+        loaded_images, loaded_videos = await asyncio.gather(images, videos)
+        return loaded_images, loaded_videos
+
+
+def _media_in_prompt_order(
+    request: ChatCompletionRequest, images: list[LoadedImage], videos: list[LoadedVideo]
+) -> list[LoadedImage | LoadedVideo]:
+    """The loaded images and videos in the order their parts appear in the messages."""
+    next_image, next_video = iter(images), iter(videos)
+    ordered: list[LoadedImage | LoadedVideo] = []
+    for message in request.messages:
+        for part in message.content if isinstance(message.content, list) else []:
+            if isinstance(part, ImagePart):
+                ordered.append(next(next_image))
+            elif isinstance(part, VideoPart):
+                ordered.append(next(next_video))
+    return ordered
+
+
+def _image_item(image: LoadedImage, layout: ImageLayout | VideoLayout, offset: int) -> ImageItem:
+    return ImageItem(
+        width=image.width,
+        height=image.height,
+        grid_thw=layout.grid_thw,
+        num_tokens=layout.num_tokens,
+        offset=offset,
+        data=image.data,
+    )
+
+
+def _video_item(video: LoadedVideo, offset: int) -> VideoItem:
+    layout = video.layout
+    return VideoItem(
+        width=video.probe.width,
+        height=video.probe.height,
+        frame_indices=list(layout.frame_indices),
+        second_per_grid_t=layout.second_per_grid_t,
+        grid_thw=layout.grid_thw,
+        num_tokens=layout.num_tokens,
+        offset=offset,
+        data=video.data,
+    )

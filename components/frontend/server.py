@@ -31,11 +31,13 @@ from triptych.protocol import (
     ErrorResponse,
     GenerateRequest,
     ImageItem,
+    MediaItem,
     ModelCard,
     ModelList,
     ServiceError,
     TokenChunk,
     Usage,
+    VideoItem,
 )
 from triptych.protocol.openai import AssistantMessage, Choice, ChunkChoice, Delta, ErrorBody
 from triptych.runtime import Client, Runtime
@@ -146,7 +148,8 @@ class Frontend:
     ) -> None:
         self.config = config
         self.agent = agent
-        """Holds images too large for a NATS message until an encoder has read them."""
+        """Holds images and videos too large for a NATS message until an encoder has read
+        them."""
         self.runtime = runtime
         self.preprocessor = preprocessor
         self.stages = stages
@@ -203,7 +206,7 @@ class Frontend:
         self.in_flight += 1
         telemetry = RequestTelemetry()
         client_gone = False
-        exported: list[ImageItem] = []
+        exported: list[MediaItem] = []
         try:
             return await self._chat(request, request_id, telemetry, exported)
         except asyncio.CancelledError:
@@ -238,10 +241,10 @@ class Frontend:
         request: web.Request,
         request_id: str,
         telemetry: RequestTelemetry,
-        exported: list[ImageItem],
+        exported: list[MediaItem],
     ) -> web.StreamResponse:
-        """Serve one chat request; images it exports to the transfer pool go into `exported`
-        (the caller frees them when the request is over, migrations included)."""
+        """Serve one chat request; images and videos it exports to the transfer pool go into
+        `exported` (the caller frees them when the request is over, migrations included)."""
         generation: Generation | None = None
         rest: AsyncGenerator[TokenChunk] | None = None
         try:
@@ -249,7 +252,7 @@ class Frontend:
                 body = await request.read()
                 chat = ChatCompletionRequest.model_validate_json(body)
                 generate = await self._generate_request(chat, request_id)
-                exported.extend(i for i in generate.images if i.data_handle is not None)
+                exported.extend(i for i in generate.media if i.data_handle is not None)
                 telemetry.prompt(generate)
                 generation = Generation(
                     self.runtime,
@@ -328,13 +331,18 @@ class Frontend:
                     f"{wanted}, over the context length of {self.preprocessor.context_length}"
                 ),
             )
-        images = await image_bytes.offload(
-            self.agent, prompt.images, f"img-{request_id}", self.config.inline_image_bytes
+        items: list[MediaItem] = [*prompt.images, *prompt.videos]
+        media = await image_bytes.offload(
+            self.agent,
+            items,
+            f"img-{request_id}",
+            self.config.inline_image_bytes,
         )
         return GenerateRequest(
             model=chat.model,
             token_ids=prompt.token_ids,
-            images=images,
+            images=[item for item in media if isinstance(item, ImageItem)],
+            videos=[item for item in media if isinstance(item, VideoItem)],
             sampling=chat.sampling(wanted or room),
             eos_token_ids=self.preprocessor.eos_token_ids,
         )

@@ -19,6 +19,10 @@ class RequestTelemetry:
         metrics.INPUT_TOKENS.inc(len(request.token_ids))
         metrics.IMAGES.observe(len(request.images))
         metrics.IMAGE_TOKENS.observe(sum(image.num_tokens for image in request.images))
+        metrics.VIDEOS.observe(len(request.videos))
+        if request.videos:
+            metrics.VIDEO_TOKENS.observe(sum(video.num_tokens for video in request.videos))
+            metrics.VIDEO_FRAMES.inc(sum(len(video.frame_indices) for video in request.videos))
 
     def chunk(self, tokens: int) -> None:
         """A chunk of `tokens` tokens arrived from decode."""

@@ -5,58 +5,55 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from triptych.engines.base import AggregatedEngine, Runner
-from triptych.engines.hf.executor import PREFILL_BATCH, Decoding, ModelExecutor, load_executor
-from triptych.engines.hf.streaming import decode_stream
-from triptych.observability import metrics
+from triptych.engines.hf.admissions import Admissions, stop_ids
+from triptych.engines.hf.config import HfConfig
+from triptych.engines.hf.core import EngineCore, load_core
+from triptych.engines.hf.sequence import Prompt
+from triptych.models.mrope import media_grids
 from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk
 from triptych.transfer import ImageEmbeddings
 
 
 class HfAggregatedEngine(AggregatedEngine):
-    """Prefills each request on the model thread, then decodes it in the shared batch.
-
-    The worker holds `admit` (a KV slot) around `generate`.
-    """
+    """Prefills each request on the model thread (in chunks, between decode steps), then
+    decodes it in the shared batch. The worker holds `admit` (KV blocks for the prompt) around
+    `generate`."""
 
     def __init__(
-        self,
-        model_path: str,
-        device: str = "cpu",
-        decoding: Decoding | None = None,
-        prefill_batch: int = PREFILL_BATCH,
+        self, model_path: str, device: str = "cpu", config: HfConfig | None = None
     ) -> None:
         self.model_path = model_path
         self.device = device
-        self.decoding = decoding or Decoding()
-        self.prefill_batch = prefill_batch
-        self.executor: ModelExecutor | None = None
+        self.config = config or HfConfig()
+        self.core: EngineCore | None = None
+        self.admissions = Admissions()
 
     async def start(self) -> None:
-        if self.executor is None:
-            self.executor = await load_executor(
-                self.model_path, self.device, self.decoding, "agg", self.prefill_batch
-            )
+        if self.core is None:
+            self.core = await load_core(self.model_path, self.device, self.config, True, "agg")
 
     def model_runner(self) -> Runner | None:
-        return self.executor.runner() if self.executor is not None else None
+        return self.core.on_model_thread() if self.core is not None else None
 
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
-        assert self.executor is not None, "start() first"
-        return self.executor.reservation(len(request.token_ids))
+        assert self.core is not None, "start() first"
+        return self.admissions.hold(self.core, request)
 
     async def close(self) -> None:
-        if self.executor is not None:
-            await asyncio.to_thread(self.executor.close)
+        if self.core is not None:
+            await asyncio.to_thread(self.core.close)
 
     async def generate(
         self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> AsyncIterator[TokenChunk]:
-        assert self.executor is not None, "start() first"
-        grids = [image.grid_thw for image in request.images]
+        assert self.core is not None, "start() first"
+        sequence = self.admissions.take(request)
+        sequence.request_id = request_id
         tensor = embeddings.tensor if embeddings is not None else None
-        if request.images and tensor is None:
+        if request.media and tensor is None:
             raise ServiceError(ErrorCode.INTERNAL, "images arrived without embeddings")
-        kv, hidden = await self.executor.prefill((request.token_ids, grids, tensor))
-        metrics.TOKENS_PROCESSED.labels("agg", "prefill").inc(len(request.token_ids))
-        async for chunk in decode_stream(self.executor, request_id, request, kv, hidden):
+        prompt = Prompt(request.token_ids, media_grids(request), tensor)
+        async for chunk in self.core.generate(
+            sequence, request.sampling, stop_ids(request), prompt
+        ):
             yield chunk

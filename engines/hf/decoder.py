@@ -1,18 +1,18 @@
-"""One decode step for a batch over the static KV pool; on CUDA, replays captured graphs.
+"""One decode step for a batch over the paged KV cache; on CUDA, replays captured graphs.
 
-A step embeds each running sequence's last token, writes its keys and values at the sequence's
-length in its slot, attends over the slot, and returns float32 logits and their argmax. The
-sequences occupy slots ``0..n-1``.
+A step reads each row's last token from `last_tokens` (a device table with one entry per
+sequence row, written by the previous step's sampling, so the host need not know it yet),
+writes the token's keys and values at the row's slot, attends over the row's positions, and
+leaves float32 logits and their argmax.
 
-Eager (CPU, or ``--disable-cuda-graph``): projections, norms and MLP run on the whole batch at
-once, and each sequence attends over exactly its own positions with the SDPA function HF
-uses, so at batch 1 the arithmetic is that of ``generate()``.
+Eager (CPU): projections, norms and MLP run on the whole batch with HF's modules, and each row
+attends over exactly its own positions with the SDPA function HF uses, so at temperature 0 the
+tokens are those of ``generate()``.
 
-CUDA graphs: one graph per (batch bucket, length bucket), captured at start, largest first, in
-one shared memory pool. A step pads the batch to its bucket (padding rows write into free slots
-and are ignored) and attends over the length bucket with a mask, the query heads of each KV
-head grouped into one attention call (no KV repeat). Replaying a graph launches every kernel
-of the step at once: no Python per layer.
+Fused (CUDA, and the CPU tests that check it): fused q/k/v and gate/up GEMMs, fused RMSNorm,
+residual adds in the GEMMs, one paged attention call per layer for the whole batch. On CUDA
+one graph per batch bucket is captured at start (padding rows write into the padding block and
+are ignored): every kernel of a step is launched at once, whatever the rows' lengths.
 """
 
 import logging
@@ -20,19 +20,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from triptych.engines.hf.kv_cache import KVPool
+from triptych.engines.hf.kv_cache import KVCache
 from triptych.engines.hf.model import LanguageModel
+from triptych.engines.hf.paged_attention import paged_attention, splits_for
 
 log = logging.getLogger(__name__)
 
-MIN_LEN_BUCKET = 256
-"""The shortest attention span a graph is captured for."""
-BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-"""Batch sizes graphs are captured for (those up to the pool's slots, plus the slots)."""
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256)
+"""Batch sizes graphs are captured for (those up to the largest batch, plus that batch)."""
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def _fused(linears: list[torch.nn.Module], part: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _FusedLayer:
-    """One decoder layer's weights arranged for the captured step."""
+    """One decoder layer's weights arranged for the fused step."""
 
     input_norm: torch.nn.Module
     post_norm: torch.nn.Module
@@ -103,133 +103,196 @@ def _scaling(attention: torch.nn.Module) -> float:
     return float(attention.scaling)  # type: ignore[arg-type]
 
 
-def buckets(limit: int, candidates: list[int]) -> list[int]:
+def _rope_and_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    *,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    heads: int,
+) -> torch.Tensor:
+    """Rotate the new token's queries and keys; store its keys and values at `slots` of
+    `keys`/`values` [slots, kv_heads, D]. Returns the queries [B, heads, D]."""
+    if qkv.device.type == "cuda":
+        from triptych.engines.hf.triton_kernels import triton_rope_and_store
+
+        return triton_rope_and_store(qkv, cos, sin, slots, keys=keys, values=values, heads=heads)
+    batch, kv_heads, dim = qkv.shape[0], keys.shape[1], keys.shape[2]
+    qk = qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
+    qk = qk * cos.view(batch, 1, dim) + _rotate_half(qk) * sin.view(batch, 1, dim)
+    keys.index_copy_(0, slots, qk[:, heads:])
+    values.index_copy_(0, slots, qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim))
+    return qk[:, :heads]
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """The MLP's ``silu(gate) * up`` from the fused gate/up product [B, 2 I]."""
+    if gate_up.device.type == "cuda":
+        from triptych.engines.hf.triton_kernels import triton_silu_mul
+
+        return triton_silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def buckets(limit: int, candidates: tuple[int, ...]) -> list[int]:
     """The candidates below `limit`, then `limit` itself."""
     return [c for c in candidates if c < limit] + [limit]
 
 
-class Decoder:
-    """Runs decode steps for the sequences in a `KVPool`."""
+@dataclass
+class StepInputs:
+    """One step's rows, as the host knows them."""
 
-    def __init__(self, model: LanguageModel, pool: KVPool, cuda_graphs: bool = True) -> None:
+    rows: list[int]
+    """Each row's sequence row (where its last token is and its next one goes)."""
+    positions: list[int]
+    """Rope positions of the tokens fed."""
+    slots: list[int]
+    """Where each token's keys and values go."""
+    lengths: list[int]
+    """Positions each row attends over, the new one included."""
+    tables: np.ndarray
+    """[rows, blocks] int32 block tables."""
+
+
+class Decoder:
+    """Runs decode steps over a `KVCache` for up to `max_batch` rows at once."""
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        cache: KVCache,
+        *,
+        max_batch: int,
+        sequence_rows: int,
+        max_blocks: int,
+        cuda_graphs: bool = True,
+        fused: bool | None = None,
+    ) -> None:
         self.model = model
-        self.pool = pool
+        self.cache = cache
         device = model.device
-        slots = pool.slots
-        self._inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
-        """Per slot: last token, rope position, KV length (where the token's KV goes)."""
-        self._rows = torch.arange(slots, device=device)
-        self._span = torch.arange(pool.max_len, device=device)
-        self._logits = torch.zeros(slots, model.vocab_size, dtype=torch.float32, device=device)
-        self._argmax = torch.zeros(slots, dtype=torch.long, device=device)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.batch_buckets = buckets(slots, list(BATCH_BUCKETS))
-        lengths = [MIN_LEN_BUCKET << i for i in range(32) if MIN_LEN_BUCKET << i < pool.max_len]
-        self.len_buckets = buckets(pool.max_len, lengths)
+        self.max_batch = max_batch
+        self.padding_row = sequence_rows
+        self.last_tokens = torch.zeros(sequence_rows + 1, dtype=torch.long, device=device)
+        """Each sequence row's last token (the extra row takes padding rows' tokens)."""
+        self._inputs = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        """Per row: sequence row, rope position, slot, length."""
+        self._tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
+        self._logits = torch.zeros(max_batch, model.vocab_size, dtype=torch.float32, device=device)
+        self._argmax = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.batch_buckets = buckets(max_batch, BATCH_BUCKETS)
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
-        self._fused: list[_FusedLayer] = []
+        self.fused = device.type == "cuda" if fused is None else fused
+        self._sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda"
+            else 1
+        )
+        self._layers: list[_FusedLayer] = []
 
     def capture(self) -> None:
-        """Capture a graph for every bucket pair (CUDA only; a no-op otherwise)."""
+        """Capture a graph for every batch bucket (CUDA only; a no-op otherwise)."""
         if not self.cuda_graphs:
             return
         started = time.perf_counter()
         memory = None
         side = torch.cuda.Stream(self.model.device)  # type: ignore[no-untyped-call]
+        self._inputs[0].fill_(self.padding_row)
+        self._inputs[3].fill_(1)
         with torch.inference_mode():
             for batch in reversed(self.batch_buckets):
-                for span in reversed(self.len_buckets):
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(2):
-                            self._graph_step(batch, span)
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=memory, capture_error_mode="thread_local"):
-                        self._graph_step(batch, span)
-                    memory = graph.pool()
-                    self._graphs[(batch, span)] = graph
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._fused_step(batch)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=memory, capture_error_mode="thread_local"):
+                    self._fused_step(batch)
+                memory = graph.pool()
+                self._graphs[batch] = graph
         torch.cuda.synchronize(self.model.device)
         log.info(
-            "captured %d decode graphs (batch %s x span %s) in %.1f s",
+            "captured %d decode graphs (batch %s) in %.1f s",
             len(self._graphs),
             self.batch_buckets,
-            self.len_buckets,
             time.perf_counter() - started,
         )
 
     @torch.inference_mode()
-    def step(
-        self, tokens: list[int], positions: list[int], lengths: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for each of the first ``len(tokens)`` slots.
-
-        `positions` are rope positions, `lengths` the tokens already in each slot. Returns
-        float32 logits ``[n, vocab]`` and their argmax ``[n]`` (views of static buffers, valid
-        until the next step).
-        """
-        n = len(tokens)
-        top = max(lengths) + 1
-        if top > self.pool.max_len:
-            raise ValueError(f"a sequence outgrew its slot ({top} > {self.pool.max_len})")
+    def step(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for each row: float32 logits ``[n, vocab]`` and their argmax ``[n]``
+        (views of static buffers, valid until the next step)."""
+        n = len(step.rows)
+        batch = self.bucket(n) if self.cuda_graphs else n
+        pad = batch - n
+        host = torch.tensor(
+            [
+                step.rows + [self.padding_row] * pad,
+                step.positions + [0] * pad,
+                step.slots + [0] * pad,
+                step.lengths + [1] * pad,
+            ],
+            dtype=torch.long,
+        )
+        self._inputs[:, :batch].copy_(host, non_blocking=True)
+        width = step.tables.shape[1]
+        tables = torch.from_numpy(step.tables)
+        if pad:
+            tables = torch.cat([tables, tables.new_zeros(pad, width)])
+        self._tables[:batch, :width].copy_(tables, non_blocking=True)
         if self.cuda_graphs:
-            batch, span = self.padded(tokens, positions, lengths)
-            self._graphs[(batch, span)].replay()
+            self._graphs[batch].replay()
+        elif self.fused:
+            self._fused_step(batch)
         else:
-            host = torch.tensor([tokens, positions, lengths], dtype=torch.long)
-            self._inputs[:, :n].copy_(host)
-            self._eager_step(lengths)
+            self._eager_step(n, step)
         return self._logits[:n], self._argmax[:n]
 
-    def padded(
-        self, tokens: list[int], positions: list[int], lengths: list[int]
-    ) -> tuple[int, int]:
-        """Load a step's inputs padded to its buckets; returns (batch, span) of its graph."""
-        batch = next(b for b in self.batch_buckets if b >= len(tokens))
-        span = next(s for s in self.len_buckets if s > max(lengths))
-        pad = [0] * (batch - len(tokens))
-        host = torch.tensor([tokens + pad, positions + pad, lengths + pad], dtype=torch.long)
-        self._inputs[:, :batch].copy_(host, non_blocking=True)
-        return batch, span
+    def bucket(self, n: int) -> int:
+        """The captured batch size a step of `n` rows runs at."""
+        return next(b for b in self.batch_buckets if b >= n)
 
-    def _graph_step(self, batch: int, span: int) -> None:
-        """The step as captured: fused projections, fused norms, residual adds inside the
-        GEMMs, and each KV head's query heads attending together over the padded span."""
+    def _fused_step(self, batch: int) -> None:
         model, text = self.model, self.model.text
-        layers = self._fused or self._fuse()
-        tokens, positions, lengths = self._inputs[:, :batch]
-        rows = self._rows[:batch]
+        layers = self._layers or self._fuse()
+        rows, positions, slots, lengths = self._inputs[:, :batch]
+        tables = self._tables[:batch]
         heads, kv_heads, dim = model.num_heads, model.kv_heads, model.head_dim
-        mask = (self._span[:span].view(1, span) <= lengths.view(batch, 1)).view(batch, 1, 1, span)
-        x = text.embed_tokens(tokens).view(batch, -1)
-        cos, sin = (t.view(batch, 1, dim) for t in self._rope(x, positions))
+        splits = splits_for(batch, kv_heads, self._sms)
+        x = text.embed_tokens(self.last_tokens[rows]).view(batch, -1)
+        cos, sin = (t.reshape(batch, dim) for t in self._rope(x, positions))
+        cache = self.cache
         for index, fused in enumerate(layers):
             qkv = torch.addmm(fused.qkv_bias, _norm(x, fused.input_norm), fused.qkv.t())
-            qk = qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
-            qk = qk * cos + _rotate_half(qk) * sin
-            self.pool.keys(index)[rows, :, lengths] = qk[:, heads:]
-            self.pool.values(index)[rows, :, lengths] = qkv[:, (heads + kv_heads) * dim :].view(
-                batch, kv_heads, dim
-            )
-            out = F.scaled_dot_product_attention(
-                qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim),
-                self.pool.keys(index)[:batch, :, :span],
-                self.pool.values(index)[:batch, :, :span],
-                attn_mask=mask,
+            keys, values = cache.slots_view[index, 0], cache.slots_view[index, 1]
+            query = _rope_and_store(qkv, cos, sin, slots, keys=keys, values=values, heads=heads)
+            out = paged_attention(
+                query,
+                cache.keys(index),
+                cache.values(index),
+                tables,
+                lengths,
                 scale=fused.scale,
+                splits=splits,
             )
             x = torch.addmm(x, out.reshape(batch, heads * dim), fused.o.t())
-            gate, up = torch.mm(_norm(x, fused.post_norm), fused.gate_up.t()).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate) * up, fused.down.t())
+            gate_up = torch.mm(_norm(x, fused.post_norm), fused.gate_up.t())
+            x = torch.addmm(x, _silu_mul(gate_up), fused.down.t())
         logits = model.model.lm_head(_norm(x, text.norm)).float()
         self._logits[:batch].copy_(logits)
-        self._argmax[:batch].copy_(logits.argmax(-1))
+        torch.argmax(logits, -1, out=self._argmax[:batch])
 
     def _fuse(self) -> list["_FusedLayer"]:
         """Concatenate each layer's q/k/v and gate/up weights (the modules keep views of them,
         so prefill is unchanged and no memory is duplicated)."""
-        self._fused = [_FusedLayer.of(layer) for layer in self.model.text.layers]
-        return self._fused
+        self._layers = [_FusedLayer.of(layer) for layer in self.model.text.layers]
+        return self._layers
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for one new token per row; M-RoPE's three sections share the position."""
@@ -238,38 +301,40 @@ class Decoder:
             return self.model.text.rotary_emb(x, positions.view(1, batch, 1).expand(3, batch, 1))  # type: ignore[no-any-return]
         return self.model.text.rotary_emb(x, positions.view(batch, 1))  # type: ignore[no-any-return]
 
-    def _eager_step(self, lengths: list[int]) -> None:
+    def _eager_step(self, batch: int, step: StepInputs) -> None:
         """The step with HF's modules; each row attends over exactly its own positions."""
-        model, text, batch = self.model, self.model.text, len(lengths)
-        tokens, positions, written = self._inputs[:, :batch]
-        rows = self._rows[:batch]
-        x = text.embed_tokens(tokens.view(batch, 1))
+        model, text, cache = self.model, self.model.text, self.cache
+        rows, positions, slots, _ = self._inputs[:, :batch]
+        spans = [
+            cache.slots(table.tolist(), 0, length)
+            for table, length in zip(step.tables, step.lengths, strict=True)
+        ]
+        x = text.embed_tokens(self.last_tokens[rows].view(batch, 1))
         cos, sin = (t.unsqueeze(1) for t in self._rope(x, positions))
         for index, layer in enumerate(text.layers):
             attention = layer.self_attn
-            keys, values = self.pool.keys(index), self.pool.values(index)
             h = layer.input_layernorm(x)
             q = attention.q_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
             k = attention.k_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
             v = attention.v_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys[rows, :, written] = k[:, :, 0]
-            values[rows, :, written] = v[:, :, 0]
+            cache.slots_view[index, 0].index_copy_(0, slots, k[:, :, 0])
+            cache.slots_view[index, 1].index_copy_(0, slots, v[:, :, 0])
             attended = [
                 sdpa_attention_forward(
                     attention,
                     q[row : row + 1],
-                    keys[row : row + 1, :, : length + 1],
-                    values[row : row + 1, :, : length + 1],
+                    cache.slots_view[index, 0, span].transpose(0, 1).unsqueeze(0),
+                    cache.slots_view[index, 1, span].transpose(0, 1).unsqueeze(0),
                     None,
                     dropout=0.0,
                     scaling=_scaling(attention),
                 )[0]
-                for row, length in enumerate(lengths)
+                for row, span in enumerate(spans)
             ]
             x = x + attention.o_proj(torch.cat(attended).reshape(batch, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = model.model.lm_head(text.norm(x)[:, 0]).float()
         self._logits[:batch].copy_(logits)
-        self._argmax[:batch].copy_(logits.argmax(-1))
+        torch.argmax(logits, -1, out=self._argmax[:batch])

@@ -1,8 +1,9 @@
 """The ``hf`` prefill and decode engines: the KV cache moves through a bootstrap room + NIXL.
 
-Prefill opens the room, prefills on its model thread, exports the packed cache from its
-registered memory and tells the room where it is; decode joins the room, READs the cache
-straight into its own registered memory, notifies prefill (which frees its copy), and decodes
+Prefill opens the room, prefills on its model thread (packing the prompt's cache into one tensor
+as it completes), exports it from its registered memory and tells the room where it is; decode
+joins the room, READs the cache into its own registered memory, notifies prefill (which frees
+its copy), copies the keys and values into the blocks it admitted the request with, and decodes
 in its shared batch.
 """
 
@@ -14,9 +15,12 @@ from collections.abc import AsyncIterator
 
 from triptych.engines.base import DecodeEngine, Runner
 from triptych.engines.hf import kv_transfer
-from triptych.engines.hf.executor import PREFILL_BATCH, Decoding, ModelExecutor, load_executor
-from triptych.engines.hf.streaming import decode_stream
+from triptych.engines.hf.admissions import Admissions, stop_ids
+from triptych.engines.hf.config import HfConfig
+from triptych.engines.hf.core import EngineCore, load_core
+from triptych.engines.hf.sequence import Prompt
 from triptych.engines.rooms import RoomPrefillEngine
+from triptych.models.mrope import media_grids
 from triptych.observability import metrics
 from triptych.protocol import (
     BootstrapInfo,
@@ -56,29 +60,27 @@ class HfPrefillEngine(RoomPrefillEngine):
         bootstrap_port: int = 0,
         *,
         advertise_host: str | None = None,
-        prefill_batch: int = PREFILL_BATCH,
+        config: HfConfig | None = None,
     ) -> None:
         super().__init__(bootstrap_host, bootstrap_port, advertise_host)
-        self.prefill_batch = prefill_batch
+        self.config = config or HfConfig()
         self.model_path = model_path
         self.device = device
         self.agent = agent
-        self.executor: ModelExecutor | None = None
+        self.core: EngineCore | None = None
 
     async def start(self) -> None:
-        if self.executor is None:
-            self.executor = await load_executor(
-                self.model_path, self.device, None, "prefill", self.prefill_batch
-            )
+        if self.core is None:
+            self.core = await load_core(self.model_path, self.device, self.config, False, "prefill")
             await super().start()
 
     def model_runner(self) -> Runner | None:
-        return self.executor.runner() if self.executor is not None else None
+        return self.core.on_model_thread() if self.core is not None else None
 
     async def close(self) -> None:
         await super().close()
-        if self.executor is not None:
-            await asyncio.to_thread(self.executor.close)
+        if self.core is not None:
+            await asyncio.to_thread(self.core.close)
 
     async def prefill(
         self,
@@ -87,24 +89,25 @@ class HfPrefillEngine(RoomPrefillEngine):
         room: int,
         embeddings: ImageEmbeddings | None,
     ) -> None:
-        assert self.executor is not None, "start() first"
-        model = self.executor.model
+        assert self.core is not None, "start() first"
+        model = self.core.model
         slot = self.server.open(room)
         key = f"kv-{room}"
         try:
-            grids = [image.grid_thw for image in request.images]
+            self.core.check_fits(len(request.token_ids))
+            grids = media_grids(request)
             tensor = embeddings.tensor if embeddings is not None else None
-            sequence, hidden = await self.executor.prefill((request.token_ids, grids, tensor))
-            metrics.TOKENS_PROCESSED.labels("prefill", "prefill").inc(len(request.token_ids))
-            packed = kv_transfer.pack(sequence, hidden)
+            prompt = Prompt(request.token_ids, grids, tensor)
+            packed, rope_delta = await self.core.prefill_only(request_id, prompt)
             ref = await self.agent.export_when_room(packed, key, KV_READ_S)
+            del packed  # the pool holds it now
             slot.ready(
                 RoomReady(
                     room=room,
-                    rope_delta=sequence.rope_delta,
+                    rope_delta=rope_delta,
                     kv=KVHandle(
                         tensor=to_handle(ref),
-                        num_tokens=sequence.length,
+                        num_tokens=len(request.token_ids),
                         layout=kv_transfer.layout(model),
                     ),
                 )
@@ -126,39 +129,45 @@ class HfDecodeEngine(DecodeEngine):
         model_path: str,
         agent: TransferAgent,
         device: str = "cpu",
-        decoding: Decoding | None = None,
+        config: HfConfig | None = None,
     ) -> None:
         self.model_path = model_path
         self.device = device
         self.agent = agent
-        self.decoding = decoding or Decoding()
+        self.config = config or HfConfig()
         self.rooms = BootstrapClient()
-        self.executor: ModelExecutor | None = None
+        self.core: EngineCore | None = None
+        self.admissions = Admissions()
 
     async def start(self) -> None:
-        if self.executor is None:
-            self.executor = await load_executor(
-                self.model_path, self.device, self.decoding, "decode"
-            )
+        if self.core is None:
+            self.core = await load_core(self.model_path, self.device, self.config, True, "decode")
 
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
-        assert self.executor is not None, "start() first"
-        return self.executor.reservation(len(request.token_ids))
+        assert self.core is not None, "start() first"
+        return self.admissions.hold(self.core, request)
 
     async def close(self) -> None:
         await self.rooms.close()
-        if self.executor is not None:
-            await asyncio.to_thread(self.executor.close)
+        if self.core is not None:
+            await asyncio.to_thread(self.core.close)
 
     async def generate(
         self, request_id: str, request: GenerateRequest, bootstrap: BootstrapInfo
     ) -> AsyncIterator[TokenChunk]:
-        assert self.executor is not None, "start() first"
-        model = self.executor.model
+        assert self.core is not None, "start() first"
+        sequence = self.admissions.take(request)
+        sequence.request_id = request_id
+        model = self.core.model
         host, port = bootstrap.bootstrap_host, bootstrap.bootstrap_port
         ready = await self.rooms.join(host, port, bootstrap.bootstrap_room)
         if ready.kv is None or ready.kv.layout != kv_transfer.layout(model):
             raise ServiceError(ErrorCode.INTERNAL, "prefill's KV layout does not match decode's")
+        if ready.kv.num_tokens != len(request.token_ids):
+            raise ServiceError(
+                ErrorCode.INTERNAL,
+                f"prefill sent {ready.kv.num_tokens} positions for {len(request.token_ids)} tokens",
+            )
         started = time.perf_counter()
         nbytes = ready.kv.tensor.shape[0] * model.dtype.itemsize
         try:
@@ -178,8 +187,11 @@ class HfDecodeEngine(DecodeEngine):
             ready.kv.num_tokens,
             (time.perf_counter() - started) * 1e3,
         )
-        sequence, hidden = kv_transfer.unpack(model, flat, ready.kv.num_tokens, ready.rope_delta)
-        async for chunk in decode_stream(self.executor, request_id, request, sequence, hidden):
+        received = kv_transfer.unpack(model, flat, ready.kv.num_tokens)
+        sequence.rope_delta = ready.rope_delta
+        prompt = Prompt(request.token_ids)
+        chunks = self.core.generate(sequence, request.sampling, stop_ids(request), prompt, received)
+        async for chunk in chunks:
             yield chunk
 
 

@@ -1,22 +1,33 @@
-"""The ``hf`` encode engine: the vision tower alone, batching images across requests."""
+"""The ``hf`` encode engine: the vision tower alone, batching images and videos across
+requests."""
 
 import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from triptych.engines.base import EncodeEngine, Runner
 from triptych.engines.load import METER
-from triptych.models.vision_tower import VisionTower
+from triptych.models.video_decoder import VideoRejected
+from triptych.models.vision_tower import VideoClip, VisionTower
 from triptych.observability import metrics
-from triptych.protocol import ErrorCode, ImageItem, ServiceError
+from triptych.protocol import ErrorCode, ImageItem, MediaItem, ServiceError, VideoItem
 from triptych.transfer import ImageEmbeddings
 
 
 @dataclass(eq=False)
 class _Job:
-    images: Sequence[ImageItem]
+    images: Sequence[MediaItem]
+    """The request's images and videos, in prompt order."""
     future: "asyncio.Future[ImageEmbeddings]"
+
+
+def _tower_input(item: MediaItem) -> bytes | VideoClip:
+    if isinstance(item, VideoItem):
+        return VideoClip(item.data or b"", tuple(item.frame_indices), item.width, item.height)
+    return item.data or b""
 
 
 class HfEncodeEngine(EncodeEngine):
@@ -42,8 +53,7 @@ class HfEncodeEngine(EncodeEngine):
     async def start(self) -> None:
         if self.tower is None:
             self.tower = await asyncio.to_thread(VisionTower, self.model_path, self.device)
-            if self.runner is None:  # inline, the model thread's queue counts it already
-                METER.add_queue(lambda: len(self._pending))
+            METER.add_queue(lambda: len(self._pending))  # requests waiting for the tower
             self._batcher = asyncio.create_task(self._batches(), name="encode-batches")
 
     async def close(self) -> None:
@@ -55,10 +65,13 @@ class HfEncodeEngine(EncodeEngine):
             job.future.cancel()
         self._pending.clear()
 
-    async def encode(self, request_id: str, images: Sequence[ImageItem]) -> ImageEmbeddings:
-        if any(image.data is None for image in images):
+    async def encode(
+        self, request_id: str, images: Sequence[ImageItem], videos: Sequence[VideoItem] = ()
+    ) -> ImageEmbeddings:
+        media: list[MediaItem] = sorted([*images, *videos], key=lambda item: item.offset)
+        if any(item.data is None for item in media):
             raise ServiceError(ErrorCode.INTERNAL, "an image reached the encoder without bytes")
-        job = _Job(images, asyncio.get_running_loop().create_future())
+        job = _Job(media, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self._wake.set()
         return await job.future
@@ -85,15 +98,29 @@ class HfEncodeEngine(EncodeEngine):
     async def _run(self, batch: list[_Job]) -> None:
         assert self.tower is not None
         tower = self.tower
-        images = [image for job in batch for image in job.images]
-        metrics.ENCODE_BATCH.observe(len(images))
+        metrics.ENCODE_BATCH.observe(sum(len(job.images) for job in batch))
         started = time.perf_counter()
+        # preprocessing is host work: it stays off the runner (a model thread between decode
+        # steps), which gets only the forward; each request's own, so that a video that will
+        # not decode fails its request and no other
+        prepared = await asyncio.gather(
+            *(
+                asyncio.to_thread(tower.preprocess, [_tower_input(item) for item in job.images])
+                for job in batch
+            ),
+            return_exceptions=True,
+        )
+        ready: list[tuple[_Job, torch.Tensor, torch.Tensor]] = []
+        for job, result in zip(batch, prepared, strict=True):
+            if isinstance(result, BaseException):
+                _fail(job, _preprocess_failure(result))
+            else:
+                ready.append((job, *result))
+        if not ready:
+            return
+        pixels = torch.cat([p for _, p, _ in ready])
+        grids = torch.cat([g for _, _, g in ready])
         try:
-            # preprocessing is host work: it stays off the runner (a model thread between
-            # decode steps), which gets only the forward
-            pixels, grids = await asyncio.to_thread(
-                tower.preprocess, [image.data or b"" for image in images]
-            )
             if self.runner is None:
                 with METER.busy("encode"):
                     embeddings = await asyncio.to_thread(tower.encode, pixels, grids)
@@ -101,32 +128,40 @@ class HfEncodeEngine(EncodeEngine):
                 embeddings = await self.runner(lambda: tower.encode(pixels, grids))
         except Exception as error:
             failure = ServiceError(ErrorCode.INTERNAL, f"vision tower failed: {error}")
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(failure)
+            for job, _, _ in ready:
+                _fail(job, failure)
             return
         metrics.ENCODE_DURATION.observe(time.perf_counter() - started)
-        METER.count("images", len(images))
-        rows = tower.tokens(grids)
+        # a video counts as its temporal patches: pictures the tower encoded, as the mock counts
+        METER.count("images", sum(_pictures(job.images) for job, _, _ in ready))
         start = 0
-        index = 0
-        for job in batch:
-            count = sum(rows[index : index + len(job.images)])
-            expected_grids = [tuple(image.grid_thw) for image in job.images]
-            got = [tuple(g) for g in grids[index : index + len(job.images)].tolist()]
-            index += len(job.images)
+        for job, _, job_grids in ready:
+            count = sum(tower.tokens(job_grids))
             part = embeddings[start : start + count]
             start += count
-            if job.future.done():
-                continue
+            expected_grids = [tuple(item.grid_thw) for item in job.images]
+            got = [tuple(g) for g in job_grids.tolist()]
             if got != expected_grids:
-                job.future.set_exception(
-                    ServiceError(
-                        ErrorCode.INTERNAL,
-                        f"image grids {got} differ from the prompt's {expected_grids}",
-                    )
+                message = f"image grids {got} differ from the prompt's {expected_grids}"
+                _fail(job, ServiceError(ErrorCode.INTERNAL, message))
+            elif not job.future.done():
+                job.future.set_result(
+                    ImageEmbeddings(num_tokens=count, hidden_size=int(part.shape[-1]), tensor=part)
                 )
-                continue
-            job.future.set_result(
-                ImageEmbeddings(num_tokens=count, hidden_size=int(part.shape[-1]), tensor=part)
-            )
+
+
+def _pictures(items: Sequence[MediaItem]) -> int:
+    return sum(item.grid_thw[0] if isinstance(item, VideoItem) else 1 for item in items)
+
+
+def _fail(job: _Job, error: ServiceError) -> None:
+    if not job.future.done():
+        job.future.set_exception(error)
+
+
+def _preprocess_failure(error: BaseException) -> ServiceError:
+    """A video the frontend decoded cannot fail here unless the bytes differ: still the
+    client's input, so a 400; anything else is ours."""
+    if isinstance(error, VideoRejected):
+        return ServiceError(ErrorCode.BAD_REQUEST, f"video refused by the encoder: {error}")
+    return ServiceError(ErrorCode.INTERNAL, f"preprocessing failed: {error}")

@@ -1,14 +1,15 @@
-"""Static KV memory: one region per sequence slot, allocated once from a memory budget.
+"""Paged KV memory: one tensor of fixed-size blocks, allocated once from a memory budget.
 
-The pool holds keys and values for `slots` sequences of up to `max_len` tokens each, laid out
-``[layers, 2, slots, kv_heads, max_len, head_dim]``, so a batch of the first ``B`` slots and
-their first ``L`` positions is a plain strided view (what a captured CUDA graph needs: fixed
-addresses, no gather). Running sequences are kept in slots ``0..n-1``; when one leaves, the
-ones after it move down (`move`), which copies only their filled positions.
+Layout ``[layers, 2, blocks, block_size, kv_heads, head_dim]``: a token's keys (or values) of
+one layer sit at *slot* ``block * block_size + offset`` of the flattened
+``[layers, 2, blocks * block_size, kv_heads, head_dim]`` view, so writing a prompt's cache,
+packing it for another process or loading one received are each one indexed copy over every
+layer at once.
 
-How many slots: the budget is ``mem_fraction`` of the device's memory less what the process
-holds already (weights) and a reserve for activations, or an explicit token count; never more
-slots than the batch can run at once. A request beyond the slots waits in the engine's queue.
+How many blocks: ``--mem-fraction-static`` of the device's memory less what the process holds
+already (weights) and a reserve for activations, or an explicit ``--kv-cache-tokens``; never
+more than ``--max-running-requests`` sequences of ``--max-model-len`` tokens could fill (a pool
+beyond that could never be used).
 """
 
 import os
@@ -37,33 +38,39 @@ class KVShape:
 
 @dataclass(frozen=True)
 class KVBudget:
-    """How the KV cache is sized (the ``--mem-fraction`` family of flags)."""
+    """How the KV cache is sized (``--mem-fraction-static`` and its neighbours)."""
 
     max_len: int
     """Tokens one sequence may hold, prompt included (``--max-model-len``)."""
-    max_running: int = 32
+    max_running: int = 128
     """Sequences decoding at once (``--max-running-requests``)."""
-    mem_fraction: float = 0.9
+    mem_fraction_static: float = 0.9
     """Fraction of the device's memory this process may hold, weights included."""
     kv_tokens: int | None = None
     """An explicit pool size in tokens (``--kv-cache-tokens``), instead of the fraction."""
+    block_size: int = 16
+    """Token positions per block (``--page-size``)."""
 
-    def slots(self, shape: KVShape, device: torch.device) -> int:
-        """Sequence slots the budget allows (ValueError if not even one)."""
-        per_slot = shape.bytes_per_token * self.max_len
+    def num_blocks(self, shape: KVShape, device: torch.device) -> int:
+        """Blocks the budget allows, the padding block included (ValueError if it holds less
+        than one sequence of ``max_len`` tokens)."""
+        per_block = shape.bytes_per_token * self.block_size
         if self.kv_tokens is not None:
             budget = self.kv_tokens * shape.bytes_per_token
             source = f"--kv-cache-tokens {self.kv_tokens}"
         else:
-            budget = _budget_bytes(self.mem_fraction, device)
-            source = f"--mem-fraction {self.mem_fraction}"
-        slots = min(self.max_running, budget // per_slot)
-        if slots < 1:
+            budget = _budget_bytes(self.mem_fraction_static, device)
+            source = f"--mem-fraction-static {self.mem_fraction_static}"
+        usable = -(-self.max_running * self.max_len // self.block_size)
+        blocks = min(max(budget, 0) // per_block, usable)
+        one_sequence = -(-self.max_len // self.block_size)
+        if blocks < one_sequence:
             raise ValueError(
                 f"{source} leaves {max(budget, 0) / 2**20:.0f} MiB for the KV cache, less than one "
-                f"sequence of --max-model-len {self.max_len} ({per_slot / 2**20:.0f} MiB)"
+                f"sequence of --max-model-len {self.max_len} "
+                f"({one_sequence * per_block / 2**20:.0f} MiB)"
             )
-        return int(slots)
+        return int(blocks) + 1
 
 
 def _budget_bytes(fraction: float, device: torch.device) -> int:
@@ -76,23 +83,41 @@ def _budget_bytes(fraction: float, device: torch.device) -> int:
     return int(fraction * os.sysconf("SC_AVPHYS_PAGES") * page)
 
 
-class KVPool:
-    """Keys and values of `slots` sequences, allocated once."""
+class KVCache:
+    """Keys and values of every layer in `num_blocks` blocks, allocated once.
 
-    def __init__(self, shape: KVShape, slots: int, max_len: int, device: torch.device) -> None:
+    Block 0 is the padding block (see `BlockManager`); it is zeroed so that reading it never
+    brings non-finite garbage into masked arithmetic.
+    """
+
+    def __init__(
+        self, shape: KVShape, num_blocks: int, block_size: int, device: torch.device
+    ) -> None:
         self.shape = shape
-        self.slots = slots
-        self.max_len = max_len
-        self.data = torch.zeros(
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = device
+        # empty, not zeros: on a CPU, untouched pages cost no memory until a sequence uses them
+        self.data = torch.empty(
             shape.layers,
             2,
-            slots,
+            num_blocks,
+            block_size,
             shape.kv_heads,
-            max_len,
             shape.head_dim,
             dtype=shape.dtype,
             device=device,
         )
+        self.data[:, :, 0].zero_()
+        self.slots_view = self.data.view(
+            shape.layers, 2, num_blocks * block_size, shape.kv_heads, shape.head_dim
+        )
+        """``[layers, 2, slots, kv_heads, head_dim]``."""
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Token positions sequences can hold (the padding block excluded)."""
+        return (self.num_blocks - 1) * self.block_size
 
     @property
     def capacity_bytes(self) -> int:
@@ -100,23 +125,27 @@ class KVPool:
         return self.data.numel() * self.data.element_size()
 
     def keys(self, layer: int) -> torch.Tensor:
-        """``[slots, kv_heads, max_len, head_dim]`` keys of one layer."""
+        """``[blocks, block_size, kv_heads, head_dim]`` keys of one layer."""
         return self.data[layer, 0]
 
     def values(self, layer: int) -> torch.Tensor:
-        """``[slots, kv_heads, max_len, head_dim]`` values of one layer."""
+        """``[blocks, block_size, kv_heads, head_dim]`` values of one layer."""
         return self.data[layer, 1]
 
-    def load(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """Copy a prefilled cache (per layer ``[1, kv_heads, T, head_dim]``) into `slot`."""
-        tokens = int(kv[0][0].shape[2])
-        if tokens > self.max_len:
-            raise ValueError(f"{tokens} tokens do not fit a slot of {self.max_len}")
-        for layer, (keys, values) in enumerate(kv):
-            self.data[layer, 0, slot, :, :tokens].copy_(keys[0])
-            self.data[layer, 1, slot, :, :tokens].copy_(values[0])
-        return tokens
+    def slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
+        """Slot indices of positions ``start..end-1`` of a sequence with block table `table`,
+        on the cache's device."""
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(table, dtype=torch.long)[positions // self.block_size]
+        host = blocks * self.block_size + positions % self.block_size
+        return host.to(self.device, non_blocking=True)
 
-    def move(self, source: int, target: int, tokens: int) -> None:
-        """Copy the first `tokens` positions of slot `source` into slot `target`."""
-        self.data[:, :, target, :, :tokens] = self.data[:, :, source, :, :tokens]
+    def write(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store `kv` ``[layers, 2, tokens, kv_heads, head_dim]`` (any strides) at `slots`."""
+        self.slots_view.index_copy_(2, slots, kv.to(self.shape.dtype))
+
+    def read(self, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[layers, 2, tokens, kv_heads, head_dim]`` keys and values at `slots`."""
+        if out is None:
+            return self.slots_view.index_select(2, slots)
+        return torch.index_select(self.slots_view, 2, slots, out=out)

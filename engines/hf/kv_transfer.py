@@ -1,13 +1,18 @@
-"""Packing a prefilled sequence for decode: KV cache and last hidden state in one flat tensor.
+"""Packing a prefilled prompt for decode: KV cache and last hidden state in one flat tensor.
 
-Layout: keys and values of every layer, [layers, 2, kv_heads, tokens, head_dim], then the final
-hidden state of the last prompt position (decode samples the first token from it, so every
-topology draws its random numbers in the same place). One tensor means one NIXL READ.
+Layout: keys and values of every layer, [layers, 2, kv_heads, tokens, head_dim] (the layout
+prefill's cache has, so packing is one copy), then the final hidden state of the last prompt
+position (decode samples the first token from it, so every topology draws its random numbers
+in the same place). One tensor means one NIXL READ; decode copies the keys and values straight
+from the received tensor into its cache blocks (`unpack` makes views, no copy).
 """
 
-import torch
+from typing import Any, cast
 
-from triptych.engines.hf.model import LanguageModel, SequenceKV
+import torch
+from transformers import DynamicCache
+
+from triptych.engines.hf.model import LanguageModel
 
 
 def layout(model: LanguageModel) -> str:
@@ -18,16 +23,26 @@ def layout(model: LanguageModel) -> str:
     )
 
 
-def pack(sequence: SequenceKV, hidden: torch.Tensor) -> torch.Tensor:
-    """KV cache and hidden state → one contiguous 1-D tensor."""
-    kv = torch.stack([torch.stack([keys[0], values[0]]) for keys, values in sequence.kv])
-    return torch.cat([kv.reshape(-1), hidden.reshape(-1).to(kv.dtype)])
+def pack(
+    model: LanguageModel, cache: DynamicCache, row: int, tokens: int, hidden: torch.Tensor
+) -> torch.Tensor:
+    """Row `row`'s first `tokens` positions of every layer of `cache`, and `hidden` [hidden],
+    as one contiguous 1-D tensor."""
+    layers = cast(list[Any], cache.layers)
+    size = model.num_layers * 2 * model.kv_heads * tokens * model.head_dim
+    flat = torch.empty(size + model.hidden_size, dtype=model.dtype, device=model.device)
+    parts = [t[row, :, :tokens] for layer in layers for t in (layer.keys, layer.values)]
+    out = flat[:size].view(2 * model.num_layers, model.kv_heads, tokens, model.head_dim)
+    torch.stack(parts, out=out)
+    flat[size:].copy_(hidden.reshape(-1))
+    return flat
 
 
 def unpack(
-    model: LanguageModel, flat: torch.Tensor, tokens: int, rope_delta: int
-) -> tuple[SequenceKV, torch.Tensor]:
-    """The inverse of `pack`, for a sequence of `tokens` prompt tokens."""
+    model: LanguageModel, flat: torch.Tensor, tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of a packed sequence of `tokens` prompt tokens: keys and values
+    [layers, 2, tokens, kv_heads, head_dim] (what `KVCache.write` takes) and the hidden state."""
     shape = (model.num_layers, 2, model.kv_heads, tokens, model.head_dim)
     size = model.num_layers * 2 * model.kv_heads * tokens * model.head_dim
     if flat.numel() != size + model.hidden_size:
@@ -35,9 +50,4 @@ def unpack(
             f"KV transfer of {flat.numel()} elements, expected {size + model.hidden_size}"
         )
     flat = flat.to(model.device, model.dtype)
-    kv = flat[:size].view(shape)
-    layers = [
-        (kv[i, 0].unsqueeze(0).contiguous(), kv[i, 1].unsqueeze(0).contiguous())
-        for i in range(model.num_layers)
-    ]
-    return SequenceKV(layers, rope_delta), flat[size:].clone()
+    return flat[:size].view(shape).transpose(2, 3), flat[size:]

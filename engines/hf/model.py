@@ -1,21 +1,21 @@
-"""The language model of a VLM checkpoint: loading it, and prefilling one sequence.
+"""The language model of a VLM checkpoint: loading it, and running prompts (prefill).
 
-Prefill runs transformers' own text-model forward, so its numbers are those of ``generate()``.
-Decode steps over a static KV pool live in `decoder`.
+Prefill runs transformers' own text-model forward, so its numbers are those of ``generate()``:
+a prompt's embeddings (image embeddings in the placeholders' places) and rope positions are
+made once (`prepare`), then run whole, several prompts in one right-padded forward
+(`prefill_together`), or a chunk at a time on top of the earlier chunks' cache
+(`prefill_chunk`). Decode steps over the paged cache live in `decoder`.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from transformers import AutoConfig, DynamicCache
 
 from triptych.engines.hf.kv_cache import KVShape
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]
-"""Per layer: keys and values, each [1, kv_heads, tokens, head_dim]."""
-Prompt = tuple[list[int], list[tuple[int, int, int]], torch.Tensor | None]
-"""Token ids, image grids and image embeddings: what `LanguageModel.prefill` takes."""
+from triptych.engines.hf.sequence import Prompt
+from triptych.models.mrope import rope_index, vision_mask
 
 
 def _model_class(model_type: str) -> Any:
@@ -32,16 +32,24 @@ def _model_class(model_type: str) -> Any:
     return AutoModelForCausalLM
 
 
-@dataclass
-class SequenceKV:
-    """One sequence's KV cache and M-RoPE offset."""
+@dataclass(eq=False)
+class PrefillState:
+    """A prompt on its way through prefill."""
 
-    kv: KV
-    rope_delta: int = 0
-    length: int = field(init=False)
+    embeds: torch.Tensor
+    """[1, T, hidden] input embeddings."""
+    positions: torch.Tensor
+    """Rope positions: [3, 1, T] (M-RoPE) or [1, T]."""
+    rope_delta: int
+    done: int = 0
+    """Positions run so far."""
+    cache: DynamicCache | None = None
+    """Keys and values of the positions run so far (chunked prompts only)."""
 
-    def __post_init__(self) -> None:
-        self.length = int(self.kv[0][0].shape[2]) if self.kv else 0
+    @property
+    def length(self) -> int:
+        """The prompt's length."""
+        return int(self.embeds.shape[1])
 
 
 class LanguageModel:
@@ -66,6 +74,7 @@ class LanguageModel:
         self.text = self.model.model.language_model if self.vlm else self.model.model
         text_config = getattr(config, "text_config", config)
         self.image_token_id: int | None = getattr(config, "image_token_id", None)
+        self.video_token_id: int | None = getattr(config, "video_token_id", None)
         self.num_layers = int(text_config.num_hidden_layers)
         self.kv_heads = int(text_config.num_key_value_heads)
         self.head_dim = int(
@@ -79,46 +88,70 @@ class LanguageModel:
         self.kv_shape = KVShape(self.num_layers, self.kv_heads, self.head_dim, self.dtype)
 
     @torch.inference_mode()
-    def prefill(
-        self,
-        token_ids: list[int],
-        image_grids: list[tuple[int, int, int]],
-        embeddings: torch.Tensor | None,
-    ) -> tuple[SequenceKV, torch.Tensor]:
-        """Run the prompt; image embeddings take the placeholders' places.
-
-        Returns the sequence's KV cache and the last position's final hidden state.
-        """
-        embeds, positions, rope_delta = self._inputs(token_ids, image_grids, embeddings)
-        cache = DynamicCache(config=self.text.config)
-        output = self.text(
-            inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True
+    def prepare(self, prompt: Prompt) -> PrefillState:
+        """A prompt's input embeddings and rope positions (without waiting for the device)."""
+        ids = torch.tensor([prompt.token_ids])
+        embeds = self.text.embed_tokens(ids.to(self.device, non_blocking=True))
+        if prompt.embeddings is None or not prompt.image_grids:
+            positions = torch.arange(len(prompt.token_ids)).view(1, 1, -1)
+            positions = positions.expand(3, 1, -1) if self.vlm else positions.view(1, -1)
+            return PrefillState(embeds, positions.to(self.device, non_blocking=True), 0)
+        assert self.image_token_id is not None, "images given to a text-only model"
+        mask = vision_mask(ids, self.image_token_id, self.video_token_id)
+        rows = int(mask.sum())
+        if rows != prompt.embeddings.shape[0]:
+            raise ValueError(f"{prompt.embeddings.shape[0]} embedding rows for {rows} image tokens")
+        embeds = embeds.masked_scatter(
+            mask.to(self.device, non_blocking=True)[..., None],
+            prompt.embeddings.to(self.device, embeds.dtype),
         )
-        kv = cast(KV, [(layer.keys, layer.values) for layer in cache.layers])  # type: ignore[union-attr]
-        return SequenceKV(kv, rope_delta), output.last_hidden_state[0, -1]
+        # on the host: the index is integer work with loops, which would wait for the device
+        positions, delta = rope_index(
+            self.model.model, ids, prompt.image_grids, self.image_token_id, self.video_token_id
+        )
+        return PrefillState(embeds, positions.to(self.device, non_blocking=True), delta)
 
     @torch.inference_mode()
-    def prefill_batch(self, prompts: list[Prompt]) -> list[tuple[SequenceKV, torch.Tensor]]:
-        """Several prompts in one forward, right-padded to the longest under a padding mask.
+    def prefill_chunk(self, state: PrefillState, end: int) -> tuple[DynamicCache, torch.Tensor]:
+        """Run positions ``state.done..end-1`` on top of the cache of those before them.
 
-        Each sequence's KV cache and last hidden state equal its own `prefill` up to the
-        rounding of batched kernels (so the token-exact CPU path prefills one at a time).
+        Returns the cache (every position so far) and the final hidden state of the chunk's
+        last position, [1, hidden].
         """
-        if len(prompts) == 1:
-            return [self.prefill(*prompts[0])]
-        inputs = [self._inputs(*prompt) for prompt in prompts]
-        lengths = [len(prompt[0]) for prompt in prompts]
-        longest = max(lengths)
-        embeds = torch.zeros(
-            len(prompts), longest, self.hidden_size, dtype=inputs[0][0].dtype, device=self.device
+        if state.cache is None:
+            state.cache = DynamicCache(config=self.text.config)
+        start = state.done
+        output = self.text(
+            inputs_embeds=state.embeds[:, start:end],
+            position_ids=state.positions[..., start:end],
+            past_key_values=state.cache,
+            use_cache=True,
         )
+        state.done = end
+        return state.cache, output.last_hidden_state[:, -1]
+
+    @torch.inference_mode()
+    def prefill_together(self, states: list[PrefillState]) -> tuple[DynamicCache, torch.Tensor]:
+        """Whole prompts in one forward, right-padded to the longest under a padding mask.
+
+        Returns the batched cache (row ``i`` is prompt ``i``, padded) and each prompt's last
+        hidden state, [n, hidden]. Each equals the prompt's own `prefill_chunk` up to the
+        rounding of batched kernels (so the token-exact CPU path runs prompts one at a time).
+        """
+        if len(states) == 1:
+            state = states[0]
+            return self.prefill_chunk(state, state.length)
+        lengths = [state.length for state in states]
+        longest = max(lengths)
+        embeds = states[0].embeds.new_zeros(len(states), longest, self.hidden_size)
         rows = 3 if self.vlm else 1
-        positions = torch.zeros(rows, len(prompts), longest, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.long, device=self.device)
-        for row, ((embed, position, _), length) in enumerate(zip(inputs, lengths, strict=True)):
-            embeds[row, :length] = embed[0]
-            positions[:, row, :length] = position.view(rows, -1)
+        positions = torch.zeros(rows, len(states), longest, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(states), longest, dtype=torch.long, device=self.device)
+        for row, (state, length) in enumerate(zip(states, lengths, strict=True)):
+            embeds[row, :length] = state.embeds[0]
+            positions[:, row, :length] = state.positions.view(rows, -1)
             mask[row, :length] = 1
+            state.done = length
         cache = DynamicCache(config=self.text.config)
         output = self.text(
             inputs_embeds=embeds,
@@ -127,45 +160,20 @@ class LanguageModel:
             past_key_values=cache,
             use_cache=True,
         )
-        layers = cast(KV, [(layer.keys, layer.values) for layer in cache.layers])  # type: ignore[union-attr]
         hidden = cast(torch.Tensor, output.last_hidden_state)
-        results = []
-        for row, ((_, _, rope_delta), length) in enumerate(zip(inputs, lengths, strict=True)):
-            kv = cast(
-                KV,
-                [(k[row : row + 1, :, :length], v[row : row + 1, :, :length]) for k, v in layers],
-            )
-            results.append((SequenceKV(kv, rope_delta), hidden[row, length - 1]))
-        return results
-
-    def _inputs(
-        self,
-        token_ids: list[int],
-        image_grids: list[tuple[int, int, int]],
-        embeddings: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """A prompt's input embeddings [1, T, hidden], rope positions and M-RoPE offset."""
-        ids = torch.tensor([token_ids], device=self.device)
-        embeds = self.text.embed_tokens(ids)
-        if embeddings is None or not image_grids:
-            positions = torch.arange(len(token_ids), device=self.device).view(1, 1, -1)
-            return embeds, positions.expand(3, 1, -1) if self.vlm else positions.view(1, -1), 0
-        assert self.image_token_id is not None, "images given to a text-only model"
-        image_mask = torch.eq(ids, self.image_token_id)
-        rows = int(image_mask.sum())
-        if rows != embeddings.shape[0]:
-            raise ValueError(f"{embeddings.shape[0]} embedding rows for {rows} image tokens")
-        embeds = embeds.masked_scatter(
-            image_mask[..., None], embeddings.to(self.device, embeds.dtype)
-        )
-        positions, deltas = self.model.model.get_rope_index(
-            ids,
-            mm_token_type_ids=image_mask.int(),
-            image_grid_thw=torch.tensor(image_grids, device=self.device),
-        )
-        return embeds, positions, int(deltas.view(-1)[0])
+        ends = torch.tensor([length - 1 for length in lengths]).to(self.device, non_blocking=True)
+        return cache, hidden[torch.arange(len(states), device=self.device), ends]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, hidden] → float32 logits [B, vocab]."""
         return self.model.lm_head(hidden).float()  # type: ignore[no-any-return]
+
+
+def stacked_kv(cache: DynamicCache, start: int, end: int) -> torch.Tensor:
+    """Keys and values of positions ``start..end-1`` of every layer and row of `cache`, as one
+    new tensor [layers, 2, rows, kv_heads, end - start, head_dim] (one copy)."""
+    layers = cast(list[Any], cache.layers)
+    parts = [t[:, :, start:end] for layer in layers for t in (layer.keys, layer.values)]
+    stacked = torch.stack(parts)
+    return stacked.view(len(layers), 2, *stacked.shape[1:])

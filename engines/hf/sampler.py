@@ -1,106 +1,173 @@
-"""Choosing the next token: penalties, greedy or temperature/top-k/top-p/min-p, seeded."""
+"""Choosing every row's next token in one batched pass on the device.
+
+Each row carries its own options as tensors: temperature, top-k, top-p, min-p, penalties
+(repetition, frequency, presence), min_tokens. Nothing is copied to the host here; the caller
+reads the chosen tokens once per step.
+
+Random draws are counter-based: the noise for token ``t`` at a row's ``n``-th generated token
+is a hash of (the row's seed, ``n``, ``t``), so a seeded row draws the same numbers whatever
+else is in the batch, on any device, and its token is the Gumbel-max choice over the
+candidates its own filters keep (that choice does not depend on how many candidates the
+batch looked at).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from triptych.protocol import FinishReason, SamplingOptions
+from triptych.protocol import SamplingOptions
+
+_MIX = 0x45D9F3B
+_LOW32 = 0xFFFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash on int64 tensors holding values below 2**32 (no overflow)."""
+    x = (((x >> 16) ^ x) * _MIX) & _LOW32
+    x = (((x >> 16) ^ x) * _MIX) & _LOW32
+    return (x >> 16) ^ x
+
+
+def uniform(seeds: torch.Tensor, steps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Numbers in (0, 1), one per (row's seed, row's step, token id): `seeds` and `steps` [B],
+    `tokens` [B, K]."""
+    base = _mix(_mix((seeds >> 32) & _LOW32) ^ (seeds & _LOW32))
+    base = _mix(base ^ (steps & _LOW32))
+    bits = _mix(base.view(-1, 1) ^ tokens)
+    return ((bits >> 8).float() + 0.5) / float(1 << 24)
+
+
+@dataclass(frozen=True)
+class Row:
+    """What the sampler needs of one sequence for one step."""
+
+    row: int
+    """The sequence's row in the penalty tables."""
+    options: SamplingOptions
+    seed: int
+    step: int
+    """Tokens it generated before this one."""
+    stop_ids: frozenset[int]
+
+
+def plain_greedy(row: Row) -> bool:
+    """Whether the row's token is the plain argmax of its logits (then no sampling pass is
+    needed for it)."""
+    o = row.options
+    return o.greedy and not penalized(o) and not (row.step < o.min_tokens and row.stop_ids)
+
+
+def penalized(options: SamplingOptions) -> bool:
+    """Whether any penalty applies."""
+    return bool(
+        options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty
+    )
 
 
 class Sampler:
-    """One request's sampling state: its options, its random generator, its token counts."""
+    """Samples a batch's tokens; keeps per-sequence penalty state in device tables."""
 
-    def __init__(
-        self,
-        options: SamplingOptions,
-        prompt: list[int],
-        stop_ids: set[int],
-        vocab_size: int,
-        device: torch.device,
-    ) -> None:
-        self.options = options
-        self.stop_ids = stop_ids
-        """Token ids that end generation (EOS unless ignored, plus `stop_token_ids`)."""
-        self.generated: list[int] = []
-        self._penalties = bool(
-            options.repetition_penalty != 1.0
-            or options.frequency_penalty
-            or options.presence_penalty
-        )
-        self._generator = torch.Generator(device=device)
-        if options.seed is not None:
-            self._generator.manual_seed(options.seed)
+    def __init__(self, vocab_size: int, rows: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.rows = rows
+        self.device = device
+        self._counts: torch.Tensor | None = None
+        """[rows, vocab] generated-token counts, made when a penalized sequence first comes."""
+        self._seen: torch.Tensor | None = None
+        """[rows, vocab] tokens in the prompt or generated (repetition penalty)."""
+
+    def start(self, row: int, options: SamplingOptions, prompt: list[int]) -> None:
+        """Reset a sequence's penalty state (only penalized sequences have any)."""
+        if not penalized(options):
+            return
+        if self._counts is None or self._seen is None:
+            shape = (self.rows, self.vocab_size)
+            self._counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+            self._seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self._counts[row].zero_()
+        self._seen[row].zero_()
+        if prompt:
+            self._seen[row, self._tensor(sorted(set(prompt)))] = True
+
+    def _tensor(
+        self, values: Sequence[int | float | bool], dtype: torch.dtype = torch.long
+    ) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        """The next token of each row ([n] int64 on the device) from float32 logits [n, vocab]
+        (which may be changed in place)."""
+        options = [r.options for r in rows]
+        index = self._tensor([r.row for r in rows])
+        if self._counts is not None and any(penalized(o) for o in options):
+            logits = self._penalize(logits, index, options)
+        self._mask_stops(logits, rows)
+        tokens = logits.argmax(-1)
+        if not all(o.greedy for o in options):
+            tokens = self._draw(logits, rows, tokens)
+        if self._counts is not None and self._seen is not None:
+            self._counts[index, tokens] += 1
+            self._seen[index, tokens] = True
+        return tokens
+
+    def _penalize(
+        self, logits: torch.Tensor, index: torch.Tensor, options: list[SamplingOptions]
+    ) -> torch.Tensor:
+        assert self._counts is not None and self._seen is not None
+        counts = self._counts[index].float()
+        if any(o.repetition_penalty != 1.0 for o in options):
+            penalty = self._tensor([o.repetition_penalty for o in options], torch.float32)
+            penalty = penalty.view(-1, 1)
+            scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(self._seen[index], scaled, logits)
+        frequency = self._tensor([o.frequency_penalty for o in options], torch.float32)
+        presence = self._tensor([o.presence_penalty for o in options], torch.float32)
+        return logits - frequency.view(-1, 1) * counts - presence.view(-1, 1) * (counts > 0)
+
+    def _mask_stops(self, logits: torch.Tensor, rows: list[Row]) -> None:
+        """Stop tokens cannot come before a row's ``min_tokens``."""
+        pairs = [
+            (i, stop)
+            for i, r in enumerate(rows)
+            if r.step < r.options.min_tokens
+            for stop in sorted(r.stop_ids)
+        ]
+        if pairs:
+            where = self._tensor([i for i, _ in pairs]), self._tensor([s for _, s in pairs])
+            logits.index_put_(where, logits.new_full((), float("-inf")))
+
+    def _draw(self, logits: torch.Tensor, rows: list[Row], greedy: torch.Tensor) -> torch.Tensor:
+        """Temperature, top-k, top-p and min-p, then a Gumbel-max draw, for every row at once
+        (greedy rows keep `greedy`)."""
+        vocab = logits.shape[-1]
+        options = [r.options for r in rows]
+        sampled = [not o.greedy for o in options]
+        top_k = [
+            o.top_k if 0 < o.top_k < vocab and s else vocab if s else 1
+            for o, s in zip(options, sampled, strict=True)
+        ]
+        width = max(k for k, s in zip(top_k, sampled, strict=True) if s)
+        if width >= vocab:
+            values, candidates = logits.sort(-1, descending=True)
         else:
-            self._generator.seed()
-        self._seen = torch.zeros(
-            vocab_size if self._penalties else 0, dtype=torch.bool, device=device
+            values, candidates = logits.topk(width, -1)
+        temperature = self._tensor(
+            [o.temperature if s else 1.0 for o, s in zip(options, sampled, strict=True)],
+            torch.float32,
         )
-        self._counts = torch.zeros(vocab_size if self._penalties else 0, device=device)
-        if prompt and self._penalties:
-            self._seen[torch.tensor(prompt, device=device)] = True
-
-    def next_token(self, logits: torch.Tensor) -> int:
-        """Pick the next token from float32 logits [vocab] and record it."""
-        logits = self._penalized(logits)
-        o = self.options
-        if len(self.generated) < o.min_tokens and self.stop_ids:
-            logits[list(self.stop_ids)] = -float("inf")
-        token = int(torch.argmax(logits)) if o.greedy else self._draw(logits / o.temperature)
-        return self.accept(token)
-
-    def takes_argmax(self) -> bool:
-        """Whether the next token is the plain argmax of the logits: greedy, nothing to apply.
-
-        Then the caller may pick it from a batched argmax and `accept` it, saving a copy and a
-        device sync per sequence.
-        """
-        o = self.options
-        return (
-            o.greedy
-            and not self._penalties
-            and not (len(self.generated) < o.min_tokens and self.stop_ids)
+        values = values / temperature.view(-1, 1)
+        rank = torch.arange(values.shape[-1], device=values.device).view(1, -1)
+        values = values.masked_fill(rank >= self._tensor(top_k).view(-1, 1), float("-inf"))
+        if any(o.top_p < 1.0 or o.min_p > 0.0 for o in options):
+            probs = torch.softmax(values, -1)
+            top_p = self._tensor([o.top_p for o in options], torch.float32).view(-1, 1)
+            min_p = self._tensor([o.min_p for o in options], torch.float32).view(-1, 1)
+            drop = (probs.cumsum(-1) - probs > top_p) | (probs < min_p * probs[:, :1])
+            values = values.masked_fill(drop, float("-inf"))
+        noise = uniform(
+            self._tensor([r.seed for r in rows]), self._tensor([r.step for r in rows]), candidates
         )
-
-    def accept(self, token: int) -> int:
-        """Record `token` as the next one."""
-        self.generated.append(token)
-        if self._penalties:
-            self._seen[token] = True
-            self._counts[token] += 1
-        return token
-
-    def finished(self) -> FinishReason | None:
-        """ "stop" or "length" once the request is done, else None."""
-        if self.generated[-1] in self.stop_ids and len(self.generated) > self.options.min_tokens:
-            return "stop"
-        if len(self.generated) >= self.options.max_tokens:
-            return "length"
-        return None
-
-    def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
-        o = self.options
-        logits = logits.clone()
-        if o.repetition_penalty != 1.0:
-            seen = logits[self._seen]
-            logits[self._seen] = torch.where(
-                seen > 0, seen / o.repetition_penalty, seen * o.repetition_penalty
-            )
-        if o.frequency_penalty:
-            logits -= o.frequency_penalty * self._counts
-        if o.presence_penalty:
-            logits -= o.presence_penalty * (self._counts > 0).float()
-        return logits
-
-    def _draw(self, logits: torch.Tensor) -> int:
-        o = self.options
-        if o.top_k > 0:
-            kth = torch.topk(logits, min(o.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if o.min_p > 0:
-            probs = probs.masked_fill(probs < o.min_p * probs.max(), 0.0)
-        if o.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            drop = cumulative - sorted_probs > o.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=self._generator))
+        pick = (values - torch.log(-torch.log(noise))).argmax(-1, keepdim=True)
+        drawn = candidates.gather(-1, pick).view(-1)
+        return torch.where(self._tensor(sampled, torch.bool), drawn, greedy)

@@ -10,6 +10,11 @@ its NIXL pool exactly as the ``hf`` encoder's.
 
 SGLang's config is process-wide (``publish``): an ``MMEncoder`` cannot share a process with
 an ``sglang.Engine``, which is why `inline_refusal` exists.
+
+Videos are refused with a 400 (`VIDEO_REFUSAL`): SGLang's encoder would sample and resize the
+frames with its own loader and rules, not the checkpoint processor's that the frontend used to
+count the video's tokens, so its rows could not be trusted to match the prompt; the ``hf``
+encoder embeds videos.
 """
 
 import asyncio
@@ -29,10 +34,15 @@ from triptych.engines.registry import EngineConfig
 from triptych.engines.sglang.loop_thread import LoopThread
 from triptych.engines.sglang.server_args import free_port, server_args
 from triptych.observability import metrics
-from triptych.protocol import ErrorCode, ImageItem, ServiceError
+from triptych.protocol import ErrorCode, ImageItem, ServiceError, VideoItem
 from triptych.transfer import ImageEmbeddings
 
 log = logging.getLogger(__name__)
+
+VIDEO_REFUSAL = (
+    "the sglang encoder does not embed videos; serve videos with --encode-engine hf "
+    "(images are served as usual)"
+)
 
 
 @dataclass(eq=False)
@@ -90,7 +100,11 @@ class SglangEncodeEngine(EncodeEngine):
             self._thread.close()
             self._thread = None
 
-    async def encode(self, request_id: str, images: Sequence[ImageItem]) -> ImageEmbeddings:
+    async def encode(
+        self, request_id: str, images: Sequence[ImageItem], videos: Sequence[VideoItem] = ()
+    ) -> ImageEmbeddings:
+        if videos:
+            raise ServiceError(ErrorCode.BAD_REQUEST, VIDEO_REFUSAL)
         if any(image.data is None for image in images):
             raise ServiceError(ErrorCode.INTERNAL, "an image reached the encoder without bytes")
         # SGLang keys its per-request state by id: one per call, even for a repeated request

@@ -140,7 +140,7 @@ def generate_kwargs(
         "stream": True,
         "rid": rid,
     }
-    if request.images:
+    if request.images or request.videos:  # a video is refused there
         kwargs["image_data"] = [image_item(request, embeddings)]
     if bootstrap is not None:
         kwargs["bootstrap_host"] = bootstrap.bootstrap_host

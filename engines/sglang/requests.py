@@ -60,6 +60,11 @@ def image_item(request: GenerateRequest, embeddings: ImageEmbeddings | None) -> 
     grids for M-RoPE) the item carries a zero tensor of the right shape that SGLang never
     reads, instead of a second copy of the embeddings.
     """
+    if request.videos:
+        raise ServiceError(
+            ErrorCode.BAD_REQUEST,
+            "the sglang engine does not serve videos yet; serve videos with --engine hf",
+        )
     rows = sum(image.num_tokens for image in request.images)
     if embeddings is not None and embeddings.tensor is not None:
         if embeddings.num_tokens != rows:

@@ -73,7 +73,7 @@ def server_args_kwargs(config: EngineConfig, role: Role, **ports: int) -> dict[s
         "enable_adaptive_dispatch_to_encoder": True,
         "encoder_bootstrap_port": ports["encoder_bootstrap_port"],
         "disaggregation_mode": "null" if role == "agg" else role,
-        "mem_fraction_static": config.mem_fraction,
+        "mem_fraction_static": config.mem_fraction_static,
         "max_running_requests": config.max_running_requests,
         "disable_cuda_graph": not config.cuda_graphs,
         # incremental outputs: each streamed chunk carries only the new token ids

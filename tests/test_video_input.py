@@ -1,0 +1,251 @@
+"""Video input: every way a video can be bad ends at the frontend with a 400 naming the problem
+and no worker sees the request; good videos come by ``data:``, ``file://`` and ``http://``;
+videos and frames move the frontend's and the encoder's metrics."""
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from tests.stack import Stack, start_topology
+from tests.test_image_input import png
+from tests.test_metrics import metrics_ports, scrape, value
+from tests.test_scale_out import requests_per_instance
+from tests.videos import clip, video_part
+from triptych.models.video_decoder import VideoBounds, VideoRejected, probe_video
+from triptych.runtime.nats_server import NatsServer
+
+GOOD = clip(56, 56, frames=8, fps=4, seed=7)
+"""2 s at 4 fps: 4 frames sampled (Qwen's 2 per second), 2 temporal patches, 8 tokens."""
+BOMB_MKV = clip(16, 16, frames=3000, fps=1000, container="matroska", noise=False)
+"""50 KB holding 3000 frames; Matroska declares no frame count, so only the packets tell."""
+INDEXED = clip(56, 56, frames=8, fps=4, seed=7, faststart=True)
+"""GOOD with its index first: cut short, it still declares 8 frames but holds fewer."""
+MAX_FRAMES = 60
+MAX_PIXELS = 300_000
+MAX_SECONDS = 10
+
+
+class VideoServer:
+    """A local web server with a video and a redirect toward loopback (a thread, its loop)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+
+        async def video(_: web.Request) -> web.Response:
+            return web.Response(body=GOOD, content_type="video/mp4")
+
+        async def to_private(_: web.Request) -> web.Response:
+            raise web.HTTPFound(f"http://127.0.0.1:{self.port}/clip.mp4")
+
+        app.router.add_get("/clip.mp4", video)
+        app.router.add_get("/to-private", to_private)
+        runner = web.AppRunner(app)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+        self.port = int(runner.addresses[0][1])
+        self._ready.set()
+        self._loop.run_forever()
+
+    def url(self, path: str) -> str:
+        return f"http://localhost:{self.port}{path}"
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+@pytest.fixture(scope="module")
+def video_server() -> Iterator[VideoServer]:
+    server = VideoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    (root / "clip.mp4").write_bytes(GOOD)
+    return root
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    nats_server: NatsServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: Path,
+    media_root: Path,
+) -> Iterator[Stack]:
+    stack = Stack(nats_server.url, tmp_path_factory.mktemp("guarded-video"))
+    limits = (
+        "--max-videos",
+        "2",
+        "--max-video-bytes",
+        "300000",
+        "--max-video-frames",
+        str(MAX_FRAMES),
+        "--max-video-pixels",
+        str(MAX_PIXELS),
+        "--max-video-duration-s",
+        str(MAX_SECONDS),
+        "--allowed-image-hosts",
+        "localhost",
+        "--allowed-local-media-path",
+        str(media_root),
+    )
+    try:
+        yield start_topology(stack, "E/P/D", frontend_args=limits)
+    finally:
+        stack.stop()
+
+
+def chat(*parts: dict[str, Any], max_tokens: int = 4) -> dict[str, Any]:
+    return {
+        "model": "tiny-qwen2.5-vl",
+        "max_tokens": max_tokens,
+        "messages": [
+            {"role": "user", "content": [*parts, {"type": "text", "text": "what happens?"}]}
+        ],
+    }
+
+
+def url_part(url: str) -> dict[str, Any]:
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+def encoded_requests(stack: Stack) -> int:
+    return sum(asyncio.run(requests_per_instance(stack, "encode")).values())
+
+
+BAD: list[tuple[str, Any, str]] = [
+    ("not a video", video_part(b"hello, not a video"), "video could not be decoded"),
+    ("an image", video_part(png(56, 56), "png"), "video cannot be sampled"),
+    ("truncated", video_part(GOOD[: len(GOOD) // 2]), "video could not be decoded"),
+    (
+        "truncated, index first",
+        video_part(INDEXED[: len(INDEXED) * 6 // 10]),
+        "video is truncated: its container declares 8 frames",
+    ),
+    ("one frame", video_part(clip(56, 56, frames=1, fps=4)), "at least 2 are needed"),
+    ("too long", video_part(clip(16, 16, frames=24, fps=2)), "over 10 seconds"),
+    ("too many frames", video_part(clip(16, 16, frames=61, fps=30)), "61 frames (at most 60)"),
+    (
+        "frame-count bomb",
+        video_part(clip(16, 16, frames=3000, fps=1000, noise=False)),
+        "3000 frames (at most 60)",
+    ),
+    (
+        "frame-count bomb, nothing declared",
+        video_part(BOMB_MKV, "x-matroska"),
+        "over 60 frames",
+    ),
+    (
+        "frame-size bomb",
+        video_part(clip(1024, 1024, frames=2, fps=2, noise=False)),
+        "1048576 pixels (at most 300000)",
+    ),
+    ("too large", video_part(clip(480, 360, frames=24, fps=4)), "video is over 300000 bytes"),
+    ("too many videos", [video_part(GOOD)] * 3, "too many videos: 3 (at most 2)"),
+    ("image data URL", url_part("data:image/png;base64,AAAA"), "data:video/<type>;base64"),
+    ("bad base64", url_part("data:video/mp4;base64,@@@@"), "not valid base64"),
+    ("unsupported scheme", url_part("ftp://example.invalid/a.mp4"), "unsupported video URL"),
+    ("loopback address", url_part("http://127.0.0.1:{port}/clip.mp4"), "video URL refused"),
+    ("redirect to loopback", url_part("/to-private"), "video URL refused"),
+    ("outside the root", url_part("file:///etc/passwd"), "outside the allowed directory"),
+    ("in an assistant message", "ASSISTANT", "videos are only accepted in user messages"),
+]
+
+
+def case_body(part: Any, server: VideoServer) -> dict[str, Any]:
+    if part == "ASSISTANT":
+        body = chat(video_part(GOOD))
+        body["messages"].insert(0, {"role": "assistant", "content": [video_part(GOOD)]})
+        return body
+    parts = part if isinstance(part, list) else [part]
+    for p in parts:
+        url = p["video_url"]["url"]
+        if url.startswith("/"):
+            p["video_url"]["url"] = server.url(url)
+        elif "{port}" in url:
+            p["video_url"]["url"] = url.format(port=server.port)
+    return chat(*parts)
+
+
+@pytest.mark.parametrize(("name", "part", "mentions"), BAD, ids=[b[0] for b in BAD])
+def test_bad_video_is_a_400_and_reaches_no_worker(
+    guarded: Stack, video_server: VideoServer, name: str, part: Any, mentions: str
+) -> None:
+    before = encoded_requests(guarded)
+    body = case_body(part, video_server)
+    reply = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, timeout=30)
+    assert reply.status_code == 400, reply.text
+    assert mentions in reply.json()["error"]["message"]
+    assert encoded_requests(guarded) == before
+
+
+def test_bombs_are_refused_without_decoding() -> None:
+    """A tiny file holding thousands of frames is refused from its packets alone, fast."""
+    assert len(BOMB_MKV) < 100_000
+    started = time.perf_counter()
+    with pytest.raises(VideoRejected, match="over 60 frames"):
+        probe_video(BOMB_MKV, VideoBounds(MAX_FRAMES, MAX_PIXELS, 600))
+    assert time.perf_counter() - started < 5
+
+
+def test_an_indexed_video_cut_short_is_truncated() -> None:
+    """Whole, the index-first MP4 is a good video; cut short, its index still counts 8."""
+    bounds = VideoBounds(MAX_FRAMES, MAX_PIXELS, MAX_SECONDS)
+    assert probe_video(INDEXED, bounds).frames == 8
+    with pytest.raises(VideoRejected, match=r"declares 8 frames and holds [0-7]$"):
+        probe_video(INDEXED[: len(INDEXED) * 6 // 10], bounds)
+
+
+def test_good_videos_by_every_scheme_move_the_metrics(
+    guarded: Stack, video_server: VideoServer, media_root: Path
+) -> None:
+    frontend = f"{guarded.url}/metrics"
+    encode_port = asyncio.run(metrics_ports(guarded, "encode"))[0]
+    encoder = f"http://127.0.0.1:{encode_port}/metrics"
+    before, before_encoder = scrape(frontend), scrape(encoder)
+    for part in (
+        video_part(GOOD),
+        url_part((media_root / "clip.mp4").as_uri()),
+        url_part(video_server.url("/clip.mp4")),
+    ):
+        reply = httpx.post(f"{guarded.url}/v1/chat/completions", json=chat(part), timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["prompt_tokens"] > 8  # the video's 8 tokens and the text
+    after, after_encoder = scrape(frontend), scrape(encoder)
+
+    def grew(samples: tuple[dict[Any, float], dict[Any, float]], name: str) -> float:
+        return value(samples[1], name) - value(samples[0], name)
+
+    assert grew((before, after), "triptych_frontend_videos_per_request_count") == 3
+    assert grew((before, after), "triptych_frontend_videos_per_request_sum") == 3
+    assert grew((before, after), "triptych_frontend_video_frames_total") == 12
+    assert grew((before, after), "triptych_frontend_video_tokens_per_request_sum") == 24
+    assert grew((before_encoder, after_encoder), "triptych_encode_videos_total") == 3
+    assert grew((before_encoder, after_encoder), "triptych_encode_video_frames_total") == 12
+
+
+def test_refused_videos_are_counted(guarded: Stack) -> None:
+    frontend = f"{guarded.url}/metrics"
+    before = value(scrape(frontend), "triptych_frontend_videos_rejected_total")
+    reply = httpx.post(
+        f"{guarded.url}/v1/chat/completions", json=chat(video_part(b"junk")), timeout=30
+    )
+    assert reply.status_code == 400
+    assert value(scrape(frontend), "triptych_frontend_videos_rejected_total") == before + 1

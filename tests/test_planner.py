@@ -517,3 +517,52 @@ def test_planner_scales_encoders_when_the_mix_shifts(stack: Stack, tmp_path: Pat
         planner.wait(15)
         reader.join(5)
         api.stop()
+
+
+def test_serve_starts_a_worker_per_listed_gpu_with_its_stage_budget(tmp_path: Path) -> None:
+    """The planner's launch command: --encode-gpu 0,0,1 starts three encoders (two share GPU
+    0), each with the encode stage's --mem-fraction-static; decode keeps its own."""
+    from triptych.cli import serve
+
+    started: list[tuple[str, list[str], dict[str, str]]] = []
+
+    class Recorder:
+        stopping = False
+        run_dir = tmp_path
+
+        def start_watchdog(self) -> None: ...
+
+        def start_nats(self) -> None: ...
+
+        def start(self, name: str, module: str, args: list[str], env: dict[str, str]) -> None:
+            started.append((name, args, env))
+
+        def wait_ready(self, port_file: Path, host: str) -> int | None:
+            return None
+
+        def wait(self) -> int:
+            return 0
+
+    spec = serve.flags()
+    argv = ["--encode-gpu", "0,0,1", "--encode-mem-fraction-static", "0.11"]
+    argv += ["--prefill-gpu", "0", "--decode-gpu", "1", "--decode-mem-fraction-static", "0.6"]
+    args = spec.parser.parse_args(argv)
+    assert serve._run(Recorder(), spec, args, []) == 0  # type: ignore[arg-type]
+    workers = {name: (flags, env) for name, flags, env in started if name != "frontend"}
+    assert sorted(workers) == [
+        "decode",
+        "encode-0-gpu0",
+        "encode-1-gpu0",
+        "encode-2-gpu1",
+        "prefill",
+    ]
+
+    def budget(flags: list[str]) -> str | None:
+        at = [i for i, flag in enumerate(flags) if flag == "--mem-fraction-static"]
+        return flags[at[-1] + 1] if at else None
+
+    for name, (flags, env) in workers.items():
+        assert flags[flags.index("--device") + 1] == "cuda"
+        if name.startswith("encode"):
+            assert budget(flags) == "0.11" and env["CUDA_VISIBLE_DEVICES"] == name[-1]
+    assert budget(workers["decode"][0]) == "0.6" and budget(workers["prefill"][0]) is None

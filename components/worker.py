@@ -19,7 +19,9 @@ from triptych.engines import (
     Runner,
     check_available,
     encode_engine,
+    load,
 )
+from triptych.engines.memory import limit_device_memory
 from triptych.models import load_adapter
 from triptych.models.checkpoint import CheckpointError, Needs, resolve_checkpoint
 from triptych.observability import metrics
@@ -254,6 +256,7 @@ def run_worker(
         check_available(config.engine, component, encodes_inline)
     except EngineUnavailable as reason:
         sys.exit(f"triptych {component} worker refuses to start: {reason}")
+    limit_device_memory(config.engine)
 
     async def main(stop: asyncio.Event) -> int:
         agent = None
@@ -286,7 +289,15 @@ def run_worker(
                 "metrics_port": str(status.port),
             }
             capacity = config.engine.max_running_requests + config.max_queued_requests
-            service = Service(runtime, component, metadata=metadata, max_in_flight=capacity)
+            load.export_gauges(component)
+            service = Service(
+                runtime,
+                component,
+                metadata=metadata,
+                max_in_flight=capacity,
+                live_metadata=lambda: load.METER.snapshot().to_metadata(),
+                on_done=lambda: load.METER.count("requests"),
+            )
             if agent is not None:
                 service.add_gauge("transfer_pool_bytes_in_use", lambda: agent.pool_in_use)
                 metrics.POOL_IN_USE.set_function(lambda: agent.pool_in_use)

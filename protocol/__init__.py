@@ -34,7 +34,7 @@ from triptych.protocol.openai import (
     Usage,
     VideoPart,
 )
-from triptych.protocol.sampling import FinishReason, SamplingOptions
+from triptych.protocol.sampling import FinishReason, ResponseFormat, SamplingOptions
 
 __all__ = [
     "BootstrapInfo",
@@ -54,6 +54,7 @@ __all__ = [
     "MediaItem",
     "ModelCard",
     "ModelList",
+    "ResponseFormat",
     "RoomDone",
     "RoomFailed",
     "RoomJoin",

@@ -42,6 +42,8 @@ class ErrorInfo(BaseModel):
     retry_after_s: float | None = None
     """Set when the cause is load, not a fault: the caller may retry after this many seconds
     (the frontend's ``Retry-After``). A retry elsewhere would only add to the load."""
+    param: str | None = None
+    """The request parameter at fault, when one is (OpenAI's ``param``)."""
 
     @property
     def openai_type(self) -> str:
@@ -56,17 +58,26 @@ class ServiceError(Exception):
     """A failure with an HTTP-style code; raised anywhere, it reaches the client as that status."""
 
     def __init__(
-        self, code: int, message: str, request_id: str = "", retry_after_s: float | None = None
+        self,
+        code: int,
+        message: str,
+        request_id: str = "",
+        retry_after_s: float | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.info = ErrorInfo(
-            code=code, message=message, request_id=request_id, retry_after_s=retry_after_s
+            code=code,
+            message=message,
+            request_id=request_id,
+            retry_after_s=retry_after_s,
+            param=param,
         )
 
     @classmethod
     def from_info(cls, info: ErrorInfo) -> "ServiceError":
         """Rebuild the exception from an error received over the wire."""
-        return cls(info.code, info.message, info.request_id, info.retry_after_s)
+        return cls(info.code, info.message, info.request_id, info.retry_after_s, info.param)
 
     @property
     def code(self) -> int:

@@ -4,13 +4,14 @@ Requests reject what triptych cannot honour (``n > 1``, logprobs, tools, unknown
 content types) with a clear message instead of ignoring it.
 """
 
+import json
 import math
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from triptych.protocol.sampling import FinishReason, SamplingOptions
+from triptych.protocol.sampling import FinishReason, ResponseFormat, SamplingOptions
 
 
 class TextPart(BaseModel):
@@ -104,12 +105,69 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class TextFormat(BaseModel):
+    """``response_format: {"type": "text"}``: free text (the default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    """``response_format: {"type": "json_object"}``: any JSON object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object"]
+
+
+class JsonSchema(BaseModel):
+    """The ``json_schema`` member of a ``json_schema`` response format."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format: {"type": "json_schema", "json_schema": {...}}``: JSON that validates
+    against the schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormatParam = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
+]
+
+
+def resolve_format(value: ResponseFormatParam | None) -> ResponseFormat | None:
+    """What travels downstream for a request's ``response_format`` (None for free text)."""
+    if isinstance(value, JsonObjectFormat):
+        return ResponseFormat(type="json_object")
+    if isinstance(value, JsonSchemaFormat):
+        spec = value.json_schema
+        schema = spec.schema_
+        return ResponseFormat(
+            type="json_schema",
+            schema_text=json.dumps(schema, sort_keys=True, separators=(",", ":")),
+            name=spec.name,
+            strict=bool(spec.strict),
+        )
+    return None
+
+
 _UNSUPPORTED = (
     "tools",
     "tool_choice",
     "functions",
     "function_call",
-    "response_format",
     "logit_bias",
     "top_logprobs",
     "audio",
@@ -146,6 +204,7 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     return_token_ids: bool = False
     """Extension (as in vLLM): include the generated token ids in each choice or chunk."""
+    response_format: ResponseFormatParam | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -219,6 +278,7 @@ class ChatCompletionRequest(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
+            response_format=resolve_format(self.response_format),
         )
 
 

@@ -8,6 +8,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 FinishReason = Literal["stop", "length"]
 
 
+class ResponseFormat(BaseModel):
+    """The shape the output must take, enforced while decoding (OpenAI's ``response_format``
+    of type ``json_object`` or ``json_schema``; ``text`` travels as no format at all)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["json_object", "json_schema"]
+    schema_text: str = ""
+    """The JSON schema as canonical JSON text (sorted keys, no spaces): engines cache compiled
+    grammars by it. Empty for ``json_object``."""
+    name: str = ""
+    """The schema's name, as the client gave it."""
+    strict: bool = False
+    """With ``strict``, a schema keyword the grammar engine cannot enforce is an error; without
+    it, such keywords are ignored (the output still parses and has the schema's structure)."""
+
+
 class SamplingOptions(BaseModel):
     """Every knob the client set, resolved to concrete values by the frontend.
 
@@ -37,6 +54,8 @@ class SamplingOptions(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    response_format: ResponseFormat | None = None
+    """JSON output enforced by a grammar (None: free text)."""
 
     @field_validator(
         "temperature",

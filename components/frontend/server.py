@@ -20,6 +20,7 @@ from triptych.components.frontend.migration import Generation
 from triptych.components.frontend.output import Output
 from triptych.components.frontend.prompt import Preprocessor
 from triptych.components.frontend.telemetry import RequestTelemetry
+from triptych.engines import grammar
 from triptych.observability import metrics
 from triptych.observability.logs import request_id as request_id_var
 from triptych.protocol import (
@@ -39,7 +40,14 @@ from triptych.protocol import (
     Usage,
     VideoItem,
 )
-from triptych.protocol.openai import AssistantMessage, Choice, ChunkChoice, Delta, ErrorBody
+from triptych.protocol.openai import (
+    AssistantMessage,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorBody,
+    resolve_format,
+)
 from triptych.runtime import Client, Runtime
 from triptych.runtime.errors import busy
 from triptych.transfer import TransferAgent, image_bytes
@@ -54,7 +62,9 @@ def error_response(info: ErrorInfo) -> web.Response:
     """An OpenAI-style error object with the matching status (and ``Retry-After`` when the
     cause is load)."""
     body = ErrorResponse(
-        error=ErrorBody(message=info.message, type=info.openai_type, code=info.code)
+        error=ErrorBody(
+            message=info.message, type=info.openai_type, param=info.param, code=info.code
+        )
     )
     headers = {"X-Request-Id": info.request_id} if info.request_id else {}
     if info.retry_after_s is not None:
@@ -73,6 +83,12 @@ def _validation_message(error: ValidationError) -> str:
         return f"malformed JSON: {first['msg']}"
     where = ".".join(str(part) for part in first["loc"]) or "body"
     return f"{where}: {first['msg']}"
+
+
+def _validation_param(error: ValidationError) -> str | None:
+    """The top-level request field a validation error is about, if any."""
+    loc = error.errors()[0]["loc"]
+    return str(loc[0]) if loc and isinstance(loc[0], str) else None
 
 
 def _request_id(offered: str | None) -> str:
@@ -297,7 +313,11 @@ class Frontend:
                 message=f"request body is over {self.config.max_body_bytes} bytes",
             )
         elif isinstance(error, ValidationError):
-            info = ErrorInfo(code=ErrorCode.BAD_REQUEST, message=_validation_message(error))
+            info = ErrorInfo(
+                code=ErrorCode.BAD_REQUEST,
+                message=_validation_message(error),
+                param=_validation_param(error),
+            )
         elif isinstance(error, ServiceError):
             info = error.info
             if info.retry_after_s is not None:
@@ -320,6 +340,11 @@ class Frontend:
                 f"model '{chat.model}' does not exist; "
                 f"this server serves '{self.config.served_model_name}'",
             )
+        sampling_format = resolve_format(chat.response_format)
+        if sampling_format is not None:
+            # compiling is the decode worker's; checking a schema costs little but still
+            # leaves the event loop
+            await asyncio.to_thread(grammar.check, sampling_format)
         prompt = await self.preprocessor.prompt(chat)
         room = self.preprocessor.context_length - len(prompt.token_ids)
         wanted = chat.requested_max_tokens

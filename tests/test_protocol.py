@@ -31,13 +31,24 @@ def request(**fields: object) -> ChatCompletionRequest:
 
 
 def test_every_sampling_option_survives_the_whole_trip() -> None:
-    chat = request(**EVERY_OPTION)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "a", "schema": schema, "strict": True},
+    }
+    chat = request(**EVERY_OPTION, response_format=response_format)
     generate = GenerateRequest(model="m", token_ids=[1, 2], sampling=chat.sampling(77))
     received = GenerateRequest.model_validate_json(generate.model_dump_json())
     sampling = received.sampling.model_dump()
     for name, value in EVERY_OPTION.items():
         expected = tuple(value) if isinstance(value, list) else value
         assert sampling[name] == expected, name
+    assert sampling.pop("response_format") == {
+        "type": "json_schema",
+        "schema_text": '{"properties":{"a":{"type":"integer"}},"type":"object"}',
+        "name": "a",
+        "strict": True,
+    }
     assert set(sampling) == set(EVERY_OPTION)  # nothing the engines see was left unset
 
 

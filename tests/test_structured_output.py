@@ -274,3 +274,35 @@ def test_the_mock_engine_refuses_json_output(epd_stack: Stack) -> None:
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "response_format"
     assert "mock engine" in reply.json()["error"]["message"]
+
+
+def test_text_completions_take_the_same_formats(served: Stack) -> None:
+    completion = {
+        "model": MODEL,
+        "prompt": "Read the receipt and answer in JSON.",
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "response_format": schema_format(RECEIPT),
+    }
+    whole = httpx.post(f"{served.url}/v1/completions", json=completion, timeout=300)
+    assert whole.status_code == 200, whole.text
+    choice = whole.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice["text"]
+    jsonschema.validate(json.loads(choice["text"]), RECEIPT)
+
+    text = ""
+    with httpx.stream(
+        "POST", f"{served.url}/v1/completions", json={**completion, "stream": True}, timeout=300
+    ) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                text += "".join(c["text"] for c in json.loads(line[6:])["choices"])
+    assert text == choice["text"]
+
+    bad = schema_format({"type": "object", "properties": {"a": {"type": "nope"}}})
+    reply = httpx.post(
+        f"{served.url}/v1/completions", json={**completion, "response_format": bad}, timeout=30
+    )
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "response_format"

@@ -153,6 +153,13 @@ class _Generator:
 
     async def _stream(self, request: GenerateRequest, skip: int) -> AsyncIterator[TokenChunk]:
         sampling = request.sampling
+        if sampling.response_format is not None:
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST,
+                f"response_format {sampling.response_format.type} is not supported by the mock "
+                "engine, whose tokens are random; serve with --engine hf or sglang",
+                param="response_format",
+            )
         stops = set(sampling.stop_token_ids)
         if not sampling.ignore_eos:
             stops.update(request.eos_token_ids)

@@ -23,11 +23,13 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from triptych.engines.base import Runner
+from triptych.engines.grammar import Grammars
 from triptych.engines.hf.config import HfConfig
 from triptych.engines.hf.model import LanguageModel
 from triptych.engines.hf.runner import Launch, ModelRunner
@@ -159,6 +161,8 @@ class EngineCore:
         self._packed: dict[Sequence, asyncio.Future[torch.Tensor]] = {}
         """Prefill-only sequences, with the future their requester awaits."""
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
+        self._grammars: Grammars | None = None
+        """Compiled response-format grammars, made on the first request that has one."""
         sched = self.scheduler
         metrics.RUNNING.labels(stage).set_function(lambda: len(sched.running) + len(sched.loading))
         metrics.QUEUE_DEPTH.labels(stage).set_function(self.queue_depth)
@@ -268,6 +272,8 @@ class EngineCore:
         With `received` (keys and values, hidden state) its prompt was prefilled elsewhere;
         otherwise prefill runs here. Leaving the iteration early lets go of the sequence.
         """
+        if options.response_format is not None:
+            sequence.grammar = await asyncio.to_thread(self._compile_grammar, options, stop_ids)
         stream = _Stream()
         sequence.options = options
         sequence.stop_ids = frozenset(stop_ids)
@@ -304,6 +310,15 @@ class EngineCore:
                     return
         finally:
             self.release(sequence)
+
+    def _compile_grammar(self, options: SamplingOptions, stop_ids: set[int]) -> Any:
+        """A fresh matcher for the request's response format (on a worker thread: compiling a
+        large schema takes a while; each schema is compiled once)."""
+        assert options.response_format is not None
+        if self._grammars is None:
+            tokenizer = Path(self.model.path, "tokenizer.json").read_text()
+            self._grammars = Grammars(tokenizer, self.model.vocab_size, sorted(stop_ids))
+        return self._grammars.compile(options.response_format)
 
     async def prefill_only(self, request_id: str, prompt: Prompt) -> tuple[torch.Tensor, int]:
         """Run a prompt on a prefill-only core: its packed cache (`kv_transfer.pack`) and its
@@ -380,6 +395,11 @@ class EngineCore:
             self._settle_packed(sequence, None, asyncio.CancelledError())
         for admission in scheduler.admit():
             self._grant(admission)
+        if any(s.grammar is not None for launch in self._pending for s in launch.sequences):
+            # a grammar's next mask needs the token just computed: read it before launching
+            for launch in self._pending:
+                self._deliver(launch)
+            self._pending = []
         plan = scheduler.schedule()
         launched = self._launch(plan) if plan else []
         previous, self._pending = self._pending, launched
@@ -486,7 +506,11 @@ class EngineCore:
                 continue
             emitted += 1
             sequence.output.append(token)
-            reason = self._finish_reason(sequence, token)
+            try:
+                reason = self._finish_reason(sequence, token)
+            except ServiceError as error:
+                self._fail([sequence], error)
+                continue
             first = len(sequence.output) == 1
             top = sequence.options.logprobs if sequence.options is not None else None
             self._emit(
@@ -509,6 +533,14 @@ class EngineCore:
         count = len(sequence.output)
         if token in sequence.stop_ids and count > options.min_tokens:
             return "stop"
+        matcher = sequence.grammar
+        if matcher is not None:
+            if not matcher.consume_token(token):
+                raise ServiceError(
+                    ErrorCode.INTERNAL, f"response_format grammar failed: {matcher.get_error()}"
+                )
+            if matcher.is_stopped():
+                return "stop"  # the JSON is complete and nothing may follow it
         if count >= options.max_tokens or sequence.prompt_len + count - 1 >= self.max_len:
             return "length"  # asked for, or the sequence fills --max-model-len
         return None

@@ -22,6 +22,7 @@ from triptych.engines.base import (
     EncodeEngine,
 )
 from triptych.engines.rooms import RoomPrefillEngine
+from triptych.observability import metrics
 from triptych.protocol import (
     BootstrapInfo,
     ErrorCode,
@@ -122,6 +123,7 @@ class MockEncodeEngine(EncodeEngine):
         self, request_id: str, images: Sequence[ImageItem], videos: Sequence[VideoItem] = ()
     ) -> ImageEmbeddings:
         pictures = len(images) + sum(video.grid_thw[0] for video in videos)
+        metrics.ENCODE_BATCH.observe(len(images) + len(videos))
         await _sleep(self.config.encode_s_per_image * pictures)
         return ImageEmbeddings(
             num_tokens=sum(i.num_tokens for i in images) + sum(v.num_tokens for v in videos),

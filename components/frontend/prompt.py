@@ -2,6 +2,7 @@
 expansion."""
 
 import asyncio
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,9 @@ class Preprocessor:
             or 4096
         )
         self.eos_token_ids = self._eos_ids(root, config)
+        self.preprocessing = _preprocessing_digest(root)
+        """What the checkpoint's processor and vision tower make of pixels: part of every
+        image's content key."""
 
     def _eos_ids(self, root: Path, config: dict[str, Any]) -> list[int]:
         generation = root / "generation_config.json"
@@ -114,7 +118,9 @@ class Preprocessor:
         except ValueError as error:
             raise ServiceError(ErrorCode.BAD_REQUEST, str(error)) from None
         offset_of = {id(item): offset for item, offset in zip(in_order, offsets, strict=True)}
-        image_items = [_image_item(i, layouts[id(i)], offset_of[id(i)]) for i in images]
+        image_items = [
+            _image_item(i, layouts[id(i)], offset_of[id(i)], self.preprocessing) for i in images
+        ]
         video_items = [_video_item(v, offset_of[id(v)]) for v in videos]
         return Prompt(token_ids=expanded, images=image_items, videos=video_items)
 
@@ -148,7 +154,30 @@ def _media_in_prompt_order(
     return ordered
 
 
-def _image_item(image: LoadedImage, layout: ImageLayout | VideoLayout, offset: int) -> ImageItem:
+def _preprocessing_digest(root: Path) -> bytes:
+    """BLAKE2b of the checkpoint's config and processor settings (equal checkpoints under
+    different paths agree)."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name in ("config.json", "preprocessor_config.json"):
+        path = root / name
+        digest.update(name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.exists() else b"")
+    return digest.digest()
+
+
+def content_key(pixels: bytes, preprocessing: bytes, layout: ImageLayout | VideoLayout) -> str:
+    """An image's content key: its pixels, the model's processing and the resized geometry."""
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(preprocessing)
+    digest.update(pixels)
+    resized = layout.resized if isinstance(layout, ImageLayout) else (0, 0)
+    digest.update(repr((layout.grid_thw, resized)).encode())
+    return digest.hexdigest()
+
+
+def _image_item(
+    image: LoadedImage, layout: ImageLayout | VideoLayout, offset: int, preprocessing: bytes
+) -> ImageItem:
     return ImageItem(
         width=image.width,
         height=image.height,
@@ -156,6 +185,9 @@ def _image_item(image: LoadedImage, layout: ImageLayout | VideoLayout, offset: i
         num_tokens=layout.num_tokens,
         offset=offset,
         data=image.data,
+        content_key=content_key(image.pixels_digest, preprocessing, layout)
+        if image.pixels_digest
+        else "",
     )
 
 

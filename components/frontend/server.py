@@ -169,6 +169,12 @@ class Frontend:
         app.router.add_get("/metrics", self.metrics)
         return app
 
+    def _affinity(self, request: GenerateRequest) -> list[str]:
+        """The content keys the entry instance is chosen by (none: round-robin)."""
+        if self.config.image_routing != "affinity":
+            return []
+        return [image.content_key for image in request.images if image.content_key]
+
     async def health(self, request: web.Request) -> web.Response:
         """The process is up."""
         return web.json_response({"status": "ok"})
@@ -261,6 +267,7 @@ class Frontend:
                     request_id,
                     deadline=time.time() + self.config.request_timeout_s,
                     migration_limit=self.config.migration_limit,
+                    affinity=self._affinity(generate),
                 )
                 await generation.start()
                 log.debug(

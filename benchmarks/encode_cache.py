@@ -151,10 +151,10 @@ class Cluster:
 
 
 async def one(
-    session: aiohttp.ClientSession, url: str, image: str, max_tokens: int
+    session: aiohttp.ClientSession, url: str, image: str, max_tokens: int, model: str
 ) -> tuple[float | None, bool]:
     body = {
-        "model": "any",
+        "model": model,
         "stream": True,
         "max_tokens": max_tokens,
         "ignore_eos": True,
@@ -188,12 +188,14 @@ async def drive(
     errors = 0
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.get(f"{url}/v1/models") as listing:
+            model = (await listing.json())["data"][0]["id"]
 
         async def client() -> None:
             nonlocal errors
             while queue:
                 index = queue.pop(0)
-                ttft, ok = await one(session, url, urls[index], max_tokens)
+                ttft, ok = await one(session, url, urls[index], max_tokens, model)
                 if ok and ttft is not None:
                     ttfts.append(ttft)
                 else:

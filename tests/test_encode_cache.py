@@ -332,7 +332,7 @@ def test_affinity_sends_a_repeated_image_to_one_encoder_and_survives_its_death(
 
 
 def test_answers_are_token_exact_with_the_cache_on(stack: Stack, tiny_model: Path) -> None:
-    start_topology(stack, "E/P/D", engine="hf", model_path=str(tiny_model))
+    start_topology(stack, "E/P/D", engine="hf", model_path=str(tiny_model), ready_timeout=300)
     oracle = Oracle(tiny_model)
     cases = IMAGE_CASES  # they repeat pictures across cases; each case is asked twice
 

@@ -99,7 +99,7 @@ class Stack:
         """Base URL of the frontend."""
         return f"http://127.0.0.1:{self.http_port}"
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
         """Wait until the frontend announced its port and its /ready answers 200."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -141,7 +141,7 @@ def start_topology(
     frontend_args: tuple[str, ...] = (),
     engine: str = "mock",
     model_path: str = "",
-    ready_timeout: float = 120,
+    ready_timeout: float = 300,
 ) -> Stack:
     """Start the workers of a topology (`copies` of each) and its frontend."""
     model = ("--model-path", model_path) if model_path else ()

@@ -266,15 +266,15 @@ def chart(summary: dict[str, Any], path: Path, before: dict[str, Any] | None = N
 
     figure, (speed, first) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"EPD": "tab:orange", "E/P/D": "tab:red"}
-    runs = [(summary, "-", "")] + ([(before, "--", " before")] if before else [])
-    for run, style, suffix in runs:
+    runs = [(summary, "-", "", "o")] + ([(before, "--", " before", "s")] if before else [])
+    for run, style, suffix, marker in runs:
         for name, result in run["triptych"].items():
             color = colors.get(name)
             levels = sorted(int(c) for c in result["levels"] if c.isdigit())
             label = f"triptych {name}{suffix}"
             for axis, key in ((speed, "output_tokens_per_s"), (first, "ttft_ms_mean")):
                 values = [result["levels"][str(c)][key] for c in levels]
-                axis.plot(levels, values, "o" + style, color=color, label=label)
+                axis.plot(levels, values, marker + style, color=color, label=label)
             sampled = [c for c in result["levels"] if c.endswith("-sampled")]
             speed.plot(
                 [int(c.split("-")[0]) for c in sampled],

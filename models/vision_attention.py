@@ -3,8 +3,10 @@
 transformers runs a tower's attention one window at a time unless flash-attn is installed: a
 448x448 image is 16 windows, so each of the 28 window layers makes 16 small SDPA calls and a
 host sync, and eight images make 128. Here windows of equal length run as one batched SDPA
-call (a regular grid has one or a few lengths), and the windows' layout is read from the device
-once per forward instead of once per layer. The arithmetic per window is unchanged (outputs are
+call (a regular grid has one or a few lengths), and the windows' layout is planned once per
+forward instead of once per layer: from the host's copy of the bounds when the caller registers
+it (`WindowLayouts.register`, as `vision_tower.run_batch` does), so the forward never waits on
+the device; otherwise read from the device. The arithmetic per window is unchanged (outputs are
 bitwise equal). On an H100 the 7B-shaped tower went from 45 to 21 ms for one image and from
 168 to 76 ms for eight (``benchmarks/vision_tower.py``).
 """
@@ -32,24 +34,32 @@ class _Group:
     """Row indices in window order; None when the group is every row, in order."""
 
 
-class _Layouts:
+class WindowLayouts:
     """Window layouts by `cu_seqlens` tensor: a tower's forward makes two (windowed and full)
-    and hands the same tensors to every layer, so each is read from the device once."""
+    and hands the same tensors to every layer. A caller that built them on the host registers
+    them with their bounds (`register`), so the forward never waits on the device; otherwise
+    each is read from the device once per forward."""
 
     def __init__(self) -> None:
         self._recent: list[tuple[torch.Tensor, list[_Group]]] = []
+
+    def register(self, cu_seqlens: torch.Tensor, bounds: list[int]) -> None:
+        """`cu_seqlens` (on the tower's device) has these values: plan from them."""
+        self._remember(cu_seqlens, _plan(bounds, cu_seqlens.device))
 
     def groups(self, cu_seqlens: torch.Tensor) -> list[_Group]:
         for tensor, groups in self._recent:
             if tensor is cu_seqlens:
                 return groups
-        groups = _plan(cu_seqlens)
-        self._recent = [*self._recent[-1:], (cu_seqlens, groups)]
+        groups = _plan(cu_seqlens.tolist(), cu_seqlens.device)
+        self._remember(cu_seqlens, groups)
         return groups
 
+    def _remember(self, cu_seqlens: torch.Tensor, groups: list[_Group]) -> None:
+        self._recent = [*self._recent[-1:], (cu_seqlens, groups)]
 
-def _plan(cu_seqlens: torch.Tensor) -> list[_Group]:
-    bounds = cu_seqlens.tolist()
+
+def _plan(bounds: list[int], device: torch.device) -> list[_Group]:
     starts_by_length: dict[int, list[int]] = {}
     for start, end in itertools.pairwise(bounds):
         if end > start:
@@ -61,7 +71,9 @@ def _plan(cu_seqlens: torch.Tensor) -> list[_Group]:
     for length, starts in starts_by_length.items():
         offsets = torch.arange(length)
         rows = (torch.tensor(starts)[:, None] + offsets).reshape(-1)
-        groups.append(_Group(length, len(starts), rows.to(cu_seqlens.device)))
+        if device.type == "cuda":
+            rows = rows.pin_memory()
+        groups.append(_Group(length, len(starts), rows.to(device, non_blocking=True)))
     return groups
 
 
@@ -80,10 +92,12 @@ def _attend(
 class _PackedForward:
     """The forward given to one attention module; `layouts` is shared by the tower's layers."""
 
-    def __init__(self, attention: Any, layouts: _Layouts) -> None:
+    def __init__(self, attention: Any, layouts: WindowLayouts) -> None:
         self.attention = attention
         self.layouts = layouts
         self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+        self.kernel_rotary = False
+        """Rotate with the Triton kernel on CUDA (`vision_cuda.cuda_forwards`)."""
 
     def __call__(
         self,
@@ -98,7 +112,12 @@ class _PackedForward:
         q, k, v = qkv.permute(1, 0, 2, 3)
         if position_embeddings is None:
             raise ValueError("the vision tower passed no rotary position embeddings")
-        q, k = self.rotary(q, k, *position_embeddings)
+        if self.kernel_rotary and q.device.type == "cuda":
+            from triptych.models.vision_kernels import triton_vision_rotary
+
+            q, k = triton_vision_rotary(q, k, *position_embeddings)
+        else:
+            q, k = self.rotary(q, k, *position_embeddings)
         groups = self.layouts.groups(cu_seqlens)
         if len(groups) == 1 and groups[0].rows is None:
             out = _attend(q, k, v, groups[0], attention.scaling)
@@ -110,9 +129,10 @@ class _PackedForward:
         return attention.proj(out.reshape(rows, -1))  # type: ignore[no-any-return]
 
 
-def pack_window_attention(tower: nn.Module) -> int:
-    """Give every attention module of `tower` the packed forward; returns how many."""
-    layouts = _Layouts()
+def pack_window_attention(tower: nn.Module, layouts: WindowLayouts | None = None) -> int:
+    """Give every attention module of `tower` the packed forward, sharing `layouts`; returns
+    how many."""
+    layouts = layouts or WindowLayouts()
     patched = 0
     for module in tower.modules():
         if type(module).__name__ in ATTENTION_CLASSES:

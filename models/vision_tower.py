@@ -7,6 +7,7 @@ tensor from the safetensors files, keeping only those under the tower's prefix.
 
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -21,12 +22,20 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.initialization import no_init_weights
+from transformers.vision_utils import (
+    get_vision_cu_seqlens,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
 
 from triptych.models import QwenVLAdapter, load_adapter
 from triptych.models.video_decoder import VideoBounds, read_frames
-from triptych.models.vision_attention import pack_window_attention
+from triptych.models.vision_attention import WindowLayouts, pack_window_attention
+from triptych.models.vision_cuda import cuda_forwards
 
 VISION_PREFIXES = ("visual.", "model.visual.")
+LONGEST = {"cu_seqlens": "max_seqlen", "cu_window_seqlens": "max_window_seqlen"}
+"""transformers' keyword for the longest sequence of each ``cu_*seqlens`` a forward takes."""
 
 
 def _tower_class(model_type: str) -> Any:
@@ -97,8 +106,10 @@ class VisionTower:
             raise ValueError(
                 f"vision weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        pack_window_attention(tower)
+        self.layouts = WindowLayouts()
+        pack_window_attention(tower, self.layouts)
         self.module = tower.to(self.device).eval()
+        cuda_forwards(self.module)
         self.processor = AutoImageProcessor.from_pretrained(model_path)  # type: ignore[no-untyped-call]
         adapter = load_adapter(model_path)
         self.adapter = adapter if isinstance(adapter, QwenVLAdapter) else None
@@ -158,18 +169,85 @@ class VisionTower:
         pixel_values = stacked.permute(0, 2, 3, 1, 4).reshape(grid_t * grid_hw[0] * grid_hw[1], -1)
         return pixel_values, torch.tensor([[grid_t, *grid_hw]])
 
+    def prepare(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> "VisionBatch":
+        """The host's share of a forward (`prepare_batch`), done off the model thread."""
+        return prepare_batch(self.module, pixel_values, grid_thw, self.dtype, self.device)
+
+    def run(self, batch: "VisionBatch") -> torch.Tensor:
+        """The forward of a prepared batch, launched without waiting on the device."""
+        return run_batch(self.module, self.layouts, batch, self.device)
+
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Merged embeddings [sum of tokens, hidden] for a batch of images."""
-        output = self.module(
-            pixel_values.to(self.device, self.dtype), grid_thw=grid_thw.to(self.device)
-        )
-        embeddings = output.pooler_output if hasattr(output, "pooler_output") else output
-        return embeddings  # type: ignore[no-any-return]
+        return self.run(self.prepare(pixel_values, grid_thw))
 
     def tokens(self, grid_thw: torch.Tensor) -> list[int]:
         """Rows each image of a batch contributes."""
         return [int(n) for n in (grid_thw.prod(-1) // (self.merge**2)).tolist()]
+
+
+@dataclass(frozen=True)
+class VisionBatch:
+    """A batch of images ready for the tower's forward (`VisionTower.prepare`)."""
+
+    pixels: torch.Tensor
+    """[patches, C*T*P*P] in the tower's dtype."""
+    grid_thw: torch.Tensor
+    """[images, 3] on the host."""
+    layout: dict[str, torch.Tensor]
+    """The forward's inputs derived from the grids, by transformers' keyword."""
+    bounds: dict[str, list[int]]
+    """The host's copy of each ``cu_*seqlens`` in `layout`."""
+
+
+def prepare_batch(
+    module: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> VisionBatch:
+    """The host's share of `module`'s forward: pixels in the tower's dtype, and everything the
+    forward derives from the grids (rotary positions, window order, attention bounds) computed
+    by transformers' own helpers on the host, in pinned memory for a CUDA device."""
+    grid = grid_thw.cpu()
+    merge = int(module.spatial_merge_size)  # type: ignore[arg-type]
+    layout = {
+        "position_ids": get_vision_position_ids(grid, merge),
+        "cu_seqlens": get_vision_cu_seqlens(grid),
+    }
+    if hasattr(module, "window_size"):  # Qwen2.5-VL: window attention between full layers
+        window, patch = int(module.window_size), int(module.patch_size)  # type: ignore[arg-type]
+        layout["window_index"], layout["cu_window_seqlens"] = get_vision_window_index(
+            grid, merge, window, patch
+        )
+    pixels = pixel_values.to(dtype)
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()
+        layout = {name: tensor.pin_memory() for name, tensor in layout.items()}
+    bounds = {name: layout[name].tolist() for name in layout if name.startswith("cu_")}
+    return VisionBatch(pixels, grid, layout, bounds)
+
+
+@torch.inference_mode()
+def run_batch(
+    module: torch.nn.Module, layouts: WindowLayouts, batch: VisionBatch, device: torch.device
+) -> torch.Tensor:
+    """`module`'s forward on a prepared batch: merged embeddings [sum of tokens, hidden].
+
+    Nothing waits on the device: inputs are copied from pinned memory, the attention layers'
+    window layouts (`layouts`, shared with `pack_window_attention`) are planned from the
+    host's bounds, and the longest windows are given, not measured."""
+    inputs: dict[str, Any] = {
+        name: tensor.to(device, non_blocking=True) for name, tensor in batch.layout.items()
+    }
+    for name, bounds in batch.bounds.items():
+        layouts.register(inputs[name], bounds)
+        inputs[LONGEST[name]] = max(b - a for a, b in itertools.pairwise(bounds))
+    output = module(batch.pixels.to(device, non_blocking=True), grid_thw=batch.grid_thw, **inputs)
+    embeddings = output.pooler_output if hasattr(output, "pooler_output") else output
+    return embeddings  # type: ignore[no-any-return]
 
 
 @functools.cache

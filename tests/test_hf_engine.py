@@ -20,7 +20,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 from triptych.engines.hf.encode import HfEncodeEngine
 from triptych.models import load_adapter
 from triptych.models.vision_attention import pack_window_attention
-from triptych.models.vision_tower import VisionTower
+from triptych.models.vision_tower import VisionBatch, VisionTower
 from triptych.protocol import ImageItem
 
 
@@ -64,14 +64,14 @@ async def test_concurrent_requests_share_one_vision_forward(tiny_model: Path) ->
     ]
     alone = [await engine.encode(f"r{i}", images) for i, images in enumerate(requests)]
     forwards = 0
-    original = engine.tower.encode
+    original = engine.tower.run
 
-    def counting(*args: object) -> torch.Tensor:
+    def counting(batch: VisionBatch) -> torch.Tensor:
         nonlocal forwards
         forwards += 1
-        return original(*args)  # type: ignore[arg-type]
+        return original(batch)
 
-    engine.tower.encode = counting  # type: ignore[method-assign]
+    engine.tower.run = counting  # type: ignore[method-assign]
     together = await asyncio.gather(
         *(engine.encode(f"t{i}", images) for i, images in enumerate(requests))
     )
@@ -93,16 +93,21 @@ async def test_an_inline_encoder_runs_its_forwards_where_it_is_told(tiny_model: 
     engine = HfEncodeEngine(str(tiny_model), runner=runner)
     await engine.start()
     assert engine.tower is not None
-    preprocess = engine.tower.preprocess
+    preprocess, prepare = engine.tower.preprocess, engine.tower.prepare
 
-    def recording(images: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    def preprocessing(images: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
         ran.append(threading.current_thread().name)
         return preprocess(images)
 
-    engine.tower.preprocess = recording  # type: ignore[method-assign]
+    def preparing(pixels: torch.Tensor, grids: torch.Tensor) -> VisionBatch:
+        ran.append(threading.current_thread().name)
+        return prepare(pixels, grids)
+
+    engine.tower.preprocess = preprocessing  # type: ignore[method-assign]
+    engine.tower.prepare = preparing  # type: ignore[method-assign]
     embeddings = await engine.encode("r", [image_item(tiny_model, 56, 84)])
-    # preprocessing (host work) stays off the runner, which gets only the forward
-    assert ran[1:] == ["runner"] and ran[0] != threading.current_thread().name
+    # the host's work (preprocessing, the layouts) stays off the runner, which gets the forward
+    assert ran[2:] == ["runner"] and ran[0] == ran[1] != threading.current_thread().name
     assert embeddings.num_tokens == 6
     await engine.close()
 

@@ -101,7 +101,7 @@ class HfEncodeEngine(EncodeEngine):
         # preprocessing is host work: it stays off the runner (a model thread between decode
         # steps), which gets only the forward; each request's own, so that a video that will
         # not decode fails its request and no other
-        prepared = await asyncio.gather(
+        preprocessed = await asyncio.gather(
             *(
                 asyncio.to_thread(tower.preprocess, [_tower_input(item) for item in job.images])
                 for job in batch
@@ -109,7 +109,7 @@ class HfEncodeEngine(EncodeEngine):
             return_exceptions=True,
         )
         ready: list[tuple[_Job, torch.Tensor, torch.Tensor]] = []
-        for job, result in zip(batch, prepared, strict=True):
+        for job, result in zip(batch, preprocessed, strict=True):
             if isinstance(result, BaseException):
                 _fail(job, _preprocess_failure(result))
             else:
@@ -119,10 +119,12 @@ class HfEncodeEngine(EncodeEngine):
         pixels = torch.cat([p for _, p, _ in ready])
         grids = torch.cat([g for _, _, g in ready])
         try:
+            # the layouts the forward derives from the grids, and pinning, are host work too
+            batch_input = await asyncio.to_thread(tower.prepare, pixels, grids)
             if self.runner is None:
-                embeddings = await asyncio.to_thread(tower.encode, pixels, grids)
+                embeddings = await asyncio.to_thread(tower.run, batch_input)
             else:
-                embeddings = await self.runner(lambda: tower.encode(pixels, grids))
+                embeddings = await self.runner(lambda: tower.run(batch_input))
         except Exception as error:
             failure = ServiceError(ErrorCode.INTERNAL, f"vision tower failed: {error}")
             for job, _, _ in ready:

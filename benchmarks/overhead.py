@@ -34,8 +34,19 @@ from launcher import launch, stop
 from load import LoadConfig, machine_info, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
-# one chunk per token: a decode step of 1 us (a step of 0 sends the whole answer at once)
-PER_TOKEN = ["--engine", "mock", "--", "--mock-decode-s-per-step", "0.000001"]
+# one chunk per token: a decode step of 1 us (a step of 0 sends the whole answer at once); no
+# cost elsewhere (the mock's defaults are a real model's)
+PER_TOKEN = [
+    "--engine",
+    "mock",
+    "--",
+    "--mock-encode-s-per-image",
+    "0",
+    "--mock-prefill-s-per-token",
+    "0",
+    "--mock-decode-s-per-step",
+    "0.000001",
+]
 TRIPTYCH = {"E/P/D": "multimodal_disagg.sh", "EPD": "agg.sh"}
 MAX_TOKENS = 16
 

@@ -22,10 +22,18 @@ from triptych.engines import (
     encode_engine,
 )
 from triptych.models import load_adapter
+from triptych.models.checkpoint import CheckpointError, Needs, resolve_checkpoint
 from triptych.observability import metrics
 from triptych.runtime import Env, Runtime, RuntimeConfig, Service
 from triptych.runtime.address import advertised_host, is_wildcard
-from triptych.runtime.entry import configure_logging, serve, serving
+from triptych.runtime.entry import (
+    configure_logging,
+    is_port_in_use,
+    port_in_use,
+    serve,
+    serving,
+)
+from triptych.runtime.flags import FlagParser, add_logging_arguments
 from triptych.runtime.port_file import write_port_file
 from triptych.runtime.status_server import StatusServer
 from triptych.transfer import EmbeddingTransport, TransferAgent
@@ -40,9 +48,10 @@ class WorkerConfig:
     runtime: RuntimeConfig
     engine: EngineConfig
     model_path: str
-    """Checkpoint directory (the tiny Qwen2.5-VL when not given)."""
+    """Checkpoint directory (the tiny Qwen2.5-VL when not given; a hub ID resolved into the
+    Hugging Face cache)."""
     served_model_name: str
-    """Model name clients ask for (default: the checkpoint directory's name)."""
+    """Model name clients ask for (default: the hub ID, or the checkpoint directory's name)."""
     drain_grace_s: float
     """On SIGTERM: how long in-flight requests may take to finish."""
     transfer_pool_mb: int
@@ -65,12 +74,35 @@ class WorkerConfig:
     """Bound of the encoder's cache of image embeddings by content key (0: no cache)."""
 
 
-def worker_parser(description: str) -> argparse.ArgumentParser:
+def _cache_bytes(text: str) -> int | None:
+    """``--embedding-cache-bytes``: a byte count, or None for "auto" (sized from the pool)."""
+    if text.strip().lower() == "auto":
+        return None
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def worker_parser(prog: str, description: str) -> FlagParser:
     """A parser with the flags every worker takes."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model-path", default="", help="checkpoint directory")
-    parser.add_argument("--served-model-name", default="")
-    parser.add_argument("--drain-grace-s", type=float, default=30.0)
+    parser = FlagParser(prog=prog, description=description)
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--tp",
+        "--tp-size",
+        "--tensor-parallel-size",
+        dest="tp_size",
+        type=int,
+        default=1,
+        help="GPUs one model instance spans (only 1 today: scale out with more instances)",
+    )
+    parser.add_argument(
+        "--drain-grace-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long requests in flight may take to finish",
+    )
     parser.add_argument(
         "--transfer-pool-mb",
         type=int,
@@ -103,10 +135,10 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--embedding-cache-bytes",
-        type=int,
-        default=None,
+        type=_cache_bytes,
+        default="auto",
         help="bytes of image embeddings an encoder (encode worker, or an inline one) keeps by "
-        "image content, LRU, so a repeated image skips the vision tower (default: a quarter of "
+        "image content, LRU, so a repeated image skips the vision tower (auto: a quarter of "
         "--transfer-pool-mb; 0 turns the cache off)",
     )
     parser.add_argument(
@@ -120,11 +152,28 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
         help="address other processes reach this worker at (default: $POD_IP, else the bind "
         "address, else this host's address toward NATS); never a wildcard",
     )
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    add_logging_arguments(parser)
     RuntimeConfig.add_arguments(parser)
     EngineConfig.add_arguments(parser)
     return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model-path``, ``--revision``, ``--served-model-name``."""
+    parser.add_argument(
+        "--model-path",
+        default="",
+        help="checkpoint: a local directory or a Hugging Face Hub ID (org/name); a worker "
+        "fetches only the weights it loads (empty: the tiny test model)",
+    )
+    parser.add_argument(
+        "--revision", default=None, help="hub revision (branch, tag or commit) of a hub ID"
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default="",
+        help="the model name clients send (empty: the hub ID, or the directory's name)",
+    )
 
 
 def has_vision(config: WorkerConfig) -> bool:
@@ -170,10 +219,24 @@ def resolve_model_path(path: str) -> str:
     return str(default_model_path())
 
 
-def worker_config(args: argparse.Namespace) -> WorkerConfig:
-    """Build a worker's config from its parsed flags."""
+def worker_config(args: argparse.Namespace, component: str) -> WorkerConfig:
+    """Build a worker's config from its parsed flags; its checkpoint is resolved here, once
+    (a hub ID: only the files `component` reads are fetched). Refuses, in one line, what it
+    cannot run."""
     configure_logging(args.log_level, args.log_format)
-    model_path = resolve_model_path(args.model_path)
+    if args.tp_size != 1:
+        sys.exit(
+            f"triptych {component} worker: --tp {args.tp_size}: tensor parallelism is not "
+            "supported yet; run one model instance per GPU (more instances of a stage just "
+            "join) and pin them with CUDA_VISIBLE_DEVICES or the launcher's --*-gpu flags"
+        )
+    try:
+        checkpoint = resolve_checkpoint(
+            resolve_model_path(args.model_path), args.revision, _needs(args, component)
+        )
+    except CheckpointError as error:
+        sys.exit(f"triptych {component} worker: {error}")
+    model_path = checkpoint.path
     runtime = RuntimeConfig.from_args(args)
     bind = args.disaggregation_bootstrap_host
     if is_wildcard(bind):
@@ -183,7 +246,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         runtime=runtime,
         engine=EngineConfig.from_args(args, model_path, advertise),
         model_path=model_path,
-        served_model_name=args.served_model_name or model_path.rstrip("/").rsplit("/", 1)[-1],
+        served_model_name=args.served_model_name or checkpoint.name,
         drain_grace_s=args.drain_grace_s,
         transfer_pool_mb=args.transfer_pool_mb,
         metrics_host=args.metrics_host,
@@ -195,9 +258,18 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         embedding_cache_bytes=(
             (args.transfer_pool_mb << 20) // 4
             if args.embedding_cache_bytes is None
-            else max(0, args.embedding_cache_bytes)
+            else args.embedding_cache_bytes
         ),
     )
+
+
+def _needs(args: argparse.Namespace, component: str) -> Needs:
+    """Which files of a hub checkpoint the worker reads: none of the weights on the mock
+    engine, the vision tower's alone on an encode worker of the hf engine."""
+    encoder = args.encode_engine or args.engine
+    if component == "encode":
+        return {"mock": Needs.TOKENIZER, "hf": Needs.VISION}.get(encoder, Needs.WEIGHTS)
+    return Needs.TOKENIZER if args.engine == encoder == "mock" else Needs.WEIGHTS
 
 
 Setup = Callable[[Runtime, Service, EmbeddingTransport], Awaitable[Sequence[Engine]]]
@@ -226,7 +298,14 @@ def run_worker(
         ready = False
         exit_status = 1  # set when serving ends normally
         status = StatusServer(config.metrics_host, config.metrics_port, lambda: ready)
-        await status.start()
+        try:
+            await status.start()
+        except OSError as error:
+            if is_port_in_use(error):
+                raise port_in_use(
+                    config.metrics_host, config.metrics_port, "--metrics-port"
+                ) from None
+            raise
         log.info(
             "%s: /metrics, /health and /ready on %s:%d (advertised as %s)",
             component,
@@ -267,7 +346,7 @@ def run_worker(
                 await status.close()
         return exit_status
 
-    serve(main)
+    serve(main, f"{component} worker")
 
 
 def _bound_ports(status_port: int, engines: Sequence[Engine]) -> dict[str, int]:

@@ -1,17 +1,21 @@
 """The mock engine: real control flow, simulated compute, deterministic tokens.
 
-It runs anywhere and costs nothing by default, which makes it the engine for load tests and
-for scale tests of the runtime. Every role behaves like a real engine: encode returns as many
-embedding rows as the images' token counts, prefill opens a real bootstrap room and decode
-joins it, cancellation frees rooms, and each stage can be given a time cost.
+It runs anywhere, which makes it the engine for load tests and for scale tests of the
+runtime. Every role behaves like a real engine: encode returns as many embedding rows as the
+images' token counts, prefill opens a real bootstrap room and decode joins it, cancellation
+frees rooms, and each stage takes time like a 7B-class model on one GPU by default (tokens
+stream one at a time); zero costs make it as fast as the machinery around it.
 
 Tokens are a pure function of the prompt tokens and the seed, so every topology returns the
-same tokens for the same request, and they come from the model's ordinary vocabulary.
+same tokens for the same request, and they come from the model's ordinary vocabulary: each is
+drawn uniformly from ``[vocab_low, vocab_high)``, so its log-probability is
+``-log(vocab_high - vocab_low)``, as is that of every alternative.
 """
 
 import asyncio
 import contextlib
 import hashlib
+import math
 import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ from triptych.protocol import (
     RoomReady,
     ServiceError,
     TokenChunk,
+    TokenLogprob,
     VideoItem,
 )
 from triptych.transfer import BootstrapClient, ImageEmbeddings
@@ -38,14 +43,14 @@ from triptych.transfer import BootstrapClient, ImageEmbeddings
 
 @dataclass(frozen=True)
 class MockConfig:
-    """Simulated costs (all zero by default) and the token range to draw from."""
+    """Simulated costs (a 7B-class model on one GPU by default) and the token range."""
 
-    encode_s_per_image: float = 0.0
+    encode_s_per_image: float = 0.02
     """Seconds per image encoded."""
-    prefill_s_per_token: float = 0.0
+    prefill_s_per_token: float = 0.0001
     """Seconds per prompt token prefilled."""
-    decode_s_per_step: float = 0.0
-    """Seconds per decode step (one token)."""
+    decode_s_per_step: float = 0.015
+    """Seconds per decode step (one token); 0 sends every token at once, in one chunk."""
     vocab_low: int = 256
     """Smallest token id produced."""
     vocab_high: int = 1024
@@ -75,6 +80,15 @@ def mock_tokens(request: GenerateRequest, low: int, high: int) -> list[int]:
     return [rng.randrange(low, high) for _ in range(request.sampling.max_tokens)]
 
 
+def mock_logprobs(token: int, top: int, low: int, high: int) -> TokenLogprob:
+    """The log-probability of a drawn `token` and of `top` alternatives: the uniform draw gives
+    each the same, so the drawn token comes first, then the ids after it."""
+    width = high - low
+    logprob = -math.log(width)
+    ids = [low + (token - low + i) % width for i in range(min(top, width))]
+    return TokenLogprob(logprob=logprob, top=[(i, logprob) for i in ids])
+
+
 async def _sleep(seconds: float) -> None:
     if seconds > 0:
         await asyncio.sleep(seconds)
@@ -93,6 +107,7 @@ class _Generator:
             stops.update(request.eos_token_ids)
         tokens = mock_tokens(request, self.config.vocab_low, self.config.vocab_high)
         step = self.config.decode_s_per_step
+        low, high = self.config.vocab_low, self.config.vocab_high
         pending: list[int] = []
         first = True
         for index, token in enumerate(tokens[skip:], start=skip):
@@ -102,10 +117,14 @@ class _Generator:
             if step > 0 or last:  # with no decode cost every token is ready at once
                 await _sleep(step)
                 reason = ("stop" if finished else "length") if last else None
+                logprobs = None
+                if sampling.logprobs is not None:
+                    logprobs = [mock_logprobs(t, sampling.logprobs, low, high) for t in pending]
                 yield TokenChunk(
                     token_ids=pending,
                     finish_reason=reason,
                     prompt_tokens=len(request.token_ids) if first else 0,
+                    logprobs=logprobs,
                 )
                 pending, first = [], False
             if last:

@@ -75,16 +75,33 @@ class EngineConfig:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         """The engine flags every worker takes."""
         group = parser.add_argument_group("engine")
-        group.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
+        group.add_argument(
+            "--engine",
+            choices=ENGINES,
+            default=DEFAULT_ENGINE,
+            help="what runs the model: hf (PyTorch + transformers), sglang (SGLang, GPU), mock "
+            "(simulated, for load tests)",
+        )
         group.add_argument(
             "--encode-engine",
             choices=ENGINES,
             default="",
             help="engine that encodes images, on an encode worker or inline (default: --engine)",
         )
-        group.add_argument("--device", default="cpu")
-        group.add_argument("--disaggregation-bootstrap-host", default="127.0.0.1")
-        group.add_argument("--disaggregation-bootstrap-port", type=int, default=0)
+        group.add_argument(
+            "--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:1, ..."
+        )
+        group.add_argument(
+            "--disaggregation-bootstrap-host",
+            default="127.0.0.1",
+            help="where a prefill worker's bootstrap endpoint (KV hand-off rooms) listens",
+        )
+        group.add_argument(
+            "--disaggregation-bootstrap-port",
+            type=int,
+            default=0,
+            help="its port (0: a free one, announced)",
+        )
         group.add_argument(
             "--max-model-len",
             "--context-length",
@@ -143,9 +160,24 @@ class EngineConfig:
             "padded length counts against --chunked-prefill-size; the CPU prefills one at a "
             "time)",
         )
-        group.add_argument("--mock-encode-s-per-image", type=float, default=0.0)
-        group.add_argument("--mock-prefill-s-per-token", type=float, default=0.0)
-        group.add_argument("--mock-decode-s-per-step", type=float, default=0.0)
+        group.add_argument(
+            "--mock-encode-s-per-image",
+            type=float,
+            default=MockConfig.encode_s_per_image,
+            help="mock engine: seconds to encode one image",
+        )
+        group.add_argument(
+            "--mock-prefill-s-per-token",
+            type=float,
+            default=MockConfig.prefill_s_per_token,
+            help="mock engine: seconds to prefill one prompt token",
+        )
+        group.add_argument(
+            "--mock-decode-s-per-step",
+            type=float,
+            default=MockConfig.decode_s_per_step,
+            help="mock engine: seconds per decode step (0: every token at once, one chunk)",
+        )
         group.add_argument(
             "--mock-fail-prefill",
             action="store_true",

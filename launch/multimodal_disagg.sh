@@ -1,15 +1,7 @@
 #!/usr/bin/env bash
 # E/P/D: frontend, encode, decode (the entry point of disaggregation) and prefill, each its own
 # process, meeting on NATS. Embeddings go encode -> prefill; the KV cache prefill -> decode.
+# Same as `triptych serve --topology e/p/d`; `--help` lists every flag.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-parse_args "$@"
-start_nats
-read -ra FLAGS <<<"$(worker_flags)"
-start_on "$ENCODE_GPU" encode encode_worker "${FLAGS[@]}" "${WORKER_ARGS[@]}"
-start_on "$PREFILL_GPU" prefill prefill_worker "${FLAGS[@]}" --dedicated-mm-encoder \
-  "${WORKER_ARGS[@]}"
-start_on "$DECODE_GPU" decode decode_worker "${FLAGS[@]}" --disaggregation-mode decode \
-  --dedicated-mm-encoder "${WORKER_ARGS[@]}"
-start_frontend E/P/D
-supervise
+serve e/p/d "$@"

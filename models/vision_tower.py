@@ -8,7 +8,6 @@ tensor from the safetensors files, keeping only those under the tower's prefix.
 import functools
 import io
 import itertools
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -29,11 +28,11 @@ from transformers.vision_utils import (
 )
 
 from triptych.models import QwenVLAdapter, load_adapter
+from triptych.models.checkpoint import VISION_PREFIXES, vision_shards
 from triptych.models.video_decoder import VideoBounds, read_frames
 from triptych.models.vision_attention import WindowLayouts, pack_window_attention
 from triptych.models.vision_cuda import cuda_forwards
 
-VISION_PREFIXES = ("visual.", "model.visual.")
 LONGEST = {"cu_seqlens": "max_seqlen", "cu_window_seqlens": "max_window_seqlen"}
 """transformers' keyword for the longest sequence of each ``cu_*seqlens`` a forward takes."""
 
@@ -55,10 +54,11 @@ def _tower_class(model_type: str) -> Any:
 
 
 def _weight_files(root: Path) -> list[Path]:
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [root / name for name in names]
+    """The files holding the tower: per the index, only those shards (an encode worker may
+    have fetched no other); without an index, every weight file."""
+    shards = vision_shards(root)
+    if shards is not None:
+        return [root / name for name in shards]
     return sorted(root.glob("*.safetensors"))
 
 

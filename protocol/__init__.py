@@ -4,6 +4,12 @@ Pure data (pydantic v2 models and validators). Nothing here does I/O or imports 
 the project; every other layer may import it.
 """
 
+from triptych.protocol.completions import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from triptych.protocol.errors import ErrorCode, ErrorInfo, ServiceError
 from triptych.protocol.messages import (
     BootstrapInfo,
@@ -19,29 +25,42 @@ from triptych.protocol.messages import (
     RoomReady,
     TensorHandle,
     TokenChunk,
+    TokenLogprob,
     VideoItem,
 )
 from triptych.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprob,
     ChatMessage,
+    ChoiceLogprobs,
     ErrorResponse,
     ImagePart,
     ModelCard,
     ModelList,
+    SamplingDefaults,
+    SamplingFields,
     TextPart,
+    TopLogprob,
     Usage,
     VideoPart,
 )
-from triptych.protocol.sampling import FinishReason, SamplingOptions
+from triptych.protocol.sampling import MAX_TOP_LOGPROBS, FinishReason, SamplingOptions
 
 __all__ = [
+    "MAX_TOP_LOGPROBS",
     "BootstrapInfo",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
+    "ChatLogprob",
     "ChatMessage",
+    "ChoiceLogprobs",
+    "CompletionChoice",
+    "CompletionLogprobs",
+    "CompletionRequest",
+    "CompletionResponse",
     "EmbeddingHandle",
     "ErrorCode",
     "ErrorInfo",
@@ -59,11 +78,15 @@ __all__ = [
     "RoomJoin",
     "RoomMessage",
     "RoomReady",
+    "SamplingDefaults",
+    "SamplingFields",
     "SamplingOptions",
     "ServiceError",
     "TensorHandle",
     "TextPart",
     "TokenChunk",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
     "VideoItem",
     "VideoPart",

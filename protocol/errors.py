@@ -9,7 +9,9 @@ class ErrorCode(IntEnum):
     """Error codes follow HTTP status semantics, so the frontend maps them one to one."""
 
     BAD_REQUEST = 400
+    UNAUTHORIZED = 401
     NOT_FOUND = 404
+    METHOD_NOT_ALLOWED = 405
     PAYLOAD_TOO_LARGE = 413
     CLIENT_CLOSED = 499
     INTERNAL = 500
@@ -19,7 +21,9 @@ class ErrorCode(IntEnum):
 
 _OPENAI_TYPES = {
     ErrorCode.BAD_REQUEST: "invalid_request_error",
+    ErrorCode.UNAUTHORIZED: "authentication_error",
     ErrorCode.NOT_FOUND: "not_found_error",
+    ErrorCode.METHOD_NOT_ALLOWED: "invalid_request_error",
     ErrorCode.PAYLOAD_TOO_LARGE: "invalid_request_error",
     ErrorCode.CLIENT_CLOSED: "client_closed_request",
     ErrorCode.INTERNAL: "internal_server_error",
@@ -39,6 +43,8 @@ class ErrorInfo(BaseModel):
     """Human-readable cause; safe to show to the client (no secrets, no tracebacks)."""
     request_id: str = ""
     """The request this error belongs to ("" when unknown)."""
+    param: str | None = None
+    """The request field at fault (``messages[0].content``), when one is."""
     retry_after_s: float | None = None
     """Set when the cause is load, not a fault: the caller may retry after this many seconds
     (the frontend's ``Retry-After``). A retry elsewhere would only add to the load."""
@@ -56,17 +62,27 @@ class ServiceError(Exception):
     """A failure with an HTTP-style code; raised anywhere, it reaches the client as that status."""
 
     def __init__(
-        self, code: int, message: str, request_id: str = "", retry_after_s: float | None = None
+        self,
+        code: int,
+        message: str,
+        request_id: str = "",
+        retry_after_s: float | None = None,
+        *,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.info = ErrorInfo(
-            code=code, message=message, request_id=request_id, retry_after_s=retry_after_s
+            code=code,
+            message=message,
+            request_id=request_id,
+            retry_after_s=retry_after_s,
+            param=param,
         )
 
     @classmethod
     def from_info(cls, info: ErrorInfo) -> "ServiceError":
         """Rebuild the exception from an error received over the wire."""
-        return cls(info.code, info.message, info.request_id, info.retry_after_s)
+        return cls(info.code, info.message, info.request_id, info.retry_after_s, param=info.param)
 
     @property
     def code(self) -> int:

@@ -162,6 +162,22 @@ class BootstrapInfo(BaseModel):
     ``bootstrap_port`` is triptych's room endpoint itself."""
 
 
+class TokenLogprob(BaseModel):
+    """How likely one generated token was, and which tokens were most likely in its place.
+
+    Engines take both from the distribution the token was drawn from (see
+    `SamplingOptions.logprobs` for which one that is).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    logprob: float
+    """Natural log of the token's probability."""
+    top: list[tuple[int, float]] = []
+    """``(token id, logprob)`` of the most likely tokens at this position, most likely first
+    (`SamplingOptions.logprobs` of them)."""
+
+
 class TokenChunk(BaseModel):
     """Generated tokens, streamed from decode straight to the frontend."""
 
@@ -173,6 +189,8 @@ class TokenChunk(BaseModel):
     """Set on the last chunk of the stream."""
     prompt_tokens: int = 0
     """Prompt length as the engine saw it (set on the first chunk)."""
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per token of `token_ids`, when the request asked for logprobs."""
 
 
 class KVHandle(BaseModel):

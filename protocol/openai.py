@@ -1,16 +1,29 @@
 """The OpenAI chat-completions surface: requests, responses, stream chunks, models, errors.
 
-Requests reject what triptych cannot honour (``n > 1``, logprobs, tools, unknown roles or
-content types) with a clear message instead of ignoring it.
+Requests accept what clients send: every field OpenAI defines, ``null`` for "the default",
+values that change nothing (``response_format: {"type": "text"}``, ``tool_choice: "none"``,
+empty ``tools``), and fields nobody defined (kept in ``model_extra`` for the frontend to log).
+What triptych cannot honour (tools, structured output, logit bias, audio) is refused with a
+message that names the field.
 """
 
 import math
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from triptych.protocol.sampling import FinishReason, SamplingOptions
+from triptych.protocol.sampling import MAX_TOP_LOGPROBS, FinishReason, SamplingOptions
+
+MAX_CHOICES = 16
+"""Most choices (``n``) one request may ask for."""
 
 
 class TextPart(BaseModel):
@@ -61,13 +74,18 @@ ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="t
 
 
 class ChatMessage(BaseModel):
-    """One message of the conversation."""
+    """One message of the conversation. ``developer`` (OpenAI's newer name) is ``system``."""
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, role: str) -> str:
+        return "system" if role == "developer" else role
 
     @model_validator(mode="after")
     def _has_content(self) -> "ChatMessage":
@@ -97,64 +115,77 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: only ``include_usage`` exists."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    include_usage: bool = False
-
-
-_UNSUPPORTED = (
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "response_format",
-    "logit_bias",
-    "top_logprobs",
-    "audio",
-    "modalities",
-    "prediction",
-)
-
-
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions`` body."""
+    """``stream_options``."""
 
     model_config = ConfigDict(extra="ignore")
 
+    include_usage: bool | None = False
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: only plain text is produced (no structured output)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"must be 'text' ('{value}': structured output is not supported)")
+        return value
+
+
+class SamplingDefaults(BaseModel):
+    """Sampling values the checkpoint recommends (its ``generation_config.json``); they apply
+    when a request leaves a field out or sends ``null``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    """From ``max_new_tokens``: a cap on generated tokens when the request sets none."""
+
+    def effective(self) -> dict[str, Any]:
+        """The values that are set."""
+        return self.model_dump(exclude_none=True)
+
+
+def _refuse_unless_empty(value: object, what: str) -> None:
+    if value not in (None, [], {}):
+        raise ValueError(f"is not supported ({what}); send it empty or leave it out")
+
+
+class SamplingFields(BaseModel):
+    """Fields chat and text completions share. ``null`` or absent: the model's default."""
+
+    model_config = ConfigDict(extra="allow")
+
     model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    n: int | None = Field(default=1, ge=1, le=MAX_CHOICES)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    min_tokens: int = Field(default=0, ge=0)
-    ignore_eos: bool = False
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
-    n: int = 1
-    logprobs: bool = False
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = False
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
-    return_token_ids: bool = False
+    return_token_ids: bool | None = False
     """Extension (as in vLLM): include the generated token ids in each choice or chunk."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unsupported(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name in _UNSUPPORTED:
-                if data.get(name) not in (None, [], {}):
-                    raise ValueError(f"'{name}' is not supported by this server")
-        return data
 
     @field_validator(
         "temperature",
@@ -165,23 +196,9 @@ class ChatCompletionRequest(BaseModel):
         "repetition_penalty",
     )
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _single_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("logprobs are not supported")
         return value
 
     @field_validator("stop")
@@ -189,7 +206,130 @@ class ChatCompletionRequest(BaseModel):
     def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
         strings = [value] if isinstance(value, str) else value or []
         if len(strings) > 16 or any(not s for s in strings):
-            raise ValueError("stop takes at most 16 non-empty strings")
+            raise ValueError("takes at most 16 non-empty strings")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        _refuse_unless_empty(value, "no logit bias")
+        return value
+
+    @property
+    def choices(self) -> int:
+        """How many choices to generate."""
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(
+        self,
+        max_tokens: int,
+        defaults: SamplingDefaults | None = None,
+        *,
+        logprobs: int | None = None,
+        choice: int = 0,
+    ) -> SamplingOptions:
+        """The sampling options to send downstream for choice number `choice`: `max_tokens`
+        resolved, silent fields from `defaults` (then OpenAI's), and a seed of its own for
+        each choice (``seed + choice``) so that seeded choices differ but repeat."""
+        model = defaults or SamplingDefaults()
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        top_k = _first(self.top_k, model.top_k, 0)
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=_first(self.temperature, model.temperature, 1.0),
+            top_p=_first(self.top_p, model.top_p, 1.0),
+            top_k=max(top_k, 0),
+            min_p=_first(self.min_p, model.min_p, 0.0),
+            seed=None if self.seed is None else (self.seed + choice) % 2**63,
+            stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            min_tokens=self.min_tokens or 0,
+            ignore_eos=bool(self.ignore_eos),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=_first(self.repetition_penalty, model.repetition_penalty, 1.0),
+            logprobs=logprobs,
+        )
+
+
+def _first(*values: Any) -> Any:
+    return next(value for value in values if value is not None)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions`` body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extension (as in vLLM and SGLang): extra variables for the chat template
+    (``{"enable_thinking": false}``)."""
+    add_generation_prompt: bool | None = True
+    """Extension: end the prompt with the assistant's turn opener (the default)."""
+    continue_final_message: bool | None = False
+    """Extension: continue the last (assistant) message instead of starting a new turn."""
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("needs 'logprobs': true")
+        return value
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        _refuse_unless_empty(value, "no tool calling")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if value in (None, "none", "auto"):
+            return value
+        raise ValueError("must be 'none' or 'auto' (tool calling is not supported)")
+
+    @field_validator("audio", "prediction")
+    @classmethod
+    def _nothing(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError("is not supported by this server")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and set(value) - {"text"}:
+            raise ValueError("may only list 'text' (no audio output)")
+        return value
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continue_alone(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError(
+                "cannot be true together with 'add_generation_prompt' (set it to false)"
+            )
         return value
 
     @property
@@ -198,28 +338,16 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
     @property
-    def include_usage(self) -> bool:
-        """Whether a stream ends with a usage chunk."""
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def top_logprobs_count(self) -> int | None:
+        """How many alternatives per token the engines must return (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
-    def sampling(self, max_tokens: int) -> SamplingOptions:
-        """The sampling options to send downstream, with ``max_tokens`` resolved."""
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingOptions(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=max(self.top_k, 0),
-            min_p=self.min_p,
-            seed=self.seed,
-            stop=stop,
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            min_tokens=self.min_tokens,
-            ignore_eos=self.ignore_eos,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-        )
+
+class PromptTokensDetails(BaseModel):
+    """``usage.prompt_tokens_details``."""
+
+    cached_tokens: int = 0
+    """Prompt tokens served from a prefix cache (none: triptych keeps no prefix cache)."""
 
 
 class Usage(BaseModel):
@@ -228,6 +356,31 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+
+
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a position."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatLogprob(BaseModel):
+    """A generated token's log-probability and the most likely tokens at its position."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """The ``logprobs`` of a choice or a chunk's choice."""
+
+    content: list[ChatLogprob] | None
+    refusal: None = None
 
 
 class AssistantMessage(BaseModel):
@@ -238,12 +391,12 @@ class AssistantMessage(BaseModel):
 
 
 class Choice(BaseModel):
-    """The single choice of a non-streamed response."""
+    """One choice of a non-streamed response."""
 
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     token_ids: list[int] | None = None
     """Generated token ids, when the request asked for them (`return_token_ids`)."""
 
@@ -271,12 +424,12 @@ class Delta(BaseModel):
 
 
 class ChunkChoice(BaseModel):
-    """The single choice of a stream chunk."""
+    """One choice of a stream chunk."""
 
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     token_ids: list[int] | None = None
     """The chunk's new token ids, when the request asked for them (`return_token_ids`)."""
 
@@ -299,6 +452,13 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=_now)
     owned_by: str = "triptych"
+    root: str | None = None
+    """Where the weights come from: the hub ID or the checkpoint directory."""
+    max_model_len: int | None = None
+    """Tokens a sequence may hold, prompt included."""
+    sampling_defaults: dict[str, Any] = {}
+    """What a request that leaves a sampling field out gets (from the checkpoint's
+    ``generation_config.json``; OpenAI's defaults for the rest)."""
 
 
 class ModelList(BaseModel):

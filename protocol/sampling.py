@@ -7,6 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 FinishReason = Literal["stop", "length"]
 
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives a request may ask for per token (as OpenAI)."""
+
 
 class SamplingOptions(BaseModel):
     """Every knob the client set, resolved to concrete values by the frontend.
@@ -37,6 +40,12 @@ class SamplingOptions(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    """Return each generated token's log-probability and this many most likely alternatives
+    (None: no logprobs). The ``hf`` engine takes them from the distribution the token was
+    drawn from after penalties and temperature (temperature 0 counts as 1), before top-k,
+    top-p and min-p cut it; the ``mock`` engine from its uniform draw; ``sglang`` as SGLang
+    computes them."""
 
     @field_validator(
         "temperature",

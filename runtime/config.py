@@ -58,10 +58,22 @@ class RuntimeConfig:
         group.add_argument(
             "--namespace", default=base.namespace, help="subject prefix ($TRIPTYCH_NAMESPACE)"
         )
-        group.add_argument("--nats-tls-ca", default=None, help="CA file; enables TLS to NATS")
-        group.add_argument("--ack-timeout-s", type=float, default=base.ack_timeout_s)
         group.add_argument(
-            "--stream-idle-timeout-s", type=float, default=base.stream_idle_timeout_s
+            "--nats-tls-ca",
+            default=None,
+            help="CA bundle to verify the NATS server's certificate; enables TLS",
+        )
+        group.add_argument(
+            "--ack-timeout-s",
+            type=float,
+            default=base.ack_timeout_s,
+            help="how long a caller waits for an instance to accept a call before trying another",
+        )
+        group.add_argument(
+            "--stream-idle-timeout-s",
+            type=float,
+            default=base.stream_idle_timeout_s,
+            help="a reply stream silent this long (no data, no keepalive) fails",
         )
         group.add_argument(
             "--nats-reconnect-window-s",

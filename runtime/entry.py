@@ -6,6 +6,7 @@ drain, and exits non-zero if start-up fails or the control plane is lost for goo
 
 import asyncio
 import contextlib
+import errno
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,23 @@ from triptych.runtime.runtime import Runtime
 
 EXIT_NATS_LOST = 3
 """Exit status of a process that could not reach NATS within its reconnect window."""
+
+
+class StartupError(Exception):
+    """A reason the process cannot start, told in one line (no traceback)."""
+
+
+def port_in_use(host: str, port: int, flag: str) -> StartupError:
+    """The one-line refusal for a port another process holds."""
+    return StartupError(
+        f"port {port} on {host} is already in use: stop what holds it, or pick another with "
+        f"{flag} (0: any free port)"
+    )
+
+
+def is_port_in_use(error: OSError) -> bool:
+    """Whether `error` is a bind that failed because the address is taken."""
+    return error.errno == errno.EADDRINUSE or "address already in use" in str(error).lower()
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
@@ -36,9 +54,10 @@ async def serving(stop: asyncio.Event, runtime: Runtime) -> int:
     return EXIT_NATS_LOST if runtime.lost.is_set() and not stop.is_set() else 0
 
 
-def serve(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> None:
+def serve(main: Callable[[asyncio.Event], Awaitable[int | None]], name: str = "") -> None:
     """Run `main(stop)` until it returns, then exit with the status it returns; `stop` is set
-    by SIGTERM or SIGINT."""
+    by SIGTERM or SIGINT. A `StartupError` (or a port already in use) ends the process with
+    one line on stderr and status 1."""
 
     async def runner() -> int | None:
         stop = asyncio.Event()
@@ -47,8 +66,16 @@ def serve(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         return await main(stop)
 
+    who = f"triptych {name}" if name else "triptych"
     status = None
-    with contextlib.suppress(KeyboardInterrupt):
-        status = uvloop.run(runner())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            status = uvloop.run(runner())
+    except StartupError as error:
+        sys.exit(f"{who}: {error}")
+    except OSError as error:
+        if not is_port_in_use(error):
+            raise
+        sys.exit(f"{who}: cannot listen: {error.strerror or error}")
     if status:
         sys.exit(status)

@@ -3,9 +3,22 @@
 import os
 from dataclasses import dataclass
 
+FLAG_PREFIX = "TRIPTYCH_"
+"""Every command-line flag ``--some-flag`` falls back to ``TRIPTYCH_SOME_FLAG``."""
+
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def flag_variable(flag: str) -> str:
+    """The environment variable behind a flag: ``--model-path`` → ``TRIPTYCH_MODEL_PATH``."""
+    return FLAG_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def flag_fallback(flag: str) -> str | None:
+    """The value the environment gives `flag` (``TRIPTYCH_<FLAG>``), or None when unset."""
+    return os.environ.get(flag_variable(flag))
 
 
 @dataclass(frozen=True)

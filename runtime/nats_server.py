@@ -39,10 +39,16 @@ class NatsServer:
         password: str | None = None,
         token: str | None = None,
         max_payload: int = 1024 * 1024,
+        workdir: Path | None = None,
+        own_session: bool = False,
     ) -> None:
         self._user, self._password, self._token = user, password, token
         self._max_payload = max_payload
-        self._dir = Path(tempfile.mkdtemp(prefix="triptych-nats-"))
+        self._dir = workdir or Path(tempfile.mkdtemp(prefix="triptych-nats-"))
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._own_session = own_session
+        """Start the server in a session of its own: a terminal's Ctrl-C, which reaches the
+        whole foreground process group, does not stop it before the components drain."""
         self._process: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.port = 0
@@ -50,12 +56,15 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> "NatsServer":
         """Start the server and wait until it listens."""
         config = self._dir / "nats.conf"
+        config.touch(mode=0o600)  # it may hold credentials
         config.write_text(self._config_text())
         args = [find_binary(), "-c", str(config), "-ports_file_dir", str(self._dir)]
         if self.port:
             args += ["-p", str(self.port)]
         log = (self._dir / "nats.log").open("ab")
-        self._process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=self._own_session
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ports = list(self._dir.glob("*.ports"))
@@ -72,6 +81,11 @@ class NatsServer:
                 raise RuntimeError(f"nats-server exited: {(self._dir / 'nats.log').read_text()}")
             time.sleep(0.01)
         raise TimeoutError("nats-server did not start")
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process is not None else None
 
     def stop(self) -> None:
         """Stop the server (its port is kept for a restart). Safe to call twice."""

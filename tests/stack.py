@@ -16,6 +16,14 @@ from triptych.runtime.port_file import read_port_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
+FAST_MOCK = {
+    "TRIPTYCH_MOCK_ENCODE_S_PER_IMAGE": "0",
+    "TRIPTYCH_MOCK_PREFILL_S_PER_TOKEN": "0",
+    "TRIPTYCH_MOCK_DECODE_S_PER_STEP": "0",
+}
+"""The mock engine at zero cost (its defaults are a real model's), for tests that need speed;
+a test's own --mock-* flags still win."""
+
 
 @dataclass
 class Process:
@@ -58,27 +66,31 @@ class Stack:
     def env(self) -> dict[str, str]:
         """Environment of every process of this stack."""
         env = dict(os.environ)
+        env.update(FAST_MOCK)
         env.update(NATS_URL=self.nats_url, TRIPTYCH_NAMESPACE=self.namespace, PYTHONUNBUFFERED="1")
         if self.nats_token:
             env["NATS_TOKEN"] = self.nats_token
         env.update(self.extra_env)
         return env
 
-    def start(self, name: str, module: str, *args: str) -> Process:
-        """Start ``python -m triptych.components.<module> args...``."""
+    def start(
+        self, name: str, module: str, *args: str, env: dict[str, str] | None = None
+    ) -> Process:
+        """Start ``python -m triptych.components.<module> args...`` (`env`: variables of its
+        own)."""
         log = self.tmp / f"{name}-{len(self.processes)}.log"
         popen = subprocess.Popen(
             [sys.executable, "-m", f"triptych.components.{module}", *args],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
-            env=self.env(),
+            env={**self.env(), **(env or {})},
             cwd=ROOT,
         )
         process = Process(name, popen, log)
         self.processes.append(process)
         return process
 
-    def frontend(self, topology: str, *args: str) -> Process:
+    def frontend(self, topology: str, *args: str, env: dict[str, str] | None = None) -> Process:
         """Start the frontend on a port it picks; `wait_ready` learns which."""
         self.http_port = 0
         self._port_file = self.tmp / f"frontend-{len(self.processes)}.port"
@@ -92,6 +104,7 @@ class Stack:
             "--port-file",
             str(self._port_file),
             *args,
+            env=env,
         )
 
     @property

@@ -132,6 +132,23 @@ class Oracle:
             )
         return [int(t) for t in out[0, len(ids) :]]
 
+    def logprobs(self, messages: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Per generated token, the log-softmax of the logits greedy generate() chose it from
+        (text-only messages)."""
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)])
+        with torch.no_grad():
+            out = self.model.generate(
+                ids,
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        return [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+
 
 def request(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
     body = {
@@ -238,6 +255,27 @@ def test_greedy_equals_generate_eight_in_flight(
     got = asyncio.run(run())
     for case, tokens in zip(mixed, got, strict=True):
         assert tokens == oracle.tokens(case)
+
+
+def test_logprobs_are_the_models_own(
+    served: tuple[Stack, Path, list[list[dict[str, Any]]]], oracles: dict[Path, Oracle]
+) -> None:
+    """Greedy logprobs (temperature counts as 1) equal the log-softmax of the logits transformers
+    chose each token from, and the top alternatives are its most likely tokens."""
+    stack, model, cases = served
+    expected = oracle_for(oracles, model).logprobs(cases[0])
+    body = request(cases[0], logprobs=True, top_logprobs=2, ignore_eos=True)
+    reply = httpx.post(
+        f"{stack.url}/v1/chat/completions", json={**body, "model": model.name}, timeout=120
+    )
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == len(choice["token_ids"]) == len(expected)
+    for token, entry, want in zip(choice["token_ids"], content, expected, strict=True):
+        assert entry["logprob"] == pytest.approx(float(want[token]), abs=1e-3)
+        assert len(entry["top_logprobs"]) == 2
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(float(want.max()), abs=1e-3)
 
 
 def test_seeded_sampling_repeats(

@@ -107,7 +107,7 @@ async def test_an_inline_encoder_runs_its_forwards_where_it_is_told(tiny_model: 
     engine.tower.prepare = preparing  # type: ignore[method-assign]
     embeddings = await engine.encode("r", [image_item(tiny_model, 56, 84)])
     # the host's work (preprocessing, the layouts) stays off the runner, which gets the forward
-    assert ran[2:] == ["runner"] and ran[0] == ran[1] != threading.current_thread().name
+    assert ran[2:] == ["runner"] and threading.current_thread().name not in ran[:2]
     assert embeddings.num_tokens == 6
     await engine.close()
 

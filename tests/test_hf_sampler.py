@@ -3,6 +3,7 @@ draws that follow the filtered distribution."""
 
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -129,3 +130,31 @@ def test_a_seeded_row_draws_the_same_on_the_gpu() -> None:
     on_cpu = Sampler(VOCAB, 8, torch.device("cpu")).sample(scores.clone(), rows)
     on_gpu = Sampler(VOCAB, 8, torch.device("cuda")).sample(scores.cuda(), rows)
     assert on_gpu.tolist() == on_cpu.tolist()
+
+
+def test_logprobs_come_from_the_distribution_drawn_from() -> None:
+    """After penalties and temperature (greedy counts as 1), before top-k/top-p cut it; rows that
+    did not ask share the step."""
+    sampler = Sampler(VOCAB, 8, torch.device("cpu"))
+    scores = logits(3, seed=5)
+    rows = [
+        row(0, temperature=0, logprobs=2),
+        row(1, temperature=0.5, top_k=3, seed=1, logprobs=0),
+        row(2, temperature=0),
+    ]
+    assert not plain_greedy(rows[0])
+    tokens, logprobs = sampler.choose(scores.clone(), rows)
+    assert logprobs is not None
+    raw = torch.log_softmax(scores[0], -1)
+    assert int(tokens[0]) == int(scores[0].argmax())
+    assert float(logprobs.chosen[0]) == pytest.approx(float(raw[tokens[0]]))
+    assert logprobs.top_ids[0].tolist() == torch.topk(raw, 2).indices.tolist()
+    warm = torch.log_softmax(scores[1] / 0.5, -1)  # not renormalised over the top 3
+    assert float(logprobs.chosen[1]) == pytest.approx(float(warm[tokens[1]]))
+    assert int(tokens[2]) == int(scores[2].argmax())
+    penalized = Sampler(VOCAB, 8, torch.device("cpu"))
+    asked = row(0, temperature=0, logprobs=1, repetition_penalty=2.0)
+    penalized.start(0, asked.options, [])
+    first = int(penalized.sample(scores[:1].clone(), [asked]))
+    _, after = penalized.choose(scores[:1].clone(), [replace(asked, step=1)])
+    assert after is not None and int(after.top_ids[0, 0]) != first  # after the penalty

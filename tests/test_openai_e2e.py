@@ -128,9 +128,9 @@ BAD_REQUESTS = [
         "max_tokens",
     ),
     (
-        b'{"model": "tiny-qwen2.5-vl", "n": 2, "messages": [{"role": "user", "content": "x"}]}',
+        b'{"model": "tiny-qwen2.5-vl", "n": 0, "messages": [{"role": "user", "content": "x"}]}',
         400,
-        "n=1",
+        "'n' must be at least 1",
     ),
     (
         b'{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}',

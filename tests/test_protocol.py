@@ -5,7 +5,13 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from triptych.protocol import ChatCompletionRequest, GenerateRequest, ImageItem, SamplingOptions
+from triptych.protocol import (
+    ChatCompletionRequest,
+    GenerateRequest,
+    ImageItem,
+    SamplingDefaults,
+    SamplingOptions,
+)
 
 EVERY_OPTION = {
     "temperature": 0.7,
@@ -31,14 +37,32 @@ def request(**fields: object) -> ChatCompletionRequest:
 
 
 def test_every_sampling_option_survives_the_whole_trip() -> None:
-    chat = request(**EVERY_OPTION)
-    generate = GenerateRequest(model="m", token_ids=[1, 2], sampling=chat.sampling(77))
+    chat = request(**EVERY_OPTION, logprobs=True, top_logprobs=3)
+    sampling_options = chat.sampling(77, logprobs=chat.top_logprobs_count)
+    generate = GenerateRequest(model="m", token_ids=[1, 2], sampling=sampling_options)
     received = GenerateRequest.model_validate_json(generate.model_dump_json())
     sampling = received.sampling.model_dump()
     for name, value in EVERY_OPTION.items():
         expected = tuple(value) if isinstance(value, list) else value
         assert sampling[name] == expected, name
-    assert set(sampling) == set(EVERY_OPTION)  # nothing the engines see was left unset
+    assert sampling["logprobs"] == 3
+    # nothing the engines see was left unset
+    assert set(sampling) == {*EVERY_OPTION, "logprobs"}
+
+
+def test_silent_fields_take_the_models_defaults_then_openais() -> None:
+    defaults = SamplingDefaults(temperature=0.7, top_k=20, repetition_penalty=1.05)
+    silent = request(temperature=None).sampling(5, defaults)
+    assert (silent.temperature, silent.top_k, silent.repetition_penalty) == (0.7, 20, 1.05)
+    assert (silent.top_p, silent.min_p) == (1.0, 0.0)  # OpenAI's, where the model is silent
+    assert request(temperature=0.2, top_k=-1).sampling(5, defaults).temperature == 0.2
+    assert request(top_k=-1).sampling(5, defaults).top_k == 0  # -1: no top-k, said outright
+
+
+def test_each_choice_gets_a_seed_of_its_own() -> None:
+    chat = request(seed=41, n=3)
+    assert [chat.sampling(5, choice=i).seed for i in range(3)] == [41, 42, 43]
+    assert request(n=2).sampling(5, choice=1).seed is None
 
 
 def test_max_completion_tokens_wins() -> None:
@@ -48,9 +72,15 @@ def test_max_completion_tokens_wins() -> None:
 @pytest.mark.parametrize(
     ("fields", "mentions"),
     [
-        ({"n": 3}, "n=1"),
-        ({"logprobs": True}, "logprobs"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"add_generation_prompt": True, "continue_final_message": True}, "continue_final"),
         ({"temperature": math.inf}, "temperature"),
         ({"temperature": 3}, "temperature"),
         ({"top_p": 0}, "top_p"),

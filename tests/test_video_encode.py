@@ -55,14 +55,14 @@ async def test_videos_and_images_share_one_forward_in_prompt_order(tiny_model: P
     assert alone[0].num_tokens == short.num_tokens + image.num_tokens + wide.num_tokens
 
     forwards = 0
-    original = engine.tower.encode
+    original = engine.tower.run
 
     def counting(*args: object) -> torch.Tensor:
         nonlocal forwards
         forwards += 1
         return original(*args)  # type: ignore[arg-type]
 
-    engine.tower.encode = counting  # type: ignore[method-assign]
+    engine.tower.run = counting  # type: ignore[method-assign]
     together = await asyncio.gather(
         *(engine.encode(f"t{i}", *request) for i, request in enumerate(requests))
     )

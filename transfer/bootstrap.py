@@ -147,6 +147,10 @@ class BootstrapServer:
                     self._rooms[message.room].done.set()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            # close() ends the connection: the handler ends quietly (asyncio logs a server
+            # callback's cancellation as an error, with a traceback, on every shutdown)
+            pass
         except ValueError as error:
             log.warning("bad bootstrap frame: %s", error)
         finally:

@@ -1,4 +1,4 @@
-"""``python -m triptych.components.decode_worker``
+"""``python -m triptych.components.decode_worker`` (or ``triptych decode``)
 
 ``--disaggregation-mode decode`` (E/P/D, P/D): bootstrap with a prefill worker, decode from
 the KV cache it hands over. ``--disaggregation-mode agg`` (E/PD, EPD): prefill and decode here;
@@ -24,16 +24,33 @@ from triptych.engines import (
 )
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
+from triptych.runtime.flags import FlagParser
 from triptych.transfer import EmbeddingTransport
 
 
-def main() -> None:
+def parser() -> FlagParser:
+    """The decode worker's flags."""
+    flags = worker_parser(
+        "triptych decode",
+        "A decode worker: gets each request's KV cache from a prefill instance and streams "
+        "tokens to the frontend; with --disaggregation-mode agg it prefills (and encodes) "
+        "itself.",
+    )
+    flags.add_argument(
+        "--disaggregation-mode",
+        choices=("decode", "agg"),
+        default="decode",
+        help="decode: the KV cache comes from a prefill worker (E/P/D, P/D); agg: prefill "
+        "and decode here (E/PD, EPD)",
+    )
+    add_encoder_flag(flags)
+    return flags
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and serve until stopped."""
-    parser = worker_parser("triptych decode worker")
-    parser.add_argument("--disaggregation-mode", choices=("decode", "agg"), default="decode")
-    add_encoder_flag(parser)
-    args = parser.parse_args()
-    config = worker_config(args)
+    args = parser().parse_args(argv)
+    config = worker_config(args, "decode")
 
     async def setup(
         runtime: Runtime, service: Service, transport: EmbeddingTransport

@@ -1,4 +1,4 @@
-"""``python -m triptych.components.encode_worker``"""
+"""``python -m triptych.components.encode_worker`` (or ``triptych encode``)"""
 
 import dataclasses
 from collections.abc import Sequence
@@ -8,12 +8,22 @@ from triptych.components.worker import cached_encoder, run_worker, worker_config
 from triptych.engines import Engine, encode_engine
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
+from triptych.runtime.flags import FlagParser
 from triptych.transfer import EmbeddingTransport
 
 
-def main() -> None:
+def parser() -> FlagParser:
+    """The encode worker's flags."""
+    return worker_parser(
+        "triptych encode",
+        "An encode worker: runs the vision tower on a request's images, keeps the embeddings "
+        "in NIXL-registered memory and forwards the request to a decode instance.",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and serve until stopped."""
-    config = worker_config(worker_parser("triptych encode worker").parse_args())
+    config = worker_config(parser().parse_args(argv), "encode")
     config = dataclasses.replace(config, engine=config.engine.encoding())
 
     async def setup(

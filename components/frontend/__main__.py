@@ -1,7 +1,10 @@
-"""``python -m triptych.components.frontend``"""
+"""``python -m triptych.components.frontend`` (or ``triptych frontend``)"""
 
 import asyncio
+import dataclasses
 import logging
+import sys
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -9,30 +12,48 @@ from triptych.components.frontend.config import FrontendConfig
 from triptych.components.frontend.images import ImageLoader
 from triptych.components.frontend.prompt import Preprocessor
 from triptych.components.frontend.server import Frontend
+from triptych.components.frontend.template import read_template
 from triptych.components.frontend.videos import VideoLoader
+from triptych.models.checkpoint import CheckpointError, Needs, resolve_checkpoint
 from triptych.runtime import Runtime
-from triptych.runtime.entry import configure_logging, serve, serving
+from triptych.runtime.entry import (
+    configure_logging,
+    is_port_in_use,
+    port_in_use,
+    serve,
+    serving,
+)
 from triptych.runtime.port_file import write_port_file
 from triptych.transfer import TransferAgent
 
 log = logging.getLogger("triptych.frontend")
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and serve HTTP until stopped."""
-    args = FrontendConfig.parser().parse_args()
+    args = FrontendConfig.parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    model_path = args.model_path
-    if not model_path:
+    model = args.model_path
+    if not model:
         from triptych.models.tiny import default_model_path
 
-        model_path = str(default_model_path())
-    config = FrontendConfig.from_args(args, model_path)
+        model = str(default_model_path())
+    try:
+        checkpoint = resolve_checkpoint(model, args.revision, Needs.TOKENIZER)
+        chat_template = read_template(args.chat_template) if args.chat_template else None
+    except (CheckpointError, ValueError) as error:
+        sys.exit(f"triptych frontend: {error}")
+    config = dataclasses.replace(
+        FrontendConfig.from_args(args, checkpoint.path, checkpoint.name),
+        chat_template=chat_template,
+    )
 
     async def run(stop: asyncio.Event) -> int:
         loader = ImageLoader(config.images)
         videos = VideoLoader(config.videos, loader.fetcher)
-        preprocessor = Preprocessor(config.model_path, loader, videos)
+        preprocessor = Preprocessor(
+            config.model_path, loader, videos, config.chat_template, config.model_sampling_defaults
+        )
         agent = TransferAgent("frontend", "cpu", config.transfer_pool_mb << 20)
         await agent.start()
         try:
@@ -42,21 +63,18 @@ def main() -> None:
                 frontend = Frontend(config, runtime, preprocessor, stages, agent)
                 runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
                 await runner.setup()
-                # A deeper accept queue than the default 128: a burst waits to be refused
-                # with a 503 instead of having its connections dropped and retried.
-                site = web.TCPSite(runner, config.http_host, config.http_port, backlog=1024)
-                await site.start()
-                port = int(runner.addresses[0][1])
-                if config.port_file:
-                    write_port_file(config.port_file, {"http": port})
-                log.info(
-                    "frontend (%s, model '%s') on http://%s:%d",
-                    config.topology,
-                    config.served_model_name,
-                    config.http_host,
-                    port,
-                )
                 try:
+                    await listen(runner, config)
+                    port = int(runner.addresses[0][1])
+                    if config.port_file:
+                        write_port_file(config.port_file, {"http": port})
+                    log.info(
+                        "frontend (%s, model '%s') on http://%s:%d",
+                        config.topology,
+                        config.served_model_name,
+                        config.http_host,
+                        port,
+                    )
                     return await serving(stop, runtime)
                 finally:
                     await runner.cleanup()
@@ -64,7 +82,20 @@ def main() -> None:
         finally:
             await agent.close()
 
-    serve(run)
+    serve(run, "frontend")
+
+
+async def listen(runner: web.AppRunner, config: FrontendConfig) -> None:
+    """Bind the HTTP port; one line, not a traceback, when it is taken."""
+    # A deeper accept queue than the default 128: a burst waits to be refused with a 503
+    # instead of having its connections dropped and retried.
+    site = web.TCPSite(runner, config.http_host, config.http_port, backlog=1024)
+    try:
+        await site.start()
+    except OSError as error:
+        if is_port_in_use(error):
+            raise port_in_use(config.http_host, config.http_port, "--http-port") from None
+        raise
 
 
 if __name__ == "__main__":

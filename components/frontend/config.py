@@ -4,6 +4,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from triptych.runtime import RuntimeConfig
+from triptych.runtime.flags import FlagParser, add_logging_arguments
 from triptych.transfer.image_bytes import INLINE_BYTES
 
 # Each topology: the component the frontend calls first, then every stage that must be live.
@@ -61,7 +62,10 @@ class FrontendConfig:
 
     runtime: RuntimeConfig
     model_path: str
+    """Local directory of the checkpoint (a hub ID already resolved into the HF cache)."""
     served_model_name: str
+    model_source: str = ""
+    """What ``--model-path`` said: the hub ID or the directory (shown in ``/v1/models``)."""
     topology: str = "E/P/D"
     """One of `TOPOLOGIES`."""
     http_host: str = "127.0.0.1"
@@ -77,6 +81,16 @@ class FrontendConfig:
     """Chat requests served at once; more are answered 503 with Retry-After at once."""
     migration_limit: int = 1
     """How many times a request whose instance died before its first token is sent again."""
+    api_key: str | None = None
+    """Clients must send ``Authorization: Bearer <key>`` (``/health``, ``/ready`` and
+    ``/metrics`` stay open); None lets everyone in."""
+    chat_template: str | None = None
+    """A Jinja chat template replacing the checkpoint's."""
+    model_sampling_defaults: bool = True
+    """Sampling fields a request leaves out come from the checkpoint's
+    ``generation_config.json`` (``--sampling-defaults model``) rather than OpenAI's defaults."""
+    access_log: bool = True
+    """One log line per request: id, status, tokens, time to first token, total time."""
     images: ImageLimits = field(default_factory=ImageLimits)
     videos: VideoLimits = field(default_factory=VideoLimits)
     inline_image_bytes: int = INLINE_BYTES
@@ -98,30 +112,90 @@ class FrontendConfig:
         return TOPOLOGIES[self.topology]
 
     @staticmethod
-    def parser() -> argparse.ArgumentParser:
+    def parser(prog: str = "triptych frontend") -> FlagParser:
         """The frontend's flags."""
-        parser = argparse.ArgumentParser(description="triptych OpenAI-compatible frontend")
-        parser.add_argument("--model-path", default="")
-        parser.add_argument("--served-model-name", default="")
-        parser.add_argument(
-            "--topology", type=str.upper, choices=tuple(TOPOLOGIES), default="E/P/D"
+        parser = FlagParser(
+            prog=prog,
+            description="The OpenAI-compatible HTTP frontend: tokenizes requests, expands "
+            "images, sends them into the stages of the topology and streams the answers back.",
         )
-        parser.add_argument("--http-host", default="127.0.0.1")
         parser.add_argument(
-            "--http-port", type=int, default=8000, help="0: a free port, announced once bound"
+            "--model-path",
+            default="",
+            help="checkpoint: a local directory or a Hugging Face Hub ID (org/name); the "
+            "frontend fetches only its tokenizer, config and processor files (empty: the tiny "
+            "test model)",
+        )
+        parser.add_argument(
+            "--revision", default=None, help="hub revision (branch, tag or commit) of a hub ID"
+        )
+        parser.add_argument(
+            "--served-model-name",
+            default="",
+            help="the model name clients send (empty: the hub ID, or the directory's name)",
+        )
+        parser.add_argument(
+            "--topology",
+            type=str.upper,
+            choices=tuple(TOPOLOGIES),
+            default="E/P/D",
+            help="which stages serve requests (E/P/D, E/PD, EPD or P/D)",
+        )
+        parser.add_argument(
+            "--http-host", "--host", default="127.0.0.1", help="interface to listen on"
+        )
+        parser.add_argument(
+            "--http-port",
+            "--port",
+            type=int,
+            default=8000,
+            help="port to listen on (0: a free port, announced once bound)",
         )
         parser.add_argument(
             "--port-file",
             default=None,
             help='write {"http": PORT} to this file once listening (for launchers and tests)',
         )
-        parser.add_argument("--request-timeout-s", type=float, default=300.0)
-        parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+        parser.add_argument(
+            "--api-key",
+            default=None,
+            help="require 'Authorization: Bearer KEY' on every endpoint but /health, /ready "
+            "and /metrics",
+        )
+        parser.add_argument(
+            "--chat-template",
+            default=None,
+            help="Jinja chat template (a file, or the template itself) replacing the checkpoint's",
+        )
+        parser.add_argument(
+            "--sampling-defaults",
+            choices=("model", "openai"),
+            default="model",
+            help="where sampling fields a request leaves out come from: the checkpoint's "
+            "generation_config.json (model) or OpenAI's defaults (openai)",
+        )
+        parser.add_argument(
+            "--disable-access-log",
+            action="store_true",
+            help="no log line per request (id, status, tokens, TTFT, total time)",
+        )
+        parser.add_argument(
+            "--request-timeout-s",
+            type=float,
+            default=FrontendConfig.request_timeout_s,
+            help="deadline of each request, from arrival to its last token",
+        )
+        parser.add_argument(
+            "--max-body-bytes",
+            type=int,
+            default=FrontendConfig.max_body_bytes,
+            help="largest request body accepted (413 beyond)",
+        )
         parser.add_argument(
             "--max-inflight-requests",
             type=int,
             default=FrontendConfig.max_inflight_requests,
-            help="chat requests served at once; more are answered 503 with Retry-After",
+            help="requests served at once; more are answered 503 with Retry-After",
         )
         parser.add_argument(
             "--migration-limit",
@@ -130,62 +204,79 @@ class FrontendConfig:
             help="times a request whose decode or prefill instance died before its first token "
             "is sent again to another instance (0: never)",
         )
-        parser.add_argument("--max-images", type=int, default=ImageLimits.max_images)
-        parser.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes)
-        parser.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels)
-        parser.add_argument(
-            "--image-fetch-timeout-s", type=float, default=ImageLimits.fetch_timeout_s
+        images = parser.add_argument_group("images")
+        images.add_argument(
+            "--max-images", type=int, default=ImageLimits.max_images, help="images per request"
         )
-        parser.add_argument(
+        images.add_argument(
+            "--max-image-bytes",
+            type=int,
+            default=ImageLimits.max_bytes,
+            help="encoded bytes per image",
+        )
+        images.add_argument(
+            "--max-image-pixels",
+            type=int,
+            default=ImageLimits.max_pixels,
+            help="decoded pixels per image",
+        )
+        images.add_argument(
+            "--image-fetch-timeout-s",
+            type=float,
+            default=ImageLimits.fetch_timeout_s,
+            help="time to fetch one http(s) image, connection included",
+        )
+        images.add_argument(
             "--allowed-image-hosts",
             default="",
             help="comma-separated hosts exempt from the private-address guard",
         )
-        parser.add_argument(
+        images.add_argument(
             "--allowed-image-networks",
             default="",
-            help="comma-separated CIDR networks exempt from the guard",
+            help="comma-separated CIDR networks exempt from the private-address guard",
         )
-        parser.add_argument(
+        images.add_argument(
             "--allowed-local-media-path",
             default=None,
             help="directory file:// image and video URLs may read from (off by default)",
         )
-        parser.add_argument(
+        videos = parser.add_argument_group("videos")
+        videos.add_argument(
             "--max-videos", type=int, default=VideoLimits.max_videos, help="videos per request"
         )
-        parser.add_argument(
+        videos.add_argument(
             "--max-video-bytes",
             type=int,
             default=VideoLimits.max_bytes,
             help="encoded bytes per video",
         )
-        parser.add_argument(
+        videos.add_argument(
             "--max-video-frames",
             type=int,
             default=VideoLimits.max_frames,
             help="frames per video before sampling (counted without decoding)",
         )
-        parser.add_argument(
+        videos.add_argument(
             "--max-video-pixels",
             type=int,
             default=VideoLimits.max_pixels,
             help="pixels per video frame",
         )
-        parser.add_argument(
+        videos.add_argument(
             "--max-video-duration-s",
             type=float,
             default=VideoLimits.max_duration_s,
             help="seconds per video",
         )
-        parser.add_argument(
+        images.add_argument(
             "--max-inline-image-bytes",
             type=int,
             default=INLINE_BYTES,
             help="image and video bytes per request carried inside the NATS message; the rest "
             "move by NIXL",
         )
-        parser.add_argument(
+        images.add_argument(
             "--transfer-pool-mb",
             type=int,
             default=256,
@@ -194,7 +285,7 @@ class FrontendConfig:
         parser.add_argument(
             "--image-routing",
             choices=("affinity", "round-robin"),
-            default="affinity",
+            default=FrontendConfig.image_routing,
             help="how a request with images picks its encoder: affinity (rendezvous hashing of "
             "the images' content keys, so a repeated image meets the encoder that cached it) "
             "or round-robin",
@@ -202,22 +293,25 @@ class FrontendConfig:
         parser.add_argument(
             "--affinity-max-load",
             type=float,
-            default=0.5,
+            default=FrontendConfig.affinity_max_load,
             help="share of an encoder's announced capacity this frontend may hold open on it "
             "before requests with affinity for it go to the next encoder in hash order",
         )
-        parser.add_argument("--log-level", default="INFO")
-        parser.add_argument("--log-format", choices=("text", "json"), default="text")
+        add_logging_arguments(parser)
         RuntimeConfig.add_arguments(parser)
         return parser
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, model_path: str) -> "FrontendConfig":
-        """Build from parsed flags; `model_path` already resolved."""
+    def from_args(
+        cls, args: argparse.Namespace, model_path: str, model_name: str
+    ) -> "FrontendConfig":
+        """Build from parsed flags; `model_path` already resolved to a directory, `model_name`
+        the name it is known by (the hub ID or the directory's name)."""
         return cls(
             runtime=RuntimeConfig.from_args(args),
             model_path=model_path,
-            served_model_name=args.served_model_name or model_path.rstrip("/").rsplit("/", 1)[-1],
+            served_model_name=args.served_model_name or model_name,
+            model_source=args.model_path or model_path,
             topology=args.topology,
             http_host=args.http_host,
             http_port=args.http_port,
@@ -226,6 +320,10 @@ class FrontendConfig:
             max_body_bytes=args.max_body_bytes,
             max_inflight_requests=args.max_inflight_requests,
             migration_limit=args.migration_limit,
+            api_key=args.api_key or None,
+            chat_template=args.chat_template,
+            model_sampling_defaults=args.sampling_defaults == "model",
+            access_log=not args.disable_access_log,
             images=ImageLimits(
                 max_images=args.max_images,
                 max_bytes=args.max_image_bytes,

@@ -1,9 +1,9 @@
-"""One request's output as it arrives: text deltas, stop strings, honest counts."""
+"""One choice's output as it arrives: text deltas, stop strings, honest counts, logprobs."""
 
 from typing import Any
 
 from triptych.components.frontend.detokenizer import Detokenizer, StopMatcher
-from triptych.protocol import FinishReason, TokenChunk
+from triptych.protocol import FinishReason, TokenChunk, TokenLogprob
 
 
 class Output:
@@ -16,6 +16,10 @@ class Output:
         self.finish_reason: FinishReason | None = None
         self.text: list[str] = []
         self.token_ids: list[int] = []
+        self.logprobs: list[tuple[int, TokenLogprob]] = []
+        """Each generated token with its log-probability (when the request asked for them)."""
+        self.chunk_logprobs: list[tuple[int, TokenLogprob]] = []
+        """Those of the last chunk added."""
 
     @property
     def finished(self) -> bool:
@@ -24,10 +28,13 @@ class Output:
 
     def add(self, chunk: TokenChunk) -> str:
         """Take one chunk; return the text to show for it."""
+        self.chunk_logprobs = []
         if self.finished:
             return ""
         self.completion_tokens += len(chunk.token_ids)
         self.token_ids.extend(chunk.token_ids)
+        self.chunk_logprobs = list(zip(chunk.token_ids, chunk.logprobs or (), strict=False))
+        self.logprobs.extend(self.chunk_logprobs)
         final = chunk.finish_reason is not None
         delta = self._detokenizer.add(chunk.token_ids)
         if final:

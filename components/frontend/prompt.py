@@ -21,11 +21,22 @@ from triptych.protocol import (
     ErrorCode,
     ImageItem,
     ImagePart,
+    SamplingDefaults,
     ServiceError,
     TextPart,
     VideoItem,
     VideoPart,
 )
+
+_SAMPLING_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+"""``generation_config.json`` keys that become sampling defaults (as vLLM and SGLang read them)."""
 
 
 @dataclass(frozen=True)
@@ -54,14 +65,19 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
 
 
 class Preprocessor:
-    """The model's tokenizer, chat template and image geometry."""
+    """The model's tokenizer, chat template, sampling defaults and image geometry."""
 
     def __init__(
-        self, model_path: str, loader: ImageLoader, videos: VideoLoader | None = None
+        self,
+        model_path: str,
+        loader: ImageLoader,
+        videos: VideoLoader | None = None,
+        chat_template: str | None = None,
+        model_sampling_defaults: bool = True,
     ) -> None:
         root = Path(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.template = ChatTemplate(self.tokenizer)
+        self.template = ChatTemplate(self.tokenizer, chat_template)
         self._encoder = self.tokenizer.backend_tokenizer
         self.adapter: ModelAdapter | None = load_adapter(model_path)
         self.loader = loader
@@ -74,16 +90,24 @@ class Preprocessor:
             or config.get("max_position_embeddings")
             or 4096
         )
-        self.eos_token_ids = self._eos_ids(root, config)
+        generation_file = root / "generation_config.json"
+        generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
+        self.eos_token_ids = self._eos_ids(generation, config)
+        self.sampling_defaults = SamplingDefaults.model_validate(
+            {
+                ours: generation[theirs]
+                for theirs, ours in _SAMPLING_KEYS.items()
+                if model_sampling_defaults and generation.get(theirs) is not None
+            }
+        )
+        """What requests get for the sampling fields they leave out (the checkpoint's
+        ``generation_config.json``, unless ``--sampling-defaults openai``)."""
         self.preprocessing = _preprocessing_digest(root)
         """What the checkpoint's processor and vision tower make of pixels: part of every
         image's content key."""
 
-    def _eos_ids(self, root: Path, config: dict[str, Any]) -> list[int]:
-        generation = root / "generation_config.json"
-        eos: Any = None
-        if generation.exists():
-            eos = json.loads(generation.read_text()).get("eos_token_id")
+    def _eos_ids(self, generation: dict[str, Any], config: dict[str, Any]) -> list[int]:
+        eos: Any = generation.get("eos_token_id")
         if eos is None:
             eos = config.get("eos_token_id", self.tokenizer.eos_token_id)
         ids = eos if isinstance(eos, list) else [eos]
@@ -94,12 +118,34 @@ class Preprocessor:
         urls = [part.image_url.url for message in request.messages for part in message.images]
         video_urls = [part.video_url.url for message in request.messages for part in message.videos]
         if urls and self.adapter is None:
-            raise ServiceError(ErrorCode.BAD_REQUEST, "this model does not accept images")
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST, "this model does not accept images", param="messages"
+            )
         if video_urls and (
             self.adapter is None or self.adapter.video_token_id is None or self.videos is None
         ):
-            raise ServiceError(ErrorCode.BAD_REQUEST, "this model does not accept videos")
-        text = self.template.render([_template_message(message) for message in request.messages])
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST, "this model does not accept videos", param="messages"
+            )
+        if request.continue_final_message and request.messages[-1].role != "assistant":
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST,
+                "'continue_final_message' needs the last message to be the assistant's",
+                param="continue_final_message",
+            )
+        try:
+            text = self.template.render(
+                [_template_message(message) for message in request.messages],
+                add_generation_prompt=request.add_generation_prompt is not False,
+                continue_final_message=bool(request.continue_final_message),
+                variables=request.chat_template_kwargs,
+            )
+        except Exception as error:  # the template's own checks (e.g. roles out of order)
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST,
+                f"the chat template refused the messages: {error}",
+                param="messages",
+            ) from None
         token_ids: list[int] = self._encoder.encode(text, add_special_tokens=False).ids
         if not urls and not video_urls:
             return Prompt(token_ids=token_ids, images=[])
@@ -116,13 +162,18 @@ class Preprocessor:
                 token_ids, [layouts[id(item)] for item in in_order]
             )
         except ValueError as error:
-            raise ServiceError(ErrorCode.BAD_REQUEST, str(error)) from None
+            raise ServiceError(ErrorCode.BAD_REQUEST, str(error), param="messages") from None
         offset_of = {id(item): offset for item, offset in zip(in_order, offsets, strict=True)}
         image_items = [
             _image_item(i, layouts[id(i)], offset_of[id(i)], self.preprocessing) for i in images
         ]
         video_items = [_video_item(v, offset_of[id(v)]) for v in videos]
         return Prompt(token_ids=expanded, images=image_items, videos=video_items)
+
+    def encode_text(self, text: str) -> list[int]:
+        """A completions prompt's token ids (the tokenizer's own special tokens added, no chat
+        template)."""
+        return list(self._encoder.encode(text, add_special_tokens=True).ids)
 
     async def _load(
         self, urls: list[str], video_urls: list[str], adapter: ModelAdapter

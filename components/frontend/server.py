@@ -1,138 +1,76 @@
-"""The HTTP surface: ``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/ready``,
-``/metrics``."""
+"""The HTTP surface: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
+``/v1/models/{id}``, ``/health``, ``/ready``, ``/metrics``."""
 
 import asyncio
 import logging
-import math
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from triptych.components.frontend.chat import ChatReply
+from triptych.components.frontend.choices import Choices
+from triptych.components.frontend.completions import CompletionReply
 from triptych.components.frontend.config import FrontendConfig
-from triptych.components.frontend.migration import Generation
+from triptych.components.frontend.invalid import describe
+from triptych.components.frontend.logprobs import TokenText
+from triptych.components.frontend.middleware import EXCHANGE, error_response, middlewares
 from triptych.components.frontend.output import Output
-from triptych.components.frontend.prompt import Preprocessor
+from triptych.components.frontend.prompt import Preprocessor, Prompt
+from triptych.components.frontend.reply import Reply
 from triptych.components.frontend.telemetry import RequestTelemetry
 from triptych.observability import metrics
 from triptych.observability.logs import request_id as request_id_var
 from triptych.protocol import (
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
+    CompletionRequest,
     ErrorCode,
     ErrorInfo,
-    ErrorResponse,
     GenerateRequest,
     ImageItem,
     MediaItem,
     ModelCard,
     ModelList,
+    SamplingFields,
     ServiceError,
-    TokenChunk,
-    Usage,
     VideoItem,
 )
-from triptych.protocol.openai import AssistantMessage, Choice, ChunkChoice, Delta, ErrorBody
 from triptych.runtime import Client, Runtime
 from triptych.runtime.errors import busy
 from triptych.transfer import TransferAgent, image_bytes
 
 log = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_MAX_UNKNOWN_NAMES = 256
+"""Unknown field names remembered (each is logged once); beyond, no more are logged."""
 
 
-def error_response(info: ErrorInfo) -> web.Response:
-    """An OpenAI-style error object with the matching status (and ``Retry-After`` when the
-    cause is load)."""
-    body = ErrorResponse(
-        error=ErrorBody(message=info.message, type=info.openai_type, code=info.code)
-    )
-    headers = {"X-Request-Id": info.request_id} if info.request_id else {}
-    if info.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(info.retry_after_s)))
-    return web.Response(
-        body=body.model_dump_json(),
-        status=info.code,
-        headers=headers,
-        content_type="application/json",
-    )
-
-
-def _validation_message(error: ValidationError) -> str:
-    first = error.errors()[0]
-    if first["type"] == "json_invalid":
-        return f"malformed JSON: {first['msg']}"
-    where = ".".join(str(part) for part in first["loc"]) or "body"
-    return f"{where}: {first['msg']}"
-
-
-def _request_id(offered: str | None) -> str:
+def _request_id(offered: str | None, prefix: str) -> str:
     """The client's X-Request-Id when it is safe to use as one, else a fresh id."""
     if offered and _SAFE_ID.fullmatch(offered):
         return offered
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def _sse(payload: BaseModel) -> bytes:
-    return b"data: " + payload.__pydantic_serializer__.to_json(payload) + b"\n\n"
-
-
-@web.middleware
-async def _count_requests(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Count every response by endpoint and status."""
-    resource = request.match_info.route.resource
-    endpoint = resource.canonical if resource is not None else "unmatched"
-    try:
-        response: web.StreamResponse = await handler(request)
-    except web.HTTPException as error:
-        metrics.REQUESTS.labels(endpoint, str(error.status)).inc()
-        raise
-    metrics.REQUESTS.labels(endpoint, str(response.status)).inc()
-    return response
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 @dataclass
-class _Exchange:
-    """One chat request in flight: what was asked, where answers come from, what came back."""
+class _Plan:
+    """What one request asks of the pipeline, and how to answer it."""
 
-    chat: ChatCompletionRequest
-    generation: Generation
-    first: TokenChunk
-    """The first chunk, received before anything was sent to the client."""
-    rest: AsyncGenerator[TokenChunk]
-    output: Output
-    prompt_tokens: int
-    telemetry: RequestTelemetry
-
-    @property
-    def request_id(self) -> str:
-        return self.generation.request_id
-
-    async def chunks(self) -> AsyncIterator[TokenChunk]:
-        """Token chunks as decode sends them, the first one included."""
-        self.telemetry.chunk(len(self.first.token_ids))
-        yield self.first
-        async for token_chunk in self.rest:
-            self.telemetry.chunk(len(token_chunk.token_ids))
-            yield token_chunk
-
-    def usage(self) -> Usage:
-        """Token counts so far."""
-        completion = self.output.completion_tokens
-        return Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=self.prompt_tokens + completion,
-        )
+    fields: SamplingFields
+    prompts: list[Prompt]
+    """Each distinct prompt (one for chat; one per prompt for completions)."""
+    requests: list[GenerateRequest]
+    """One per choice: ``n`` per prompt, in choice-index order."""
+    reply: type[Reply]
+    logprobs: bool
+    exported: list[MediaItem] = field(default_factory=list)
+    """Images waiting in the transfer pool for their encoders (freed when the request ends)."""
 
 
 class Frontend:
@@ -154,16 +92,21 @@ class Frontend:
         self.preprocessor = preprocessor
         self.stages = stages
         self.entry = stages[config.stages[0]]
+        self.token_text = TokenText(preprocessor.tokenizer)
         self.in_flight = 0
-        """Chat requests being served (bounded by ``--max-inflight-requests``)."""
+        """Requests being served (bounded by ``--max-inflight-requests``)."""
+        self._unknown_fields: set[str] = set()
 
     def app(self) -> web.Application:
         """The aiohttp application."""
         app = web.Application(
-            client_max_size=self.config.max_body_bytes, middlewares=[_count_requests]
+            client_max_size=self.config.max_body_bytes,
+            middlewares=middlewares(self.config.api_key, self.config.access_log),
         )
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model_id:.+}", self.model)
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.metrics)
@@ -196,15 +139,59 @@ class Frontend:
         """Prometheus metrics of this process."""
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    def _card(self) -> ModelCard:
+        defaults = {
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            **self.preprocessor.sampling_defaults.effective(),
+        }
+        return ModelCard(
+            id=self.config.served_model_name,
+            root=self.config.model_source,
+            max_model_len=self.preprocessor.context_length,
+            sampling_defaults=defaults,
+        )
+
     async def models(self, request: web.Request) -> web.Response:
         """The one served model."""
-        listing = ModelList(data=[ModelCard(id=self.config.served_model_name)])
+        listing = ModelList(data=[self._card()])
         return web.Response(body=listing.model_dump_json(), content_type="application/json")
+
+    async def model(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{id}``: the served model, or 404."""
+        wanted = request.match_info["model_id"]
+        if wanted != self.config.served_model_name:
+            return error_response(self._unknown_model(wanted).info)
+        return web.Response(body=self._card().model_dump_json(), content_type="application/json")
+
+    def _unknown_model(self, name: str) -> ServiceError:
+        return ServiceError(
+            ErrorCode.NOT_FOUND,
+            f"model '{name}' does not exist; this server serves '{self.config.served_model_name}'",
+            param="model",
+        )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``: streamed (SSE) or whole."""
-        request_id = _request_id(request.headers.get("X-Request-Id"))
+        return await self._serve(request, "chatcmpl", self._chat_plan)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/completions``: streamed (SSE) or whole."""
+        return await self._serve(request, "cmpl", self._completion_plan)
+
+    async def _serve(
+        self,
+        request: web.Request,
+        prefix: str,
+        plan: Callable[[bytes, str], Awaitable[_Plan]],
+    ) -> web.StreamResponse:
+        request_id = _request_id(request.headers.get("X-Request-Id"), prefix)
         request_id_var.set(request_id)
+        exchange = request[EXCHANGE]
+        exchange.request_id = request_id
         refusal = self._refusal(request_id)
         if refusal is not None:
             metrics.REJECTED.labels("frontend_full").inc()
@@ -212,16 +199,15 @@ class Frontend:
         self.in_flight += 1
         telemetry = RequestTelemetry()
         client_gone = False
-        exported: list[MediaItem] = []
         try:
-            return await self._chat(request, request_id, telemetry, exported)
+            return await self._answer(request, request_id, telemetry, plan)
         except asyncio.CancelledError:
             client_gone = True
             raise
         finally:
             self.in_flight -= 1
-            image_bytes.release(self.agent, exported)
             telemetry.finish(client_gone)
+            exchange.ttft_s = telemetry.ttft_s
 
     def _refusal(self, request_id: str) -> ServiceError | None:
         """A busy answer when this frontend already holds as many requests as it may, or as
@@ -242,59 +228,57 @@ class Frontend:
             )
         return None
 
-    async def _chat(
+    async def _answer(
         self,
         request: web.Request,
         request_id: str,
         telemetry: RequestTelemetry,
-        exported: list[MediaItem],
+        make_plan: Callable[[bytes, str], Awaitable[_Plan]],
     ) -> web.StreamResponse:
-        """Serve one chat request; images and videos it exports to the transfer pool go into
-        `exported` (the caller frees them when the request is over, migrations included)."""
-        generation: Generation | None = None
-        rest: AsyncGenerator[TokenChunk] | None = None
+        choices: Choices | None = None
+        plan: _Plan | None = None
         try:
             try:
-                body = await request.read()
-                chat = ChatCompletionRequest.model_validate_json(body)
-                generate = await self._generate_request(chat, request_id)
-                exported.extend(i for i in generate.media if i.data_handle is not None)
-                telemetry.prompt(generate)
-                generation = Generation(
+                plan = await make_plan(await request.read(), request_id)
+                telemetry.prompts(plan.prompts)
+                request[EXCHANGE].prompt_tokens = sum(len(p.token_ids) for p in plan.prompts)
+                choices = Choices(
                     self.runtime,
                     self.entry,
-                    generate,
+                    plan.requests,
                     request_id,
+                    telemetry,
                     deadline=time.time() + self.config.request_timeout_s,
                     migration_limit=self.config.migration_limit,
-                    affinity=self._affinity(generate),
+                    affinity=[self._affinity(r) for r in plan.requests],
                 )
-                await generation.start()
-                log.debug(
-                    "accepted by %s instance %s (%d prompt tokens)",
-                    self.entry.component,
-                    generation.instance,
-                    len(generate.token_ids),
-                )
-                # Nothing reaches the client before the first chunk: until then a failure is
-                # still a plain HTTP error (a 503 with Retry-After when the cause is load), and
-                # a lost instance costs only a migration.
-                rest = generation.chunks()
-                first = await anext(rest)
+                # Nothing reaches the client before every choice's first chunk: until then a
+                # failure is still a plain HTTP error (a 503 with Retry-After when the cause
+                # is load), and a lost instance costs only a migration.
+                await choices.start()
             except Exception as error:
                 return self._failure(error, request_id)
-            output = Output(self.preprocessor.tokenizer, generate.sampling.stop)
-            exchange = _Exchange(
-                chat, generation, first, rest, output, len(generate.token_ids), telemetry
+            fields = plan.fields
+            outputs = [Output(self.preprocessor.tokenizer, r.sampling.stop) for r in plan.requests]
+            reply = plan.reply(
+                request_id,
+                fields.model,
+                choices=choices,
+                outputs=outputs,
+                prompt_tokens=request[EXCHANGE].prompt_tokens or 0,
+                token_text=self.token_text,
+                exchange=request[EXCHANGE],
+                stream=bool(fields.stream),
+                include_usage=fields.include_usage,
+                return_token_ids=bool(fields.return_token_ids),
+                logprobs=plan.logprobs,
             )
-            if chat.stream:
-                return await self._stream(request, exchange)
-            return await self._complete(exchange)
+            return await reply.send(request)
         finally:
-            if rest is not None:
-                await rest.aclose()
-            if generation is not None:
-                await generation.close()
+            if choices is not None:
+                await choices.close()
+            if plan is not None:
+                image_bytes.release(self.agent, plan.exported)
 
     def _failure(self, error: Exception, request_id: str) -> web.Response:
         """The HTTP answer for a request that failed before anything was sent."""
@@ -304,7 +288,8 @@ class Frontend:
                 message=f"request body is over {self.config.max_body_bytes} bytes",
             )
         elif isinstance(error, ValidationError):
-            info = ErrorInfo(code=ErrorCode.BAD_REQUEST, message=_validation_message(error))
+            message, param = describe(error)
+            info = ErrorInfo(code=ErrorCode.BAD_REQUEST, message=message, param=param)
         elif isinstance(error, ServiceError):
             info = error.info
             if info.retry_after_s is not None:
@@ -318,26 +303,60 @@ class Frontend:
             )
         return error_response(info.model_copy(update={"request_id": request_id}))
 
-    async def _generate_request(
-        self, chat: ChatCompletionRequest, request_id: str
-    ) -> GenerateRequest:
-        if chat.model != self.config.served_model_name:
-            raise ServiceError(
-                ErrorCode.NOT_FOUND,
-                f"model '{chat.model}' does not exist; "
-                f"this server serves '{self.config.served_model_name}'",
-            )
-        prompt = await self.preprocessor.prompt(chat)
-        room = self.preprocessor.context_length - len(prompt.token_ids)
-        wanted = chat.requested_max_tokens
+    def _accept(self, fields: SamplingFields) -> None:
+        """Check the model name; log each unknown field name once."""
+        for name in fields.model_extra or {}:
+            if name not in self._unknown_fields and len(self._unknown_fields) < _MAX_UNKNOWN_NAMES:
+                self._unknown_fields.add(name)
+                log.warning(
+                    "requests carry the field '%s', unknown here: ignored (said once)", name
+                )
+        if fields.model != self.config.served_model_name:
+            raise self._unknown_model(fields.model)
+
+    def _max_tokens(self, prompt: Prompt, wanted: int | None, param: str) -> int:
+        """`wanted` (or what the context leaves), once it fits beside the prompt."""
+        context = self.preprocessor.context_length
+        room = context - len(prompt.token_ids)
         if room < 1 or (wanted is not None and wanted > room):
             raise ServiceError(
                 ErrorCode.BAD_REQUEST,
-                (
-                    f"the prompt has {len(prompt.token_ids)} tokens and max_tokens is "
-                    f"{wanted}, over the context length of {self.preprocessor.context_length}"
-                ),
+                f"the prompt has {len(prompt.token_ids)} tokens and max_tokens is {wanted}, "
+                f"over the context length of {context}",
+                param=param if room >= 1 else None,
             )
+        capped = self.preprocessor.sampling_defaults.max_tokens
+        return wanted or min(room, capped or room)
+
+    def _requests(
+        self, fields: SamplingFields, prompt: Prompt, max_tokens: int, logprobs: int | None
+    ) -> list[GenerateRequest]:
+        """One pipeline request per choice of `prompt`."""
+        return [
+            GenerateRequest(
+                model=fields.model,
+                token_ids=prompt.token_ids,
+                images=prompt.images,
+                videos=prompt.videos,
+                sampling=fields.sampling(
+                    max_tokens,
+                    self.preprocessor.sampling_defaults,
+                    logprobs=logprobs,
+                    choice=choice,
+                ),
+                eos_token_ids=self.preprocessor.eos_token_ids,
+            )
+            for choice in range(fields.choices)
+        ]
+
+    async def _chat_plan(self, body: bytes, request_id: str) -> _Plan:
+        chat = ChatCompletionRequest.model_validate_json(body)
+        self._accept(chat)
+        prompt = await self.preprocessor.prompt(chat)
+        param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
+        max_tokens = self._max_tokens(prompt, chat.requested_max_tokens, param)
+        # Images and videos too large for a NATS message wait in this process's pool, one export
+        # for every choice (each choice's encoder reads it), until the request ends.
         items: list[MediaItem] = [*prompt.images, *prompt.videos]
         media = await image_bytes.offload(
             self.agent,
@@ -345,84 +364,35 @@ class Frontend:
             f"img-{request_id}",
             self.config.inline_image_bytes,
         )
-        return GenerateRequest(
-            model=chat.model,
+        sent = Prompt(
             token_ids=prompt.token_ids,
             images=[item for item in media if isinstance(item, ImageItem)],
             videos=[item for item in media if isinstance(item, VideoItem)],
-            sampling=chat.sampling(wanted or room),
-            eos_token_ids=self.preprocessor.eos_token_ids,
         )
+        requests = self._requests(chat, sent, max_tokens, chat.top_logprobs_count)
+        exported = [item for item in media if item.data_handle is not None]
+        logprobs = chat.top_logprobs_count is not None
+        return _Plan(chat, [prompt], requests, ChatReply, logprobs, exported)
 
-    async def _complete(self, exchange: _Exchange) -> web.Response:
-        chat, output = exchange.chat, exchange.output
-        try:
-            async for token_chunk in exchange.chunks():
-                output.add(token_chunk)
-                if output.finished:
-                    break
-        except ServiceError as error:
-            return error_response(error.info.model_copy(update={"request_id": exchange.request_id}))
-        response = ChatCompletionResponse(
-            id=exchange.request_id,
-            model=chat.model,
-            choices=[
-                Choice(
-                    message=AssistantMessage(content="".join(output.text)),
-                    finish_reason=output.finish_reason,
-                    token_ids=output.token_ids if chat.return_token_ids else None,
+    async def _completion_plan(self, body: bytes, request_id: str) -> _Plan:
+        completion = CompletionRequest.model_validate_json(body)
+        self._accept(completion)
+        vocabulary = len(self.preprocessor.tokenizer)
+        prompts: list[Prompt] = []
+        requests: list[GenerateRequest] = []
+        for index, given in enumerate(completion.prompts):
+            ids = self.preprocessor.encode_text(given) if isinstance(given, str) else given
+            if not ids or max(ids) >= vocabulary:
+                raise ServiceError(
+                    ErrorCode.BAD_REQUEST,
+                    f"prompt {index} is empty or holds token ids beyond the vocabulary "
+                    f"({vocabulary} tokens)",
+                    param="prompt",
                 )
-            ],
-            usage=exchange.usage(),
+            prompt = Prompt(token_ids=ids, images=[])
+            max_tokens = self._max_tokens(prompt, completion.max_tokens, "max_tokens")
+            prompts.append(prompt)
+            requests.extend(self._requests(completion, prompt, max_tokens, completion.logprobs))
+        return _Plan(
+            completion, prompts, requests, CompletionReply, completion.logprobs is not None
         )
-        return web.Response(
-            body=response.model_dump_json(),
-            content_type="application/json",
-            headers={"X-Request-Id": exchange.request_id},
-        )
-
-    async def _stream(self, request: web.Request, exchange: _Exchange) -> web.StreamResponse:
-        chat, output, request_id = exchange.chat, exchange.output, exchange.request_id
-        response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": request_id})
-        await response.prepare(request)
-        created = int(time.time())
-
-        def chunk(
-            delta: Delta, finish: Any = None, ids: list[int] | None = None
-        ) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=request_id,
-                created=created,
-                model=chat.model,
-                choices=[ChunkChoice(delta=delta, finish_reason=finish, token_ids=ids)],
-            )
-
-        await response.write(_sse(chunk(Delta(role="assistant", content=""))))
-        try:
-            async for token_chunk in exchange.chunks():
-                text = output.add(token_chunk)
-                ids = token_chunk.token_ids if chat.return_token_ids else None
-                if text or output.finished or ids:
-                    delta = Delta(content=text)
-                    await response.write(_sse(chunk(delta, output.finish_reason, ids)))
-                if output.finished:
-                    break
-        except ServiceError as error:
-            info = error.info.model_copy(update={"request_id": request_id})
-            body = ErrorResponse(
-                error=ErrorBody(message=info.message, type=info.openai_type, code=info.code)
-            )
-            await response.write(_sse(body))
-        else:
-            if chat.include_usage:
-                final = ChatCompletionChunk(
-                    id=request_id,
-                    created=created,
-                    model=chat.model,
-                    choices=[],
-                    usage=exchange.usage(),
-                )
-                await response.write(_sse(final))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response

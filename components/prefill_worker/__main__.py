@@ -1,4 +1,4 @@
-"""``python -m triptych.components.prefill_worker``
+"""``python -m triptych.components.prefill_worker`` (or ``triptych prefill``)
 
 With ``--dedicated-mm-encoder`` images arrive encoded from an encode worker (E/P/D); without
 it this worker encodes them itself (P/D serving a VLM).
@@ -18,15 +18,25 @@ from triptych.components.worker import (
 from triptych.engines import Engine, prefill_engine
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
+from triptych.runtime.flags import FlagParser
 from triptych.transfer import EmbeddingTransport
 
 
-def main() -> None:
+def parser() -> FlagParser:
+    """The prefill worker's flags."""
+    flags = worker_parser(
+        "triptych prefill",
+        "A prefill worker: prefills requests (with their image embeddings) and hands the KV "
+        "cache to decode through a bootstrap room.",
+    )
+    add_encoder_flag(flags)
+    return flags
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and serve until stopped."""
-    parser = worker_parser("triptych prefill worker")
-    add_encoder_flag(parser)
-    args = parser.parse_args()
-    config = worker_config(args)
+    args = parser().parse_args(argv)
+    config = worker_config(args, "prefill")
 
     async def setup(
         runtime: Runtime, service: Service, transport: EmbeddingTransport

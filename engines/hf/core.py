@@ -33,7 +33,14 @@ from triptych.engines.hf.runner import Launch, ModelRunner
 from triptych.engines.hf.scheduler import Admission, Plan, Scheduler
 from triptych.engines.hf.sequence import Prompt, Sequence, Sink
 from triptych.observability import metrics
-from triptych.protocol import ErrorCode, FinishReason, SamplingOptions, ServiceError, TokenChunk
+from triptych.protocol import (
+    ErrorCode,
+    FinishReason,
+    SamplingOptions,
+    ServiceError,
+    TokenChunk,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -247,17 +254,23 @@ class EngineCore:
             while True:
                 item = await stream.queue.get()
                 tokens: list[int] = []
+                logprobs: list[TokenLogprob] | None = None
                 prompt_tokens = 0
                 while True:
                     if isinstance(item, BaseException):
                         raise item
                     tokens.extend(item.token_ids)
+                    if item.logprobs is not None:
+                        logprobs = [*(logprobs or []), *item.logprobs]
                     prompt_tokens = prompt_tokens or item.prompt_tokens
                     if item.finish_reason is not None or stream.queue.empty():
                         break
                     item = stream.queue.get_nowait()
                 yield TokenChunk(
-                    token_ids=tokens, finish_reason=item.finish_reason, prompt_tokens=prompt_tokens
+                    token_ids=tokens,
+                    finish_reason=item.finish_reason,
+                    prompt_tokens=prompt_tokens,
+                    logprobs=logprobs,
                 )
                 if item.finish_reason is not None:
                     return
@@ -439,18 +452,20 @@ class EngineCore:
         tokens = launch.values()
         self._decoded.inc(len(tokens))
         self._stats["tokens"] += len(tokens)
-        for sequence, token in zip(launch.sequences, tokens, strict=True):
+        for i, (sequence, token) in enumerate(zip(launch.sequences, tokens, strict=True)):
             if sequence.done:
                 continue
             sequence.output.append(token)
             reason = self._finish_reason(sequence, token)
             first = len(sequence.output) == 1
+            top = sequence.options.logprobs if sequence.options is not None else None
             self._emit(
                 sequence,
                 TokenChunk(
                     token_ids=[token],
                     finish_reason=reason,
                     prompt_tokens=sequence.prompt_len if first else 0,
+                    logprobs=None if top is None else [launch.logprob(i, top)],
                 ),
             )
             if reason is not None:

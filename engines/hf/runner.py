@@ -18,9 +18,10 @@ from triptych.engines.hf.config import DEFAULT_MAX_LEN, HfConfig
 from triptych.engines.hf.decoder import Decoder, StepInputs
 from triptych.engines.hf.kv_cache import KVBudget, KVCache
 from triptych.engines.hf.model import LanguageModel, PrefillState, stacked_kv
-from triptych.engines.hf.sampler import Row, Sampler, plain_greedy
+from triptych.engines.hf.sampler import Logprobs, Row, Sampler, plain_greedy
 from triptych.engines.hf.scheduler import Chunk
 from triptych.engines.hf.sequence import Sequence
+from triptych.protocol import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,24 @@ class Launch:
     tokens: torch.Tensor
     """Host memory the device copies the tokens into."""
     ready: torch.cuda.Event | None = None
+    logprobs: Logprobs | None = None
+    """Their log-probabilities (host memory too), when a sequence asked for them."""
 
     def values(self) -> list[int]:
         """The tokens (waits until the device has written them)."""
         if self.ready is not None:
             self.ready.synchronize()
         return [int(t) for t in self.tokens.tolist()]
+
+    def logprob(self, index: int, top: int) -> TokenLogprob:
+        """Row `index`'s token's log-probability and its `top` most likely alternatives (after
+        `values`)."""
+        assert self.logprobs is not None, "no sequence of this launch asked for logprobs"
+        ids = self.logprobs.top_ids[index, :top].tolist()
+        values = self.logprobs.top_values[index, :top].tolist()
+        return TokenLogprob(
+            logprob=float(self.logprobs.chosen[index]), top=list(zip(ids, values, strict=True))
+        )
 
 
 class ModelRunner:
@@ -214,15 +227,31 @@ class ModelRunner:
         for s in sequences:
             assert s.options is not None
             rows.append(Row(s.row, s.options, s.seed, s.launched, s.stop_ids))
-        tokens = argmax if all(plain_greedy(r) for r in rows) else self.sampler.sample(logits, rows)
+        logprobs = None
+        if all(plain_greedy(r) for r in rows):
+            tokens = argmax
+        else:
+            tokens, logprobs = self.sampler.choose(logits, rows)
         index = torch.tensor([s.row for s in sequences]).to(self.model.device, non_blocking=True)
         self.decoder.last_tokens.index_copy_(0, index, tokens)
         for sequence in sequences:
             sequence.launched += 1
         if not self.cuda:
-            return Launch(sequences, tokens.clone())
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+            return Launch(sequences, tokens.clone(), None, logprobs)
+        host = _to_host(tokens)
+        if logprobs is not None:
+            logprobs = Logprobs(
+                _to_host(logprobs.chosen),
+                _to_host(logprobs.top_ids),
+                _to_host(logprobs.top_values),
+            )
         ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
         ready.record()
-        return Launch(sequences, host, ready)
+        return Launch(sequences, host, ready, logprobs)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start copying `tensor` into pinned host memory (complete once the stream reaches it)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host

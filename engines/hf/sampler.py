@@ -9,6 +9,10 @@ is a hash of (the row's seed, ``n``, ``t``), so a seeded row draws the same numb
 else is in the batch, on any device, and its token is the Gumbel-max choice over the
 candidates its own filters keep (that choice does not depend on how many candidates the
 batch looked at).
+
+Log-probabilities, for rows that ask, come from the distribution the token is drawn from after
+penalties and temperature (a greedy row counts as temperature 1) and before top-k, top-p and
+min-p cut it: vLLM's ``processed_logprobs``. They stay on the device with the tokens.
 """
 
 from collections.abc import Sequence
@@ -17,6 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from triptych.protocol import SamplingOptions
+
+LOGPROB_FLOOR = -9999.0
+"""What an impossible token's log-probability (-inf) is reported as (JSON has no infinity)."""
 
 _MIX = 0x45D9F3B
 _LOW32 = 0xFFFFFFFF
@@ -55,7 +62,12 @@ def plain_greedy(row: Row) -> bool:
     """Whether the row's token is the plain argmax of its logits (then no sampling pass is
     needed for it)."""
     o = row.options
-    return o.greedy and not penalized(o) and not (row.step < o.min_tokens and row.stop_ids)
+    return (
+        o.greedy
+        and o.logprobs is None
+        and not penalized(o)
+        and not (row.step < o.min_tokens and row.stop_ids)
+    )
 
 
 def penalized(options: SamplingOptions) -> bool:
@@ -63,6 +75,19 @@ def penalized(options: SamplingOptions) -> bool:
     return bool(
         options.repetition_penalty != 1.0 or options.frequency_penalty or options.presence_penalty
     )
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """Log-probabilities of a batch's chosen tokens, on the device (or copied to the host)."""
+
+    chosen: torch.Tensor
+    """[n] float32: each row's token's."""
+    top_ids: torch.Tensor
+    """[n, k] int64: the k most likely tokens of each row, most likely first (k = the largest
+    ``logprobs`` asked for in the batch)."""
+    top_values: torch.Tensor
+    """[n, k] float32: their log-probabilities."""
 
 
 class Sampler:
@@ -98,6 +123,10 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         """The next token of each row ([n] int64 on the device) from float32 logits [n, vocab]
         (which may be changed in place)."""
+        return self.choose(logits, rows)[0]
+
+    def choose(self, logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, Logprobs | None]:
+        """`sample`, with the log-probabilities of the tokens when a row asks for them."""
         options = [r.options for r in rows]
         index = self._tensor([r.row for r in rows])
         if self._counts is not None and any(penalized(o) for o in options):
@@ -106,10 +135,24 @@ class Sampler:
         tokens = logits.argmax(-1)
         if not all(o.greedy for o in options):
             tokens = self._draw(logits, rows, tokens)
+        asked = [o.logprobs for o in options if o.logprobs is not None]
+        logprobs = self._logprobs(logits, tokens, options, max(asked)) if asked else None
         if self._counts is not None and self._seen is not None:
             self._counts[index, tokens] += 1
             self._seen[index, tokens] = True
-        return tokens
+        return tokens, logprobs
+
+    def _logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, options: list[SamplingOptions], top: int
+    ) -> Logprobs:
+        temperature = self._tensor(
+            [1.0 if o.greedy else o.temperature for o in options], torch.float32
+        )
+        logprobs = torch.log_softmax(logits.float() / temperature.view(-1, 1), -1)
+        logprobs = logprobs.clamp(min=LOGPROB_FLOOR)
+        chosen = logprobs.gather(-1, tokens.view(-1, 1)).view(-1)
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]), -1)
+        return Logprobs(chosen, ids, values)
 
     def _penalize(
         self, logits: torch.Tensor, index: torch.Tensor, options: list[SamplingOptions]

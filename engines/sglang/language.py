@@ -23,6 +23,7 @@ from triptych.protocol import (
     GenerateRequest,
     ServiceError,
     TokenChunk,
+    TokenLogprob,
 )
 from triptych.transfer import ImageEmbeddings
 
@@ -113,10 +114,14 @@ class LanguageEngine:
                 meta = output.get("meta_info", {})
                 reason = finish_reason(meta)
                 finished = reason is not None
+                token_ids = [int(t) for t in output.get("output_ids", [])]
                 yield TokenChunk(
-                    token_ids=[int(t) for t in output.get("output_ids", [])],
+                    token_ids=token_ids,
                     finish_reason=reason,
                     prompt_tokens=int(meta.get("prompt_tokens", 0)) if first else 0,
+                    logprobs=token_logprobs(meta, len(token_ids))
+                    if request.sampling.logprobs is not None
+                    else None,
                 )
                 first = False
                 if finished:
@@ -140,6 +145,10 @@ def generate_kwargs(
         "stream": True,
         "rid": rid,
     }
+    if request.sampling.logprobs is not None:
+        kwargs["return_logprob"] = True
+        kwargs["top_logprobs_num"] = request.sampling.logprobs
+        kwargs["logprob_start_len"] = -1  # the output's, not the prompt's
     if request.images or request.videos:  # a video is refused there
         kwargs["image_data"] = [image_item(request, embeddings)]
     if bootstrap is not None:
@@ -147,3 +156,30 @@ def generate_kwargs(
         kwargs["bootstrap_port"] = bootstrap.bootstrap_port
         kwargs["bootstrap_room"] = bootstrap.bootstrap_room
     return kwargs
+
+
+def token_logprobs(meta_info: dict[str, Any], count: int) -> list[TokenLogprob]:
+    """The logprobs of a chunk's `count` new tokens from SGLang's ``meta_info`` (the last
+    `count` entries: SGLang may send the whole list so far or only the new part).
+
+    ``output_token_logprobs`` holds ``(logprob, token id, text)`` per token and
+    ``output_top_logprobs`` a list of those per position; SGLang computes them itself.
+    """
+    if not count:
+        return []
+    chosen = (meta_info.get("output_token_logprobs") or [])[-count:]
+    tops = (meta_info.get("output_top_logprobs") or [])[-count:]
+    if len(tops) < len(chosen):
+        tops = [None] * (len(chosen) - len(tops)) + list(tops)
+    return [
+        TokenLogprob(
+            logprob=_floor(entry[0]),
+            top=[(int(t[1]), _floor(t[0])) for t in (top or [])],
+        )
+        for entry, top in zip(chosen, tops, strict=True)
+    ]
+
+
+def _floor(logprob: float | None) -> float:
+    """SGLang's -inf (or None) as a finite floor: JSON has no infinity."""
+    return max(float(logprob), -9999.0) if logprob is not None else -9999.0

@@ -214,10 +214,15 @@ def test_every_sampling_option_reaches_sglang(tiny_model: Path) -> None:
     assert params.min_new_tokens == 2 and not params.ignore_eos
     assert (params.presence_penalty, params.frequency_penalty) == (0.5, 0.25)
     assert params.repetition_penalty == 1.1
-    for field in SamplingOptions.model_fields:
-        assert field in {"max_tokens", "stop", "stop_token_ids", "min_tokens", "seed"} or (
-            field in sampling_params(request)
-        ), f"{field} is not forwarded"
+    for field in SamplingOptions.model_fields:  # logprobs travel beside: see the test below
+        assert field in {
+            "max_tokens",
+            "stop",
+            "stop_token_ids",
+            "min_tokens",
+            "seed",
+            "logprobs",
+        } or (field in sampling_params(request)), f"{field} is not forwarded"
 
     ignoring = image_request(tiny_model, ignore_eos=True, top_k=0, stop_token_ids=(7,))
     loose = SamplingParams(**sampling_params(ignoring))
@@ -301,3 +306,30 @@ def test_decode_refuses_a_room_without_sglangs_bootstrap(tiny_model: Path) -> No
 
     with pytest.raises(ServiceError, match="not on the sglang engine"):
         asyncio.run(first())
+
+
+def test_logprobs_are_asked_of_sglang_and_read_back(tiny_model: Path) -> None:
+    import inspect
+
+    import sglang
+
+    from triptych.engines.sglang.language import token_logprobs
+
+    accepted = inspect.signature(sglang.Engine.async_generate).parameters
+    kwargs = generate_kwargs("r", image_request(tiny_model, logprobs=2), None, None)
+    assert kwargs["return_logprob"] is True and kwargs["top_logprobs_num"] == 2
+    assert {"return_logprob", "top_logprobs_num", "logprob_start_len"} <= set(accepted)
+    assert "return_logprob" not in generate_kwargs("r", image_request(tiny_model), None, None)
+    # SGLang's meta_info: (logprob, token id, text) per token, the list so far
+    meta = {
+        "output_token_logprobs": [(-0.5, 11, None), (-1.25, 12, None), (float("-inf"), 13, None)],
+        "output_top_logprobs": [
+            [(-0.5, 11, None), (-2.0, 4, None)],
+            [(-1.25, 12, None), (-1.5, 5, None)],
+            [(-0.1, 6, None), (float("-inf"), 13, None)],
+        ],
+    }
+    last_two = token_logprobs(meta, 2)
+    assert [entry.logprob for entry in last_two] == [-1.25, -9999.0]
+    assert last_two[0].top == [(12, -1.25), (5, -1.5)]
+    assert token_logprobs(meta, 0) == []

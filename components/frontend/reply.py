@@ -1,0 +1,149 @@
+"""Writing a request's choices back to the client: server-sent events as tokens arrive, or one
+JSON object at the end. The chat and completions shapes differ only in their objects
+(`ChatReply`, `CompletionReply`); the flow is this one.
+"""
+
+import abc
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from triptych.components.frontend.choices import Choices
+from triptych.components.frontend.logprobs import TokenText
+from triptych.components.frontend.middleware import Exchange, error_response
+from triptych.components.frontend.output import Output
+from triptych.protocol import ErrorCode, ErrorResponse, ServiceError, TokenChunk, Usage
+from triptych.protocol.openai import ErrorBody
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+def sse(payload: BaseModel) -> bytes:
+    """One server-sent event."""
+    return (
+        b"data: " + payload.__pydantic_serializer__.to_json(payload, exclude_none=False) + b"\n\n"
+    )
+
+
+class Reply(abc.ABC):
+    """One request's answer, built from its choices' chunks."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        *,
+        choices: Choices,
+        outputs: Sequence[Output],
+        prompt_tokens: int,
+        token_text: TokenText,
+        exchange: Exchange,
+        stream: bool,
+        include_usage: bool,
+        return_token_ids: bool,
+        logprobs: bool,
+    ) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.choices = choices
+        self.outputs = outputs
+        self.prompt_tokens = prompt_tokens
+        self.token_text = token_text
+        self.exchange = exchange
+        self.stream = stream
+        self.include_usage = include_usage
+        self.return_token_ids = return_token_ids
+        self.logprobs = logprobs
+        self._created = int(time.time())
+
+    def usage(self) -> Usage:
+        """Token counts so far (the prompts once, every choice's completion)."""
+        completion = sum(output.completion_tokens for output in self.outputs)
+        self.exchange.completion_tokens = completion
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
+
+    @abc.abstractmethod
+    def opening(self) -> list[BaseModel]:
+        """Events sent before any token (the chat's role deltas)."""
+
+    @abc.abstractmethod
+    def delta(self, index: int, text: str, chunk: TokenChunk) -> BaseModel | None:
+        """The event for a chunk of choice `index` that showed `text` (None: nothing to say)."""
+
+    @abc.abstractmethod
+    def final_usage(self) -> BaseModel:
+        """The stream's last event, with the usage (``stream_options.include_usage``)."""
+
+    @abc.abstractmethod
+    def whole(self) -> BaseModel:
+        """The non-streamed response."""
+
+    async def send(self, request: web.Request) -> web.StreamResponse:
+        """Stream or collect, as the request asked."""
+        if self.stream:
+            return await self._stream(request)
+        error = await self._consume(None)
+        if error is not None:
+            return error_response(error.info.model_copy(update={"request_id": self.request_id}))
+        return web.Response(
+            body=self.whole().model_dump_json(),
+            content_type="application/json",
+            headers={"X-Request-Id": self.request_id},
+        )
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": self.request_id})
+        await response.prepare(request)
+        for event in self.opening():
+            await response.write(sse(event))
+        error = await self._consume(response)
+        if error is not None:
+            info = error.info.model_copy(update={"request_id": self.request_id})
+            body = ErrorBody(message=info.message, type=info.openai_type, code=info.code)
+            await response.write(sse(ErrorResponse(error=body)))
+        elif self.include_usage:
+            await response.write(sse(self.final_usage()))
+        else:
+            self.usage()  # for the access log
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _consume(self, response: web.StreamResponse | None) -> ServiceError | None:
+        """Feed every chunk to its choice's output (writing events when streaming) until all
+        choices finished; a failure after the first chunk is returned."""
+        remaining = len(self.outputs)
+        try:
+            async with contextlib.aclosing(self.choices.events()) as events:
+                async for index, chunk in events:
+                    output = self.outputs[index]
+                    text = output.add(chunk)
+                    if response is not None:
+                        event = self.delta(index, text, chunk)
+                        if event is not None:
+                            await response.write(sse(event))
+                    if output.finished:
+                        remaining -= 1
+                        if chunk.finish_reason is None:  # a stop string ended it early
+                            await self.choices.finish(index)
+                        if not remaining:
+                            break
+        except ServiceError as error:
+            return error
+        except ConnectionError:  # the client went away: nothing to tell it
+            raise
+        except Exception as error:  # a bug of ours: the client gets a clean 500, we the details
+            log.exception("request %s failed while streaming", self.request_id)
+            return ServiceError(ErrorCode.INTERNAL, f"internal error ({type(error).__name__})")
+        self.usage()
+        return None

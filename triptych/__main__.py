@@ -1,0 +1,5 @@
+"""``python -m triptych``: the ``triptych`` command."""
+
+from triptych.cli.main import main
+
+main()

@@ -27,6 +27,7 @@ from triptych.engines.base import (
 )
 from triptych.engines.load import METER
 from triptych.engines.rooms import RoomPrefillEngine
+from triptych.observability import metrics
 from triptych.protocol import (
     BootstrapInfo,
     ErrorCode,
@@ -201,6 +202,7 @@ class MockEncodeEngine(EncodeEngine):
         self, request_id: str, images: Sequence[ImageItem], videos: Sequence[VideoItem] = ()
     ) -> ImageEmbeddings:
         pictures = len(images) + sum(video.grid_thw[0] for video in videos)
+        metrics.ENCODE_BATCH.observe(len(images) + len(videos))
         await self._model.run("encode", self.config.encode_s_per_image * pictures)
         METER.count("images", pictures)
         return ImageEmbeddings(

@@ -114,6 +114,12 @@ class Frontend:
         app.router.add_get("/metrics", self.metrics)
         return app
 
+    def _affinity(self, request: GenerateRequest) -> list[str]:
+        """The content keys the entry instance is chosen by (none: round-robin)."""
+        if self.config.image_routing != "affinity":
+            return []
+        return [image.content_key for image in request.images if image.content_key]
+
     async def health(self, request: web.Request) -> web.Response:
         """The process is up."""
         return web.json_response({"status": "ok"})
@@ -246,6 +252,7 @@ class Frontend:
                     telemetry,
                     deadline=time.time() + self.config.request_timeout_s,
                     migration_limit=self.config.migration_limit,
+                    affinity=[self._affinity(r) for r in plan.requests],
                 )
                 # Nothing reaches the client before every choice's first chunk: until then a
                 # failure is still a plain HTTP error (a 503 with Retry-After when the cause

@@ -205,8 +205,9 @@ def test_eviction_keeps_the_cache_under_its_byte_bound() -> None:
 
 
 def test_an_entry_being_read_is_not_evicted_under_its_reader() -> None:
-    """A request hits `a` and misses `b` and `d`; while they are in the vision tower, a shorter
-    request fills the cache (bound: one entry). `a` stays until its reader is done."""
+    """A request hits `a` and misses `b` and `d`; while they are in the vision tower, another
+    entry wants the room (bound: one entry). `a` stays until its reader is done. (The tower runs
+    one forward at a time, as a model thread does, so the competing entry is put directly.)"""
 
     async def run() -> None:
         rows = 16
@@ -221,7 +222,10 @@ def test_an_entry_being_read_is_not_evicted_under_its_reader() -> None:
         await asyncio.sleep(0.05)
         entry = encoder.cache._entries["a"]
         assert entry.pins == 1  # the reader holds it across the forward of b and d
-        await encoder.encode("other", [_mock_item("c", 0)])  # done first, wants the room
+        # c is the size of a: it would fit were a free, not beside it
+        assert entry.nbytes <= encoder.cache.capacity_bytes < 2 * entry.nbytes
+        other = ImageEmbeddings(num_tokens=rows, hidden_size=4)  # as the mock's rows are
+        assert encoder.cache.put("c", other) is None  # no room: a is pinned
         assert not reader.done()
         assert "a" in encoder.cache and "c" not in encoder.cache
         result = await reader

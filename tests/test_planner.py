@@ -369,14 +369,16 @@ async def test_scaler_reads_and_sets_replicas_through_the_scale_subresource() ->
 
 
 def picture(side: int, seed: int) -> dict[str, Any]:
+    """A flat picture of its own colour for each seed below 65536 (no encoder cache hits)."""
     buffer = io.BytesIO()
-    Image.new("RGB", (side, side), (seed % 256, 7, 9)).save(buffer, format="PNG")
+    colour = (seed % 256, seed // 256 % 256, 9)
+    Image.new("RGB", (side, side), colour).save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     return {"type": "image_url", "image_url": {"url": url}}
 
 
 def request(images: int, seed: int) -> dict[str, Any]:
-    content = [picture(56, seed + i) for i in range(images)]
+    content = [picture(56, seed * images + i) for i in range(images)]
     return {
         "model": "tiny-qwen2.5-vl",
         "max_tokens": 4,

@@ -12,11 +12,17 @@ SERVING = re.compile(r"triptych is serving on http://[^:]+:([0-9]+) ")
 
 
 def launch(
-    script: str, args: list[str], log: Path, timeout: float = 300
+    script: str,
+    args: list[str],
+    log: Path,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Run ``launch/<script> args... --http-port 0`` until it says it serves (it does so once
-    ``/ready`` answers 200); returns the launcher and the frontend's base URL."""
-    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    ``/ready`` answers 200); returns the launcher and the frontend's base URL. Without `env`
+    the script starts a private NATS; with one that sets NATS_URL, the stack joins that."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
     split = args.index("--") if "--" in args else len(args)  # worker flags follow "--"
     command = [*args[:split], "--http-port", "0", *args[split:]]
     launcher = subprocess.Popen(

@@ -12,6 +12,8 @@ COMMANDS: dict[str, str] = {
     "encode": "run an encode worker (vision tower)",
     "prefill": "run a prefill worker",
     "decode": "run a decode worker (or, with --disaggregation-mode agg, a prefill+decode one)",
+    "plan": "say how many encode, prefill and decode workers a workload needs, and where",
+    "watch": "set the stage Deployments' replicas from the live load signals (Kubernetes)",
 }
 
 
@@ -42,6 +44,10 @@ def _command(name: str) -> Callable[[Sequence[str]], None]:
         from triptych.components.encode_worker.__main__ import main as encode
 
         return encode
+    if name in ("plan", "watch"):
+        from triptych.components.planner.__main__ import main as planner
+
+        return lambda argv: planner([name, *argv])
     if name == "prefill":
         from triptych.components.prefill_worker.__main__ import main as prefill
 

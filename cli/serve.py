@@ -107,7 +107,16 @@ def flags() -> Flags:
             f"--{stage}-gpu",
             default="",
             help=f"pin the {stage} worker to this GPU (it sees only that one; --device becomes "
-            "cuda)" + (" (also the e/pd and epd worker)" if stage == "decode" else ""),
+            "cuda)"
+            + (" (also the e/pd and epd worker)" if stage == "decode" else "")
+            + "; a list starts one worker per entry (0,0,1: two on GPU 0, one on GPU 1)",
+        )
+        gpus.add_argument(
+            f"--{stage}-mem-fraction-static",
+            type=float,
+            default=None,
+            help=f"the {stage} workers' --mem-fraction-static: their share of a GPU they share "
+            "(python -m triptych.components.planner plan prints a split)",
         )
     gpus.add_argument(
         "--gpus",
@@ -204,12 +213,15 @@ def _run(supervisor: Supervisor, spec: Flags, args: argparse.Namespace, extra: l
         if supervisor.stopping:
             return 0
         pins = args.gpus.split(",") if role.name == "worker" and args.gpus else []
-        pins = pins or [getattr(args, role.gpu)]
-        for pin in pins:
+        pins = pins or getattr(args, role.gpu).split(",")
+        budget = getattr(args, role.gpu.removesuffix("_gpu") + "_mem_fraction_static")
+        share = ["--mem-fraction-static", str(budget)] if budget is not None else []
+        for index, pin in enumerate(pins):
             pinned = ["--device", "cuda"] if pin else []
             env = {**worker_env, **({"CUDA_VISIBLE_DEVICES": pin} if pin else {})}
-            name = f"{role.name}-gpu{pin}" if len(pins) > 1 else role.name
-            supervisor.start(name, role.module, [*worker_args, *role.args, *extra, *pinned], env)
+            name = role.name if len(pins) == 1 else f"{role.name}-{index}-gpu{pin}"
+            flags = [*worker_args, *role.args, *share, *extra, *pinned]
+            supervisor.start(name, role.module, flags, env)
     port_file = supervisor.run_dir / "frontend.port"
     frontend_args, frontend_env = _forwarded(spec.parser, args, spec.frontend)
     supervisor.start(

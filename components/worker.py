@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from triptych.engines import (
+    CachedEncodeEngine,
     EncodeEngine,
     Engine,
     EngineConfig,
@@ -19,7 +20,9 @@ from triptych.engines import (
     Runner,
     check_available,
     encode_engine,
+    load,
 )
+from triptych.engines.memory import limit_device_memory
 from triptych.models import load_adapter
 from triptych.models.checkpoint import CheckpointError, Needs, resolve_checkpoint
 from triptych.observability import metrics
@@ -69,6 +72,18 @@ class WorkerConfig:
     refused at once as busy (503 with Retry-After when every instance is full)."""
     port_file: str | None = None
     """Where to announce the bound ports (``{"status": N}``, plus ``"bootstrap"`` on prefill)."""
+    embedding_cache_bytes: int = 0
+    """Bound of the encoder's cache of image embeddings by content key (0: no cache)."""
+
+
+def _cache_bytes(text: str) -> int | None:
+    """``--embedding-cache-bytes``: a byte count, or None for "auto" (sized from the pool)."""
+    if text.strip().lower() == "auto":
+        return None
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
 
 
 def worker_parser(prog: str, description: str) -> FlagParser:
@@ -119,6 +134,14 @@ def worker_parser(prog: str, description: str) -> FlagParser:
         default=WorkerConfig.max_queued_requests,
         help="requests an instance holds beyond --max-running-requests; more are refused at "
         "once (the frontend answers 503 with Retry-After when every instance is full)",
+    )
+    parser.add_argument(
+        "--embedding-cache-bytes",
+        type=_cache_bytes,
+        default="auto",
+        help="bytes of image embeddings an encoder (encode worker, or an inline one) keeps by "
+        "image content, LRU, so a repeated image skips the vision tower (auto: a quarter of "
+        "--transfer-pool-mb; 0 turns the cache off)",
     )
     parser.add_argument(
         "--port-file",
@@ -176,9 +199,17 @@ async def inline_encoder(
     encode worker or a text-only model. `runner`: where its model work runs."""
     if dedicated or not has_vision(config):
         return None
-    encoder = encode_engine(config.engine.encoding(), runner)
+    encoder = cached_encoder(config, encode_engine(config.engine.encoding(), runner))
     await encoder.start()
     return encoder
+
+
+def cached_encoder(config: WorkerConfig, encoder: EncodeEngine) -> EncodeEngine:
+    """`encoder` behind the embedding cache, when ``--embedding-cache-bytes`` allows one."""
+    if config.embedding_cache_bytes <= 0:
+        return encoder
+    log.info("embedding cache of %d bytes", config.embedding_cache_bytes)
+    return CachedEncodeEngine(encoder, config.embedding_cache_bytes)
 
 
 def resolve_model_path(path: str) -> str:
@@ -226,6 +257,11 @@ def worker_config(args: argparse.Namespace, component: str) -> WorkerConfig:
         max_queued_requests=args.max_queued_requests,
         port_file=args.port_file,
         advertise_host=advertise,
+        embedding_cache_bytes=(
+            (args.transfer_pool_mb << 20) // 4
+            if args.embedding_cache_bytes is None
+            else args.embedding_cache_bytes
+        ),
     )
 
 
@@ -254,6 +290,7 @@ def run_worker(
         check_available(config.engine, component, encodes_inline)
     except EngineUnavailable as reason:
         sys.exit(f"triptych {component} worker refuses to start: {reason}")
+    limit_device_memory(config.engine)
 
     async def main(stop: asyncio.Event) -> int:
         agent = None
@@ -286,12 +323,15 @@ def run_worker(
                 "metrics_port": str(status.port),
             }
             capacity = config.engine.max_running_requests + config.max_queued_requests
+            load.export_gauges(component)
             service = Service(
                 runtime,
                 component,
                 metadata=metadata,
                 max_in_flight=capacity,
                 link_host=config.metrics_host,
+                live_metadata=lambda: load.METER.snapshot().to_metadata(),
+                on_done=lambda: load.METER.count("requests"),
             )
             if agent is not None:
                 service.add_gauge("transfer_pool_bytes_in_use", lambda: agent.pool_in_use)

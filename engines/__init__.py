@@ -8,6 +8,7 @@ from triptych.engines.base import (
     PrefillEngine,
     Runner,
 )
+from triptych.engines.encode_cache import CachedEncodeEngine, EmbeddingCache
 from triptych.engines.registry import (
     ENGINES,
     EngineConfig,
@@ -23,7 +24,9 @@ from triptych.transfer import ImageEmbeddings
 __all__ = [
     "ENGINES",
     "AggregatedEngine",
+    "CachedEncodeEngine",
     "DecodeEngine",
+    "EmbeddingCache",
     "EncodeEngine",
     "Engine",
     "EngineConfig",

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import math
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 from triptych.engines.base import (
@@ -25,7 +25,9 @@ from triptych.engines.base import (
     DecodeEngine,
     EncodeEngine,
 )
+from triptych.engines.load import METER
 from triptych.engines.rooms import RoomPrefillEngine
+from triptych.observability import metrics
 from triptych.protocol import (
     BootstrapInfo,
     ErrorCode,
@@ -94,14 +96,72 @@ async def _sleep(seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
+class _ModelThread:
+    """The simulated device: one piece of encode or prefill work at a time, as on a real
+    engine's model thread, so that load queues and shows in the stage's signals."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self.waiting = 0
+        METER.add_queue(lambda: self.waiting)
+
+    async def run(self, kind: str, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            with METER.busy(kind):
+                await asyncio.sleep(seconds)
+        finally:
+            self._lock.release()
+
+
+class _DecodeBatch:
+    """Sequences decoding together: the simulated model thread is busy while any runs."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self._busy = 0
+
+    @contextlib.contextmanager
+    def joined(self) -> Iterator[None]:
+        self.running += 1
+        if self.running == 1:
+            self._busy = METER.begin("decode")
+        try:
+            yield
+        finally:
+            self.running -= 1
+            if self.running == 0:
+                METER.end(self._busy)
+
+
 class _Generator:
     """Emits tokens with the stop rules real engines apply (EOS, stop ids, min/max tokens)."""
 
     def __init__(self, config: MockConfig) -> None:
         self.config = config
+        self._batch = _DecodeBatch()
 
     async def stream(self, request: GenerateRequest, skip: int = 0) -> AsyncIterator[TokenChunk]:
+        with self._batch.joined():
+            async for chunk in self._stream(request, skip):
+                METER.count("output_tokens", len(chunk.token_ids))
+                yield chunk
+
+    async def _stream(self, request: GenerateRequest, skip: int) -> AsyncIterator[TokenChunk]:
         sampling = request.sampling
+        if sampling.response_format is not None:
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST,
+                f"response_format {sampling.response_format.type} is not supported by the mock "
+                "engine, whose tokens are random; serve with --engine hf or sglang",
+                param="response_format",
+            )
         stops = set(sampling.stop_token_ids)
         if not sampling.ignore_eos:
             stops.update(request.eos_token_ids)
@@ -137,12 +197,15 @@ class MockEncodeEngine(EncodeEngine):
 
     def __init__(self, config: MockConfig) -> None:
         self.config = config
+        self._model = _ModelThread()
 
     async def encode(
         self, request_id: str, images: Sequence[ImageItem], videos: Sequence[VideoItem] = ()
     ) -> ImageEmbeddings:
         pictures = len(images) + sum(video.grid_thw[0] for video in videos)
-        await _sleep(self.config.encode_s_per_image * pictures)
+        metrics.ENCODE_BATCH.observe(len(images) + len(videos))
+        await self._model.run("encode", self.config.encode_s_per_image * pictures)
+        METER.count("images", pictures)
         return ImageEmbeddings(
             num_tokens=sum(i.num_tokens for i in images) + sum(v.num_tokens for v in videos),
             hidden_size=self.config.hidden_size,
@@ -155,6 +218,7 @@ class MockPrefillEngine(RoomPrefillEngine):
     def __init__(self, config: MockConfig) -> None:
         super().__init__(config.bootstrap_host, config.bootstrap_port, config.advertise_host)
         self.config = config
+        self._model = _ModelThread()
 
     async def prefill(
         self,
@@ -166,7 +230,9 @@ class MockPrefillEngine(RoomPrefillEngine):
         slot = self.server.open(room)
         try:
             _check_embeddings(request, embeddings)
-            await _sleep(self.config.prefill_s_per_token * len(request.token_ids))
+            cost = self.config.prefill_s_per_token * len(request.token_ids)
+            await self._model.run("prefill", cost)
+            METER.count("prompt_tokens", len(request.token_ids))
             if self.config.fail_prefill:
                 raise ServiceError(ErrorCode.INTERNAL, "injected prefill failure")
             slot.ready(RoomReady(room=room))
@@ -183,11 +249,20 @@ class _Admission:
 
     def __init__(self, max_running: int) -> None:
         self._running = asyncio.Semaphore(max(1, max_running))
+        self.waiting = 0
+        METER.add_queue(lambda: self.waiting)
 
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
-        async with self._running:
+        self.waiting += 1
+        try:
+            await self._running.acquire()
+        finally:
+            self.waiting -= 1
+        try:
             yield
+        finally:
+            self._running.release()
 
 
 class MockDecodeEngine(DecodeEngine):
@@ -229,7 +304,11 @@ class MockAggregatedEngine(AggregatedEngine):
         self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> AsyncIterator[TokenChunk]:
         _check_embeddings(request, embeddings)
-        await _sleep(self.config.prefill_s_per_token * len(request.token_ids))
+        cost = self.config.prefill_s_per_token * len(request.token_ids)
+        if cost > 0:
+            with METER.busy("prefill"):
+                await asyncio.sleep(cost)
+        METER.count("prompt_tokens", len(request.token_ids))
         async for chunk in self._tokens.stream(request):
             yield chunk
 

@@ -126,7 +126,8 @@ class EngineConfig:
             default=0.9,
             help="fraction of the device's memory this process may hold (weights + KV cache); "
             "the KV cache gets what is left of it, at most what --max-running-requests "
-            "sequences of --max-model-len tokens fill",
+            "sequences of --max-model-len tokens fill; on CUDA the process's allocations are "
+            "capped at it, so workers can share a GPU",
         )
         group.add_argument(
             "--kv-cache-tokens",

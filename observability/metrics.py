@@ -96,6 +96,21 @@ VIDEOS_ENCODED = Counter("triptych_encode_videos_total", "Videos encoded")
 VIDEO_FRAMES_ENCODED = Counter(
     "triptych_encode_video_frames_total", "Video frames through the vision tower"
 )
+ENCODE_CACHE_HITS = Counter(
+    "triptych_encode_cache_hits_total",
+    "Images whose embeddings came from the encoder's cache (no vision-tower forward)",
+)
+ENCODE_CACHE_MISSES = Counter(
+    "triptych_encode_cache_misses_total",
+    "Images looked up in the encoder's cache and not found (encoded, then cached)",
+)
+ENCODE_CACHE_BYTES = Gauge(
+    "triptych_encode_cache_bytes", "Bytes of image embeddings the encoder's cache holds"
+)
+ENCODE_CACHE_CAPACITY = Gauge(
+    "triptych_encode_cache_capacity_bytes",
+    "Bound of the encoder's embedding cache (--embedding-cache-bytes)",
+)
 
 # transfers (kind: embedding | kv | image | video; outcome: ok | error)
 TRANSFER_BYTES = Counter(

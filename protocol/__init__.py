@@ -48,7 +48,12 @@ from triptych.protocol.openai import (
     Usage,
     VideoPart,
 )
-from triptych.protocol.sampling import MAX_TOP_LOGPROBS, FinishReason, SamplingOptions
+from triptych.protocol.sampling import (
+    MAX_TOP_LOGPROBS,
+    FinishReason,
+    ResponseFormat,
+    SamplingOptions,
+)
 
 __all__ = [
     "MAX_TOP_LOGPROBS",
@@ -75,6 +80,7 @@ __all__ = [
     "MediaItem",
     "ModelCard",
     "ModelList",
+    "ResponseFormat",
     "RoomDone",
     "RoomFailed",
     "RoomJoin",

@@ -69,6 +69,11 @@ class ImageItem(BaseModel):
     """Where the frontend keeps the encoded image (a uint8 tensor) for a NIXL READ, when it is
     too large to ride inside a control-plane message; None once the bytes are in `data` or
     consumed."""
+    content_key: str = ""
+    """What the image is, whatever its URL or file format: a BLAKE2b digest (hex) of its
+    decoded RGB pixels and of what shapes them for the vision tower (the model's processor
+    settings, the resized geometry). Equal keys mean equal embeddings; encoders cache by it
+    and callers route by it. Empty: not cacheable."""
 
 
 class VideoItem(BaseModel):

@@ -3,10 +3,12 @@
 Requests accept what clients send: every field OpenAI defines, ``null`` for "the default",
 values that change nothing (``response_format: {"type": "text"}``, ``tool_choice: "none"``,
 empty ``tools``), and fields nobody defined (kept in ``model_extra`` for the frontend to log).
-What triptych cannot honour (tools, structured output, logit bias, audio) is refused with a
-message that names the field.
+``response_format`` ``json_object`` and ``json_schema`` are enforced while decoding. What
+triptych cannot honour (tools, logit bias, audio) is refused with a message that names the
+field.
 """
 
+import json
 import math
 import time
 from typing import Annotated, Any, Literal
@@ -20,7 +22,12 @@ from pydantic import (
     model_validator,
 )
 
-from triptych.protocol.sampling import MAX_TOP_LOGPROBS, FinishReason, SamplingOptions
+from triptych.protocol.sampling import (
+    MAX_TOP_LOGPROBS,
+    FinishReason,
+    ResponseFormat,
+    SamplingOptions,
+)
 
 MAX_CHOICES = 16
 """Most choices (``n``) one request may ask for."""
@@ -122,19 +129,62 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class ResponseFormat(BaseModel):
-    """``response_format``: only plain text is produced (no structured output)."""
+class TextFormat(BaseModel):
+    """``response_format: {"type": "text"}``: free text (the default)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
-    type: str
+    type: Literal["text"]
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(f"must be 'text' ('{value}': structured output is not supported)")
-        return value
+
+class JsonObjectFormat(BaseModel):
+    """``response_format: {"type": "json_object"}``: any JSON object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object"]
+
+
+class JsonSchema(BaseModel):
+    """The ``json_schema`` member of a ``json_schema`` response format."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format: {"type": "json_schema", "json_schema": {...}}``: JSON that validates
+    against the schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormatParam = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
+]
+
+
+def resolve_format(value: ResponseFormatParam | None) -> ResponseFormat | None:
+    """What travels downstream for a request's ``response_format`` (None for free text)."""
+    if isinstance(value, JsonObjectFormat):
+        return ResponseFormat(type="json_object")
+    if isinstance(value, JsonSchemaFormat):
+        spec = value.json_schema
+        schema = spec.schema_
+        return ResponseFormat(
+            type="json_schema",
+            schema_text=json.dumps(schema, sort_keys=True, separators=(",", ":")),
+            name=spec.name,
+            strict=bool(spec.strict),
+        )
+    return None
 
 
 class SamplingDefaults(BaseModel):
@@ -186,6 +236,7 @@ class SamplingFields(BaseModel):
     user: str | None = None
     return_token_ids: bool | None = False
     """Extension (as in vLLM): include the generated token ids in each choice or chunk."""
+    response_format: ResponseFormatParam | None = None
 
     @field_validator(
         "temperature",
@@ -254,6 +305,7 @@ class SamplingFields(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=_first(self.repetition_penalty, model.repetition_penalty, 1.0),
             logprobs=logprobs,
+            response_format=resolve_format(self.response_format),
         )
 
 
@@ -269,7 +321,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

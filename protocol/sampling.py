@@ -11,6 +11,23 @@ MAX_TOP_LOGPROBS = 20
 """Most alternatives a request may ask for per token (as OpenAI)."""
 
 
+class ResponseFormat(BaseModel):
+    """The shape the output must take, enforced while decoding (OpenAI's ``response_format``
+    of type ``json_object`` or ``json_schema``; ``text`` travels as no format at all)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["json_object", "json_schema"]
+    schema_text: str = ""
+    """The JSON schema as canonical JSON text (sorted keys, no spaces): engines cache compiled
+    grammars by it. Empty for ``json_object``."""
+    name: str = ""
+    """The schema's name, as the client gave it."""
+    strict: bool = False
+    """With ``strict``, a schema keyword the grammar engine cannot enforce is an error; without
+    it, such keywords are ignored (the output still parses and has the schema's structure)."""
+
+
 class SamplingOptions(BaseModel):
     """Every knob the client set, resolved to concrete values by the frontend.
 
@@ -40,6 +57,8 @@ class SamplingOptions(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    response_format: ResponseFormat | None = None
+    """JSON output enforced by a grammar (None: free text)."""
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     """Return each generated token's log-probability and this many most likely alternatives
     (None: no logprobs). The ``hf`` engine takes them from the distribution the token was

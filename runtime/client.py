@@ -1,10 +1,12 @@
-"""Calling a component: round-robin over live instances, or one instance by id."""
+"""Calling a component: round-robin over live instances, by affinity of content keys
+(rendezvous hashing), or one instance by id."""
 
 import asyncio
 import enum
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -14,6 +16,7 @@ from triptych.protocol import ErrorCode, ErrorInfo
 from triptych.runtime import wire
 from triptych.runtime.discovery import InstanceTracker
 from triptych.runtime.errors import ServiceError, busy, deadline_exceeded, unavailable
+from triptych.runtime.rendezvous import rendezvous_order
 from triptych.runtime.stream import ResponseStream, StreamSink
 
 if TYPE_CHECKING:
@@ -22,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NO_RESPONDERS_RETRY_S = 0.02
+AFFINITY_MAX_LOAD = 0.5
+"""Default share of an instance's announced ``max_in_flight`` that this caller may hold open
+on it before calls with affinity for it go to the next instance in hash order."""
 
 
 class _Offer(enum.Enum):
@@ -48,10 +54,19 @@ class Client:
     """Calls one endpoint of one component.
 
     `call` returns the response stream; `forward` hands a stream this worker holds to the next
-    stage, which then answers the original caller directly.
+    stage, which then answers the original caller directly. `call` takes `affinity` keys: the
+    instances are then tried in rendezvous-hash order of the keys (so repeated content meets
+    the instance that cached it), an instance this caller already loads past `max_load` of
+    its announced bound moving to the back; without keys, round-robin.
     """
 
-    def __init__(self, runtime: "Runtime", component: str, endpoint: str) -> None:
+    def __init__(
+        self,
+        runtime: "Runtime",
+        component: str,
+        endpoint: str,
+        max_load: float = AFFINITY_MAX_LOAD,
+    ) -> None:
         self._runtime = runtime
         self.component = component
         self.endpoint = endpoint
@@ -66,6 +81,9 @@ class Client:
             on_seen=links.ensure if links is not None else None,
         )
         self._round_robin = itertools.count()
+        self.max_load = max_load
+        self._open: dict[str, list[ResponseStream]] = {}
+        """Calls this caller made that are still streaming, by instance (affinity's load)."""
 
     @property
     def capacity(self) -> int | None:
@@ -93,6 +111,7 @@ class Client:
         request_id: str,
         deadline: float,
         instance: str | None = None,
+        affinity: Sequence[str] = (),
     ) -> ResponseStream:
         """Send `request` to an instance (round-robin unless `instance` is given).
 
@@ -103,7 +122,7 @@ class Client:
         """
         data = request.__pydantic_serializer__.to_json(request)
         refusals: list[_Offer] = []
-        for candidate in await self._candidates(instance, deadline):
+        for candidate in await self._candidates(instance, deadline, affinity):
             stream = self._runtime.open_stream(request_id, deadline)
             try:
                 offer = await self._offer(
@@ -114,6 +133,8 @@ class Client:
                 raise
             if offer is _Offer.ACCEPTED:
                 stream.instance = candidate
+                if affinity:
+                    self._open.setdefault(candidate, []).append(stream)
                 return stream
             stream.close()
             refusals.append(offer)
@@ -231,7 +252,29 @@ class Client:
         """Live instances in the order a call would try them (waits a little for one)."""
         return await self._candidates(None, deadline)
 
-    async def _candidates(self, instance: str | None, deadline: float) -> list[str]:
+    def open_calls(self, instance: str) -> int:
+        """Calls with affinity this caller holds open on `instance`."""
+        streams = [s for s in self._open.get(instance, []) if not s.finished]
+        if streams:
+            self._open[instance] = streams
+        else:
+            self._open.pop(instance, None)
+        return len(streams)
+
+    def _loaded(self, instance: str) -> bool:
+        bound = self.instances.metadata(instance).get("max_in_flight", "")
+        if not bound.isdigit():
+            return False
+        return self.open_calls(instance) >= max(1.0, self.max_load * int(bound))
+
+    def _by_affinity(self, keys: Sequence[str], live: list[str]) -> list[str]:
+        order = rendezvous_order(keys, live)
+        loaded = [instance for instance in order if self._loaded(instance)]
+        return [i for i in order if i not in loaded] + loaded
+
+    async def _candidates(
+        self, instance: str | None, deadline: float, affinity: Sequence[str] = ()
+    ) -> list[str]:
         if instance is not None:
             return [instance]
         live = self.instances.live
@@ -241,5 +284,7 @@ class Client:
             live = self.instances.live
         if not live:
             return []
+        if affinity:
+            return self._by_affinity(affinity, live)
         start = next(self._round_robin) % len(live)
         return live[start:] + live[:start]

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=BaseModel)
 
+METADATA_REFRESH_S = 1.0
+"""How often the live metadata entries are refreshed (discovery pings every second)."""
+
 CANCEL_MEMORY_S = 60.0
 """How long a cancel is remembered, for requests it overtook on their way to this worker."""
 
@@ -103,6 +106,8 @@ class Service:
         metadata: dict[str, str] | None = None,
         max_in_flight: int | None = None,
         link_host: str | None = None,
+        live_metadata: Callable[[], dict[str, str]] | None = None,
+        on_done: Callable[[], None] | None = None,
     ) -> None:
         self._runtime = runtime
         self.component = component
@@ -116,6 +121,10 @@ class Service:
         self._metadata = dict(metadata or {})
         if max_in_flight is not None:
             self._metadata["max_in_flight"] = str(max_in_flight)  # callers bound their admission
+        self._live_metadata = live_metadata
+        """Entries refreshed every second (load figures): NATS micro answers PING, INFO and
+        STATS from the very dict this service updates, so discovery pings carry them."""
+        self._on_done = on_done
         self._endpoints: list[_Endpoint[Any]] = []
         self._micro: MicroService | None = None
         self._cancel_sub: Any = None
@@ -166,6 +175,7 @@ class Service:
             port = await self._runtime.serve_links(self._link_host)
             if port is not None:
                 self._metadata["stream_port"] = str(port)
+        self.refresh_metadata()
         self._micro = await add_service(
             nc,
             name=wire.service_name(ns, self.component),
@@ -183,6 +193,8 @@ class Service:
             )
         self._cancel_sub = await nc.subscribe(wire.cancel_subject(ns), cb=self._on_cancel)
         self._background.spawn(self._keepalive_loop(), name="keepalive")
+        if self._live_metadata is not None:
+            self._background.spawn(self._metadata_loop(), name="live-metadata")
         await nc.flush()
         log.info(
             "%s instance %s serving %s",
@@ -313,6 +325,8 @@ class Service:
             )
         finally:
             self._forget(ctx)
+            if self._on_done is not None:
+                self._on_done()
         metrics.STAGE_DURATION.labels(self.component, "ok" if error is None else "error").observe(
             time.monotonic() - ctx.started
         )
@@ -339,6 +353,24 @@ class Service:
             # in flight for good: one that has not started sees the flag when it does.
             if ctx.task is not None and ctx.running:
                 ctx.task.cancel()
+
+    def refresh_metadata(self) -> None:
+        """Update the live entries in place (the dict NATS micro announces)."""
+        if self._live_metadata is not None:
+            self._metadata.update(self._live_metadata())
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What this instance announces now."""
+        return dict(self._metadata)
+
+    async def _metadata_loop(self) -> None:
+        while True:
+            await asyncio.sleep(METADATA_REFRESH_S)
+            try:
+                self.refresh_metadata()
+            except Exception:  # a reading that failed once: the next second tries again
+                log.warning("could not refresh %s's metadata", self.component, exc_info=True)
 
     async def _keepalive_loop(self) -> None:
         interval = self._runtime.config.keepalive_interval_s

@@ -130,7 +130,7 @@ def test_image_requirements_come_from_pyproject() -> None:
     assert not any(r.startswith("torch") for r in listed)  # installed first, from its own index
 
 
-@pytest.mark.parametrize("overlay", [*TOPOLOGIES, "hpa"])
+@pytest.mark.parametrize("overlay", [*TOPOLOGIES, "hpa", "planner"])
 def test_overlay_renders_and_validates(overlay: str) -> None:
     objects = render(overlay)
     for version in KUBERNETES_VERSIONS:
@@ -141,6 +141,16 @@ def test_overlay_renders_and_validates(overlay: str) -> None:
     if overlay == "hpa":
         (hpa,) = find(objects, "HorizontalPodAutoscaler")
         assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"].startswith("triptych_")
+    if overlay == "planner":
+        (role,) = find(objects, "Role")
+        scale = [r for r in role["rules"] if "deployments/scale" in r["resources"]]
+        assert scale and {"get", "patch"} <= set(scale[0]["verbs"])
+        planner = next(
+            d for d in find(objects, "Deployment") if d["metadata"]["name"].endswith("planner")
+        )
+        spec = planner["spec"]["template"]["spec"]
+        assert spec["serviceAccountName"] == "triptych-planner"
+        assert spec["containers"][0]["command"][-2:] == ["triptych.components.planner", "watch"]
 
 
 @pytest.mark.parametrize("overlay", list(TOPOLOGIES))

@@ -281,7 +281,8 @@ ERRORS = [
     ({"n": 99}, "n", "'n' must be at most 16"),
     ({"top_logprobs": 5}, "top_logprobs", "needs 'logprobs': true"),
     ({"tools": [{"type": "function"}]}, "tools", "not supported"),
-    ({"response_format": {"type": "json_schema"}}, "response_format.type", "must be 'text'"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "is required"),
+    ({"response_format": {"type": "grammar"}}, "response_format", "unknown type 'grammar'"),
     ({"model": "other"}, "model", "model 'other' does not exist"),
     ({"max_tokens": 10**6}, "max_tokens", "over the context length"),
 ]

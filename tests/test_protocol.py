@@ -37,7 +37,12 @@ def request(**fields: object) -> ChatCompletionRequest:
 
 
 def test_every_sampling_option_survives_the_whole_trip() -> None:
-    chat = request(**EVERY_OPTION, logprobs=True, top_logprobs=3)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "a", "schema": schema, "strict": True},
+    }
+    chat = request(**EVERY_OPTION, logprobs=True, top_logprobs=3, response_format=response_format)
     sampling_options = chat.sampling(77, logprobs=chat.top_logprobs_count)
     generate = GenerateRequest(model="m", token_ids=[1, 2], sampling=sampling_options)
     received = GenerateRequest.model_validate_json(generate.model_dump_json())
@@ -45,6 +50,12 @@ def test_every_sampling_option_survives_the_whole_trip() -> None:
     for name, value in EVERY_OPTION.items():
         expected = tuple(value) if isinstance(value, list) else value
         assert sampling[name] == expected, name
+    assert sampling.pop("response_format") == {
+        "type": "json_schema",
+        "schema_text": '{"properties":{"a":{"type":"integer"}},"type":"object"}',
+        "name": "a",
+        "strict": True,
+    }
     assert sampling["logprobs"] == 3
     # nothing the engines see was left unset
     assert set(sampling) == {*EVERY_OPTION, "logprobs"}
@@ -78,7 +89,7 @@ def test_max_completion_tokens_wins() -> None:
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "grammar"}}, "response_format"),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"add_generation_prompt": True, "continue_final_message": True}, "continue_final"),
         ({"temperature": math.inf}, "temperature"),

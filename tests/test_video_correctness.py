@@ -193,12 +193,12 @@ def test_videos_equal_generate(served: Stack, oracle: VideoOracle, tiny_model: P
         assert read - read_before == len(SHORT) * 2 + len(WIDE) * 2 + len(TALL)
 
 
+@pytest.mark.parametrize("served", ["E/P/D", "E/PD"], indirect=True)  # a dedicated encoder
 def test_videos_batched_with_images_across_requests(
     served: Stack, oracle: VideoOracle, tiny_model: Path
 ) -> None:
     """Requests in flight together share the encoder's forwards (videos and images mixed)."""
-    if not any(p.name == "encode" for p in served.processes):
-        pytest.skip("no dedicated encoder in this topology")
+    assert any(p.name == "encode" for p in served.processes)
     mixed = [CASES[i % len(CASES)] for i in range(4)]
 
     async def run() -> list[list[int]]:

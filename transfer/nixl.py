@@ -12,7 +12,8 @@ Security: a `TensorRef` carries NIXL agent metadata and *pickled* descriptors, w
 unpickles. Accept refs only from the authenticated control plane (NATS), never from HTTP clients.
 
 Transport: UCX reads ``UCX_TLS`` when the first agent starts. For a CPU pool, `start` sets it to
-`DEFAULT_UCX_TLS` unless it is set already; a CUDA pool keeps UCX's default ("all"), which also
+`DEFAULT_UCX_TLS` (plus ``cuda_copy`` where GPUs are visible, which NIXL requires there) unless
+it is set already; a CUDA pool keeps UCX's default ("all"), which also
 brings the CUDA and RDMA transports. The list must contain ``tcp``: without it NIXL's UCX backend
 fails to start (``UCX endpoint create failed: failed to create ep``). A VRAM pool allocated by
 PyTorch with ``expandable_segments:True`` silently falls back to TCP.
@@ -230,7 +231,10 @@ class TransferAgent:
     async def start(self) -> None:
         """Create the agent (UCX backend), allocate the pool and register it."""
         if self.device.type == "cpu":
-            os.environ.setdefault("UCX_TLS", DEFAULT_UCX_TLS)
+            # NIXL refuses a list without a CUDA transport on a host with GPUs (a frontend's
+            # CPU pool on a GPU machine): cuda_copy is the basic one
+            gpus = torch.cuda.is_available()
+            os.environ.setdefault("UCX_TLS", DEFAULT_UCX_TLS + (",cuda_copy" if gpus else ""))
         elif "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
             log.warning("%s: expandable segments make NIXL fall back to TCP", self.name)
         api = _nixl_api()

@@ -4,7 +4,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from triptych.components.encode_worker.handler import EncodeHandler
-from triptych.components.worker import run_worker, worker_config, worker_parser
+from triptych.components.worker import cached_encoder, run_worker, worker_config, worker_parser
 from triptych.engines import Engine, encode_engine
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     async def setup(
         runtime: Runtime, service: Service, transport: EmbeddingTransport
     ) -> Sequence[Engine]:
-        engine = encode_engine(config.engine)
+        engine = cached_encoder(config, encode_engine(config.engine))
         await engine.start()
         handler = EncodeHandler(engine, await runtime.client("decode"), transport)
         service.add_endpoint("generate", GenerateRequest, handler.generate)

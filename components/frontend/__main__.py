@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             async with Runtime(config.runtime, name="frontend") as runtime:
                 stages = {name: await runtime.client(name) for name in config.stages}
+                stages[config.stages[0]].max_load = config.affinity_max_load
                 frontend = Frontend(config, runtime, preprocessor, stages, agent)
                 runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
                 await runner.setup()

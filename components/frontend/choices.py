@@ -8,7 +8,7 @@ each tagged with its choice's index.
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
 from triptych.components.frontend.migration import Generation
 from triptych.components.frontend.telemetry import RequestTelemetry
@@ -31,7 +31,10 @@ class Choices:
         *,
         deadline: float,
         migration_limit: int,
+        affinity: Sequence[Sequence[str]] = (),
     ) -> None:
+        """`affinity`: per request, the content keys its entry instance is picked by (none:
+        round-robin)."""
         self.generations = [
             Generation(
                 runtime,
@@ -40,6 +43,7 @@ class Choices:
                 request_id if index == 0 else f"{request_id}.n{index}",
                 deadline=deadline,
                 migration_limit=migration_limit,
+                affinity=affinity[index] if index < len(affinity) else (),
             )
             for index, request in enumerate(requests)
         ]

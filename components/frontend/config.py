@@ -98,6 +98,13 @@ class FrontendConfig:
     ones wait in this process's registered memory and the encoder READs them over NIXL."""
     transfer_pool_mb: int = 256
     """Size of the NIXL-registered memory holding those images until they are read."""
+    image_routing: str = "affinity"
+    """How requests with images pick the entry stage's instance: "affinity" (rendezvous
+    hashing of the images' content keys, so a repeated image meets the encoder that cached
+    it) or "round-robin"."""
+    affinity_max_load: float = 0.5
+    """Share of an instance's announced capacity this frontend may hold open on it before
+    requests with affinity for it go to the next instance in hash order."""
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -275,6 +282,21 @@ class FrontendConfig:
             default=256,
             help="NIXL-registered memory for images waiting to be read by an encoder",
         )
+        parser.add_argument(
+            "--image-routing",
+            choices=("affinity", "round-robin"),
+            default=FrontendConfig.image_routing,
+            help="how a request with images picks its encoder: affinity (rendezvous hashing of "
+            "the images' content keys, so a repeated image meets the encoder that cached it) "
+            "or round-robin",
+        )
+        parser.add_argument(
+            "--affinity-max-load",
+            type=float,
+            default=FrontendConfig.affinity_max_load,
+            help="share of an encoder's announced capacity this frontend may hold open on it "
+            "before requests with affinity for it go to the next encoder in hash order",
+        )
         add_logging_arguments(parser)
         RuntimeConfig.add_arguments(parser)
         return parser
@@ -320,6 +342,8 @@ class FrontendConfig:
             ),
             inline_image_bytes=args.max_inline_image_bytes,
             transfer_pool_mb=args.transfer_pool_mb,
+            image_routing=args.image_routing,
+            affinity_max_load=args.affinity_max_load,
         )
 
 

@@ -1,6 +1,7 @@
 """Fetching and checking images: each ``image_url`` is fetched once, decoded and measured."""
 
 import asyncio
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -17,11 +18,14 @@ FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """A validated image: its encoded bytes and pixel size."""
+    """A validated image: its encoded bytes, pixel size and what its pixels are."""
 
     data: bytes
     width: int
     height: int
+    pixels_digest: bytes = b""
+    """BLAKE2b of the decoded RGB pixels (what the vision tower's processor starts from),
+    whatever the URL or the (lossless) format the image came in."""
 
 
 class ImageLoader:
@@ -61,6 +65,7 @@ class ImageLoader:
                             f"image has {width * height} pixels (at most {self.limits.max_pixels})"
                         )
                     image.load()
+                    digest = pixels_digest(image)
         except ServiceError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -69,4 +74,13 @@ class ImageLoader:
             raise _bad("image could not be decoded") from None
         if fmt not in FORMATS:
             raise _bad(f"unsupported image format {fmt}")
-        return LoadedImage(data=data, width=width, height=height)
+        return LoadedImage(data=data, width=width, height=height, pixels_digest=digest)
+
+
+def pixels_digest(image: Image.Image) -> bytes:
+    """BLAKE2b-256 of an image's size and RGB pixels, as the vision tower converts them."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(f"{rgb.width}x{rgb.height}:".encode())
+    digest.update(rgb.tobytes())
+    return digest.digest()

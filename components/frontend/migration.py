@@ -10,7 +10,7 @@ Retry-After.
 
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk, decode_chunk
@@ -31,6 +31,7 @@ class Generation:
         *,
         deadline: float,
         migration_limit: int,
+        affinity: Sequence[str] = (),
     ) -> None:
         self._runtime = runtime
         self._entry = entry
@@ -38,6 +39,8 @@ class Generation:
         self.request_id = request_id
         self._deadline = deadline
         self._limit = migration_limit
+        self._affinity = affinity
+        """Content keys of the request's images: the entry instance is picked by them."""
         self._attempt = 0
         self._stream: ResponseStream | None = None
         self._produced = False
@@ -55,7 +58,10 @@ class Generation:
     async def start(self) -> None:
         """Hand the request to an entry instance (raises `ServiceError` if none takes it)."""
         self._stream = await self._entry.call(
-            self._request, request_id=self.attempt_id, deadline=self._deadline
+            self._request,
+            request_id=self.attempt_id,
+            deadline=self._deadline,
+            affinity=self._affinity,
         )
 
     async def chunks(self) -> AsyncGenerator[TokenChunk]:

@@ -2,6 +2,7 @@
 expansion."""
 
 import asyncio
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,9 @@ class Preprocessor:
         )
         """What requests get for the sampling fields they leave out (the checkpoint's
         ``generation_config.json``, unless ``--sampling-defaults openai``)."""
+        self.preprocessing = _preprocessing_digest(root)
+        """What the checkpoint's processor and vision tower make of pixels: part of every
+        image's content key."""
 
     def _eos_ids(self, generation: dict[str, Any], config: dict[str, Any]) -> list[int]:
         eos: Any = generation.get("eos_token_id")
@@ -160,7 +164,9 @@ class Preprocessor:
         except ValueError as error:
             raise ServiceError(ErrorCode.BAD_REQUEST, str(error), param="messages") from None
         offset_of = {id(item): offset for item, offset in zip(in_order, offsets, strict=True)}
-        image_items = [_image_item(i, layouts[id(i)], offset_of[id(i)]) for i in images]
+        image_items = [
+            _image_item(i, layouts[id(i)], offset_of[id(i)], self.preprocessing) for i in images
+        ]
         video_items = [_video_item(v, offset_of[id(v)]) for v in videos]
         return Prompt(token_ids=expanded, images=image_items, videos=video_items)
 
@@ -199,7 +205,30 @@ def _media_in_prompt_order(
     return ordered
 
 
-def _image_item(image: LoadedImage, layout: ImageLayout | VideoLayout, offset: int) -> ImageItem:
+def _preprocessing_digest(root: Path) -> bytes:
+    """BLAKE2b of the checkpoint's config and processor settings (equal checkpoints under
+    different paths agree)."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name in ("config.json", "preprocessor_config.json"):
+        path = root / name
+        digest.update(name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.exists() else b"")
+    return digest.digest()
+
+
+def content_key(pixels: bytes, preprocessing: bytes, layout: ImageLayout | VideoLayout) -> str:
+    """An image's content key: its pixels, the model's processing and the resized geometry."""
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(preprocessing)
+    digest.update(pixels)
+    resized = layout.resized if isinstance(layout, ImageLayout) else (0, 0)
+    digest.update(repr((layout.grid_thw, resized)).encode())
+    return digest.hexdigest()
+
+
+def _image_item(
+    image: LoadedImage, layout: ImageLayout | VideoLayout, offset: int, preprocessing: bytes
+) -> ImageItem:
     return ImageItem(
         width=image.width,
         height=image.height,
@@ -207,6 +236,9 @@ def _image_item(image: LoadedImage, layout: ImageLayout | VideoLayout, offset: i
         num_tokens=layout.num_tokens,
         offset=offset,
         data=image.data,
+        content_key=content_key(image.pixels_digest, preprocessing, layout)
+        if image.pixels_digest
+        else "",
     )
 
 

@@ -24,6 +24,7 @@ from triptych.components.frontend.output import Output
 from triptych.components.frontend.prompt import Preprocessor, Prompt
 from triptych.components.frontend.reply import Reply
 from triptych.components.frontend.telemetry import RequestTelemetry
+from triptych.engines import grammar
 from triptych.observability import metrics
 from triptych.observability.logs import request_id as request_id_var
 from triptych.protocol import (
@@ -40,6 +41,7 @@ from triptych.protocol import (
     ServiceError,
     VideoItem,
 )
+from triptych.protocol.openai import resolve_format
 from triptych.runtime import Client, Runtime
 from triptych.runtime.errors import busy
 from triptych.transfer import TransferAgent, image_bytes
@@ -111,6 +113,12 @@ class Frontend:
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.metrics)
         return app
+
+    def _affinity(self, request: GenerateRequest) -> list[str]:
+        """The content keys the entry instance is chosen by (none: round-robin)."""
+        if self.config.image_routing != "affinity":
+            return []
+        return [image.content_key for image in request.images if image.content_key]
 
     async def health(self, request: web.Request) -> web.Response:
         """The process is up."""
@@ -251,6 +259,7 @@ class Frontend:
                     telemetry,
                     deadline=time.time() + self.config.request_timeout_s,
                     migration_limit=self.config.migration_limit,
+                    affinity=[self._affinity(r) for r in plan.requests],
                 )
                 # Nothing reaches the client before every choice's first chunk: until then a
                 # failure is still a plain HTTP error (a 503 with Retry-After when the cause
@@ -314,6 +323,14 @@ class Frontend:
         if fields.model != self.config.served_model_name:
             raise self._unknown_model(fields.model)
 
+    async def _check_format(self, fields: SamplingFields) -> None:
+        """A ``response_format`` schema the grammar library cannot take is a 400 here, before
+        any worker is touched. Compiling is the decode worker's; checking costs little but
+        still runs off the event loop."""
+        wanted = resolve_format(fields.response_format)
+        if wanted is not None:
+            await asyncio.to_thread(grammar.check, wanted)
+
     def _max_tokens(self, prompt: Prompt, wanted: int | None, param: str) -> int:
         """`wanted` (or what the context leaves), once it fits beside the prompt."""
         context = self.preprocessor.context_length
@@ -352,6 +369,7 @@ class Frontend:
     async def _chat_plan(self, body: bytes, request_id: str) -> _Plan:
         chat = ChatCompletionRequest.model_validate_json(body)
         self._accept(chat)
+        await self._check_format(chat)
         prompt = await self.preprocessor.prompt(chat)
         param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
         max_tokens = self._max_tokens(prompt, chat.requested_max_tokens, param)
@@ -377,6 +395,7 @@ class Frontend:
     async def _completion_plan(self, body: bytes, request_id: str) -> _Plan:
         completion = CompletionRequest.model_validate_json(body)
         self._accept(completion)
+        await self._check_format(completion)
         vocabulary = len(self.preprocessor.tokenizer)
         prompts: list[Prompt] = []
         requests: list[GenerateRequest] = []

@@ -6,9 +6,10 @@ tokens and frees blocks: one wait on the device per turn, off the critical path.
 stopped on a token is seen one step late; the extra token computed for it is dropped.
 
 Every ``STATS_S`` seconds of work the thread logs what it did: decode steps and their mean
-batch, tokens per second, KV blocks in use, requests waiting, and (on CUDA, from events around
-each kind of work) how the device's time split between decode, prefill, other model work and
-idleness.
+batch, tokens per second, KV blocks in use, requests waiting, and how the device's time split
+between decode, prefill, KV loads, other model work and idleness (on CUDA from events around each
+kind of work). The same device time, the tokens and the queue feed the process's load meter
+(`engines.load`), which the worker publishes for the planner.
 
 The asyncio side talks to the thread through `_post` (commands run at the start of a turn) and
 gets chunks back through each sequence's sink, one wake-up per event loop per turn.
@@ -20,18 +21,21 @@ import logging
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from triptych.engines.base import Runner
+from triptych.engines.grammar import Grammars
 from triptych.engines.hf.config import HfConfig
 from triptych.engines.hf.model import LanguageModel
 from triptych.engines.hf.runner import Launch, ModelRunner
 from triptych.engines.hf.scheduler import Admission, Plan, Scheduler
 from triptych.engines.hf.sequence import Prompt, Sequence, Sink
+from triptych.engines.load import METER, LoadMeter
 from triptych.observability import metrics
 from triptych.protocol import (
     ErrorCode,
@@ -49,19 +53,31 @@ STATS_S = 10.0
 """How often the model thread logs its statistics while it has work."""
 
 
-class DeviceClock:
-    """Device time per kind of work, from CUDA events recorded around it (CUDA only)."""
+WORK = {"decode": "decode", "load": "decode", "prefill": "prefill", "other": "encode"}
+"""The load meter's kind of work for each kind the clock times: KV loads serve decoding, and
+the only other work a core runs for its process is an inline vision tower (`call`)."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+
+class DeviceClock:
+    """Device time per kind of work, in milliseconds: from CUDA events recorded around it on
+    CUDA; elsewhere from the host's clock, as the work is done when its call returns. Each span,
+    once finished, is also busy time of the model in `meter`."""
+
+    def __init__(self, cuda: bool, meter: LoadMeter = METER) -> None:
+        self.cuda = cuda
+        self.meter = meter
         self._spans: deque[tuple[str, Any, Any]] = deque()
-        self.totals: Counter[str] = Counter()
+        self.totals: defaultdict[str, float] = defaultdict(float)
 
     @contextlib.contextmanager
     def span(self, kind: str) -> Any:
         """Time the device work queued inside the block."""
-        if not self.enabled:
-            yield
+        if not self.cuda:
+            started = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._finished(kind, time.perf_counter() - started)
             return
         start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         start.record()
@@ -73,10 +89,14 @@ class DeviceClock:
             self._spans.append((kind, start, end))
 
     def collect(self) -> None:
-        """Add up the spans the device has finished."""
+        """Add up the spans the device has finished (cheap: called every turn)."""
         while self._spans and self._spans[0][2].query():
             kind, start, end = self._spans.popleft()
-            self.totals[kind] += start.elapsed_time(end)
+            self._finished(kind, start.elapsed_time(end) / 1000)
+
+    def _finished(self, kind: str, seconds: float) -> None:
+        self.totals[kind] += seconds * 1000
+        self.meter.record(WORK[kind], seconds)
 
 
 class _Stream:
@@ -99,7 +119,12 @@ class EngineCore:
     """
 
     def __init__(
-        self, model: LanguageModel, config: HfConfig, decoding: bool, stage: str = "decode"
+        self,
+        model: LanguageModel,
+        config: HfConfig,
+        decoding: bool,
+        stage: str = "decode",
+        meter: LoadMeter = METER,
     ) -> None:
         self.model = model
         self.stage = stage
@@ -136,13 +161,15 @@ class EngineCore:
         self._packed: dict[Sequence, asyncio.Future[torch.Tensor]] = {}
         """Prefill-only sequences, with the future their requester awaits."""
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
+        self._grammars: Grammars | None = None
+        """Compiled response-format grammars, made on the first request that has one."""
         sched = self.scheduler
         metrics.RUNNING.labels(stage).set_function(lambda: len(sched.running) + len(sched.loading))
-        metrics.QUEUE_DEPTH.labels(stage).set_function(
-            lambda: len(sched.waiting) + len(sched.prefilling) + len(sched.swapped)
-        )
+        metrics.QUEUE_DEPTH.labels(stage).set_function(self.queue_depth)
+        self._meter = meter
+        meter.add_queue(self.queue_depth)
         metrics.KV_BYTES.labels(stage).set_function(self._kv_bytes)
-        self._clock = DeviceClock(cuda)
+        self._clock = DeviceClock(cuda, meter)
         self._stats: Counter[str] = Counter()
         self._stats_since = time.monotonic()
         self._batch_sizes = metrics.BATCH_SIZE.labels(stage)
@@ -153,6 +180,11 @@ class EngineCore:
     def max_len(self) -> int:
         """Tokens one sequence may hold."""
         return self.runner.max_len
+
+    def queue_depth(self) -> int:
+        """Requests waiting for the model: for blocks, for prefill, or swapped out."""
+        sched = self.scheduler
+        return len(sched.waiting) + len(sched.prefilling) + len(sched.swapped)
 
     def _kv_bytes(self) -> float:
         blocks, cache = self.runner.blocks, self.runner.cache
@@ -240,6 +272,8 @@ class EngineCore:
         With `received` (keys and values, hidden state) its prompt was prefilled elsewhere;
         otherwise prefill runs here. Leaving the iteration early lets go of the sequence.
         """
+        if options.response_format is not None:
+            sequence.grammar = await asyncio.to_thread(self._compile_grammar, options, stop_ids)
         stream = _Stream()
         sequence.options = options
         sequence.stop_ids = frozenset(stop_ids)
@@ -276,6 +310,15 @@ class EngineCore:
                     return
         finally:
             self.release(sequence)
+
+    def _compile_grammar(self, options: SamplingOptions, stop_ids: set[int]) -> Any:
+        """A fresh matcher for the request's response format (on a worker thread: compiling a
+        large schema takes a while; each schema is compiled once)."""
+        assert options.response_format is not None
+        if self._grammars is None:
+            tokenizer = Path(self.model.path, "tokenizer.json").read_text()
+            self._grammars = Grammars(tokenizer, self.model.vocab_size, sorted(stop_ids))
+        return self._grammars.compile(options.response_format)
 
     async def prefill_only(self, request_id: str, prompt: Prompt) -> tuple[torch.Tensor, int]:
         """Run a prompt on a prefill-only core: its packed cache (`kv_transfer.pack`) and its
@@ -328,6 +371,7 @@ class EngineCore:
         while True:
             with self._wake:
                 while not (self._stopped or self._inbox or self.scheduler.busy or self._pending):
+                    self._clock.collect()  # what the last turn ran counts before the thread idles
                     self._wake.wait()
                 if self._stopped:
                     return
@@ -351,11 +395,17 @@ class EngineCore:
             self._settle_packed(sequence, None, asyncio.CancelledError())
         for admission in scheduler.admit():
             self._grant(admission)
+        if any(s.grammar is not None for launch in self._pending for s in launch.sequences):
+            # a grammar's next mask needs the token just computed: read it before launching
+            for launch in self._pending:
+                self._deliver(launch)
+            self._pending = []
         plan = scheduler.schedule()
         launched = self._launch(plan) if plan else []
         previous, self._pending = self._pending, launched
         for launch in previous:  # the device works on this turn's launches meanwhile
             self._deliver(launch)
+        self._clock.collect()
         self._log_stats()
 
     def _log_stats(self) -> None:
@@ -365,7 +415,6 @@ class EngineCore:
             return
         stats, clock = self._stats, self._clock
         if stats["turns"]:
-            clock.collect()
             busy = {kind: ms / (10 * wall) for kind, ms in clock.totals.items()}
             device = ", ".join(f"{kind} {share:.0f}%" for kind, share in sorted(busy.items()))
             blocks = self.runner.blocks
@@ -379,9 +428,7 @@ class EngineCore:
                 stats["prefilled"],
                 f"{blocks.used}/{blocks.capacity}" if blocks is not None else "-",
                 len(self.scheduler.waiting) + len(self.scheduler.prefilling),
-                f"; device: {device}, idle {max(0.0, 100 - sum(busy.values())):.0f}%"
-                if clock.enabled
-                else "",
+                f"; device: {device}, idle {max(0.0, 100 - sum(busy.values())):.0f}%",
             )
         clock.totals.clear()
         self._stats = Counter()
@@ -428,6 +475,7 @@ class EngineCore:
             else:
                 self._prefilled.inc(positions)
                 self._stats["prefilled"] += positions
+                self._meter.count("prompt_tokens", positions)
                 launched.extend([launch] if launch is not None else [])
                 for chunk in plan.prefill:
                     if chunk.last and runner.decoding:
@@ -452,11 +500,17 @@ class EngineCore:
         tokens = launch.values()
         self._decoded.inc(len(tokens))
         self._stats["tokens"] += len(tokens)
+        emitted = 0
         for i, (sequence, token) in enumerate(zip(launch.sequences, tokens, strict=True)):
             if sequence.done:
                 continue
+            emitted += 1
             sequence.output.append(token)
-            reason = self._finish_reason(sequence, token)
+            try:
+                reason = self._finish_reason(sequence, token)
+            except ServiceError as error:
+                self._fail([sequence], error)
+                continue
             first = len(sequence.output) == 1
             top = sequence.options.logprobs if sequence.options is not None else None
             self._emit(
@@ -471,6 +525,7 @@ class EngineCore:
             if reason is not None:
                 sequence.finish_reason = reason
                 self.scheduler.finish(sequence)
+        self._meter.count("output_tokens", emitted)  # not the extra tokens of stopped ones
 
     def _finish_reason(self, sequence: Sequence, token: int) -> FinishReason | None:
         options = sequence.options
@@ -478,6 +533,14 @@ class EngineCore:
         count = len(sequence.output)
         if token in sequence.stop_ids and count > options.min_tokens:
             return "stop"
+        matcher = sequence.grammar
+        if matcher is not None:
+            if not matcher.consume_token(token):
+                raise ServiceError(
+                    ErrorCode.INTERNAL, f"response_format grammar failed: {matcher.get_error()}"
+                )
+            if matcher.is_stopped():
+                return "stop"  # the JSON is complete and nothing may follow it
         if count >= options.max_tokens or sequence.prompt_len + count - 1 >= self.max_len:
             return "length"  # asked for, or the sequence fills --max-model-len
         return None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from triptych.engines.base import EncodeEngine, Runner
+from triptych.engines.load import METER
 from triptych.models.video_decoder import VideoRejected
 from triptych.models.vision_tower import VideoClip, VisionTower
 from triptych.observability import metrics
@@ -52,6 +53,7 @@ class HfEncodeEngine(EncodeEngine):
     async def start(self) -> None:
         if self.tower is None:
             self.tower = await asyncio.to_thread(VisionTower, self.model_path, self.device)
+            METER.add_queue(lambda: len(self._pending))  # requests waiting for the tower
             self._batcher = asyncio.create_task(self._batches(), name="encode-batches")
 
     async def close(self) -> None:
@@ -122,7 +124,8 @@ class HfEncodeEngine(EncodeEngine):
             # the layouts the forward derives from the grids, and pinning, are host work too
             batch_input = await asyncio.to_thread(tower.prepare, pixels, grids)
             if self.runner is None:
-                embeddings = await asyncio.to_thread(tower.run, batch_input)
+                with METER.busy("encode"):
+                    embeddings = await asyncio.to_thread(tower.run, batch_input)
             else:
                 embeddings = await self.runner(lambda: tower.run(batch_input))
         except Exception as error:
@@ -131,6 +134,8 @@ class HfEncodeEngine(EncodeEngine):
                 _fail(job, failure)
             return
         metrics.ENCODE_DURATION.observe(time.perf_counter() - started)
+        # a video counts as its temporal patches: pictures the tower encoded, as the mock counts
+        METER.count("images", sum(_pictures(job.images) for job, _, _ in ready))
         start = 0
         for job, _, job_grids in ready:
             count = sum(tower.tokens(job_grids))
@@ -145,6 +150,10 @@ class HfEncodeEngine(EncodeEngine):
                 job.future.set_result(
                     ImageEmbeddings(num_tokens=count, hidden_size=int(part.shape[-1]), tensor=part)
                 )
+
+
+def _pictures(items: Sequence[MediaItem]) -> int:
+    return sum(item.grid_thw[0] if isinstance(item, VideoItem) else 1 for item in items)
 
 
 def _fail(job: _Job, error: ServiceError) -> None:

@@ -64,6 +64,7 @@ class LanguageModel:
     ) -> None:
         config = AutoConfig.from_pretrained(model_path)
         self.config = config
+        self.path = model_path
         self.device = torch.device(device)
         self.dtype = dtype or getattr(config, "dtype", None) or torch.float32
         model = _model_class(config.model_type).from_pretrained(model_path, dtype=self.dtype)

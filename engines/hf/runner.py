@@ -9,9 +9,11 @@ once: whatever writes them later is queued after whatever read them.
 import logging
 from dataclasses import dataclass, replace
 
+import llguidance
 import numpy as np
 import torch
 
+from triptych.engines import grammar
 from triptych.engines.hf import kv_transfer
 from triptych.engines.hf.block_manager import BlockManager
 from triptych.engines.hf.config import DEFAULT_MAX_LEN, HfConfig
@@ -74,6 +76,8 @@ class ModelRunner:
         self.blocks: BlockManager | None = None
         self.decoder: Decoder | None = None
         self.sampler: Sampler | None = None
+        self._executor: llguidance.LLExecutor | None = None
+        """Computes the grammar masks of a batch's constrained rows in parallel."""
         if decoding:
             budget = KVBudget(
                 max_len=max_len,
@@ -227,11 +231,12 @@ class ModelRunner:
         for s in sequences:
             assert s.options is not None
             rows.append(Row(s.row, s.options, s.seed, s.launched, s.stop_ids))
+        allowed = self._allowed(sequences)
         logprobs = None
-        if all(plain_greedy(r) for r in rows):
+        if allowed is None and all(plain_greedy(r) for r in rows):
             tokens = argmax
         else:
-            tokens, logprobs = self.sampler.choose(logits, rows)
+            tokens, logprobs = self.sampler.choose(logits, rows, allowed)
         index = torch.tensor([s.row for s in sequences]).to(self.model.device, non_blocking=True)
         self.decoder.last_tokens.index_copy_(0, index, tokens)
         for sequence in sequences:
@@ -248,6 +253,24 @@ class ModelRunner:
         ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
         ready.record()
         return Launch(sequences, host, ready, logprobs)
+
+    def _allowed(self, sequences: list[Sequence]) -> torch.Tensor | None:
+        """The tokens each row may take next as a bitmask on the device ([n, words] int32):
+        its grammar's mask for a constrained row (its stop tokens too once the grammar is
+        complete), every token for a free one; None when no row is constrained."""
+        constrained = [(s.grammar, i) for i, s in enumerate(sequences) if s.grammar is not None]
+        if not constrained:
+            return None
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        masks = np.full((len(sequences), grammar.mask_words(self.model.vocab_size)), -1, np.int32)
+        grammar.fill_masks(self._executor, constrained, masks)
+        bits = masks.view(np.uint32)
+        for matcher, i in constrained:
+            if matcher.is_accepting():
+                for stop in sequences[i].stop_ids:
+                    bits[i, stop // 32] |= np.uint32(1 << (stop % 32))
+        return torch.from_numpy(masks).to(self.model.device, non_blocking=True)
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Choosing every row's next token in one batched pass on the device.
 
 Each row carries its own options as tensors: temperature, top-k, top-p, min-p, penalties
-(repetition, frequency, presence), min_tokens. Nothing is copied to the host here; the caller
+(repetition, frequency, presence), min_tokens, and a grammar's mask (one bit per token, 32 to
+an int32 word; a row free of any grammar has every bit set), so rows constrained by a
+``response_format`` and free rows share one pass. Nothing is copied to the host here; the caller
 reads the chosen tokens once per step.
 
 Random draws are counter-based: the noise for token ``t`` at a row's ``n``-th generated token
@@ -12,7 +14,9 @@ batch looked at).
 
 Log-probabilities, for rows that ask, come from the distribution the token is drawn from after
 penalties and temperature (a greedy row counts as temperature 1) and before top-k, top-p and
-min-p cut it: vLLM's ``processed_logprobs``. They stay on the device with the tokens.
+min-p cut it: vLLM's ``processed_logprobs``. A row under a grammar reports them from the
+masked distribution (its forbidden tokens at the floor, the allowed ones sharing all the mass).
+They stay on the device with the tokens.
 """
 
 from collections.abc import Sequence
@@ -77,6 +81,15 @@ def penalized(options: SamplingOptions) -> bool:
     )
 
 
+def apply_bitmask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """`logits` with -inf for each token whose bit in `allowed` ([n, words] int32, bit ``t % 32``
+    of word ``t // 32`` for token ``t``) is clear."""
+    shifts = torch.arange(32, dtype=torch.int32, device=allowed.device)
+    bits = (allowed.unsqueeze(-1) >> shifts) & 1
+    keep = bits.view(allowed.shape[0], -1)[:, : logits.shape[-1]].bool()
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 @dataclass(frozen=True)
 class Logprobs:
     """Log-probabilities of a batch's chosen tokens, on the device (or copied to the host)."""
@@ -120,15 +133,24 @@ class Sampler:
     ) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    def sample(
+        self, logits: torch.Tensor, rows: list[Row], allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The next token of each row ([n] int64 on the device) from float32 logits [n, vocab]
-        (which may be changed in place)."""
-        return self.choose(logits, rows)[0]
+        (which may be changed in place); `allowed` ([n, words] int32 bitmask on the device)
+        limits each row to the tokens whose bits are set."""
+        return self.choose(logits, rows, allowed)[0]
 
-    def choose(self, logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, Logprobs | None]:
-        """`sample`, with the log-probabilities of the tokens when a row asks for them."""
+    def choose(
+        self, logits: torch.Tensor, rows: list[Row], allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Logprobs | None]:
+        """`sample`, with the log-probabilities of the tokens when a row asks for them. A row
+        constrained by `allowed` gets them from the masked distribution: tokens its grammar
+        forbids have none (they sit at the floor) and the allowed ones share all the mass."""
         options = [r.options for r in rows]
         index = self._tensor([r.row for r in rows])
+        if allowed is not None:
+            logits = apply_bitmask(logits, allowed)
         if self._counts is not None and any(penalized(o) for o in options):
             logits = self._penalize(logits, index, options)
         self._mask_stops(logits, rows)
@@ -211,6 +233,9 @@ class Sampler:
         noise = uniform(
             self._tensor([r.seed for r in rows]), self._tensor([r.step for r in rows]), candidates
         )
-        pick = (values - torch.log(-torch.log(noise))).argmax(-1, keepdim=True)
+        # a draw of exactly 1.0 (float32 rounding) makes the Gumbel noise +inf; a filtered
+        # candidate (-inf) must stay out even then (-inf + inf would be NaN, which argmax takes)
+        scores = torch.where(values.isneginf(), values, values - torch.log(-torch.log(noise)))
+        pick = scores.argmax(-1, keepdim=True)
         drawn = candidates.gather(-1, pick).view(-1)
         return torch.where(self._tensor(sampled, torch.bool), drawn, greedy)

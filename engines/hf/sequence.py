@@ -6,6 +6,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import llguidance
 import torch
 
 from triptych.models.mrope import Grid
@@ -84,6 +85,9 @@ class Sequence:
     """The blocks a preempted sequence held, until their contents are copied out."""
     cancelled: bool = False
     """Set by the request's own task when it lets go (done, failed or cancelled)."""
+    grammar: llguidance.LLMatcher | None = None
+    """Follows its tokens when its output must match a grammar (`response_format`); its mask
+    says which tokens may come next."""
 
     @property
     def length(self) -> int:

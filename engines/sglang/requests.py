@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from triptych.engines.grammar import JSON_OBJECT_SCHEMA
 from triptych.protocol import ErrorCode, GenerateRequest, ServiceError
 from triptych.transfer import ImageEmbeddings
 
@@ -22,7 +23,9 @@ def sampling_params(request: GenerateRequest) -> dict[str, Any]:
     seeded request that samples is refused rather than silently unseeded (a greedy one does
     not need its seed). The model's EOS ids travel as stop ids (unless ``ignore_eos``) so that
     the frontend's view of the tokenizer decides, not SGLang's copy of it; ``min_new_tokens``
-    holds them back as it does the other stop ids.
+    holds them back as it does the other stop ids. A response format travels as SGLang's
+    ``json_schema`` (``{"type":"object"}`` for ``json_object``), which its grammar backend
+    enforces.
     """
     options = request.sampling
     if options.seed is not None and not options.greedy:
@@ -48,7 +51,16 @@ def sampling_params(request: GenerateRequest) -> dict[str, Any]:
         "frequency_penalty": options.frequency_penalty,
         "repetition_penalty": options.repetition_penalty,
         "no_stop_trim": True,
+        "json_schema": json_schema(request),
     }
+
+
+def json_schema(request: GenerateRequest) -> str | None:
+    """The schema SGLang's grammar backend is to enforce, as JSON text (None: free text)."""
+    fmt = request.sampling.response_format
+    if fmt is None:
+        return None
+    return fmt.schema_text if fmt.type == "json_schema" else JSON_OBJECT_SCHEMA
 
 
 def image_item(request: GenerateRequest, embeddings: ImageEmbeddings | None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from triptych.models import load_adapter
 from triptych.protocol import (
     GenerateRequest,
     ImageItem,
+    ResponseFormat,
     SamplingOptions,
     ServiceError,
     TensorHandle,
@@ -222,7 +223,19 @@ def test_every_sampling_option_reaches_sglang(tiny_model: Path) -> None:
             "min_tokens",
             "seed",
             "logprobs",
+            "response_format",  # as json_schema, below
         } or (field in sampling_params(request)), f"{field} is not forwarded"
+    assert sampling_params(request)["json_schema"] is None  # free text
+
+    schema = '{"properties":{"a":{"type":"integer"}},"type":"object"}'
+    for fmt, expected in (
+        (ResponseFormat(type="json_schema", schema_text=schema, strict=True), schema),
+        (ResponseFormat(type="json_object"), '{"type":"object"}'),
+    ):
+        shaped = image_request(tiny_model, response_format=fmt)
+        params = SamplingParams(**sampling_params(shaped))
+        params.verify(vocab_size=1610)
+        assert params.json_schema == expected
 
     ignoring = image_request(tiny_model, ignore_eos=True, top_k=0, stop_token_ids=(7,))
     loose = SamplingParams(**sampling_params(ignoring))

@@ -1,0 +1,340 @@
+"""The planner's split against two EPD workers: goodput at TTFT p99 <= 1 s, per mix, in one run.
+
+Same checkpoint and load as multi_gpu.py (Qwen2.5-VL-7B-shaped, random bf16, 64 output tokens,
+Poisson arrivals). For each mix (one 448x448 image; three 1024x1024 images):
+
+1. two EPD workers (one per GPU) serve rising request rates until TTFT p99 passes the target;
+   meanwhile the planner reads the workers' live load signals (``load_*`` in their NATS
+   metadata) and calibrates its encode and prefill costs from them;
+2. the planner plans the split for the mix's workload profile on the GPUs
+   (``python -m triptych.components.planner plan`` does the same from the command line);
+3. the planner's split is launched and serves the same rates.
+
+Goodput is the highest completed requests/s at a rate whose TTFT p99 stayed within the target.
+
+    python benchmarks/planner.py --out DIR [--gpus 2] [--engine mock: a dry run on a CPU]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_client import chat_body, picture, stream_chat
+from gpu_epd import build_checkpoint, run_info
+from launcher import launch, stop
+
+from triptych.components.planner.model import (
+    GpuPack,
+    StageCosts,
+    WorkloadProfile,
+    calibrate,
+    capacity,
+)
+from triptych.components.planner.placement import plan
+from triptych.components.planner.signals import read_signals
+from triptych.protocol.load import StageLoad
+from triptych.runtime import Runtime, RuntimeConfig
+from triptych.runtime.nats_server import NatsServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (
+    "Describe these pictures in detail, noting colours, shapes, textures and anything unusual "
+    "about them."
+)
+MIXES: dict[str, dict[str, Any]] = {
+    "one_448_image": {"images": 1, "size": 448, "seconds": 6, "rates": [8, 16, 24, 32, 40, 48]},
+    "three_1024_images": {
+        "images": 3,
+        "size": 1024,
+        "seconds": 8,
+        "rates": [0.5, 1, 1.5, 2, 3, 4],
+    },
+}
+TTFT_TARGET_S = 1.0
+MOCK_COSTS = {
+    # --engine mock: a dry run of the whole procedure on a CPU (simulated stage costs)
+    "mock": [
+        "--mock-encode-s-per-image",
+        "0.01",
+        "--mock-prefill-s-per-token",
+        "0.00002",
+        "--mock-decode-s-per-step",
+        "0.005",
+    ]
+}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def one_rate(
+    client: httpx.AsyncClient,
+    body: dict[str, Any],
+    rate: float,
+    seconds: float,
+    rng: random.Random,
+    runtime: Runtime | None,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Poisson arrivals at `rate` for `seconds`; the stages' signals as arrivals end."""
+
+    async def timed() -> dict[str, float] | None:
+        try:
+            streamed = await stream_chat(client, body)
+        except httpx.HTTPError:
+            return None
+        return {"ttft": streamed.ttft_s, "step": streamed.step_s, "tokens": streamed.tokens}
+
+    tasks = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        tasks.append(asyncio.create_task(timed()))
+        await asyncio.sleep(rng.expovariate(rate))
+    signals: dict[str, list[dict[str, Any]]] = {}
+    if runtime is not None:
+        read = await read_signals(runtime, ("encode", "prefill", "decode"))
+        signals = {s: [x.model_dump() for x in sig.loads] for s, sig in read.items()}
+    done, pending = await asyncio.wait(tasks, timeout=20)
+    for task in pending:
+        task.cancel()
+    elapsed = time.perf_counter() - started
+    ok = [r for t in done if (r := t.result()) is not None]
+    ttfts = [r["ttft"] * 1e3 for r in ok]
+    steps = [r["step"] * 1e3 for r in ok if r["tokens"] > 1]
+    return {
+        "rate_req_per_s": rate,
+        "sent": len(tasks),
+        "completed": len(ok),
+        "errors": len(tasks) - len(ok),
+        "throughput_req_per_s": len(ok) / elapsed,
+        "output_tokens_per_s": sum(r["tokens"] for r in ok) / elapsed,
+        "ttft_ms_p50": statistics.median(ttfts) if ttfts else None,
+        "ttft_ms_p99": percentile(ttfts, 0.99),
+        "itl_ms_mean_p99": percentile(steps, 0.99),
+    }, signals
+
+
+def within_target(row: dict[str, Any]) -> bool:
+    p99 = row["ttft_ms_p99"]
+    return row["errors"] == 0 and p99 is not None and p99 <= TTFT_TARGET_S * 1e3
+
+
+async def sweep(
+    url: str,
+    model: str,
+    mix: dict[str, Any],
+    max_tokens: int,
+    runtime: Runtime | None,
+    deadline: float,
+) -> dict[str, Any]:
+    """Rising rates until TTFT p99 passes the target (or time runs out), with the stages'
+    signals at the end of the last rate's arrivals (the most load: the best calibration)."""
+    body = chat_body(model, [picture(mix["size"])] * mix["images"], TEXT, max_tokens)
+    rows: list[dict[str, Any]] = []
+    signals: dict[str, list[dict[str, Any]]] = {}
+    rng = random.Random(0)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        try:
+            await stream_chat(client, {**body, "max_tokens": 4})  # warm-up
+        except httpx.HTTPStatusError as error:
+            return {"rows": [], "goodput_req_per_s": 0.0, "signals": {}, "error": str(error)}
+        for rate in mix["rates"]:
+            if time.monotonic() + mix["seconds"] + 20 > deadline:
+                print("  out of time for this sweep", flush=True)
+                break
+            row, signals = await one_rate(client, body, rate, mix["seconds"], rng, runtime)
+            rows.append(row)
+            print(f"  rate {rate}: {json.dumps(row)}", flush=True)
+            if not within_target(row):
+                break
+    passing = [r["throughput_req_per_s"] for r in rows if within_target(r)]
+    return {"rows": rows, "goodput_req_per_s": max(passing, default=0.0), "signals": signals}
+
+
+def serve_and_sweep(
+    script: list[str],
+    checkpoint: Path,
+    log: Path,
+    mixes: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    env: dict[str, str],
+    deadline: float,
+) -> dict[str, Any]:
+    begun = time.perf_counter()
+    launcher, url = launch(
+        script[0],
+        [
+            *script[1:],
+            "--engine",
+            args.engine,
+            "--device",
+            "cuda" if args.engine == "hf" else "cpu",
+            "--model-path",
+            str(checkpoint),
+            "--",
+            "--transfer-pool-mb",
+            "2048",
+            "--max-running-requests",
+            str(args.max_running_requests),
+            *MOCK_COSTS.get(args.engine, []),
+        ],
+        log,
+        env=env,
+    )
+    result: dict[str, Any] = {"ready_s": round(time.perf_counter() - begun, 1)}
+    print(f"{' '.join(script)}: ready in {result['ready_s']}s", flush=True)
+
+    async def run_all() -> None:
+        config = RuntimeConfig(nats_url=env["NATS_URL"], namespace=env["TRIPTYCH_NAMESPACE"])
+        async with Runtime(config, name="benchmark") as runtime:
+            for name, mix in mixes.items():
+                result[name] = await sweep(
+                    url, checkpoint.name, mix, args.max_tokens, runtime, deadline
+                )
+
+    try:
+        asyncio.run(run_all())
+    finally:
+        stop(launcher)
+    return result
+
+
+def profile_of(mix: dict[str, Any], max_tokens: int) -> WorkloadProfile:
+    return WorkloadProfile(
+        images_per_request=mix["images"],
+        image_width=mix["size"],
+        image_height=mix["size"],
+        text_tokens=40,
+        output_tokens=max_tokens,
+        ttft_target_s=TTFT_TARGET_S,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/triptych-7b-random"))
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-running-requests", type=int, default=64)
+    parser.add_argument("--budget-s", type=float, default=540, help="stop sweeping after this")
+    parser.add_argument("--report", default="planner_h200x2.json")
+    parser.add_argument("--mixes", default=",".join(MIXES))
+    parser.add_argument("--engine", choices=("hf", "mock"), default="hf")
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.budget_s
+    args.out.mkdir(parents=True, exist_ok=True)
+    mixes = {name: MIXES[name] for name in args.mixes.split(",")}
+    if args.engine == "hf":
+        checkpoint = build_checkpoint(args.checkpoint, "7b", "cuda")
+    else:
+        from triptych.models.tiny import default_model_path
+
+        checkpoint = default_model_path()
+    nats = NatsServer()
+    nats.start()
+    env = {k: v for k, v in os.environ.items() if k != "NATS_TOKEN"}
+    env.update(NATS_URL=nats.url, TRIPTYCH_NAMESPACE=f"planner{os.getpid()}")
+    gpus = ",".join(str(g) for g in range(args.gpus))
+    report: dict[str, Any] = {
+        "benchmark": "planner's split vs one EPD worker per GPU: goodput at TTFT p99 <= 1 s",
+        "run": run_info("cuda:0" if args.engine == "hf" else "cpu"),
+        "engine": args.engine,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "ttft_p99_target_s": TTFT_TARGET_S,
+        "max_tokens": args.max_tokens,
+        "mix_settings": mixes,
+        "max_running_requests": args.max_running_requests,
+        "mixes": {},
+        "ratios": {},
+    }
+
+    def save() -> None:
+        (args.out / args.report).write_text(json.dumps(report, indent=2) + "\n")
+
+    try:
+        baseline = serve_and_sweep(
+            ["agg.sh", "--gpus", gpus],
+            checkpoint,
+            args.out / "planner_epd.log",
+            mixes,
+            args,
+            env,
+            deadline,
+        )
+        for name, mix in mixes.items():
+            profile = profile_of(mix, args.max_tokens)
+            defaults = StageCosts(max_running=args.max_running_requests)
+            measured = {
+                stage: [StageLoad.model_validate(x) for x in loads]
+                for stage, loads in baseline[name]["signals"].items()
+            }
+            costs = calibrate(defaults, profile, measured)
+            chosen = plan(profile, costs, args.gpus)
+            epd_model = capacity([GpuPack(aggregated=1)] * args.gpus, profile, costs)
+            report["mixes"][name] = {
+                "profile": asdict(profile),
+                "costs_calibrated": asdict(costs),
+                "plan": chosen.describe(),
+                "plan_from_default_costs": plan(profile, defaults, args.gpus).label,
+                "model_2xEPD_req_per_s": round(epd_model.requests_per_s, 3),
+                "2xEPD": {k: v for k, v in baseline[name].items()},
+            }
+            print(
+                f"{name}: planner chose {chosen.label}: {json.dumps(chosen.describe())}", flush=True
+            )
+        report["2xEPD_ready_s"] = baseline["ready_s"]
+        save()
+        for name, mix in mixes.items():
+            chosen_plan = report["mixes"][name]["plan"]
+            command = chosen_plan["launch"].split()
+            if command[0] == "launch/agg.sh":
+                result = {**report["mixes"][name]["2xEPD"], "same_as_baseline": True}
+            elif deadline - time.monotonic() < 90:
+                print(f"{name}: no time left to launch the planner's split", flush=True)
+                continue
+            else:
+                script = [Path(command[0]).name, *command[1:]]
+                try:
+                    served = serve_and_sweep(
+                        script,
+                        checkpoint,
+                        args.out / f"planner_{name}.log",
+                        {name: mix},
+                        args,
+                        env,
+                        deadline,
+                    )
+                except RuntimeError as error:  # it did not start: say so, go on
+                    report["mixes"][name]["planner"] = {"error": str(error)[-2000:]}
+                    save()
+                    continue
+                result = {**served[name], "ready_s": served["ready_s"]}
+            report["mixes"][name]["planner"] = result
+            base = report["mixes"][name]["2xEPD"]["goodput_req_per_s"]
+            ratio = round(result["goodput_req_per_s"] / base, 3) if base else None
+            report["ratios"][f"goodput planner / 2xEPD {name}"] = ratio
+            save()
+    finally:
+        nats.stop()
+        save()
+    print(json.dumps(report["ratios"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

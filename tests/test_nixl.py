@@ -1,6 +1,6 @@
 """NIXL transfers between two real processes: this test process and a spawned peer.
 
-TensorRefs cross a multiprocessing pipe, standing in for NATS. Tensors are built from a seed on
+TensorHandles cross a multiprocessing pipe, standing in for NATS. Tensors are built from a seed on
 both sides and compared by digest, so bytes never ride the pipe.
 """
 
@@ -18,7 +18,6 @@ import torch
 from triptych.transfer.nixl import (
     PoolFull,
     RegionAllocator,
-    TensorRef,
     TransferAgent,
     TransferError,
 )
@@ -246,11 +245,11 @@ async def test_fetch_from_a_dead_exporter_fails(agent: TransferAgent, connected:
 
 async def test_bad_refs_fail_cleanly(agent: TransferAgent, peer: Peer) -> None:
     ref = agent.export(make(9, 100, "float32"), "bad")
-    wrong_name = TensorRef(**{**ref.__dict__, "agent": "someone-else"})
+    wrong_name = ref.model_copy(update={"agent": "someone-else"})
     with pytest.raises(TransferError, match="metadata"):
         await peer.call("fetch", wrong_name, 5.0)
     with pytest.raises(TransferError, match="dtype"):
-        await peer.call("fetch", TensorRef(**{**ref.__dict__, "dtype": "Tensor"}), 5.0)
+        await peer.call("fetch", ref.model_copy(update={"dtype": "Tensor"}), 5.0)
     agent.release("bad")
 
 

@@ -6,7 +6,7 @@ if __name__ != "triptych.transfer":  # the folder is reached only through the pa
 from triptych.transfer import image_bytes
 from triptych.transfer.bootstrap import BootstrapClient, BootstrapServer, RoomSlot
 from triptych.transfer.embeddings import EmbeddingTransport, ImageEmbeddings
-from triptych.transfer.nixl import PoolFull, TensorRef, TransferAgent, TransferError
+from triptych.transfer.nixl import PoolFull, TransferAgent, TransferError
 
 __all__ = [
     "BootstrapClient",
@@ -15,7 +15,6 @@ __all__ = [
     "ImageEmbeddings",
     "PoolFull",
     "RoomSlot",
-    "TensorRef",
     "TransferAgent",
     "TransferError",
     "image_bytes",

@@ -38,7 +38,6 @@ from triptych.transfer import (
     TransferAgent,
     TransferError,
 )
-from triptych.transfer.handles import to_handle, to_ref
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ class HfPrefillEngine(RoomPrefillEngine):
                     room=room,
                     rope_delta=rope_delta,
                     kv=KVHandle(
-                        tensor=to_handle(ref),
+                        tensor=ref,
                         num_tokens=len(request.token_ids),
                         layout=kv_transfer.layout(model),
                     ),
@@ -171,7 +170,7 @@ class HfDecodeEngine(DecodeEngine):
         started = time.perf_counter()
         nbytes = ready.kv.tensor.shape[0] * model.dtype.itemsize
         try:
-            flat = await self.agent.fetch(to_ref(ready.kv.tensor), KV_READ_S)
+            flat = await self.agent.fetch(ready.kv.tensor, KV_READ_S)
         except (TransferError, PoolFull) as error:
             _record_transfer("kv", nbytes, started, "error")
             raise ServiceError(

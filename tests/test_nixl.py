@@ -205,7 +205,7 @@ async def test_a_full_pool_makes_an_export_wait_for_the_importer(
     first = make(6, 15 * MiB, "float32")  # 60 MiB of the 96
     ref = agent.export(first, "first")
     waiting = asyncio.create_task(
-        agent.export_when_room(make(7, 10 * MiB, "float32"), "second", 10)
+        agent.export_when_space(make(7, 10 * MiB, "float32"), "second", 10)
     )
     await asyncio.sleep(0.1)
     assert not waiting.done()  # 40 MiB more does not fit yet
@@ -215,7 +215,7 @@ async def test_a_full_pool_makes_an_export_wait_for_the_importer(
     assert await agent.wait_released("second", 10)
     agent.export(torch.zeros(60 * MiB, dtype=torch.uint8), "stuck")
     with pytest.raises(PoolFull, match="deadline"):
-        await agent.export_when_room(torch.zeros(40 * MiB, dtype=torch.uint8), "late", 0.2)
+        await agent.export_when_space(torch.zeros(40 * MiB, dtype=torch.uint8), "late", 0.2)
     agent.release("stuck")
     assert agent.pool_in_use == 0
 

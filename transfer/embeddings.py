@@ -52,7 +52,7 @@ class EmbeddingTransport:
             )
         if self.agent is None:
             raise ServiceError(ErrorCode.INTERNAL, "real embeddings need a transfer agent")
-        return await self.agent.export_when_room(embeddings.tensor, key, self.timeout_s)
+        return await self.agent.export_when_space(embeddings.tensor, key, self.timeout_s)
 
     async def released(self, handle: TensorHandle, deadline: float) -> bool:
         """Wait until the reader has the embeddings (True), or the request's `deadline` (Unix

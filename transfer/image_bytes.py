@@ -52,7 +52,7 @@ async def offload(
                 budget -= len(data)
                 continue
             tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            ref = await agent.export_when_room(tensor, f"{key_prefix}-{i}", timeout_s, keep=True)
+            ref = await agent.export_when_space(tensor, f"{key_prefix}-{i}", timeout_s, keep=True)
             update = {"data": None, "data_handle": ref}
             out[i] = cast(Item, images[i].model_copy(update=update))
     except BaseException:

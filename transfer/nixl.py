@@ -195,7 +195,7 @@ class TransferAgent:
         self._wake = asyncio.Event()
         self._flush_until = 0.0
         """Until when (event loop time) the poller progresses UCX for notifications sent."""
-        self._room = asyncio.Event()
+        self._space = asyncio.Event()
         """Set whenever a region is freed (fetches wait on it while the pool is full)."""
         self._poller: asyncio.Task[None] | None = None
 
@@ -289,13 +289,13 @@ class TransferAgent:
             gpu=self._gpu,
         )
 
-    async def export_when_room(
+    async def export_when_space(
         self, tensor: torch.Tensor, key: str, timeout: float, *, keep: bool = False
     ) -> TensorHandle:
         """`export`, waiting up to `timeout` seconds while the pool is full."""
         deadline = asyncio.get_running_loop().time() + timeout
         nbytes = tensor.numel() * tensor.element_size() + _TAG
-        return await self._when_room(lambda: self.export(tensor, key, keep=keep), nbytes, deadline)
+        return await self._when_space(lambda: self.export(tensor, key, keep=keep), nbytes, deadline)
 
     async def wait_released(self, key: str, timeout: float) -> bool:
         """Whether the importer notified completion of `key` within `timeout` seconds.
@@ -329,9 +329,9 @@ class TransferAgent:
 
     def _free(self, offset: int) -> None:
         self._pool.free(offset)
-        self._room.set()
+        self._space.set()
 
-    async def _when_room(self, attempt: Callable[[], T], nbytes: int, deadline: float) -> T:
+    async def _when_space(self, attempt: Callable[[], T], nbytes: int, deadline: float) -> T:
         """`attempt()`, retried each time a region is freed while it meets a full pool, until
         `deadline` (PoolFull when `nbytes` never fits, or the wait runs out)."""
         while True:
@@ -340,12 +340,12 @@ class TransferAgent:
             except PoolFull:
                 if nbytes > self._pool_bytes:
                     raise
-                self._room.clear()
+                self._space.clear()
                 try:
                     async with asyncio.timeout_at(deadline):
-                        await self._room.wait()
+                        await self._space.wait()
                 except TimeoutError:
-                    raise PoolFull(f"no room for {nbytes} bytes before the deadline") from None
+                    raise PoolFull(f"no space for {nbytes} bytes before the deadline") from None
 
     async def _poll_notifs(self) -> None:
         """Poll NIXL's notifications (which progresses UCX) every millisecond while exports
@@ -378,7 +378,7 @@ class TransferAgent:
 
         Waits while this pool is full. Raises TransferError when the exporter is gone or
         released the export, or the READ fails or is not done within `timeout` seconds;
-        PoolFull when the tensor is larger than the pool or no room came in time.
+        PoolFull when the tensor is larger than the pool or no space came in time.
         The timeout bounds the wait for the READ, not NIXL's own synchronous calls: connecting
         to a new exporter that has died fails within ~0.1 s on one host, a known one at once.
         """
@@ -390,7 +390,7 @@ class TransferAgent:
             mapped = self._map(ref)
             if mapped is not None:
                 return self._copy_mapped(ref, mapped, nbytes, dtype)
-        offset = await self._when_room(
+        offset = await self._when_space(
             lambda: self._pool.alloc(nbytes + _TAG), nbytes + _TAG, deadline
         )
         end = offset + nbytes + _TAG

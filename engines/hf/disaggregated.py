@@ -98,7 +98,7 @@ class HfPrefillEngine(RoomPrefillEngine):
             tensor = embeddings.tensor if embeddings is not None else None
             prompt = Prompt(request.token_ids, grids, tensor)
             packed, rope_delta = await self.core.prefill_only(request_id, prompt)
-            ref = await self.agent.export_when_room(packed, key, KV_READ_S)
+            ref = await self.agent.export_when_space(packed, key, KV_READ_S)
             del packed  # the pool holds it now
             slot.ready(
                 RoomReady(

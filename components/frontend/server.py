@@ -211,6 +211,13 @@ class Frontend:
             telemetry.finish(client_gone)
             exchange.ttft_s = telemetry.ttft_s
 
+    def entry_for(self, requests: list[GenerateRequest]) -> Client:
+        """The stage requests enter at: text goes straight to decode (past the encoder, when the
+        topology has one); requests with images or videos go to the topology's entry stage."""
+        if any(r.media for r in requests) or self.entry.component != "encode":
+            return self.entry
+        return self.stages["decode"]
+
     def _refusal(self, request_id: str) -> ServiceError | None:
         """A busy answer when this frontend already holds as many requests as it may, or as
         every decode instance can hold: refusing at the door costs next to nothing, where a
@@ -246,7 +253,7 @@ class Frontend:
                 request[EXCHANGE].prompt_tokens = sum(len(p.token_ids) for p in plan.prompts)
                 choices = Choices(
                     self.runtime,
-                    self.entry,
+                    self.entry_for(plan.requests),
                     plan.requests,
                     request_id,
                     telemetry,

@@ -31,6 +31,7 @@ class LoadMeter:
         self._busy: deque[tuple[float, float, str]] = deque()  # (start, end, kind)
         self._open: dict[int, tuple[float, str]] = {}  # a busy interval not ended yet
         self._items: deque[tuple[float, str, int]] = deque()  # (when, unit, count)
+        self._totals: dict[str, int] = {}  # per unit, the counts `_items` holds
         self._queues: list[Callable[[], int]] = []
         self._next = 0
         self._started = clock()
@@ -46,6 +47,7 @@ class LoadMeter:
             self._busy.clear()
             self._open.clear()
             self._items.clear()
+            self._totals.clear()
             self._queues.clear()
             self._started = self._clock()
 
@@ -93,6 +95,7 @@ class LoadMeter:
         now = self._clock()
         with self._lock:
             self._items.append((now, unit, n))
+            self._totals[unit] = self._totals.get(unit, 0) + n
             self._trim(now)
 
     def snapshot(self) -> StageLoad:
@@ -108,9 +111,7 @@ class LoadMeter:
                 overlap = end - max(start, horizon)
                 if overlap > 0:
                     by_kind[kind] = by_kind.get(kind, 0.0) + overlap
-            rates = dict.fromkeys(UNITS, 0.0)
-            for _, unit, n in self._items:
-                rates[unit] = rates.get(unit, 0.0) + n
+            rates = {**dict.fromkeys(UNITS, 0.0), **self._totals}
             queues = list(self._queues)
         busy = {kind: min(1.0, seconds / span) for kind, seconds in by_kind.items()}
         return StageLoad(
@@ -129,7 +130,8 @@ class LoadMeter:
         while self._busy and self._busy[0][1] < horizon:
             self._busy.popleft()
         while self._items and self._items[0][0] < horizon:
-            self._items.popleft()
+            _, unit, n = self._items.popleft()
+            self._totals[unit] -= n
 
 
 METER = LoadMeter()

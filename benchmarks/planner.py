@@ -11,27 +11,36 @@ Poisson arrivals). For each mix (one 448x448 image; three 1024x1024 images):
 3. the planner's split is launched and serves the same rates.
 
 Goodput is the highest completed requests/s at a rate whose TTFT p99 stayed within the target.
+Every image of every request is a noise picture of its own, so the encoders' embedding cache
+cannot hide their load; before a layout is measured, every instance of every stage has served
+warm-up requests of the mix (checked in their load signals).
 
     python benchmarks/planner.py --out DIR [--gpus 2] [--engine mock: a dry run on a CPU]
 """
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import os
 import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chat_client import chat_body, picture, stream_chat
+from chat_client import chat_body, stream_chat
 from gpu_epd import build_checkpoint, run_info
 from launcher import launch, stop
 
@@ -40,6 +49,7 @@ from triptych.components.planner.model import (
     StageCosts,
     WorkloadProfile,
     calibrate,
+    calibrate_latency,
     capacity,
 )
 from triptych.components.planner.placement import plan
@@ -54,15 +64,22 @@ TEXT = (
     "about them."
 )
 MIXES: dict[str, dict[str, Any]] = {
-    "one_448_image": {"images": 1, "size": 448, "seconds": 6, "rates": [8, 16, 24, 32, 40, 48]},
+    "one_448_image": {
+        "images": 1,
+        "size": 448,
+        "seconds": 6,
+        "rates": [8, 16, 24, 32, 40, 48, 56, 64],
+    },
     "three_1024_images": {
         "images": 3,
         "size": 1024,
         "seconds": 8,
-        "rates": [0.5, 1, 1.5, 2, 3, 4],
+        "rates": [0.5, 1, 1.5, 2, 3, 4, 5, 6],
     },
 }
 TTFT_TARGET_S = 1.0
+WARM_ROUNDS = 4
+"""Warm-up rounds at most: each sends concurrent requests until every instance has served."""
 MOCK_COSTS = {
     # --engine mock: a dry run of the whole procedure on a CPU (simulated stage costs)
     "mock": [
@@ -85,7 +102,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 async def one_rate(
     client: httpx.AsyncClient,
-    body: dict[str, Any],
+    bodies: Iterator[dict[str, Any]],
     rate: float,
     seconds: float,
     rng: random.Random,
@@ -93,7 +110,7 @@ async def one_rate(
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Poisson arrivals at `rate` for `seconds`; the stages' signals as arrivals end."""
 
-    async def timed() -> dict[str, float] | None:
+    async def timed(body: dict[str, Any]) -> dict[str, float] | None:
         try:
             streamed = await stream_chat(client, body)
         except httpx.HTTPError:
@@ -103,7 +120,7 @@ async def one_rate(
     tasks = []
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
-        tasks.append(asyncio.create_task(timed()))
+        tasks.append(asyncio.create_task(timed(next(bodies))))
         await asyncio.sleep(rng.expovariate(rate))
     signals: dict[str, list[dict[str, Any]]] = {}
     if runtime is not None:
@@ -134,36 +151,96 @@ def within_target(row: dict[str, Any]) -> bool:
     return row["errors"] == 0 and p99 is not None and p99 <= TTFT_TARGET_S * 1e3
 
 
+def noise_picture(size_and_seed: tuple[int, int]) -> str:
+    """A data URL of a grey noise PNG of its own (as `chat_client.png`, seeded: the pool's
+    processes must not draw the same noise)."""
+    size, seed = size_and_seed
+    rng = np.random.default_rng(seed)
+    grey = np.clip(rng.normal(128, 64, (size, size)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).convert("RGB").save(buffer, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def distinct_bodies(
+    model: str, mix: dict[str, Any], max_tokens: int, extra: int
+) -> list[dict[str, Any]]:
+    """Enough requests for the whole sweep (and `extra` for warm-up), no image used twice."""
+    expected = sum(rate * mix["seconds"] for rate in mix["rates"])
+    requests = int(expected * 1.3) + 20 + extra
+    with ProcessPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        wanted = [(mix["size"], seed) for seed in range(requests * mix["images"])]
+        images = list(pool.map(noise_picture, wanted, chunksize=8))
+    n = mix["images"]
+    return [
+        chat_body(model, images[i * n : (i + 1) * n], TEXT, max_tokens) for i in range(requests)
+    ]
+
+
+async def warm_up(
+    client: httpx.AsyncClient, bodies: Iterator[dict[str, Any]], runtime: Runtime | None
+) -> dict[str, Any]:
+    """Requests of the mix, in concurrent rounds, until every instance of every stage has
+    served one (its signals show work in their window): no instance meets its first batch
+    shape, or its first image of this size, while measured."""
+    served: dict[str, list[bool]] = {}
+    for round_ in range(1, WARM_ROUNDS + 1):
+        await asyncio.gather(
+            *(stream_chat(client, {**next(bodies), "max_tokens": 4}) for _ in range(8))
+        )
+        if runtime is None:
+            return {"rounds": round_}
+        read = await read_signals(runtime, ("encode", "prefill", "decode"))
+        served = {
+            stage: [
+                load.images_per_s > 0
+                if stage == "encode"
+                else load.prompt_tokens_per_s > 0 or load.output_tokens_per_s > 0
+                for load in signals.loads
+            ]
+            for stage, signals in read.items()
+            if signals.loads
+        }
+        if all(all(flags) for flags in served.values()):
+            break
+    return {"rounds": round_, "served": served}
+
+
 async def sweep(
     url: str,
-    model: str,
     mix: dict[str, Any],
-    max_tokens: int,
+    bodies: list[dict[str, Any]],
     runtime: Runtime | None,
     deadline: float,
 ) -> dict[str, Any]:
     """Rising rates until TTFT p99 passes the target (or time runs out), with the stages'
     signals at the end of the last rate's arrivals (the most load: the best calibration)."""
-    body = chat_body(model, [picture(mix["size"])] * mix["images"], TEXT, max_tokens)
     rows: list[dict[str, Any]] = []
     signals: dict[str, list[dict[str, Any]]] = {}
     rng = random.Random(0)
+    stream = iter(bodies)
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         try:
-            await stream_chat(client, {**body, "max_tokens": 4})  # warm-up
+            warm = await warm_up(client, stream, runtime)
         except httpx.HTTPStatusError as error:
             return {"rows": [], "goodput_req_per_s": 0.0, "signals": {}, "error": str(error)}
+        print(f"  warm-up: {json.dumps(warm)}", flush=True)
         for rate in mix["rates"]:
             if time.monotonic() + mix["seconds"] + 20 > deadline:
                 print("  out of time for this sweep", flush=True)
                 break
-            row, signals = await one_rate(client, body, rate, mix["seconds"], rng, runtime)
+            row, signals = await one_rate(client, stream, rate, mix["seconds"], rng, runtime)
             rows.append(row)
             print(f"  rate {rate}: {json.dumps(row)}", flush=True)
             if not within_target(row):
                 break
     passing = [r["throughput_req_per_s"] for r in rows if within_target(r)]
-    return {"rows": rows, "goodput_req_per_s": max(passing, default=0.0), "signals": signals}
+    return {
+        "rows": rows,
+        "goodput_req_per_s": max(passing, default=0.0),
+        "signals": signals,
+        "warm_up": warm,
+    }
 
 
 def serve_and_sweep(
@@ -203,9 +280,8 @@ def serve_and_sweep(
         config = RuntimeConfig(nats_url=env["NATS_URL"], namespace=env["TRIPTYCH_NAMESPACE"])
         async with Runtime(config, name="benchmark") as runtime:
             for name, mix in mixes.items():
-                result[name] = await sweep(
-                    url, checkpoint.name, mix, args.max_tokens, runtime, deadline
-                )
+                bodies = distinct_bodies(checkpoint.name, mix, args.max_tokens, 8 * WARM_ROUNDS)
+                result[name] = await sweep(url, mix, bodies, runtime, deadline)
 
     try:
         asyncio.run(run_all())
@@ -285,8 +361,12 @@ def main() -> None:
                 for stage, loads in baseline[name]["signals"].items()
             }
             costs = calibrate(defaults, profile, measured)
+            epd = [GpuPack(aggregated=1)] * args.gpus
+            rows = baseline[name]["rows"]
+            if rows and rows[0]["ttft_ms_p50"] is not None:  # the lowest rate's
+                costs = calibrate_latency(costs, profile, epd, rows[0]["ttft_ms_p50"] / 1e3)
             chosen = plan(profile, costs, args.gpus)
-            epd_model = capacity([GpuPack(aggregated=1)] * args.gpus, profile, costs)
+            epd_model = capacity(epd, profile, costs)
             report["mixes"][name] = {
                 "profile": asdict(profile),
                 "costs_calibrated": asdict(costs),

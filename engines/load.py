@@ -31,6 +31,7 @@ class LoadMeter:
         self._busy: deque[tuple[float, float, str]] = deque()  # (start, end, kind)
         self._open: dict[int, tuple[float, str]] = {}  # a busy interval not ended yet
         self._items: deque[tuple[float, str, int]] = deque()  # (when, unit, count)
+        self._host: deque[tuple[float, float]] = deque()  # (when, seconds)
         self._queues: list[Callable[[], int]] = []
         self._next = 0
         self._started = clock()
@@ -46,6 +47,7 @@ class LoadMeter:
             self._busy.clear()
             self._open.clear()
             self._items.clear()
+            self._host.clear()
             self._queues.clear()
             self._started = self._clock()
 
@@ -85,6 +87,16 @@ class LoadMeter:
             self._busy.append((ended - seconds, ended, kind))
             self._trim(ended)
 
+    def host(self, seconds: float) -> None:
+        """Add `seconds` of host work for images an encoder is about to count (decoding,
+        resizing, patching): published per image, apart from the model thread's busy time."""
+        if seconds <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            self._host.append((now, seconds))
+            self._trim(now)
+
     def count(self, unit: str, n: int = 1) -> None:
         """Record `n` items of `unit` processed (images, prompt_tokens, output_tokens,
         requests)."""
@@ -111,6 +123,7 @@ class LoadMeter:
             rates = dict.fromkeys(UNITS, 0.0)
             for _, unit, n in self._items:
                 rates[unit] = rates.get(unit, 0.0) + n
+            host = sum(seconds for _, seconds in self._host)
             queues = list(self._queues)
         busy = {kind: min(1.0, seconds / span) for kind, seconds in by_kind.items()}
         return StageLoad(
@@ -121,6 +134,7 @@ class LoadMeter:
             prompt_tokens_per_s=rates["prompt_tokens"] / span,
             output_tokens_per_s=rates["output_tokens"] / span,
             requests_per_s=rates["requests"] / span,
+            host_s_per_image=host / rates["images"] if rates["images"] else 0.0,
             window_s=span,
         )
 
@@ -130,6 +144,8 @@ class LoadMeter:
             self._busy.popleft()
         while self._items and self._items[0][0] < horizon:
             self._items.popleft()
+        while self._host and self._host[0][0] < horizon:
+            self._host.popleft()
 
 
 METER = LoadMeter()

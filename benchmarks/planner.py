@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+import uvloop
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +69,7 @@ MIXES: dict[str, dict[str, Any]] = {
         "images": 1,
         "size": 448,
         "seconds": 6,
-        "rates": [8, 16, 24, 32, 40, 48, 56, 64],
+        "rates": [16, 32, 40, 48, 56, 64, 80, 96],
     },
     "three_1024_images": {
         "images": 3,
@@ -102,7 +103,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 async def one_rate(
     client: httpx.AsyncClient,
-    bodies: Iterator[dict[str, Any]],
+    bodies: Iterator[bytes],
     rate: float,
     seconds: float,
     rng: random.Random,
@@ -110,7 +111,7 @@ async def one_rate(
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Poisson arrivals at `rate` for `seconds`; the stages' signals as arrivals end."""
 
-    async def timed(body: dict[str, Any]) -> dict[str, float] | None:
+    async def timed(body: bytes) -> dict[str, float] | None:
         try:
             streamed = await stream_chat(client, body)
         except httpx.HTTPError:
@@ -136,6 +137,7 @@ async def one_rate(
     return {
         "rate_req_per_s": rate,
         "sent": len(tasks),
+        "sent_req_per_s": len(tasks) / seconds,
         "completed": len(ok),
         "errors": len(tasks) - len(ok),
         "throughput_req_per_s": len(ok) / elapsed,
@@ -162,32 +164,31 @@ def noise_picture(size_and_seed: tuple[int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def distinct_bodies(
-    model: str, mix: dict[str, Any], max_tokens: int, extra: int
-) -> list[dict[str, Any]]:
+def distinct_bodies(model: str, mix: dict[str, Any], max_tokens: int, extra: int) -> list[bytes]:
     """Enough requests for the whole sweep (and `extra` for warm-up), no image used twice."""
     expected = sum(rate * mix["seconds"] for rate in mix["rates"])
     requests = int(expected * 1.3) + 20 + extra
+    wanted = [(model, mix["size"], mix["images"], seed, max_tokens) for seed in range(requests)]
     with ProcessPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-        wanted = [(mix["size"], seed) for seed in range(requests * mix["images"])]
-        images = list(pool.map(noise_picture, wanted, chunksize=8))
-    n = mix["images"]
-    return [
-        chat_body(model, images[i * n : (i + 1) * n], TEXT, max_tokens) for i in range(requests)
-    ]
+        return list(pool.map(encoded_body, wanted, chunksize=4))
+
+
+def encoded_body(spec: tuple[str, int, int, int, int]) -> bytes:
+    """One request's JSON, its images its own: encoded here, in the pool, once."""
+    model, size, images, seed, max_tokens = spec
+    pictures = [noise_picture((size, seed * images + i)) for i in range(images)]
+    return json.dumps(chat_body(model, pictures, TEXT, max_tokens)).encode()
 
 
 async def warm_up(
-    client: httpx.AsyncClient, bodies: Iterator[dict[str, Any]], runtime: Runtime | None
+    client: httpx.AsyncClient, bodies: Iterator[bytes], runtime: Runtime | None
 ) -> dict[str, Any]:
     """Requests of the mix, in concurrent rounds, until every instance of every stage has
     served one (its signals show work in their window): no instance meets its first batch
     shape, or its first image of this size, while measured."""
     served: dict[str, list[bool]] = {}
     for round_ in range(1, WARM_ROUNDS + 1):
-        await asyncio.gather(
-            *(stream_chat(client, {**next(bodies), "max_tokens": 4}) for _ in range(8))
-        )
+        await asyncio.gather(*(stream_chat(client, next(bodies)) for _ in range(8)))
         if runtime is None:
             return {"rounds": round_}
         read = await read_signals(runtime, ("encode", "prefill", "decode"))
@@ -209,7 +210,7 @@ async def warm_up(
 async def sweep(
     url: str,
     mix: dict[str, Any],
-    bodies: list[dict[str, Any]],
+    bodies: list[bytes],
     runtime: Runtime | None,
     deadline: float,
 ) -> dict[str, Any]:
@@ -284,7 +285,7 @@ def serve_and_sweep(
                 result[name] = await sweep(url, mix, bodies, runtime, deadline)
 
     try:
-        asyncio.run(run_all())
+        uvloop.run(run_all())  # the load generator's loop, as fast as the servers'
     finally:
         stop(launcher)
     return result

@@ -211,7 +211,8 @@ class Capacity:
     """What a placement sustains for a profile."""
 
     requests_per_s: float
-    """Requests per second within the utilisation, TTFT and ITL targets (0: cannot meet them)."""
+    """Requests per second within the utilisation, TTFT p99 and ITL targets (0: cannot meet
+    them)."""
     bottleneck: str
     unloaded_ttft_s: float
     decode_batch: float
@@ -220,6 +221,8 @@ class Capacity:
     """At that rate: each GPU's and each worker kind's busy fraction (the frontend's too)."""
     ttft_s: float = 0.0
     """Mean TTFT predicted at that rate (each stage's service time stretched by its queue)."""
+    ttft_p99_s: float = 0.0
+    """TTFT p99 predicted at that rate: the services plus the worst stage's p99 wait."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,7 @@ class _State:
     batch: float
     itl_s: float
     ttft_s: float
+    ttft_p99_s: float
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,14 @@ class _Traffic:
 def _queued(service: float, busy: float) -> float:
     """Mean time in a single-server queue (M/M/1): the service stretched by the load."""
     return math.inf if busy >= 1 else service / (1 - busy)
+
+
+def _wait_p99(service: float, busy: float) -> float:
+    """The p99 wait before service in an M/M/1 queue: Poisson arrivals come in bursts, so a
+    stage that is mostly idle still makes one request in a hundred wait behind several."""
+    if busy >= 1:
+        return math.inf
+    return service * max(0.0, math.log(100 * busy)) / (1 - busy) if busy > 0 else 0.0
 
 
 def _at_rate(
@@ -281,17 +293,24 @@ def _at_rate(
         decode_share=per_decoder * profile.output_tokens * costs.step_s(full, profile) / full,
     )
     shares: dict[str, float] = {"frontend": rate * costs.frontend_s(profile)}
-    stages: dict[str, float] = {}  # each stage kind's slowest instance: a request's worst path
+    # each stage kind's slowest instance (service, busy): a request's worst path
+    stages: dict[str, tuple[float, float]] = {}
     worst_itl, batch = 0.0, 1.0
     for g, pack in enumerate(packs):
         place = _aggregated_gpu if pack.aggregated else _shared_gpu
         b, itl, times = place(g, pack, traffic, profile, costs, shares=shares)
         batch, worst_itl = max(batch, b), max(worst_itl, itl)
-        for kind, seconds in times.items():
-            stages[kind] = max(stages.get(kind, 0.0), seconds)
-    frontend = _queued(costs.frontend_s(profile), shares["frontend"])
-    ttft = costs.transit_s + frontend + sum(stages.values())
-    return _State(shares, batch, worst_itl, ttft)
+        for kind, (service, busy) in times.items():
+            stages[kind] = max(stages.get(kind, (0.0, 0.0)), (service, busy), key=_mean)
+    stages["frontend"] = (costs.frontend_s(profile), shares["frontend"])
+    ttft = costs.transit_s + sum(_mean(stage) for stage in stages.values())
+    p99 = costs.transit_s + sum(service for service, _ in stages.values())
+    p99 += max(_wait_p99(service, busy) for service, busy in stages.values())
+    return _State(shares, batch, worst_itl, ttft, p99)
+
+
+def _mean(stage: tuple[float, float]) -> float:
+    return _queued(*stage)
 
 
 def _aggregated_gpu(
@@ -302,11 +321,13 @@ def _aggregated_gpu(
     costs: StageCosts,
     *,
     shares: dict[str, float],
-) -> tuple[float, float, dict[str, float]]:
+) -> tuple[float, float, dict[str, tuple[float, float]]]:
     """One EPD worker's GPU: its batch, ITL and time to a first token; `shares` filled in.
 
     One model thread: each request's encode and prefill also stall the running batch for a
-    decode step each (one job, one prefill, one step per loop), and a whole job delays a step.
+    decode step each (one job, one prefill, one step per loop). Prefill runs in chunks, so a
+    step waits for one job or chunk at most: on average, steps stretch by the share of the
+    thread that encoding and prefill take.
     """
     full = float(costs.max_running)
     stall = costs.aggregated_stall_steps * costs.step_s(full, profile)
@@ -317,12 +338,15 @@ def _aggregated_gpu(
     b = 1.0
     for _ in range(50):
         step = costs.step_s(b, profile) / max(1e-3, 1 - worker)
-        b = max(1.0, t.per_decoder * profile.output_tokens * step)
+        b = min(1e6, max(1.0, t.per_decoder * profile.output_tokens * step))
     if b > full:
         shares[f"gpu{g}:D slots"] = b / full  # more sequences than it can hold
-    itl = costs.step_s(min(b, full), profile) + max(t.enc, t.fill)
-    first = _queued(t.pre + t.enc + t.fill + costs.step_s(b, profile), worker)
-    return b, itl, {"EPD": first}
+    jobs = min(0.999, t.per_aggregated * (t.enc + t.fill + stall))
+    itl = costs.step_s(min(b, full), profile) / (1 - jobs)
+    # its encode loop (host work, then a forward) feeds the model thread, where a prompt waits
+    # for the jobs ahead of it; decode steps between them are short
+    loop = shares[f"gpu{g}:EPD encode loop"]
+    return b, itl, {"E": (t.pre + t.enc, loop), "P": (t.fill + costs.step_s(b, profile), jobs)}
 
 
 def _shared_gpu(
@@ -333,7 +357,7 @@ def _shared_gpu(
     costs: StageCosts,
     *,
     shares: dict[str, float],
-) -> tuple[float, float, dict[str, float]]:
+) -> tuple[float, float, dict[str, tuple[float, float]]]:
     """A GPU of encoders, prefill and decode processes taking turns: the decoder's batch and
     ITL, each stage's time on a request; `shares` filled in."""
     full = float(costs.max_running)
@@ -354,20 +378,20 @@ def _shared_gpu(
             itl = costs.step_s(min(b, full), profile) * (1 + others["D"] * slow)
             b = max(1.0, t.per_decoder * profile.output_tokens * itl)
             busy["D"] = 1 - math.exp(-t.per_decoder * profile.output_tokens * itl)
-    times: dict[str, float] = {}
+    times: dict[str, tuple[float, float]] = {}  # per stage: (service, busy)
     if pack.encoders:
         forward = t.enc * (1 + others["E"] * slow)
         shares[f"gpu{g}:E"] = t.per_encoder * (t.pre + forward)  # one process: serial
-        times["E"] = _queued(t.pre + forward, shares[f"gpu{g}:E"])
+        times["E"] = (t.pre + forward, shares[f"gpu{g}:E"])
     if pack.prefill:
         forward = t.fill * (1 + others["P"] * slow)
         shares[f"gpu{g}:P"] = t.per_prefill * forward
-        times["P"] = _queued(forward, shares[f"gpu{g}:P"])
+        times["P"] = (forward, shares[f"gpu{g}:P"])
     gpu = pack.encoders * work["E"] + pack.prefill * work["P"]
     if pack.decode:
         gpu += t.decode_share
         shares[f"gpu{g}:D"] = t.decode_share
-        times["D"] = itl
+        times["D"] = (itl, 0.0)
         if b > full:
             shares[f"gpu{g}:D slots"] = b / full  # more sequences than it can hold
     shares[f"gpu{g}"] = gpu / (1 - costs.shared_gpu_loss * (pack.workers - 1))
@@ -396,7 +420,7 @@ def capacity(
         return (
             max(state.shares.values()) <= target_utilisation
             and state.itl_s <= profile.itl_target_s
-            and state.ttft_s <= profile.ttft_target_s
+            and state.ttft_p99_s <= profile.ttft_target_s
         )
 
     idle = at(1e-6)
@@ -416,7 +440,7 @@ def capacity(
     elif over.itl_s > profile.itl_target_s:
         bottleneck = "decode ITL"
     else:
-        bottleneck = "TTFT"
+        bottleneck = "TTFT p99"
     return Capacity(
         low,
         bottleneck,
@@ -425,6 +449,7 @@ def capacity(
         state.itl_s,
         {k: round(v, 3) for k, v in state.shares.items()},
         state.ttft_s,
+        state.ttft_p99_s,
     )
 
 

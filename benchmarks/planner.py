@@ -21,8 +21,12 @@ warm-up requests of the mix (checked in their load signals).
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
+import itertools
 import json
+import math
+import multiprocessing
 import os
 import random
 import statistics
@@ -31,6 +35,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -101,45 +107,105 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+LOADERS = 12
+"""Processes that send the load at most: one event loop parsing a few thousand streamed chunks a
+second saturates near 50 requests/s; Poisson arrivals split over several are Poisson still."""
+PER_LOADER = 8
+"""Requests per second one load generator process sends at most."""
+
+
+def loader(conn: Connection, url: str, bodies: list[bytes]) -> None:
+    """A load generator process: for each (rate, seconds, seed) it is sent, Poisson arrivals
+    of its own bodies; it answers each request's timings (None: failed), how many it sent,
+    and the seconds until the last one finished."""
+    stream = itertools.cycle(bodies)
+    conn.send("ready")
+    while (command := conn.recv()) is not None:
+        rate, seconds, seed = command
+        conn.send(uvloop.run(arrivals(url, stream, rate, seconds, random.Random(seed))))
+
+
+async def arrivals(
+    url: str, bodies: Iterator[bytes], rate: float, seconds: float, rng: random.Random
+) -> tuple[list[dict[str, float] | None], float]:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=120, limits=httpx.Limits(max_connections=None)
+    ) as client:
+
+        async def timed(body: bytes) -> dict[str, float] | None:
+            try:
+                streamed = await stream_chat(client, body)
+            except httpx.HTTPError:
+                return None
+            return {"ttft": streamed.ttft_s, "step": streamed.step_s, "tokens": streamed.tokens}
+
+        tasks = []
+        started = time.perf_counter()
+        while True:  # the first arrival too is a draw: loaders do not all send at once
+            await asyncio.sleep(rng.expovariate(rate))
+            if time.perf_counter() - started >= seconds:
+                break
+            tasks.append(asyncio.create_task(timed(next(bodies))))
+        if not tasks:
+            return [], time.perf_counter() - started
+        done, pending = await asyncio.wait(tasks, timeout=20)
+        for task in pending:
+            task.cancel()
+        results = [t.result() for t in done] + [None] * len(pending)
+        return results, time.perf_counter() - started
+
+
+class Loaders:
+    """`LOADERS` load generator processes, each with its share of the sweep's bodies."""
+
+    def __init__(self, url: str, bodies: list[bytes], count: int = LOADERS) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.processes: list[BaseProcess] = []
+        for k in range(count):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=loader, args=(theirs, url, bodies[k::count]))
+            process.start()
+            self.conns.append(ours)
+            self.processes.append(process)
+        for conn in self.conns:
+            conn.recv()  # started: its bodies are in
+
+    async def run(
+        self, rate: float, seconds: float, seed: int
+    ) -> tuple[list[dict[str, float] | None], float]:
+        for k, conn in enumerate(self.conns):
+            conn.send((rate / len(self.conns), seconds, seed * 1000 + k))
+        answers = await asyncio.gather(*(asyncio.to_thread(conn.recv) for conn in self.conns))
+        return [r for results, _ in answers for r in results], max(e for _, e in answers)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send(None)
+        for process in self.processes:
+            process.join(timeout=30)
+
+
 async def one_rate(
-    client: httpx.AsyncClient,
-    bodies: Iterator[bytes],
-    rate: float,
-    seconds: float,
-    rng: random.Random,
-    runtime: Runtime | None,
+    loaders: Loaders, rate: float, seconds: float, seed: int, runtime: Runtime | None
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Poisson arrivals at `rate` for `seconds`; the stages' signals as arrivals end."""
-
-    async def timed(body: bytes) -> dict[str, float] | None:
-        try:
-            streamed = await stream_chat(client, body)
-        except httpx.HTTPError:
-            return None
-        return {"ttft": streamed.ttft_s, "step": streamed.step_s, "tokens": streamed.tokens}
-
-    tasks = []
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        tasks.append(asyncio.create_task(timed(next(bodies))))
-        await asyncio.sleep(rng.expovariate(rate))
+    sent = asyncio.create_task(loaders.run(rate, seconds, seed))
+    await asyncio.sleep(seconds)
     signals: dict[str, list[dict[str, Any]]] = {}
     if runtime is not None:
         read = await read_signals(runtime, ("encode", "prefill", "decode"))
         signals = {s: [x.model_dump() for x in sig.loads] for s, sig in read.items()}
-    done, pending = await asyncio.wait(tasks, timeout=20)
-    for task in pending:
-        task.cancel()
-    elapsed = time.perf_counter() - started
-    ok = [r for t in done if (r := t.result()) is not None]
+    results, elapsed = await sent
+    ok = [r for r in results if r is not None]
     ttfts = [r["ttft"] * 1e3 for r in ok]
     steps = [r["step"] * 1e3 for r in ok if r["tokens"] > 1]
     return {
         "rate_req_per_s": rate,
-        "sent": len(tasks),
-        "sent_req_per_s": len(tasks) / seconds,
+        "sent": len(results),
+        "sent_req_per_s": len(results) / seconds,
         "completed": len(ok),
-        "errors": len(tasks) - len(ok),
+        "errors": len(results) - len(ok),
         "throughput_req_per_s": len(ok) / elapsed,
         "output_tokens_per_s": sum(r["tokens"] for r in ok) / elapsed,
         "ttft_ms_p50": statistics.median(ttfts) if ttfts else None,
@@ -167,7 +233,7 @@ def noise_picture(size_and_seed: tuple[int, int]) -> str:
 def distinct_bodies(model: str, mix: dict[str, Any], max_tokens: int, extra: int) -> list[bytes]:
     """Enough requests for the whole sweep (and `extra` for warm-up), no image used twice."""
     expected = sum(rate * mix["seconds"] for rate in mix["rates"])
-    requests = int(expected * 1.3) + 20 + extra
+    requests = int(expected * 1.5) + 240 + extra
     wanted = [(model, mix["size"], mix["images"], seed, max_tokens) for seed in range(requests)]
     with ProcessPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
         return list(pool.map(encoded_body, wanted, chunksize=4))
@@ -213,28 +279,37 @@ async def sweep(
     bodies: list[bytes],
     runtime: Runtime | None,
     deadline: float,
+    count: int = LOADERS,
 ) -> dict[str, Any]:
     """Rising rates until TTFT p99 passes the target (or time runs out), with the stages'
     signals at the end of the last rate's arrivals (the most load: the best calibration)."""
     rows: list[dict[str, Any]] = []
     signals: dict[str, list[dict[str, Any]]] = {}
-    rng = random.Random(0)
-    stream = iter(bodies)
+    warm_bodies, bodies = bodies[: 8 * WARM_ROUNDS], bodies[8 * WARM_ROUNDS :]
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         try:
-            warm = await warm_up(client, stream, runtime)
+            warm = await warm_up(client, iter(warm_bodies), runtime)
         except httpx.HTTPStatusError as error:
             return {"rows": [], "goodput_req_per_s": 0.0, "signals": {}, "error": str(error)}
-        print(f"  warm-up: {json.dumps(warm)}", flush=True)
-        for rate in mix["rates"]:
+    print(f"  warm-up: {json.dumps(warm)}", flush=True)
+    loaders = Loaders(url, bodies, min(count, math.ceil(max(mix["rates"]) / PER_LOADER)))
+    try:
+        for seed, rate in enumerate(mix["rates"]):
             if time.monotonic() + mix["seconds"] + 20 > deadline:
                 print("  out of time for this sweep", flush=True)
                 break
-            row, signals = await one_rate(client, stream, rate, mix["seconds"], rng, runtime)
+            try:
+                row, signals = await one_rate(loaders, rate, mix["seconds"], seed, runtime)
+            except (EOFError, OSError) as error:  # a load generator died: say so, go on
+                print(f"  load generator failed at rate {rate}: {error!r}", flush=True)
+                break
             rows.append(row)
             print(f"  rate {rate}: {json.dumps(row)}", flush=True)
             if not within_target(row):
                 break
+    finally:
+        with contextlib.suppress(OSError):  # a load generator that died cannot be told
+            loaders.close()
     passing = [r["throughput_req_per_s"] for r in rows if within_target(r)]
     return {
         "rows": rows,
@@ -282,7 +357,7 @@ def serve_and_sweep(
         async with Runtime(config, name="benchmark") as runtime:
             for name, mix in mixes.items():
                 bodies = distinct_bodies(checkpoint.name, mix, args.max_tokens, 8 * WARM_ROUNDS)
-                result[name] = await sweep(url, mix, bodies, runtime, deadline)
+                result[name] = await sweep(url, mix, bodies, runtime, deadline, args.loaders)
 
     try:
         uvloop.run(run_all())  # the load generator's loop, as fast as the servers'
@@ -313,6 +388,7 @@ def main() -> None:
     parser.add_argument("--report", default="planner_h200x2.json")
     parser.add_argument("--mixes", default=",".join(MIXES))
     parser.add_argument("--engine", choices=("hf", "mock"), default="hf")
+    parser.add_argument("--loaders", type=int, default=LOADERS, help="load generator processes")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
@@ -337,6 +413,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "mix_settings": mixes,
         "max_running_requests": args.max_running_requests,
+        "load_generator_processes": args.loaders,
         "mixes": {},
         "ratios": {},
     }

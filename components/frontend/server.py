@@ -211,6 +211,13 @@ class Frontend:
             telemetry.finish(client_gone)
             exchange.ttft_s = telemetry.ttft_s
 
+    def entry_for(self, requests: list[GenerateRequest]) -> Client:
+        """The stage requests enter at: text goes straight to decode (past the encoder, when the
+        topology has one); requests with images or videos go to the topology's entry stage."""
+        if any(r.media for r in requests) or self.entry.component != "encode":
+            return self.entry
+        return self.stages["decode"]
+
     def _refusal(self, request_id: str) -> ServiceError | None:
         """A busy answer when this frontend already holds as many requests as it may, or as
         every decode instance can hold: refusing at the door costs next to nothing, where a
@@ -246,7 +253,7 @@ class Frontend:
                 request[EXCHANGE].prompt_tokens = sum(len(p.token_ids) for p in plan.prompts)
                 choices = Choices(
                     self.runtime,
-                    self.entry,
+                    self.entry_for(plan.requests),
                     plan.requests,
                     request_id,
                     telemetry,
@@ -327,16 +334,16 @@ class Frontend:
     def _max_tokens(self, prompt: Prompt, wanted: int | None, param: str) -> int:
         """`wanted` (or what the context leaves), once it fits beside the prompt."""
         context = self.preprocessor.context_length
-        room = context - len(prompt.token_ids)
-        if room < 1 or (wanted is not None and wanted > room):
+        left = context - len(prompt.token_ids)
+        if left < 1 or (wanted is not None and wanted > left):
             raise ServiceError(
                 ErrorCode.BAD_REQUEST,
                 f"the prompt has {len(prompt.token_ids)} tokens and max_tokens is {wanted}, "
                 f"over the context length of {context}",
-                param=param if room >= 1 else None,
+                param=param if left >= 1 else None,
             )
         capped = self.preprocessor.sampling_defaults.max_tokens
-        return wanted or min(room, capped or room)
+        return wanted or min(left, capped or left)
 
     def _requests(
         self, fields: SamplingFields, prompt: Prompt, max_tokens: int, logprobs: int | None

@@ -43,6 +43,14 @@ def parser() -> FlagParser:
         help="decode: the KV cache comes from a prefill worker (E/P/D, P/D); agg: prefill "
         "and decode here (E/PD, EPD)",
     )
+    flags.add_argument(
+        "--prefix-routing",
+        choices=("affinity", "round-robin"),
+        default="affinity",
+        help="how a request picks its prefill instance: affinity (rendezvous hashing of the "
+        "prompt's first tokens and images, so a repeated prefix meets the prefill worker "
+        "that cached it) or round-robin",
+    )
     add_encoder_flag(flags)
     return flags
 
@@ -58,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.disaggregation_mode == "decode":
             engine = decode_engine(config.engine, transport.agent)
             await engine.start()
-            disaggregated = DisaggregatedHandler(engine, await runtime.client("prefill"))
+            prefill = await runtime.client("prefill")
+            affinity = args.prefix_routing == "affinity"
+            disaggregated = DisaggregatedHandler(engine, prefill, affinity)
             service.add_endpoint("generate", GenerateRequest, disaggregated.generate)
             return [engine]
         agg = aggregated_engine(config.engine)

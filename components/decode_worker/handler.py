@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator
 
 from triptych.engines import AggregatedEngine, DecodeEngine, EncodeEngine
 from triptych.engines.inputs import gather_embeddings
+from triptych.models.prefix import route_keys
 from triptych.observability import nvtx
 from triptych.protocol import BootstrapInfo, GenerateRequest, TokenChunk
 from triptych.runtime import Client, Context
@@ -20,11 +21,18 @@ async def _stream(chunks: AsyncIterator[TokenChunk], ctx: Context, ttft: nvtx.Ma
 
 
 class DisaggregatedHandler:
-    """Asks a prefill instance for a bootstrap room, then decodes from the KV it hands over."""
+    """Asks a prefill instance for a bootstrap room, then decodes from the KV it hands over.
 
-    def __init__(self, engine: DecodeEngine, prefill: Client) -> None:
+    With `prefix_affinity`, the prefill instance is picked by rendezvous hashing of the
+    prompt's beginning (`models.prefix.route_keys`), so prompts that share it meet the
+    instance whose prefix cache holds it (the next one in hash order when that one is loaded
+    or gone).
+    """
+
+    def __init__(self, engine: DecodeEngine, prefill: Client, prefix_affinity: bool = True):
         self.engine = engine
         self.prefill = prefill
+        self.prefix_affinity = prefix_affinity
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
         """Once admitted, bootstrap with prefill (one request id: a cancel reaches both); stream."""
@@ -35,7 +43,10 @@ class DisaggregatedHandler:
         ):
             async with self.engine.admit(request):
                 answer = await self.prefill.call(
-                    request, request_id=ctx.request_id, deadline=ctx.deadline
+                    request,
+                    request_id=ctx.request_id,
+                    deadline=ctx.deadline,
+                    affinity=route_keys(request) if self.prefix_affinity else (),
                 )
                 try:
                     bootstrap = await answer.next_model(BootstrapInfo)

@@ -25,6 +25,7 @@ from triptych.components.frontend.prompt import Preprocessor, Prompt
 from triptych.components.frontend.reply import Reply
 from triptych.components.frontend.telemetry import RequestTelemetry
 from triptych.engines import grammar
+from triptych.models.prefix import route_keys
 from triptych.observability import metrics
 from triptych.observability.logs import request_id as request_id_var
 from triptych.protocol import (
@@ -115,7 +116,10 @@ class Frontend:
         return app
 
     def _affinity(self, request: GenerateRequest) -> list[str]:
-        """The content keys the entry instance is chosen by (none: round-robin)."""
+        """The content keys the entry instance is chosen by (none: round-robin): the prompt's
+        beginning when the entry prefills it (EPD), else its images' content keys."""
+        if self.config.topology == "EPD" and self.config.prefix_routing == "affinity":
+            return route_keys(request)
         if self.config.image_routing != "affinity":
             return []
         return [image.content_key for image in request.images if image.content_key]

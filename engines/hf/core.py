@@ -175,6 +175,8 @@ class EngineCore:
         self._batch_sizes = metrics.BATCH_SIZE.labels(stage)
         self._decoded = metrics.TOKENS_PROCESSED.labels(stage, "decode")
         self._prefilled = metrics.TOKENS_PROCESSED.labels(stage, "prefill")
+        self._prefix_queried = metrics.PREFIX_CACHE_QUERIED.labels(stage)
+        self._prefix_hits = metrics.PREFIX_CACHE_HITS.labels(stage)
 
     @property
     def max_len(self) -> int:
@@ -233,11 +235,14 @@ class EngineCore:
             )
 
     @contextlib.asynccontextmanager
-    async def admission(self, request_id: str, prompt_tokens: int) -> AsyncIterator[Sequence]:
+    async def admission(
+        self, request_id: str, prompt_tokens: int, block_keys: list[bytes] | None = None
+    ) -> AsyncIterator[Sequence]:
         """Hold KV blocks for a prompt of `prompt_tokens` tokens, waiting (first come, first
-        served) while they are not free; yields the request's sequence."""
+        served) while they are not free; yields the request's sequence. With the prompt's
+        `block_keys` (`models.prefix`), blocks of its longest cached prefix are shared."""
         self.check_fits(prompt_tokens)
-        admission = Admission(request_id, prompt_tokens)
+        admission = Admission(request_id, prompt_tokens, block_keys or [])
         granted: asyncio.Future[Sequence] = asyncio.get_running_loop().create_future()
         self._admissions[admission] = granted
         self._post(lambda: self.scheduler.waiting.append(admission))
@@ -320,12 +325,16 @@ class EngineCore:
             self._grammars = Grammars(tokenizer, self.model.vocab_size, sorted(stop_ids))
         return self._grammars.compile(options.response_format)
 
-    async def prefill_only(self, request_id: str, prompt: Prompt) -> tuple[torch.Tensor, int]:
+    async def prefill_only(
+        self, request_id: str, prompt: Prompt, block_keys: list[bytes] | None = None
+    ) -> tuple[torch.Tensor, int]:
         """Run a prompt on a prefill-only core: its packed cache (`kv_transfer.pack`) and its
-        M-RoPE offset."""
+        M-RoPE offset. With the prompt's `block_keys`, a cached prefix is not computed again
+        (the packed cache still holds every position)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[torch.Tensor] = loop.create_future()
         sequence = Sequence(-1, request_id, len(prompt.token_ids), prompt=prompt)
+        sequence.block_keys = block_keys or []
         self._packed[sequence] = done
         self._post(lambda: self._submit(sequence))
         try:
@@ -366,6 +375,9 @@ class EngineCore:
         if sampler is not None and sequence.options is not None and sequence.prompt is not None:
             sampler.start(sequence.row, sequence.options, sequence.prompt.token_ids)
         self.scheduler.submit(sequence)
+        if self.runner.config.prefix_cache and sequence.received is None:
+            self._prefix_queried.inc(sequence.prompt_len)
+            self._prefix_hits.inc(sequence.cached)
 
     def _loop(self) -> None:
         while True:
@@ -420,13 +432,14 @@ class EngineCore:
             blocks = self.runner.blocks
             log.info(
                 "%s: %d decode steps (mean batch %.1f), %.0f tokens/s, %d prompt positions; "
-                "KV blocks %s in use; %d waiting%s",
+                "KV blocks %s in use (%s cached prefix); %d waiting%s",
                 self.stage,
                 stats["steps"],
                 stats["rows"] / max(stats["steps"], 1),
                 stats["tokens"] / wall,
                 stats["prefilled"],
                 f"{blocks.used}/{blocks.capacity}" if blocks is not None else "-",
+                blocks.cached if blocks is not None else "-",
                 len(self.scheduler.waiting) + len(self.scheduler.prefilling),
                 f"; device: {device}, idle {max(0.0, 100 - sum(busy.values())):.0f}%",
             )

@@ -6,15 +6,22 @@ cache off (images: the whole-prompt path is the one the correctness tests check 
 transformers); block keys and the block manager are checked directly.
 """
 
+import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from tests.stack import Stack, micro_stats, start_topology
+from tests.test_correctness import Oracle, request
+from tests.test_encode_cache import data_url, encoded, noisy
 from tests.test_hf_decode import generate
+from tests.test_metrics import metrics_ports, scrape, value
 from triptych.engines.hf import kv_transfer
 from triptych.engines.hf.block_manager import BlockManager
 from triptych.engines.hf.config import HfConfig
@@ -274,3 +281,78 @@ async def test_a_prefill_worker_computes_only_the_suffix_and_sends_the_whole_cac
     assert hits("prefix-prefill") == 24  # the second prompt reused the shared 6 blocks
     assert computed("prefix-prefill") == 29 + 30 - 24
     assert prefill.runner.blocks is not None and prefill.runner.blocks.used == 0
+
+
+# the stack: routing by prefix, and the cache behind the API
+
+
+def test_requests_sharing_a_prefix_go_to_the_same_prefill_instance(stack: Stack) -> None:
+    start_topology(stack, "P/D")
+    stack.start("prefill", "prefill_worker", "--engine", "mock")
+    system = "You answer questions about the sea, the weather and boats. " * 8  # > 64 tokens
+
+    async def prefills() -> dict[str, int]:
+        return {i: int(s["requests"]) for i, s in (await micro_stats(stack, "prefill")).items()}
+
+    for _ in range(300):
+        if len(asyncio.run(prefills())) == 2:
+            break
+    time.sleep(2.5)  # the decode worker's discovery has seen both
+    with httpx.Client(base_url=stack.url, timeout=60) as client:
+        for question in ("Why?", "How deep is it?", "Is it cold?", "Where?", "Who?", "When?"):
+            body = {
+                "model": "tiny-qwen2.5-vl",
+                "max_tokens": 2,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                ],
+            }
+            reply = client.post("/v1/chat/completions", json=body)
+            assert reply.status_code == 200, reply.text
+    assert sorted(asyncio.run(prefills()).values()) == [0, 6]
+
+
+def test_a_repeated_image_prompt_meets_its_cached_prefix_and_answers_exactly(
+    stack: Stack, tiny_model: Path
+) -> None:
+    """EPD, two hf workers: the same picture under two URLs (PNG, BMP) lands on the worker
+    that cached the prompt and reuses it past the image; another picture reuses nothing past
+    the text before it; every answer is transformers' own."""
+    start_topology(stack, "EPD", copies=2, engine="hf", model_path=str(tiny_model))
+    picture, other = noisy(56, 56, 21), noisy(56, 56, 22)
+    png = data_url(encoded(picture, "PNG"), "PNG")
+    bmp = data_url(encoded(picture, "BMP"), "BMP")
+    other_png = data_url(encoded(other, "PNG"), "PNG")
+    oracle = Oracle(tiny_model)
+
+    def messages(url: str) -> list[dict[str, Any]]:
+        parts = [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "What?"},
+        ]
+        return [{"role": "user", "content": parts}]
+
+    def hit_tokens() -> float:
+        ports = asyncio.run(metrics_ports(stack, "decode"))
+        samples = [scrape(f"http://127.0.0.1:{port}/metrics") for port in ports]
+        return sum(value(s, "triptych_prefix_cache_hit_tokens_total", stage="agg") for s in samples)
+
+    async def ask(url: str) -> tuple[list[int], int]:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+            reply = await client.post(
+                "/v1/chat/completions", json={**request(messages(url)), "model": "tiny-qwen2.5-vl"}
+            )
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            return list(body["choices"][0]["token_ids"]), int(body["usage"]["prompt_tokens"])
+
+    expected = oracle.tokens(messages(png))
+    tokens, prompt_tokens = asyncio.run(ask(png))
+    assert tokens == expected and hit_tokens() == 0
+    tokens, _ = asyncio.run(ask(bmp))
+    assert tokens == expected
+    assert hit_tokens() == (prompt_tokens - 1) // 16 * 16  # every full block, image included
+    tokens, _ = asyncio.run(ask(other_png))
+    assert tokens == oracle.tokens(messages(other_png))
+    assert hit_tokens() - (prompt_tokens - 1) // 16 * 16 <= 16  # at most the text before it

@@ -6,6 +6,9 @@ one layer sit at *slot* ``block * block_size + offset`` of the flattened
 packing it for another process or loading one received are each one indexed copy over every
 layer at once.
 
+A decoding engine holds its sequences here; a prefill-only engine holds only the prompt prefixes
+it keeps for reuse (prefix caching).
+
 How many blocks: ``--mem-fraction-static`` of the device's memory less what the process holds
 already (weights) and a reserve for activations, or an explicit ``--kv-cache-tokens``; never
 more than ``--max-running-requests`` sequences of ``--max-model-len`` tokens could fill (a pool

@@ -6,7 +6,9 @@ sequence.
 
 - Admission: a request waits (first come, first served) until a sequence row is free and its
   prompt fits in free blocks with one block left per live sequence (room to grow); then it holds
-  those blocks until it ends. A prompt longer than the cache could ever hold is refused.
+  those blocks until it ends. A prompt longer than the cache could ever hold is refused. With
+  its block keys, the blocks of its longest cached prefix are shared rather than taken, and its
+  prefill starts after them (a prefill-only sequence shares them when it is submitted).
 - Prefill: at most ``chunk_tokens`` positions per step, so a running decode batch waits for one
   chunk at most. Whole prompts that fit share a step (up to ``prefill_batch`` of them, padded
   length counted); a longer one runs alone, a chunk per step, on top of its earlier chunks.

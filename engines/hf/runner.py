@@ -28,6 +28,10 @@ from triptych.protocol import TokenLogprob
 
 log = logging.getLogger(__name__)
 
+PREFILL_PREFIX_SHARE = 0.5
+"""Share of the KV budget a prefill-only engine's prefix cache takes: the rest stays for the
+caches of prompts in flight (whole, until decode reads them) and a batch's activations."""
+
 
 @dataclass(eq=False)
 class Launch:
@@ -86,10 +90,20 @@ class ModelRunner:
                 mem_fraction_static=config.mem_fraction_static,
                 kv_tokens=config.kv_tokens,
                 block_size=config.page_size,
+                share=1.0 if decoding else PREFILL_PREFIX_SHARE,
             )
-            num_blocks = budget.num_blocks(model.kv_shape, model.device)
-            self.cache = KVCache(model.kv_shape, num_blocks, config.page_size, model.device)
-            self.blocks = BlockManager(num_blocks, config.page_size)
+            try:
+                num_blocks = budget.num_blocks(model.kv_shape, model.device)
+            except ValueError as error:
+                if decoding:
+                    raise
+                log.warning(
+                    "prefill: no room for a prefix cache, prompts computed whole: %s", error
+                )
+                self.config = replace(self.config, prefix_cache=False)
+            else:
+                self.cache = KVCache(model.kv_shape, num_blocks, config.page_size, model.device)
+                self.blocks = BlockManager(num_blocks, config.page_size)
         if decoding:
             assert self.cache is not None
             self.decoder = Decoder(

@@ -153,7 +153,12 @@ class Scheduler:
         """Its input is here: a prompt to prefill, or a received cache to load."""
         if sequence in self.admitted:
             self.admitted.remove(sequence)
-        elif sequence.row < 0 and sequence.block_keys and not sequence.block_table:
+        elif (
+            sequence.row < 0
+            and self.blocks is not None
+            and sequence.block_keys
+            and not sequence.block_table
+        ):
             # a prefill-only sequence holds no blocks but those of its cached prefix
             self._share(sequence, self._cached_prefix(sequence.prompt_len, sequence.block_keys))
         if sequence.received is not None:

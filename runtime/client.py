@@ -13,6 +13,7 @@ import nats.errors
 from pydantic import BaseModel
 
 from triptych.protocol import ErrorCode, ErrorInfo
+from triptych.protocol.load import PREFIX as LOAD_PREFIX
 from triptych.runtime import wire
 from triptych.runtime.discovery import InstanceTracker
 from triptych.runtime.errors import ServiceError, busy, deadline_exceeded, unavailable
@@ -50,14 +51,23 @@ def _refused_for_load(data: bytes) -> bool:
         return False
 
 
+def _queued(metadata: dict[str, str]) -> int:
+    """Requests an instance announces waiting for its model, every caller's (a second old at
+    most): affinity weighs it too, as a caller's own open calls can say little (a prefill
+    call's stream ends as soon as its room is known, long before the prompt has run)."""
+    depth = metadata.get(LOAD_PREFIX + "queue_depth", "")
+    return int(depth) if depth.isdigit() else 0
+
+
 class Client:
     """Calls one endpoint of one component.
 
     `call` returns the response stream; `forward` hands a stream this worker holds to the next
     stage, which then answers the original caller directly. `call` takes `affinity` keys: the
     instances are then tried in rendezvous-hash order of the keys (so repeated content meets
-    the instance that cached it), an instance this caller already loads past `max_load` of
-    its announced bound moving to the back; without keys, round-robin.
+    the instance that cached it), an instance loaded past `max_load` of its announced bound
+    (by this caller's open calls, or the queue it announces) moving to the back; without keys,
+    round-robin.
     """
 
     def __init__(
@@ -252,10 +262,12 @@ class Client:
         return len(streams)
 
     def _loaded(self, instance: str) -> bool:
-        bound = self.instances.metadata(instance).get("max_in_flight", "")
+        metadata = self.instances.metadata(instance)
+        bound = metadata.get("max_in_flight", "")
         if not bound.isdigit():
             return False
-        return self.open_calls(instance) >= max(1.0, self.max_load * int(bound))
+        held = max(self.open_calls(instance), _queued(metadata))
+        return held >= max(1.0, self.max_load * int(bound))
 
     def _by_affinity(self, keys: Sequence[str], live: list[str]) -> list[str]:
         order = rendezvous_order(keys, live)

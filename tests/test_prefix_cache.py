@@ -7,9 +7,11 @@ transformers); block keys and the block manager are checked directly.
 """
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -30,6 +32,8 @@ from triptych.engines.hf.model import LanguageModel
 from triptych.engines.hf.sequence import Prompt
 from triptych.models.prefix import ROUTE_TOKENS, MediaSpan, block_keys, route_keys
 from triptych.protocol import GenerateRequest, ImageItem, SamplingOptions
+from triptych.runtime import RuntimeConfig
+from triptych.runtime.client import Client
 
 PAGE = 4
 
@@ -369,3 +373,24 @@ def test_a_repeated_image_prompt_meets_its_cached_prefix_and_answers_exactly(
     tokens, _ = asyncio.run(ask(other_png))
     assert tokens == oracle.tokens(messages(other_png))
     assert hit_tokens() - (prompt_tokens - 1) // 16 * 16 <= 16  # at most the text before it
+
+
+async def test_affinity_passes_over_an_instance_that_announces_a_long_queue() -> None:
+    """A prefill call's stream ends once the room is known, so the caller's own open calls
+    say nothing of prefill's load: the queue each instance announces does."""
+    runtime = SimpleNamespace(nc=None, config=RuntimeConfig())
+    client = Client(runtime, "prefill", "generate")  # type: ignore[arg-type]
+    keys = ["prefix:abc"]
+
+    async def announce(instance: str, queued: int) -> None:
+        metadata = {"max_in_flight": "8", "load_queue_depth": str(queued)}
+        pong = json.dumps({"id": instance, "metadata": metadata}).encode()
+        await client.instances._on_pong(SimpleNamespace(data=pong))
+
+    for instance in ("p1", "p2"):
+        await announce(instance, 0)
+    preferred, other = client._by_affinity(keys, ["p1", "p2"])
+    await announce(preferred, 3)  # under half of its bound
+    assert client._by_affinity(keys, ["p1", "p2"]) == [preferred, other]
+    await announce(preferred, 4)  # half of its bound: the next in hash order goes first
+    assert client._by_affinity(keys, ["p1", "p2"]) == [other, preferred]

@@ -6,6 +6,7 @@ cache off (images: the whole-prompt path is the one the correctness tests check 
 transformers); block keys and the block manager are checked directly.
 """
 
+import argparse
 import asyncio
 import json
 import time
@@ -394,3 +395,17 @@ async def test_affinity_passes_over_an_instance_that_announces_a_long_queue() ->
     assert client._by_affinity(keys, ["p1", "p2"]) == [preferred, other]
     await announce(preferred, 4)  # half of its bound: the next in hash order goes first
     assert client._by_affinity(keys, ["p1", "p2"]) == [other, preferred]
+
+
+def test_the_flag_reaches_both_engines() -> None:
+    from triptych.engines.registry import EngineConfig
+    from triptych.engines.sglang.server_args import server_args_kwargs
+
+    parser = argparse.ArgumentParser()
+    EngineConfig.add_arguments(parser)
+    default = EngineConfig.from_args(parser.parse_args([]), "model")
+    off = EngineConfig.from_args(parser.parse_args(["--disable-radix-cache"]), "model")
+    assert default.prefix_cache and not off.prefix_cache
+    ports = {"encoder_bootstrap_port": 1}
+    assert server_args_kwargs(off, "agg", **ports)["disable_radix_cache"] is True
+    assert server_args_kwargs(default, "agg", **ports)["disable_radix_cache"] is False

@@ -157,7 +157,6 @@ class EngineConfig:
         )
         group.add_argument(
             "--disable-prefix-cache",
-            "--disable-radix-cache",
             action="store_true",
             help="compute every prompt whole instead of reusing the KV cache of a prefix "
             "(text and images by content key) that this worker computed before",

@@ -404,7 +404,7 @@ def test_the_flag_reaches_both_engines() -> None:
     parser = argparse.ArgumentParser()
     EngineConfig.add_arguments(parser)
     default = EngineConfig.from_args(parser.parse_args([]), "model")
-    off = EngineConfig.from_args(parser.parse_args(["--disable-radix-cache"]), "model")
+    off = EngineConfig.from_args(parser.parse_args(["--disable-prefix-cache"]), "model")
     assert default.prefix_cache and not off.prefix_cache
     ports = {"encoder_bootstrap_port": 1}
     assert server_args_kwargs(off, "agg", **ports)["disable_radix_cache"] is True

@@ -43,14 +43,6 @@ def parser() -> FlagParser:
         help="decode: the KV cache comes from a prefill worker (E/P/D, P/D); agg: prefill "
         "and decode here (E/PD, EPD)",
     )
-    flags.add_argument(
-        "--prefix-routing",
-        choices=("affinity", "round-robin"),
-        default="affinity",
-        help="how a request picks its prefill instance: affinity (rendezvous hashing of the "
-        "prompt's first tokens and images, so a repeated prefix meets the prefill worker "
-        "that cached it) or round-robin",
-    )
     add_encoder_flag(flags)
     return flags
 

@@ -1,5 +1,8 @@
 """Engines: the interfaces every role is served through, and their implementations."""
 
+if __name__ != "triptych.engines":  # the folder is reached only through the package
+    raise ImportError(f"import triptych.engines, not {__name__} (docs/architecture.md)")
+
 from triptych.engines.base import (
     AggregatedEngine,
     DecodeEngine,

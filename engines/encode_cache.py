@@ -77,7 +77,7 @@ class EmbeddingCache:
 
     def put(self, key: str, rows: ImageEmbeddings) -> CacheEntry | None:
         """Add an image's rows, pinned (the caller is reading them), evicting unpinned least
-        recently used entries for room; None when they cannot fit (too large, or the rest is
+        recently used entries to make space; None when they cannot fit (too large, or the rest is
         pinned): the caller then holds the rows alone."""
         existing = self.pin(key)
         if existing is not None:
@@ -85,7 +85,7 @@ class EmbeddingCache:
         nbytes = _nbytes(rows)
         if nbytes > self.capacity_bytes:
             return None
-        self._evict(room_for=nbytes)
+        self._evict(space_for=nbytes)
         if self.bytes + nbytes > self.capacity_bytes:
             return None
         entry = CacheEntry(key, rows, nbytes, pins=1)
@@ -93,14 +93,14 @@ class EmbeddingCache:
         self.bytes += nbytes
         return entry
 
-    def _evict(self, room_for: int = 0) -> None:
-        """Drop unpinned entries, oldest first, until `room_for` more bytes fit."""
-        if self.bytes + room_for <= self.capacity_bytes:
+    def _evict(self, space_for: int = 0) -> None:
+        """Drop unpinned entries, oldest first, until `space_for` more bytes fit."""
+        if self.bytes + space_for <= self.capacity_bytes:
             return
         for key in [k for k, e in self._entries.items() if e.pins == 0]:
             entry = self._entries.pop(key)
             self.bytes -= entry.nbytes
-            if self.bytes + room_for <= self.capacity_bytes:
+            if self.bytes + space_for <= self.capacity_bytes:
                 return
 
 

@@ -1,5 +1,8 @@
 """Model families: per-family adapters and the tiny test checkpoint."""
 
+if __name__ != "triptych.models":  # the folder is reached only through the package
+    raise ImportError(f"import triptych.models, not {__name__} (docs/architecture.md)")
+
 import json
 from pathlib import Path
 

@@ -4,6 +4,9 @@ Pure data (pydantic v2 models and validators). Nothing here does I/O or imports 
 the project; every other layer may import it.
 """
 
+if __name__ != "triptych.protocol":  # the folder is reached only through the package
+    raise ImportError(f"import triptych.protocol, not {__name__} (docs/architecture.md)")
+
 from triptych.protocol.completions import (
     CompletionChoice,
     CompletionLogprobs,

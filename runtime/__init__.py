@@ -4,6 +4,9 @@ A worker builds a `Runtime`, a `Service` with endpoints, and serves; a caller as
 for a `Client` of a component and `call`s (or `forward`s) typed requests.
 """
 
+if __name__ != "triptych.runtime":  # the folder is reached only through the package
+    raise ImportError(f"import triptych.runtime, not {__name__} (docs/architecture.md)")
+
 from triptych.runtime.client import Client
 from triptych.runtime.config import RuntimeConfig
 from triptych.runtime.env import Env

@@ -1,14 +1,13 @@
-"""The one place environment variables are read, typed and documented."""
+"""The one place environment variables are read, typed and documented.
+
+(Except ``DYN_NVTX``: `triptych.observability.nvtx` reads it, a leaf every layer imports.)
+"""
 
 import os
 from dataclasses import dataclass
 
 FLAG_PREFIX = "TRIPTYCH_"
 """Every command-line flag ``--some-flag`` falls back to ``TRIPTYCH_SOME_FLAG``."""
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def flag_variable(flag: str) -> str:
@@ -34,8 +33,6 @@ class Env:
     """NATS_TOKEN: token credentials for NATS."""
     namespace: str
     """TRIPTYCH_NAMESPACE: prefix of every subject and service name (default "triptych")."""
-    nvtx: bool
-    """DYN_NVTX: emit NVTX ranges for Nsight Systems."""
     pod_ip: str | None
     """POD_IP: this process's routable address (Kubernetes sets it from the downward API);
     the address a worker advertises unless ``--advertise-host`` names one."""
@@ -49,6 +46,5 @@ class Env:
             nats_password=os.environ.get("NATS_PASSWORD") or None,
             nats_token=os.environ.get("NATS_TOKEN") or None,
             namespace=os.environ.get("TRIPTYCH_NAMESPACE") or "triptych",
-            nvtx=_flag("DYN_NVTX"),
             pod_ip=os.environ.get("POD_IP") or None,
         )

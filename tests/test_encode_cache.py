@@ -225,7 +225,7 @@ def test_an_entry_being_read_is_not_evicted_under_its_reader() -> None:
         # c is the size of a: it would fit were a free, not beside it
         assert entry.nbytes <= encoder.cache.capacity_bytes < 2 * entry.nbytes
         other = ImageEmbeddings(num_tokens=rows, hidden_size=4)  # as the mock's rows are
-        assert encoder.cache.put("c", other) is None  # no room: a is pinned
+        assert encoder.cache.put("c", other) is None  # no space: a is pinned
         assert not reader.done()
         assert "a" in encoder.cache and "c" not in encoder.cache
         result = await reader

@@ -127,7 +127,10 @@ def test_killed_worker_fails_only_requests_past_their_first_token(
     begun = time.monotonic()
     for thread in threads:
         thread.join(40)
-    assert time.monotonic() - begun < 12  # every request it held ended within ~10 s
+    # Every request it held ended in bounded time, well before the clients' 30 s time-out:
+    # the victim's silence is noticed within 5 s, and a killed encoder's images are then
+    # encoded again, one forward at a time, behind the survivor's own (6 x 1.5 s at most).
+    assert time.monotonic() - begun < 25
     assert len(results) == 6 and set(results) <= {"ok", "error"}, results
     if victim_stage == "decode":
         assert "error" in results and "ok" in results, results

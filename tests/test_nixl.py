@@ -1,6 +1,6 @@
 """NIXL transfers between two real processes: this test process and a spawned peer.
 
-TensorRefs cross a multiprocessing pipe, standing in for NATS. Tensors are built from a seed on
+TensorHandles cross a multiprocessing pipe, standing in for NATS. Tensors are built from a seed on
 both sides and compared by digest, so bytes never ride the pipe.
 """
 
@@ -18,7 +18,6 @@ import torch
 from triptych.transfer.nixl import (
     PoolFull,
     RegionAllocator,
-    TensorRef,
     TransferAgent,
     TransferError,
 )
@@ -206,7 +205,7 @@ async def test_a_full_pool_makes_an_export_wait_for_the_importer(
     first = make(6, 15 * MiB, "float32")  # 60 MiB of the 96
     ref = agent.export(first, "first")
     waiting = asyncio.create_task(
-        agent.export_when_room(make(7, 10 * MiB, "float32"), "second", 10)
+        agent.export_when_space(make(7, 10 * MiB, "float32"), "second", 10)
     )
     await asyncio.sleep(0.1)
     assert not waiting.done()  # 40 MiB more does not fit yet
@@ -216,7 +215,7 @@ async def test_a_full_pool_makes_an_export_wait_for_the_importer(
     assert await agent.wait_released("second", 10)
     agent.export(torch.zeros(60 * MiB, dtype=torch.uint8), "stuck")
     with pytest.raises(PoolFull, match="deadline"):
-        await agent.export_when_room(torch.zeros(40 * MiB, dtype=torch.uint8), "late", 0.2)
+        await agent.export_when_space(torch.zeros(40 * MiB, dtype=torch.uint8), "late", 0.2)
     agent.release("stuck")
     assert agent.pool_in_use == 0
 
@@ -246,11 +245,11 @@ async def test_fetch_from_a_dead_exporter_fails(agent: TransferAgent, connected:
 
 async def test_bad_refs_fail_cleanly(agent: TransferAgent, peer: Peer) -> None:
     ref = agent.export(make(9, 100, "float32"), "bad")
-    wrong_name = TensorRef(**{**ref.__dict__, "agent": "someone-else"})
+    wrong_name = ref.model_copy(update={"agent": "someone-else"})
     with pytest.raises(TransferError, match="metadata"):
         await peer.call("fetch", wrong_name, 5.0)
     with pytest.raises(TransferError, match="dtype"):
-        await peer.call("fetch", TensorRef(**{**ref.__dict__, "dtype": "Tensor"}), 5.0)
+        await peer.call("fetch", ref.model_copy(update={"dtype": "Tensor"}), 5.0)
     agent.release("bad")
 
 

@@ -288,17 +288,17 @@ async def test_a_prefill_worker_computes_only_the_suffix_and_sends_the_whole_cac
     assert prefill.runner.blocks is not None and prefill.runner.blocks.used == 0
 
 
-async def test_a_prefill_worker_without_room_for_a_prefix_cache_computes_prompts_whole(
+async def test_a_prefill_worker_without_space_for_a_prefix_cache_computes_prompts_whole(
     cores: Any, model: LanguageModel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    prefill = cores("prefix-no-room", decoding=False, kv_tokens=PAGE)  # under one sequence
-    assert "no room for a prefix cache" in caplog.text
+    prefill = cores("prefix-no-space", decoding=False, kv_tokens=PAGE)  # under one sequence
+    assert "no space for a prefix cache" in caplog.text
     assert prefill.runner.blocks is None and not prefill.runner.config.prefix_cache
     prompt = list(range(100, 130))
     for _ in range(2):
         packed, _ = await prefill.prefill_only("r", Prompt(prompt), block_keys(prompt, [], PAGE))
         assert packed.numel() > 0
-    assert computed("prefix-no-room") == 60 and queried("prefix-no-room") == 0
+    assert computed("prefix-no-space") == 60 and queried("prefix-no-space") == 0
 
 
 # the stack: routing by prefix, and the cache behind the API

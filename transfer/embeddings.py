@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, MediaItem, ServiceError, TensorHandle
 from triptych.transfer import image_bytes
-from triptych.transfer.handles import to_handle, to_ref
 from triptych.transfer.nixl import PoolFull, TransferAgent, TransferError
 
 SIMULATED = "simulated"
@@ -53,7 +52,7 @@ class EmbeddingTransport:
             )
         if self.agent is None:
             raise ServiceError(ErrorCode.INTERNAL, "real embeddings need a transfer agent")
-        return to_handle(await self.agent.export_when_room(embeddings.tensor, key, self.timeout_s))
+        return await self.agent.export_when_space(embeddings.tensor, key, self.timeout_s)
 
     async def released(self, handle: TensorHandle, deadline: float) -> bool:
         """Wait until the reader has the embeddings (True), or the request's `deadline` (Unix
@@ -90,7 +89,7 @@ class EmbeddingTransport:
             raise ServiceError(ErrorCode.INTERNAL, "real embeddings need a transfer agent")
         started = time.perf_counter()
         try:
-            tensor = await self.agent.fetch(to_ref(handle), self.timeout_s)
+            tensor = await self.agent.fetch(handle, self.timeout_s)
         except (TransferError, PoolFull) as error:
             metrics.TRANSFER_DURATION.labels("embedding", "error").observe(
                 time.perf_counter() - started

@@ -21,7 +21,6 @@ import torch
 
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, MediaItem, ServiceError, TensorHandle, VideoItem
-from triptych.transfer.handles import to_handle, to_ref
 from triptych.transfer.nixl import PoolFull, TransferAgent, TransferError
 
 INLINE_BYTES = 256 * 1024
@@ -53,8 +52,8 @@ async def offload(
                 budget -= len(data)
                 continue
             tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            ref = await agent.export_when_room(tensor, f"{key_prefix}-{i}", timeout_s, keep=True)
-            update = {"data": None, "data_handle": to_handle(ref)}
+            ref = await agent.export_when_space(tensor, f"{key_prefix}-{i}", timeout_s, keep=True)
+            update = {"data": None, "data_handle": ref}
             out[i] = cast(Item, images[i].model_copy(update=update))
     except BaseException:
         release(agent, out)
@@ -88,7 +87,7 @@ async def _fetch_one(agent: TransferAgent, image: Item, timeout_s: float) -> Ite
     kind = "video" if isinstance(image, VideoItem) else "image"
     started = time.perf_counter()
     try:
-        tensor = await agent.fetch(to_ref(handle), timeout_s)
+        tensor = await agent.fetch(handle, timeout_s)
     except (TransferError, PoolFull) as error:
         metrics.TRANSFER_DURATION.labels(kind, "error").observe(time.perf_counter() - started)
         message = f"{kind} bytes could not be read: {error}"

@@ -1,14 +1,14 @@
 """One contiguous tensor per transfer between processes, over NIXL (UCX).
 
 Each process runs one `TransferAgent`, which registers one memory pool with NIXL once, at start.
-The exporter copies a tensor into a free region of its pool and hands the importer a `TensorRef`
+The exporter copies a tensor into a free region of its pool and hands the importer a `TensorHandle`
 inside a protocol message; the importer READs the region into its own pool, notifies the exporter
 (which frees the region) and copies the tensor out. Every `export` must end in `wait_released` or
 `release`, and the exporter should wait longer than the importer's fetch timeout: a region freed
 while a READ is under way may be reused. Each export ends in a digest of its key, zeroed when the
 region is freed, so a fetch that comes too late fails instead of returning stale bytes.
 
-Security: a `TensorRef` carries NIXL agent metadata and *pickled* descriptors, which `fetch`
+Security: a `TensorHandle` carries NIXL agent metadata and *pickled* descriptors, which `fetch`
 unpickles. Accept refs only from the authenticated control plane (NATS), never from HTTP clients.
 
 Transport: UCX reads ``UCX_TLS`` when the first agent starts. For a CPU pool, `start` sets it to
@@ -45,6 +45,7 @@ import torch
 from torch.multiprocessing import reductions
 
 from triptych.observability import nvtx
+from triptych.protocol import TensorHandle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,31 +68,6 @@ class PoolFull(RuntimeError):
 
 class TransferError(RuntimeError):
     """A fetch failed or timed out."""
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """Everything an importer needs to fetch one exported tensor (travels over NATS only)."""
-
-    agent: str
-    """The exporter's agent name."""
-    agent_metadata: bytes
-    """The exporter's agent metadata; the importer loads it once per agent name."""
-    descriptors: bytes
-    """The exported region as a pickled NIXL transfer descriptor list."""
-    shape: tuple[int, ...]
-    dtype: str
-    """Torch dtype name without ``torch.``, e.g. "bfloat16"."""
-    device: str
-    """The exporter's pool device: "cpu" or "cuda:N"."""
-    key: str
-    """Unique per export; the importer's completion notification carries it."""
-    offset: int = 0
-    """Where the export starts in the exporter's pool."""
-    ipc: bytes = b""
-    """The exporter's VRAM pool as pickled CUDA IPC arguments (empty for a DRAM pool)."""
-    gpu: str = ""
-    """The physical GPU of that pool: host boot id and GPU UUID (empty for a DRAM pool)."""
 
 
 class RegionAllocator:
@@ -219,7 +195,7 @@ class TransferAgent:
         self._wake = asyncio.Event()
         self._flush_until = 0.0
         """Until when (event loop time) the poller progresses UCX for notifications sent."""
-        self._room = asyncio.Event()
+        self._space = asyncio.Event()
         """Set whenever a region is freed (fetches wait on it while the pool is full)."""
         self._poller: asyncio.Task[None] | None = None
 
@@ -277,7 +253,7 @@ class TransferAgent:
 
     # exporter side
 
-    def export(self, tensor: torch.Tensor, key: str, *, keep: bool = False) -> TensorRef:
+    def export(self, tensor: torch.Tensor, key: str, *, keep: bool = False) -> TensorHandle:
         """Copy `tensor` (any device) into a free pool region and describe it for an importer.
 
         The region is freed by the importer's notification, or with `keep` only by `release`
@@ -300,7 +276,7 @@ class TransferAgent:
             raise
         self._exports[key] = _Export(offset, end, keep=keep)
         self._wake.set()
-        return TensorRef(
+        return TensorHandle(
             agent=self.name,
             agent_metadata=self._metadata,
             descriptors=descriptors,
@@ -313,13 +289,13 @@ class TransferAgent:
             gpu=self._gpu,
         )
 
-    async def export_when_room(
+    async def export_when_space(
         self, tensor: torch.Tensor, key: str, timeout: float, *, keep: bool = False
-    ) -> TensorRef:
+    ) -> TensorHandle:
         """`export`, waiting up to `timeout` seconds while the pool is full."""
         deadline = asyncio.get_running_loop().time() + timeout
         nbytes = tensor.numel() * tensor.element_size() + _TAG
-        return await self._when_room(lambda: self.export(tensor, key, keep=keep), nbytes, deadline)
+        return await self._when_space(lambda: self.export(tensor, key, keep=keep), nbytes, deadline)
 
     async def wait_released(self, key: str, timeout: float) -> bool:
         """Whether the importer notified completion of `key` within `timeout` seconds.
@@ -353,9 +329,9 @@ class TransferAgent:
 
     def _free(self, offset: int) -> None:
         self._pool.free(offset)
-        self._room.set()
+        self._space.set()
 
-    async def _when_room(self, attempt: Callable[[], T], nbytes: int, deadline: float) -> T:
+    async def _when_space(self, attempt: Callable[[], T], nbytes: int, deadline: float) -> T:
         """`attempt()`, retried each time a region is freed while it meets a full pool, until
         `deadline` (PoolFull when `nbytes` never fits, or the wait runs out)."""
         while True:
@@ -364,12 +340,12 @@ class TransferAgent:
             except PoolFull:
                 if nbytes > self._pool_bytes:
                     raise
-                self._room.clear()
+                self._space.clear()
                 try:
                     async with asyncio.timeout_at(deadline):
-                        await self._room.wait()
+                        await self._space.wait()
                 except TimeoutError:
-                    raise PoolFull(f"no room for {nbytes} bytes before the deadline") from None
+                    raise PoolFull(f"no space for {nbytes} bytes before the deadline") from None
 
     async def _poll_notifs(self) -> None:
         """Poll NIXL's notifications (which progresses UCX) every millisecond while exports
@@ -397,12 +373,12 @@ class TransferAgent:
 
     # importer side
 
-    async def fetch(self, ref: TensorRef, timeout: float) -> torch.Tensor:
+    async def fetch(self, ref: TensorHandle, timeout: float) -> torch.Tensor:
         """READ the tensor behind `ref` into a new tensor on this agent's device.
 
         Waits while this pool is full. Raises TransferError when the exporter is gone or
         released the export, or the READ fails or is not done within `timeout` seconds;
-        PoolFull when the tensor is larger than the pool or no room came in time.
+        PoolFull when the tensor is larger than the pool or no space came in time.
         The timeout bounds the wait for the READ, not NIXL's own synchronous calls: connecting
         to a new exporter that has died fails within ~0.1 s on one host, a known one at once.
         """
@@ -414,7 +390,7 @@ class TransferAgent:
             mapped = self._map(ref)
             if mapped is not None:
                 return self._copy_mapped(ref, mapped, nbytes, dtype)
-        offset = await self._when_room(
+        offset = await self._when_space(
             lambda: self._pool.alloc(nbytes + _TAG), nbytes + _TAG, deadline
         )
         end = offset + nbytes + _TAG
@@ -451,7 +427,7 @@ class TransferAgent:
             if not keep:
                 self._free(offset)
 
-    def _map(self, ref: TensorRef) -> torch.Tensor | None:
+    def _map(self, ref: TensorHandle) -> torch.Tensor | None:
         """The exporter's pool mapped into this process (None if CUDA IPC fails here)."""
         pool = self._mapped.get(ref.agent)
         if pool is None:
@@ -468,7 +444,7 @@ class TransferAgent:
         return pool
 
     def _copy_mapped(
-        self, ref: TensorRef, pool: torch.Tensor, nbytes: int, dtype: torch.dtype
+        self, ref: TensorHandle, pool: torch.Tensor, nbytes: int, dtype: torch.dtype
     ) -> torch.Tensor:
         """The same-GPU path: copy the export straight out of the exporter's mapped pool."""
         region = pool[ref.offset : ref.offset + nbytes + _TAG]
@@ -487,7 +463,7 @@ class TransferAgent:
         self._notify(ref)
         return out.view(dtype).view(ref.shape)
 
-    def _notify(self, ref: TensorRef) -> None:
+    def _notify(self, ref: TensorHandle) -> None:
         """Tell the exporter its export was read (so it frees the region).
 
         NIXL does not track a notification that UCX could not send at once (the first one to
@@ -502,7 +478,7 @@ class TransferAgent:
         self._flush_until = asyncio.get_running_loop().time() + FLUSH_S
         self._wake.set()
 
-    def _add_remote(self, ref: TensorRef) -> None:
+    def _add_remote(self, ref: TensorHandle) -> None:
         if ref.agent not in self._remotes:
             name = self._agent.add_remote_agent(ref.agent_metadata)
             name = name.decode() if isinstance(name, bytes) else str(name)  # bytes, in fact
@@ -519,7 +495,7 @@ class TransferAgent:
         except Exception as e:
             log.debug("%s: cannot remove remote agent %s: %r", self.name, agent, e)
 
-    def _release_xfer(self, handle: Any, ref: TensorRef) -> bool:
+    def _release_xfer(self, handle: Any, ref: TensorHandle) -> bool:
         try:
             handle.release()  # aborts a READ still under way
         except Exception:
@@ -527,7 +503,7 @@ class TransferAgent:
             return False
         return True
 
-    async def _complete(self, handle: Any, ref: TensorRef, deadline: float) -> None:
+    async def _complete(self, handle: Any, ref: TensorHandle, deadline: float) -> None:
         """Post the READ and wait until it is done: yield briefly, then sleep 50 µs to 1 ms."""
         loop = asyncio.get_running_loop()
         state = self._agent.transfer(handle)

@@ -331,16 +331,16 @@ class Frontend:
     def _max_tokens(self, prompt: Prompt, wanted: int | None, param: str) -> int:
         """`wanted` (or what the context leaves), once it fits beside the prompt."""
         context = self.preprocessor.context_length
-        room = context - len(prompt.token_ids)
-        if room < 1 or (wanted is not None and wanted > room):
+        left = context - len(prompt.token_ids)
+        if left < 1 or (wanted is not None and wanted > left):
             raise ServiceError(
                 ErrorCode.BAD_REQUEST,
                 f"the prompt has {len(prompt.token_ids)} tokens and max_tokens is {wanted}, "
                 f"over the context length of {context}",
-                param=param if room >= 1 else None,
+                param=param if left >= 1 else None,
             )
         capped = self.preprocessor.sampling_defaults.max_tokens
-        return wanted or min(room, capped or room)
+        return wanted or min(left, capped or left)
 
     def _requests(
         self, fields: SamplingFields, prompt: Prompt, max_tokens: int, logprobs: int | None

@@ -40,7 +40,6 @@ from triptych.transfer import (
     TransferAgent,
     TransferError,
 )
-from triptych.transfer.handles import to_handle, to_ref
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +104,14 @@ class HfPrefillEngine(RoomPrefillEngine):
             if self.config.prefix_cache:
                 keys = request_block_keys(request, self.config.page_size)
             packed, rope_delta = await self.core.prefill_only(request_id, prompt, keys)
-            ref = await self.agent.export_when_room(packed, key, KV_READ_S)
+            ref = await self.agent.export_when_space(packed, key, KV_READ_S)
             del packed  # the pool holds it now
             slot.ready(
                 RoomReady(
                     room=room,
                     rope_delta=rope_delta,
                     kv=KVHandle(
-                        tensor=to_handle(ref),
+                        tensor=ref,
                         num_tokens=len(request.token_ids),
                         layout=kv_transfer.layout(model),
                     ),
@@ -179,7 +178,7 @@ class HfDecodeEngine(DecodeEngine):
         started = time.perf_counter()
         nbytes = ready.kv.tensor.shape[0] * model.dtype.itemsize
         try:
-            flat = await self.agent.fetch(to_ref(ready.kv.tensor), KV_READ_S)
+            flat = await self.agent.fetch(ready.kv.tensor, KV_READ_S)
         except (TransferError, PoolFull) as error:
             _record_transfer("kv", nbytes, started, "error")
             raise ServiceError(

@@ -55,7 +55,7 @@ class KVBudget:
     """Token positions per block (``--page-size``)."""
     share: float = 1.0
     """Share of the memory budget the pool takes (a prefill-only engine's prefix cache leaves
-    room for the caches it packs); an explicit ``kv_tokens`` is taken whole."""
+    space for the caches it packs); an explicit ``kv_tokens`` is taken whole."""
 
     def num_blocks(self, shape: KVShape, device: torch.device) -> int:
         """Blocks the budget allows, the padding block included (ValueError if it holds less

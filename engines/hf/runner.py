@@ -98,7 +98,7 @@ class ModelRunner:
                 if decoding:
                     raise
                 log.warning(
-                    "prefill: no room for a prefix cache, prompts computed whole: %s", error
+                    "prefill: no space for a prefix cache, prompts computed whole: %s", error
                 )
                 self.config = replace(self.config, prefix_cache=False)
             else:

@@ -272,9 +272,11 @@ async def test_a_prefill_worker_computes_only_the_suffix_and_sends_the_whole_cac
     decode = cores("prefix-decode", prefix_cache=False)
     shared = list(range(100, 124))
     prompts = [[*shared, 1, 2, 3, 4, 5], [*shared, 6, 7, 8, 9, 10, 11]]
+    reused = []
     for prompt in prompts:
         keys = block_keys(prompt, [], PAGE)
-        packed, delta = await prefill.prefill_only("r", Prompt(prompt), keys)
+        packed, delta, cached = await prefill.prefill_only("r", Prompt(prompt), keys)
+        reused.append(cached)
         sampling = SamplingOptions(max_tokens=6, temperature=0, ignore_eos=True)
         tokens: list[int] = []
         async with decode.admission("r", len(prompt)) as sequence:
@@ -283,6 +285,7 @@ async def test_a_prefill_worker_computes_only_the_suffix_and_sends_the_whole_cac
             async for chunk in decode.generate(sequence, sampling, set(), Prompt(prompt), received):
                 tokens.extend(chunk.token_ids)
         assert tokens == generate(model, prompt, 6)
+    assert reused == [0, 24]
     assert hits("prefix-prefill") == 24  # the second prompt reused the shared 6 blocks
     assert computed("prefix-prefill") == 29 + 30 - 24
     assert prefill.runner.blocks is not None and prefill.runner.blocks.used == 0
@@ -296,7 +299,7 @@ async def test_a_prefill_worker_without_space_for_a_prefix_cache_computes_prompt
     assert prefill.runner.blocks is None and not prefill.runner.config.prefix_cache
     prompt = list(range(100, 130))
     for _ in range(2):
-        packed, _ = await prefill.prefill_only("r", Prompt(prompt), block_keys(prompt, [], PAGE))
+        packed, _, _ = await prefill.prefill_only("r", Prompt(prompt), block_keys(prompt, [], PAGE))
         assert packed.numel() > 0
     assert computed("prefix-no-space") == 60 and queried("prefix-no-space") == 0
 
@@ -331,13 +334,18 @@ def test_requests_sharing_a_prefix_go_to_the_same_prefill_instance(stack: Stack)
     assert sorted(asyncio.run(prefills()).values()) == [0, 6]
 
 
+@pytest.mark.parametrize(
+    ("topology", "copies", "component", "stage"),
+    [("EPD", 2, "decode", "agg"), ("E/P/D", 1, "prefill", "prefill")],
+)
 def test_a_repeated_image_prompt_meets_its_cached_prefix_and_answers_exactly(
-    stack: Stack, tiny_model: Path
+    stack: Stack, tiny_model: Path, topology: str, copies: int, component: str, stage: str
 ) -> None:
-    """EPD, two hf workers: the same picture under two URLs (PNG, BMP) lands on the worker
-    that cached the prompt and reuses it past the image; another picture reuses nothing past
-    the text before it; every answer is transformers' own."""
-    start_topology(stack, "EPD", copies=2, engine="hf", model_path=str(tiny_model))
+    """hf workers: the same picture under two URLs (PNG, BMP) lands on the worker that cached
+    the prompt (EPD: one of two) and reuses it past the image; another picture reuses nothing
+    past the text before it; the usage says how many prompt tokens were cached; every answer
+    is transformers' own."""
+    start_topology(stack, topology, copies=copies, engine="hf", model_path=str(tiny_model))
     picture, other = noisy(56, 56, 21), noisy(56, 56, 22)
     png = data_url(encoded(picture, "PNG"), "PNG")
     bmp = data_url(encoded(picture, "BMP"), "BMP")
@@ -352,28 +360,31 @@ def test_a_repeated_image_prompt_meets_its_cached_prefix_and_answers_exactly(
         return [{"role": "user", "content": parts}]
 
     def hit_tokens() -> float:
-        ports = asyncio.run(metrics_ports(stack, "decode"))
+        ports = asyncio.run(metrics_ports(stack, component))
         samples = [scrape(f"http://127.0.0.1:{port}/metrics") for port in ports]
-        return sum(value(s, "triptych_prefix_cache_hit_tokens_total", stage="agg") for s in samples)
+        return sum(value(s, "triptych_prefix_cache_hit_tokens_total", stage=stage) for s in samples)
 
-    async def ask(url: str) -> tuple[list[int], int]:
+    async def ask(url: str) -> tuple[list[int], int, int]:
         async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
             reply = await client.post(
                 "/v1/chat/completions", json={**request(messages(url)), "model": "tiny-qwen2.5-vl"}
             )
             assert reply.status_code == 200, reply.text
             body = reply.json()
-            return list(body["choices"][0]["token_ids"]), int(body["usage"]["prompt_tokens"])
+            usage = body["usage"]
+            cached = int(usage["prompt_tokens_details"]["cached_tokens"])
+            return list(body["choices"][0]["token_ids"]), int(usage["prompt_tokens"]), cached
 
     expected = oracle.tokens(messages(png))
-    tokens, prompt_tokens = asyncio.run(ask(png))
-    assert tokens == expected and hit_tokens() == 0
-    tokens, _ = asyncio.run(ask(bmp))
+    tokens, prompt_tokens, cached = asyncio.run(ask(png))
+    assert tokens == expected and hit_tokens() == cached == 0
+    whole = (prompt_tokens - 1) // 16 * 16  # every full block, the image's included
+    tokens, _, cached = asyncio.run(ask(bmp))
     assert tokens == expected
-    assert hit_tokens() == (prompt_tokens - 1) // 16 * 16  # every full block, image included
-    tokens, _ = asyncio.run(ask(other_png))
+    assert hit_tokens() == cached == whole
+    tokens, _, cached = asyncio.run(ask(other_png))
     assert tokens == oracle.tokens(messages(other_png))
-    assert hit_tokens() - (prompt_tokens - 1) // 16 * 16 <= 16  # at most the text before it
+    assert hit_tokens() - whole == cached <= 16  # at most the text before the picture
 
 
 async def test_affinity_passes_over_an_instance_that_announces_a_long_queue() -> None:

@@ -24,7 +24,7 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -294,7 +294,7 @@ class EngineCore:
                 item = await stream.queue.get()
                 tokens: list[int] = []
                 logprobs: list[TokenLogprob] | None = None
-                prompt_tokens = 0
+                prompt_tokens = cached_tokens = 0
                 while True:
                     if isinstance(item, BaseException):
                         raise item
@@ -302,6 +302,7 @@ class EngineCore:
                     if item.logprobs is not None:
                         logprobs = [*(logprobs or []), *item.logprobs]
                     prompt_tokens = prompt_tokens or item.prompt_tokens
+                    cached_tokens = cached_tokens or item.cached_tokens
                     if item.finish_reason is not None or stream.queue.empty():
                         break
                     item = stream.queue.get_nowait()
@@ -309,6 +310,7 @@ class EngineCore:
                     token_ids=tokens,
                     finish_reason=item.finish_reason,
                     prompt_tokens=prompt_tokens,
+                    cached_tokens=cached_tokens,
                     logprobs=logprobs,
                 )
                 if item.finish_reason is not None:
@@ -327,10 +329,11 @@ class EngineCore:
 
     async def prefill_only(
         self, request_id: str, prompt: Prompt, block_keys: list[bytes] | None = None
-    ) -> tuple[torch.Tensor, int]:
-        """Run a prompt on a prefill-only core: its packed cache (`kv_transfer.pack`) and its
-        M-RoPE offset. With the prompt's `block_keys`, a cached prefix is not computed again
-        (the packed cache still holds every position)."""
+    ) -> "Prefilled":
+        """Run a prompt on a prefill-only core: its packed cache (`kv_transfer.pack`), its
+        M-RoPE offset, and how many of its tokens came from the prefix cache. With the
+        prompt's `block_keys`, a cached prefix is not computed again (the packed cache still
+        holds every position)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[torch.Tensor] = loop.create_future()
         sequence = Sequence(-1, request_id, len(prompt.token_ids), prompt=prompt)
@@ -341,7 +344,7 @@ class EngineCore:
             packed = await done
         finally:
             self.release(sequence)
-        return packed, sequence.rope_delta
+        return Prefilled(packed, sequence.rope_delta, sequence.cached)
 
     async def call(self, job: Callable[[], T]) -> T:
         """Run `job` on the model thread (at the start of a turn) and return its result."""
@@ -532,6 +535,7 @@ class EngineCore:
                     token_ids=[token],
                     finish_reason=reason,
                     prompt_tokens=sequence.prompt_len if first else 0,
+                    cached_tokens=sequence.cached if first else 0,
                     logprobs=None if top is None else [launch.logprob(i, top)],
                 ),
             )
@@ -595,6 +599,16 @@ class EngineCore:
         future = self._packed.pop(sequence, None)
         if future is not None:
             future.get_loop().call_soon_threadsafe(_settle, future, packed, error)
+
+
+class Prefilled(NamedTuple):
+    """A prompt run by a prefill-only core."""
+
+    packed: torch.Tensor
+    """Keys, values and last hidden state, packed for transfer (`kv_transfer.pack`)."""
+    rope_delta: int
+    cached: int
+    """Prompt tokens taken from the prefix cache."""
 
 
 class _Grant:

@@ -103,13 +103,14 @@ class HfPrefillEngine(RoomPrefillEngine):
             keys = None
             if self.config.prefix_cache:
                 keys = request_block_keys(request, self.config.page_size)
-            packed, rope_delta = await self.core.prefill_only(request_id, prompt, keys)
+            packed, rope_delta, cached = await self.core.prefill_only(request_id, prompt, keys)
             ref = await self.agent.export_when_space(packed, key, KV_READ_S)
             del packed  # the pool holds it now
             slot.ready(
                 RoomReady(
                     room=room,
                     rope_delta=rope_delta,
+                    cached_tokens=cached,
                     kv=KVHandle(
                         tensor=ref,
                         num_tokens=len(request.token_ids),
@@ -196,6 +197,7 @@ class HfDecodeEngine(DecodeEngine):
         )
         received = kv_transfer.unpack(model, flat, ready.kv.num_tokens)
         sequence.rope_delta = ready.rope_delta
+        sequence.cached = ready.cached_tokens  # served by prefill's prefix cache, for the usage
         prompt = Prompt(request.token_ids)
         chunks = self.core.generate(sequence, request.sampling, stop_ids(request), prompt, received)
         async for chunk in chunks:

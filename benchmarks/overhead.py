@@ -52,12 +52,27 @@ MAX_TOKENS = 16
 
 
 class Dynamo:
-    """Dynamo 1.6.1's frontend and mocker, as the anchor's start.sh runs them."""
+    """Dynamo 1.6.1's frontend and mocker, as the anchor's start.sh runs them.
+
+    start.sh serves on port 8000 and keeps its pid files in the (shared) install folder: this
+    waits until nobody else serves there, and stops only the processes its own start wrote.
+    """
+
+    URL = "http://127.0.0.1:8000"
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._pids: list[int] = []
 
     def start(self) -> str:
+        for _ in range(600):  # another Dynamo on the machine: wait for it to go
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(f"{self.URL}/v1/models", timeout=1)
+                time.sleep(1)
+                continue
+            break
+        else:
+            raise RuntimeError("port 8000 stayed busy: another Dynamo is running")
         env = {
             **os.environ,
             "DYN_DIR": str(self.directory),
@@ -69,11 +84,15 @@ class Dynamo:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        url = "http://127.0.0.1:8000"
+        self._pids = [
+            int((self.directory / name).read_text())
+            for name in ("mocker.pid", "frontend.pid")
+            if (self.directory / name).exists()
+        ]
         for _ in range(120):
             try:
-                if "tiny" in httpx.get(f"{url}/v1/models", timeout=2).text:
-                    return url
+                if "tiny" in httpx.get(f"{self.URL}/v1/models", timeout=2).text:
+                    return self.URL
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
@@ -81,11 +100,10 @@ class Dynamo:
         raise RuntimeError("Dynamo did not come up")
 
     def stop(self) -> None:
-        for name in ("mocker.pid", "frontend.pid"):
-            pid_file = self.directory / name
-            if pid_file.exists():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        for pid in self._pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        self._pids = []
         time.sleep(3)
 
 
@@ -108,6 +126,14 @@ async def measure(url: str, model: str, requests_c1: int, seconds_c32: float) ->
 
 
 def one_round(system: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One system's measurement, with the machine's load average (1, 5, 15 min) after it:
+    the machine is shared, and its load is part of the figure."""
+    result = _one_round(system, args)
+    result["loadavg_after"] = list(os.getloadavg())
+    return result
+
+
+def _one_round(system: str, args: argparse.Namespace) -> dict[str, Any]:
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"overhead-{system.replace('/', '')}.log"
     if system == "Dynamo":
         dynamo = Dynamo(args.dynamo_dir)
@@ -154,7 +180,8 @@ def main() -> None:
                 f"round {round_index + 1} {system:6s} c=1 TTFT p50 "
                 f"{result['c1']['ttft_ms']['p50']:.2f} ms | c=32 "
                 f"{result['c32']['requests_per_s']:.0f} req/s "
-                f"(errors {result['c1']['errors'] + result['c32']['errors']})",
+                f"(errors {result['c1']['errors'] + result['c32']['errors']}) "
+                f"load {result['loadavg_after'][0]:.1f}",
                 flush=True,
             )
     medians = {

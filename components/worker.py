@@ -337,6 +337,7 @@ def run_worker(
                 component,
                 metadata=metadata,
                 max_in_flight=capacity,
+                link_host=config.metrics_host,
                 live_metadata=lambda: load.METER.snapshot().to_metadata(),
                 on_done=lambda: load.METER.count("requests"),
             )

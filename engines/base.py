@@ -73,9 +73,21 @@ class PrefillEngine(Engine, abc.ABC):
         host, port = self.bootstrap_address
         return BootstrapInfo(bootstrap_host=host, bootstrap_port=port, bootstrap_room=room)
 
+    def bootstrap_metadata(self) -> dict[str, str]:
+        """What decode needs to reach this engine's rooms without asking (announced in the
+        instance's discovery metadata): `bootstrap_info` less the room."""
+        info = self.bootstrap_info(0)
+        metadata = {
+            "bootstrap_host": info.bootstrap_host,
+            "bootstrap_port": str(info.bootstrap_port),
+        }
+        if info.outcome_port is not None:
+            metadata["outcome_port"] = str(info.outcome_port)
+        return metadata
+
     @abc.abstractmethod
-    def open_room(self, request_id: str) -> int:
-        """Allocate a room for a request, before prefill starts (answered to decode at once)."""
+    def open_room(self, request_id: str, room: int | None = None) -> int:
+        """Open `room` (chosen by decode), or allocate one, before prefill starts."""
 
     @abc.abstractmethod
     def abandon_room(self, room: int, reason: str) -> None:

@@ -31,6 +31,7 @@ from triptych.observability import metrics
 from triptych.protocol import (
     BootstrapInfo,
     ErrorCode,
+    FinishReason,
     GenerateRequest,
     ImageItem,
     RoomReady,
@@ -175,8 +176,8 @@ class _Generator:
             last = finished or index + 1 == sampling.max_tokens
             if step > 0 or last:  # with no decode cost every token is ready at once
                 await _sleep(step)
-                reason = ("stop" if finished else "length") if last else None
-                logprobs = None
+                reason: FinishReason | None = ("stop" if finished else "length") if last else None
+                logprobs: list[TokenLogprob] | None = None
                 if sampling.logprobs is not None:
                     logprobs = [mock_logprobs(t, sampling.logprobs, low, high) for t in pending]
                 yield TokenChunk(

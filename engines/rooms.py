@@ -24,8 +24,8 @@ class RoomPrefillEngine(PrefillEngine):
     def bootstrap_address(self) -> tuple[str, int]:
         return self.server.host, self.server.port
 
-    def open_room(self, request_id: str) -> int:
-        room = new_room()
+    def open_room(self, request_id: str, room: int | None = None) -> int:
+        room = new_room() if room is None else room
         self.server.open(room)
         return room
 

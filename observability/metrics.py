@@ -78,6 +78,11 @@ STAGE_DURATION = Histogram(
 STAGE_IN_FLIGHT = Gauge(
     "triptych_stage_requests_in_flight", "Requests a stage holds now", ["stage"]
 )
+RESPONSE_STREAMS = Counter(
+    "triptych_stage_response_streams_total",
+    "Response streams a stage took, by the path their frames take to the caller",
+    ["stage", "path"],
+)
 
 # encode
 ENCODE_DURATION = Histogram(

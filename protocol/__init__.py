@@ -30,6 +30,8 @@ from triptych.protocol.messages import (
     TokenChunk,
     TokenLogprob,
     VideoItem,
+    decode_chunk,
+    encode_chunk,
 )
 from triptych.protocol.openai import (
     ChatCompletionChunk,
@@ -99,4 +101,6 @@ __all__ = [
     "Usage",
     "VideoItem",
     "VideoPart",
+    "decode_chunk",
+    "encode_chunk",
 ]

@@ -6,6 +6,7 @@ bytes lie, and the bytes move on the transfer layer (NIXL).
 
 from typing import Annotated, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from triptych.protocol.sampling import FinishReason, SamplingOptions
@@ -134,6 +135,9 @@ class GenerateRequest(BaseModel):
     sampling: SamplingOptions
     eos_token_ids: list[int] = []
     """The model's end-of-sequence ids (honoured unless `sampling.ignore_eos`)."""
+    bootstrap_room: int | None = Field(default=None, ge=0, lt=2**63)
+    """Decode → prefill: the room decode chose (and already waits in) at the bootstrap address
+    prefill announces in its discovery metadata; None: prefill picks one and answers it."""
 
     @property
     def media(self) -> list[MediaItem]:
@@ -162,14 +166,13 @@ class BootstrapInfo(BaseModel):
     ``bootstrap_port`` is triptych's room endpoint itself."""
 
 
-class TokenLogprob(BaseModel):
+class TokenLogprob(msgspec.Struct, frozen=True, kw_only=True):
     """How likely one generated token was, and which tokens were most likely in its place.
 
     Engines take both from the distribution the token was drawn from (see
-    `SamplingOptions.logprobs` for which one that is).
+    `SamplingOptions.logprobs` for which one that is). A msgspec struct, as it travels inside
+    `TokenChunk`.
     """
-
-    model_config = ConfigDict(frozen=True)
 
     logprob: float
     """Natural log of the token's probability."""
@@ -178,10 +181,12 @@ class TokenLogprob(BaseModel):
     (`SamplingOptions.logprobs` of them)."""
 
 
-class TokenChunk(BaseModel):
-    """Generated tokens, streamed from decode straight to the frontend."""
+class TokenChunk(msgspec.Struct, frozen=True, kw_only=True):
+    """Generated tokens, streamed from decode straight to the frontend.
 
-    model_config = ConfigDict(frozen=True)
+    A msgspec struct rather than a pydantic model: one travels per token, and msgspec encodes
+    and validates it several times faster (`encode_chunk`, `decode_chunk`).
+    """
 
     token_ids: list[int]
     """New token ids since the previous chunk (may be empty on the final chunk)."""
@@ -194,6 +199,19 @@ class TokenChunk(BaseModel):
     on the first chunk)."""
     logprobs: list[TokenLogprob] | None = None
     """One entry per token of `token_ids`, when the request asked for logprobs."""
+
+
+_chunk_decoder = msgspec.json.Decoder(TokenChunk)
+encode_chunk = msgspec.json.Encoder().encode
+"""A `TokenChunk` as JSON bytes."""
+
+
+def decode_chunk(data: bytes) -> TokenChunk:
+    """A `TokenChunk` from JSON bytes; raises `ValueError` when they are not one."""
+    try:
+        return _chunk_decoder.decode(data)
+    except msgspec.DecodeError as error:
+        raise ValueError(f"invalid token chunk: {error}") from None
 
 
 class KVHandle(BaseModel):

@@ -81,8 +81,14 @@ class Client:
         self.component = component
         self.endpoint = endpoint
         cfg = runtime.config
+        links = runtime.links
         self.instances = InstanceTracker(
-            runtime.nc, cfg.namespace, component, cfg.discovery_interval_s, cfg.instance_ttl_s
+            runtime.nc,
+            cfg.namespace,
+            component,
+            cfg.discovery_interval_s,
+            cfg.instance_ttl_s,
+            on_seen=links.ensure if links is not None else None,
         )
         self._round_robin = itertools.count()
         self.max_load = max_load
@@ -251,6 +257,11 @@ class Client:
                     raise
                 await asyncio.sleep(NO_RESPONDERS_RETRY_S)
         raise AssertionError("unreachable")
+
+    async def candidates(self, deadline: float, affinity: Sequence[str] = ()) -> list[str]:
+        """Live instances in the order a call would try them, by `affinity` keys when given
+        (waits a little for one)."""
+        return await self._candidates(None, deadline, affinity)
 
     def open_calls(self, instance: str) -> int:
         """Calls with affinity this caller holds open on `instance`."""

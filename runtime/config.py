@@ -33,6 +33,9 @@ class RuntimeConfig:
     """A worker holding a silent stream sends a keepalive this often."""
     stream_idle_timeout_s: float = 5.0
     """A caller fails a stream that has been silent (no data, no keepalive) this long."""
+    direct_streams: bool = True
+    """Response frames travel on direct TCP links from worker to caller where the worker
+    offers one (``stream_port`` in its NATS metadata), instead of through nats-server."""
     reconnect_window_s: float = 30.0
     """A process that cannot reach NATS for this long exits non-zero, for its supervisor
     (Kubernetes, systemd, a launcher) to restart it."""
@@ -74,6 +77,14 @@ class RuntimeConfig:
             type=float,
             default=base.stream_idle_timeout_s,
             help="a reply stream silent this long (no data, no keepalive) fails",
+        )
+        group.add_argument(
+            "--no-direct-streams",
+            dest="direct_streams",
+            action="store_false",
+            default=base.direct_streams,
+            help="send response frames through NATS rather than on direct TCP links from the "
+            "workers",
         )
         group.add_argument(
             "--nats-reconnect-window-s",

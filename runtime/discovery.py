@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from triptych.runtime import wire
@@ -21,7 +22,16 @@ log = logging.getLogger(__name__)
 class InstanceTracker:
     """The live instances of one component, kept fresh by a ping loop."""
 
-    def __init__(self, nc: Any, namespace: str, component: str, interval: float, ttl: float):
+    def __init__(
+        self,
+        nc: Any,
+        namespace: str,
+        component: str,
+        interval: float,
+        ttl: float,
+        *,
+        on_seen: Callable[[dict[str, str]], None] | None = None,
+    ):
         self._nc = nc
         self._component = component
         self._subject = wire.ping_subject(namespace, component)
@@ -30,6 +40,8 @@ class InstanceTracker:
         self._last_seen: dict[str, float] = {}
         self._metadata: dict[str, dict[str, str]] = {}
         self._changed = asyncio.Event()
+        self._on_seen = on_seen
+        """Called with an instance's metadata each time it answers a ping."""
         self._tasks = TaskOwner(f"discovery:{component}")
         self._inbox = ""
         self._sub: Any = None
@@ -109,4 +121,6 @@ class InstanceTracker:
         self._last_seen[instance] = time.monotonic()
         metadata = info.get("metadata")
         self._metadata[instance] = metadata if isinstance(metadata, dict) else {}
+        if self._on_seen is not None:
+            self._on_seen(self._metadata[instance])
         self._changed.set()

@@ -79,7 +79,9 @@ class _HelpFormatter(argparse.HelpFormatter):
         if action.dest == "config":
             return f"{text} (env {flag_variable('--config')})"
         if is_switch(action):
-            default = "on" if action.default else "off"
+            # A store_false switch (--no-...) is on when its destination's default is False.
+            on = bool(action.default) != isinstance(action, argparse._StoreFalseAction)
+            default = "on" if on else "off"
         elif is_secret(action):
             default = "set" if action.default else "none"
         elif action.default in (None, ""):

@@ -11,9 +11,11 @@ from typing import Any
 
 from nats.aio.client import Client as NatsConnection
 
+from triptych.protocol import ErrorCode, ErrorInfo
 from triptych.runtime import wire
 from triptych.runtime.client import Client
 from triptych.runtime.config import RuntimeConfig
+from triptych.runtime.links import CallerLink, LinkDialer, LinkServer, Publish, frame_headers
 from triptych.runtime.stream import ResponseStream
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ class Runtime:
         """Set when NATS stayed unreachable for `config.reconnect_window_s`: the process
         should exit non-zero and let its supervisor restart it."""
         self._outage: asyncio.TimerHandle | None = None
+        self.links: LinkDialer | None = None
+        """Direct stream links this process opened to the instances it calls."""
+        self._link_server: LinkServer | None = None
 
     async def start(self) -> None:
         """Connect to NATS (reconnecting forever afterwards) and open the stream inbox."""
@@ -49,6 +54,8 @@ class Runtime:
         await self._connect()
         self._prefix = wire.stream_prefix(self.config.namespace, secrets.token_hex(8))
         await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_frame)
+        if self.config.direct_streams:
+            self.links = LinkDialer(self._prefix, self._on_link_frame, self._on_link_lost)
         log.info("%s joined NATS at %s", self.name, _public(self.nc.connected_url))
 
     async def _connect(self) -> None:
@@ -79,6 +86,10 @@ class Runtime:
         for client in self._clients:
             await client.close()
         self._clients.clear()
+        if self.links is not None:
+            await self.links.close()
+        if self._link_server is not None:
+            await self._link_server.close()
         for stream in list(self._streams.values()):
             stream.close()
         if not self.nc.is_closed:
@@ -110,6 +121,24 @@ class Runtime:
         """Publish one frame (used by stream sinks)."""
         await self.nc.publish(subject, data, headers=headers)
 
+    async def serve_links(self, host: str) -> int | None:
+        """Offer direct stream links on `host` (the caller dials the advertised address);
+        returns the port, or None when direct streams are off."""
+        if not self.config.direct_streams:
+            return None
+        if self._link_server is None:
+            self._link_server = LinkServer()
+        return await self._link_server.start(host)
+
+    def publisher(self, subject: str) -> Publish:
+        """How this process sends the frames of the stream on `subject`: over the owner's
+        direct link when it has one here, else through NATS."""
+        if self._link_server is not None:
+            direct = self._link_server.publisher(subject)
+            if direct is not None:
+                return direct
+        return self.publish
+
     def open_stream(self, request_id: str, deadline: float) -> ResponseStream:
         """A new response stream whose frames arrive on a subject of this process."""
         subject = f"{self._prefix}.{next(self._stream_ids)}"
@@ -126,6 +155,22 @@ class Runtime:
         stream = self._streams.get(msg.subject)
         if stream is not None:
             stream.feed(msg.data, msg.headers)
+
+    def _on_link_frame(self, subject: str, kind: int, data: bytes, link: CallerLink) -> None:
+        stream = self._streams.get(subject)
+        if stream is not None:
+            stream.link = link
+            stream.feed(data, frame_headers(kind))
+
+    def _on_link_lost(self, link: CallerLink) -> None:
+        for stream in list(self._streams.values()):
+            if stream.link is link:
+                error = ErrorInfo(
+                    code=ErrorCode.UNAVAILABLE,
+                    message=f"{stream.instance or 'the worker'}'s stream link was lost",
+                    request_id=stream.request_id,
+                )
+                stream.feed(error.model_dump_json().encode(), {wire.ERROR_CODE: "503"})
 
     def _connect_options(self) -> dict[str, Any]:
         cfg = self.config

@@ -102,9 +102,10 @@ class Service:
         runtime: Runtime,
         component: str,
         version: str = "0.1.0",
+        *,
         metadata: dict[str, str] | None = None,
         max_in_flight: int | None = None,
-        *,
+        link_host: str | None = None,
         live_metadata: Callable[[], dict[str, str]] | None = None,
         on_done: Callable[[], None] | None = None,
     ) -> None:
@@ -113,6 +114,9 @@ class Service:
         self.max_in_flight = max_in_flight
         """Requests this instance holds at most; more are refused at once as busy (the caller
         tries another instance, and answers 503 with Retry-After when all are full)."""
+        self._link_host = link_host
+        """Interface of this instance's direct stream links (None: none; frames go by NATS).
+        Callers dial the ``host`` of the metadata, which must reach it."""
         self._version = version
         self._metadata = dict(metadata or {})
         if max_in_flight is not None:
@@ -132,6 +136,12 @@ class Service:
         self._gauges: dict[str, Callable[[], float]] = {"in_flight": lambda: self.in_flight}
         metrics.STAGE_IN_FLIGHT.labels(component).set_function(lambda: self.in_flight)
         self.instance_id = ""
+
+    def announce(self, metadata: dict[str, str]) -> None:
+        """Add to this instance's discovery metadata (before `start`)."""
+        if self._micro is not None:
+            raise RuntimeError("metadata is announced at start")
+        self._metadata.update(metadata)
 
     def add_gauge(self, name: str, read: Callable[[], float]) -> None:
         """Report `read()` under `name` in this instance's NATS micro STATS data."""
@@ -161,6 +171,10 @@ class Service:
             return
         nc = self._runtime.nc
         ns = self._runtime.config.namespace
+        if self._link_host is not None:
+            port = await self._runtime.serve_links(self._link_host)
+            if port is not None:
+                self._metadata["stream_port"] = str(port)
         self.refresh_metadata()
         self._micro = await add_service(
             nc,
@@ -247,7 +261,11 @@ class Service:
                 str(refusal.code), refusal.message, data=refusal.model_dump_json().encode()
             )
             return
-        sink = StreamSink(self._runtime.publish, headers.get(wire.STREAM_TO, ""), request_id)
+        stream_to = headers.get(wire.STREAM_TO, "")
+        publish = self._runtime.publisher(stream_to)
+        path = "nats" if publish == self._runtime.publish else "direct"
+        metrics.RESPONSE_STREAMS.labels(self.component, path).inc()
+        sink = StreamSink(publish, stream_to, request_id)
         ctx = Context(request_id=request_id, deadline=deadline, stream=sink)
         self._inflight.setdefault(request_id, set()).add(ctx)  # counted before the ack's await
         try:

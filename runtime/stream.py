@@ -41,6 +41,8 @@ class ResponseStream:
         self._finished = False
         self.instance = ""
         """The instance that accepted the call."""
+        self.link: object | None = None
+        """The direct link its frames arrive on, once one did (None: NATS)."""
 
     def feed(self, data: bytes, headers: dict[str, str] | None) -> None:
         """Called by the runtime for each frame that arrives on this stream's subject."""
@@ -86,6 +88,11 @@ class ResponseStream:
             if remaining <= 0:
                 self.close()
                 raise deadline_exceeded(self.request_id)
+            if not self._queue.empty():  # already here: no timer to arm and cancel
+                frame = self._queue.get_nowait()
+                if frame[1] is not None and wire.KEEPALIVE in frame[1]:
+                    continue
+                return frame
             silent_limit = remaining > self._idle_timeout
             try:
                 async with asyncio.timeout(min(remaining, self._idle_timeout)):
@@ -123,6 +130,10 @@ class StreamSink:
     async def send(self, message: BaseModel, *, end: bool = False) -> None:
         """Send one payload; `end` makes it the last frame."""
         await self._frame(message.__pydantic_serializer__.to_json(message), end)
+
+    async def send_bytes(self, data: bytes, *, end: bool = False) -> None:
+        """Send one payload already encoded (e.g. a token chunk by its own codec)."""
+        await self._frame(data, end)
 
     async def end(self) -> None:
         """Send the end marker alone."""

@@ -104,7 +104,7 @@ def test_metrics_move_as_requests_flow(stack: Stack) -> None:
         assert (
             value(worker, count, stage=component, outcome="ok")
             - value(before_workers[component], count, stage=component, outcome="ok")
-            >= 3
+            >= (2 if component == "encode" else 3)  # text-only requests skip the encoder
         ), component
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200

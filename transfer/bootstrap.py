@@ -1,11 +1,14 @@
 """Bootstrap rooms: how decode finds the KV cache prefill made for it.
 
-Prefill runs a `BootstrapServer` on ``host:port`` and answers decode's NATS call at once with
-``{bootstrap_host, bootstrap_port, bootstrap_room}``. Decode then `join`s the room over a
-persistent TCP connection and waits: prefill answers with `RoomReady` (where the KV cache lies)
-or `RoomFailed` the moment it fails, so decode never waits for a timeout to learn of a failure.
-Decode reports `RoomDone` once it holds the cache, and prefill frees its copy.
-"""
+Prefill runs a `BootstrapServer` on ``host:port`` and announces that address in its discovery
+metadata. Decode picks a room, `join`s it over a persistent TCP connection and sends prefill
+the request naming the room, both at once; the join waits at the server until prefill opens the
+room (a prefill that announces nothing answers decode's call with ``{bootstrap_host,
+bootstrap_port, bootstrap_room}`` instead). Prefill answers the join with `RoomReady` (where the
+KV cache lies) or `RoomFailed` the moment it fails, so decode never waits for a timeout to learn
+of a failure. Decode reports `RoomDone` once it holds the cache, and prefill frees its copy; a
+decode that leaves a room it joined early (prefill refused the request) says `RoomDone` too, and
+the server forgets the room."""
 
 import asyncio
 import contextlib
@@ -42,6 +45,8 @@ class _Room:
     outcome: "asyncio.Future[Outcome]" = field(default_factory=asyncio.Future)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     delivered: bool = False
+    opened: bool = False
+    """Prefill opened it (a decode may join a room before prefill has its request)."""
 
 
 class RoomSlot:
@@ -107,7 +112,7 @@ class BootstrapServer:
 
     def open(self, room: int) -> RoomSlot:
         """Open a room for one request."""
-        self._room(room)
+        self._room(room).opened = True
         return RoomSlot(self, room)
 
     @property
@@ -144,7 +149,11 @@ class BootstrapServer:
                     waiters.add(waiter)
                     waiter.add_done_callback(waiters.discard)
                 elif isinstance(message, RoomDone) and message.room in self._rooms:
-                    self._rooms[message.room].done.set()
+                    entry = self._rooms[message.room]
+                    entry.done.set()
+                    if not entry.opened:  # decode gave up before prefill had the request
+                        self._settle(message.room, RoomFailed(room=message.room, message="left"))
+                        del self._rooms[message.room]
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except asyncio.CancelledError:
@@ -212,6 +221,10 @@ class BootstrapClient:
         await connection.writer.drain()
         try:
             outcome = await future
+        except asyncio.CancelledError:
+            if connection.alive:  # leave the room: prefill frees it (or forgets an early join)
+                write_frame(connection.writer, RoomDone(room=room))
+            raise
         finally:
             connection.pending.pop(room, None)
         if isinstance(outcome, RoomFailed):

@@ -1,14 +1,23 @@
 """The decode worker's request handlers: disaggregated and aggregated."""
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 
 from triptych.engines import AggregatedEngine, DecodeEngine, EncodeEngine
 from triptych.engines.inputs import gather_embeddings
 from triptych.models.prefix import route_keys
 from triptych.observability import nvtx
-from triptych.protocol import BootstrapInfo, GenerateRequest, TokenChunk
+from triptych.protocol import (
+    BootstrapInfo,
+    ErrorCode,
+    GenerateRequest,
+    ServiceError,
+    TokenChunk,
+    encode_chunk,
+)
 from triptych.runtime import Client, Context
 from triptych.transfer import EmbeddingTransport
+from triptych.transfer.bootstrap import new_room
 
 
 async def _stream(chunks: AsyncIterator[TokenChunk], ctx: Context, ttft: nvtx.Mark) -> None:
@@ -17,11 +26,16 @@ async def _stream(chunks: AsyncIterator[TokenChunk], ctx: Context, ttft: nvtx.Ma
         async for chunk in chunks:
             first_token.end()
             ttft.end()
-            await ctx.stream.send(chunk, end=chunk.finish_reason is not None)
+            await ctx.stream.send_bytes(encode_chunk(chunk), end=chunk.finish_reason is not None)
 
 
 class DisaggregatedHandler:
-    """Asks a prefill instance for a bootstrap room, then decodes from the KV it hands over.
+    """Picks a prefill instance and a room, joins the room and sends prefill the request at
+    the same time, then decodes from the KV cache it hands over.
+
+    Prefill announces its bootstrap address in its discovery metadata, so decode needs no
+    round trip to learn the room: its join waits at prefill's endpoint while the request is
+    on its way there. A prefill instance that announces nothing is asked for a room.
 
     With `prefix_affinity`, the prefill instance is picked by rendezvous hashing of the
     prompt's beginning (`models.prefix.route_keys`), so prompts that share it meet the
@@ -42,18 +56,115 @@ class DisaggregatedHandler:
             nvtx.start("mm:pd:ttft") as ttft,
         ):
             async with self.engine.admit(request):
+                chunks = await self._bootstrap(request, ctx)
+                try:
+                    await _stream(chunks, ctx, ttft)
+                finally:
+                    await chunks.aclose()
+
+    async def _bootstrap(self, request: GenerateRequest, ctx: Context) -> "_Started":
+        refused: ServiceError | None = None
+        affinity = route_keys(request) if self.prefix_affinity else []
+        for instance in await self.prefill.candidates(ctx.deadline, affinity):
+            bootstrap = _announced(self.prefill.instances.metadata(instance))
+            if bootstrap is None:
+                return _Started.later(await self._ask_for_room(request, ctx, instance))
+            room = new_room()
+            started = _Started.now(
+                self.engine.generate(
+                    ctx.request_id, request, bootstrap.model_copy(update={"bootstrap_room": room})
+                )
+            )
+            try:
                 answer = await self.prefill.call(
-                    request,
+                    request.model_copy(update={"bootstrap_room": room}),
                     request_id=ctx.request_id,
                     deadline=ctx.deadline,
-                    affinity=route_keys(request) if self.prefix_affinity else (),
+                    instance=instance,
                 )
-                try:
-                    bootstrap = await answer.next_model(BootstrapInfo)
-                finally:
-                    answer.close()
-                chunks = self.engine.generate(ctx.request_id, request, bootstrap)
-                await _stream(chunks, ctx, ttft)
+                answer.close()  # prefill reports into the room from now on
+            except BaseException as error:
+                await started.aclose()
+                if not isinstance(error, ServiceError) or error.code != ErrorCode.UNAVAILABLE:
+                    raise
+                refused = error  # gone, draining or busy: the next instance may take it
+                continue
+            return started
+        if refused is not None:
+            raise refused
+        return _Started.later(await self._ask_for_room(request, ctx, None, affinity))
+
+    async def _ask_for_room(
+        self,
+        request: GenerateRequest,
+        ctx: Context,
+        instance: str | None,
+        affinity: Sequence[str] = (),
+    ) -> AsyncIterator[TokenChunk]:
+        answer = await self.prefill.call(
+            request,
+            request_id=ctx.request_id,
+            deadline=ctx.deadline,
+            instance=instance,
+            affinity=affinity,
+        )
+        try:
+            bootstrap = await answer.next_model(BootstrapInfo)
+        finally:
+            answer.close()
+        return self.engine.generate(ctx.request_id, request, bootstrap)
+
+
+def _announced(metadata: dict[str, str]) -> BootstrapInfo | None:
+    """The bootstrap address a prefill instance announces (room 0: a placeholder)."""
+    host, port = metadata.get("bootstrap_host"), metadata.get("bootstrap_port", "")
+    outcome = metadata.get("outcome_port", "")
+    if not host or not port.isdigit():
+        return None
+    return BootstrapInfo(
+        bootstrap_host=host,
+        bootstrap_port=int(port),
+        bootstrap_room=0,
+        outcome_port=int(outcome) if outcome.isdigit() else None,
+    )
+
+
+class _Started:
+    """A decode stream whose first step (joining the room) may already be running."""
+
+    def __init__(
+        self, chunks: AsyncIterator[TokenChunk], first: "asyncio.Future[TokenChunk] | None"
+    ) -> None:
+        self._chunks = chunks
+        self._first = first
+
+    @classmethod
+    def now(cls, chunks: AsyncIterator[TokenChunk]) -> "_Started":
+        """Start the first step at once (the join goes out while prefill is being called)."""
+        return cls(chunks, asyncio.ensure_future(anext(chunks)))
+
+    @classmethod
+    def later(cls, chunks: AsyncIterator[TokenChunk]) -> "_Started":
+        return cls(chunks, None)
+
+    def __aiter__(self) -> "_Started":
+        return self
+
+    async def __anext__(self) -> TokenChunk:
+        first, self._first = self._first, None
+        if first is not None:
+            return await first
+        return await anext(self._chunks)
+
+    async def aclose(self) -> None:
+        """Stop the first step if it still runs, and close the stream."""
+        first, self._first = self._first, None
+        if first is not None:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class AggregatedHandler:

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 
 from triptych.observability import metrics
-from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk
+from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk, decode_chunk
 from triptych.runtime import Client, ResponseStream, Runtime
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Generation:
             assert self._stream is not None, "start() first"
             try:
                 async for data in self._stream:
-                    chunk = TokenChunk.model_validate_json(data)
+                    chunk = decode_chunk(data)
                     self._produced = self._produced or bool(chunk.token_ids)
                     yield chunk
                 return

@@ -115,14 +115,18 @@ class Frontend:
         app.router.add_get("/metrics", self.metrics)
         return app
 
-    def _affinity(self, request: GenerateRequest) -> list[str]:
-        """The content keys the entry instance is chosen by (none: round-robin): the prompt's
-        beginning when the entry prefills it (EPD), else its images' content keys."""
-        if self.config.topology == "EPD" and self.config.prefix_routing == "affinity":
+    def _affinity(self, request: GenerateRequest, entry: Client) -> list[str]:
+        """The content keys `entry`'s instance is chosen by (none: round-robin): an encoder by
+        the images' content keys, an aggregated worker (EPD, E/PD text) by the prompt's
+        beginning, which its prefix cache may hold."""
+        if entry.component == "encode":
+            if self.config.image_routing != "affinity":
+                return []
+            return [image.content_key for image in request.images if image.content_key]
+        aggregated = self.config.topology in ("EPD", "E/PD")
+        if aggregated and self.config.prefix_routing == "affinity":
             return route_keys(request)
-        if self.config.image_routing != "affinity":
-            return []
-        return [image.content_key for image in request.images if image.content_key]
+        return []
 
     async def health(self, request: web.Request) -> web.Response:
         """The process is up."""
@@ -215,6 +219,13 @@ class Frontend:
             telemetry.finish(client_gone)
             exchange.ttft_s = telemetry.ttft_s
 
+    def entry_for(self, requests: list[GenerateRequest]) -> Client:
+        """The stage requests enter at: text goes straight to decode (past the encoder, when the
+        topology has one); requests with images or videos go to the topology's entry stage."""
+        if any(r.media for r in requests) or self.entry.component != "encode":
+            return self.entry
+        return self.stages["decode"]
+
     def _refusal(self, request_id: str) -> ServiceError | None:
         """A busy answer when this frontend already holds as many requests as it may, or as
         every decode instance can hold: refusing at the door costs next to nothing, where a
@@ -248,15 +259,16 @@ class Frontend:
                 plan = await make_plan(await request.read(), request_id)
                 telemetry.prompts(plan.prompts)
                 request[EXCHANGE].prompt_tokens = sum(len(p.token_ids) for p in plan.prompts)
+                entry = self.entry_for(plan.requests)
                 choices = Choices(
                     self.runtime,
-                    self.entry,
+                    entry,
                     plan.requests,
                     request_id,
                     telemetry,
                     deadline=time.time() + self.config.request_timeout_s,
                     migration_limit=self.config.migration_limit,
-                    affinity=[self._affinity(r) for r in plan.requests],
+                    affinity=[self._affinity(r, entry) for r in plan.requests],
                 )
                 # Nothing reaches the client before every choice's first chunk: until then a
                 # failure is still a plain HTTP error (a 503 with Retry-After when the cause

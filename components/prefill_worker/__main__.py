@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ) -> Sequence[Engine]:
         engine = prefill_engine(config.engine, transport.agent)
         await engine.start()
+        service.announce(engine.bootstrap_metadata())  # decode reaches rooms without asking
         encoder = await inline_encoder(config, args.dedicated_mm_encoder, engine.model_runner())
         handler = PrefillHandler(engine, transport, encoder)
         service.add_endpoint("generate", GenerateRequest, handler.generate)

@@ -19,10 +19,12 @@ class PrefillHandler:
         self.encoder = encoder
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
-        """Answer the bootstrap triple first; a later failure reaches decode through the room."""
+        """Open the room decode chose (or answer the bootstrap triple of a new one); a later
+        failure reaches decode through the room."""
         with nvtx.span("mm:prefill:bootstrap"):
-            room = self.engine.open_room(ctx.request_id)
-            await ctx.stream.send(self.engine.bootstrap_info(room), end=True)
+            room = self.engine.open_room(ctx.request_id, request.bootstrap_room)
+            if request.bootstrap_room is None:
+                await ctx.stream.send(self.engine.bootstrap_info(room), end=True)
         try:
             with nvtx.span("mm:prefill:load_multimodal"):
                 embeddings = await gather_embeddings(

@@ -390,7 +390,7 @@ def test_a_repeated_image_prompt_meets_its_cached_prefix_and_answers_exactly(
 async def test_affinity_passes_over_an_instance_that_announces_a_long_queue() -> None:
     """A prefill call's stream ends once the room is known, so the caller's own open calls
     say nothing of prefill's load: the queue each instance announces does."""
-    runtime = SimpleNamespace(nc=None, config=RuntimeConfig())
+    runtime = SimpleNamespace(nc=None, config=RuntimeConfig(), links=None)
     client = Client(runtime, "prefill", "generate")  # type: ignore[arg-type]
     keys = ["prefix:abc"]
 

@@ -11,27 +11,43 @@ Poisson arrivals). For each mix (one 448x448 image; three 1024x1024 images):
 3. the planner's split is launched and serves the same rates.
 
 Goodput is the highest completed requests/s at a rate whose TTFT p99 stayed within the target.
+Every image of every request is a noise picture of its own, so the encoders' embedding cache
+cannot hide their load; before a layout is measured, every instance of every stage has served
+warm-up requests of the mix (checked in their load signals).
 
     python benchmarks/planner.py --out DIR [--gpus 2] [--engine mock: a dry run on a CPU]
 """
 
 import argparse
 import asyncio
+import base64
+import contextlib
+import io
+import itertools
 import json
+import math
+import multiprocessing
 import os
 import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
+import uvloop
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chat_client import chat_body, picture, stream_chat
+from chat_client import chat_body, stream_chat
 from gpu_epd import build_checkpoint, run_info
 from launcher import launch, stop
 
@@ -40,6 +56,7 @@ from triptych.components.planner.model import (
     StageCosts,
     WorkloadProfile,
     calibrate,
+    calibrate_latency,
     capacity,
 )
 from triptych.components.planner.placement import plan
@@ -54,15 +71,22 @@ TEXT = (
     "about them."
 )
 MIXES: dict[str, dict[str, Any]] = {
-    "one_448_image": {"images": 1, "size": 448, "seconds": 6, "rates": [8, 16, 24, 32, 40, 48]},
+    "one_448_image": {
+        "images": 1,
+        "size": 448,
+        "seconds": 6,
+        "rates": [16, 32, 40, 48, 56, 64, 80, 96],
+    },
     "three_1024_images": {
         "images": 3,
         "size": 1024,
         "seconds": 8,
-        "rates": [0.5, 1, 1.5, 2, 3, 4],
+        "rates": [0.5, 1, 1.5, 2, 3, 4, 5, 6],
     },
 }
 TTFT_TARGET_S = 1.0
+WARM_ROUNDS = 4
+"""Warm-up rounds at most: each sends concurrent requests until every instance has served."""
 MOCK_COSTS = {
     # --engine mock: a dry run of the whole procedure on a CPU (simulated stage costs)
     "mock": [
@@ -83,44 +107,105 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+LOADERS = 12
+"""Processes that send the load at most: one event loop parsing a few thousand streamed chunks a
+second saturates near 50 requests/s; Poisson arrivals split over several are Poisson still."""
+PER_LOADER = 8
+"""Requests per second one load generator process sends at most."""
+
+
+def loader(conn: Connection, url: str, bodies: list[bytes]) -> None:
+    """A load generator process: for each (rate, seconds, seed) it is sent, Poisson arrivals
+    of its own bodies; it answers each request's timings (None: failed), how many it sent,
+    and the seconds until the last one finished."""
+    stream = itertools.cycle(bodies)
+    conn.send("ready")
+    while (command := conn.recv()) is not None:
+        rate, seconds, seed = command
+        conn.send(uvloop.run(arrivals(url, stream, rate, seconds, random.Random(seed))))
+
+
+async def arrivals(
+    url: str, bodies: Iterator[bytes], rate: float, seconds: float, rng: random.Random
+) -> tuple[list[dict[str, float] | None], float]:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=120, limits=httpx.Limits(max_connections=None)
+    ) as client:
+
+        async def timed(body: bytes) -> dict[str, float] | None:
+            try:
+                streamed = await stream_chat(client, body)
+            except httpx.HTTPError:
+                return None
+            return {"ttft": streamed.ttft_s, "step": streamed.step_s, "tokens": streamed.tokens}
+
+        tasks = []
+        started = time.perf_counter()
+        while True:  # the first arrival too is a draw: loaders do not all send at once
+            await asyncio.sleep(rng.expovariate(rate))
+            if time.perf_counter() - started >= seconds:
+                break
+            tasks.append(asyncio.create_task(timed(next(bodies))))
+        if not tasks:
+            return [], time.perf_counter() - started
+        done, pending = await asyncio.wait(tasks, timeout=20)
+        for task in pending:
+            task.cancel()
+        results = [t.result() for t in done] + [None] * len(pending)
+        return results, time.perf_counter() - started
+
+
+class Loaders:
+    """`LOADERS` load generator processes, each with its share of the sweep's bodies."""
+
+    def __init__(self, url: str, bodies: list[bytes], count: int = LOADERS) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.processes: list[BaseProcess] = []
+        for k in range(count):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=loader, args=(theirs, url, bodies[k::count]))
+            process.start()
+            self.conns.append(ours)
+            self.processes.append(process)
+        for conn in self.conns:
+            conn.recv()  # started: its bodies are in
+
+    async def run(
+        self, rate: float, seconds: float, seed: int
+    ) -> tuple[list[dict[str, float] | None], float]:
+        for k, conn in enumerate(self.conns):
+            conn.send((rate / len(self.conns), seconds, seed * 1000 + k))
+        answers = await asyncio.gather(*(asyncio.to_thread(conn.recv) for conn in self.conns))
+        return [r for results, _ in answers for r in results], max(e for _, e in answers)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send(None)
+        for process in self.processes:
+            process.join(timeout=30)
+
+
 async def one_rate(
-    client: httpx.AsyncClient,
-    body: dict[str, Any],
-    rate: float,
-    seconds: float,
-    rng: random.Random,
-    runtime: Runtime | None,
+    loaders: Loaders, rate: float, seconds: float, seed: int, runtime: Runtime | None
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Poisson arrivals at `rate` for `seconds`; the stages' signals as arrivals end."""
-
-    async def timed() -> dict[str, float] | None:
-        try:
-            streamed = await stream_chat(client, body)
-        except httpx.HTTPError:
-            return None
-        return {"ttft": streamed.ttft_s, "step": streamed.step_s, "tokens": streamed.tokens}
-
-    tasks = []
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        tasks.append(asyncio.create_task(timed()))
-        await asyncio.sleep(rng.expovariate(rate))
+    sent = asyncio.create_task(loaders.run(rate, seconds, seed))
+    await asyncio.sleep(seconds)
     signals: dict[str, list[dict[str, Any]]] = {}
     if runtime is not None:
         read = await read_signals(runtime, ("encode", "prefill", "decode"))
         signals = {s: [x.model_dump() for x in sig.loads] for s, sig in read.items()}
-    done, pending = await asyncio.wait(tasks, timeout=20)
-    for task in pending:
-        task.cancel()
-    elapsed = time.perf_counter() - started
-    ok = [r for t in done if (r := t.result()) is not None]
+    results, elapsed = await sent
+    ok = [r for r in results if r is not None]
     ttfts = [r["ttft"] * 1e3 for r in ok]
     steps = [r["step"] * 1e3 for r in ok if r["tokens"] > 1]
     return {
         "rate_req_per_s": rate,
-        "sent": len(tasks),
+        "sent": len(results),
+        "sent_req_per_s": len(results) / seconds,
         "completed": len(ok),
-        "errors": len(tasks) - len(ok),
+        "errors": len(results) - len(ok),
         "throughput_req_per_s": len(ok) / elapsed,
         "output_tokens_per_s": sum(r["tokens"] for r in ok) / elapsed,
         "ttft_ms_p50": statistics.median(ttfts) if ttfts else None,
@@ -134,36 +219,104 @@ def within_target(row: dict[str, Any]) -> bool:
     return row["errors"] == 0 and p99 is not None and p99 <= TTFT_TARGET_S * 1e3
 
 
+def noise_picture(size_and_seed: tuple[int, int]) -> str:
+    """A data URL of a grey noise PNG of its own (as `chat_client.png`, seeded: the pool's
+    processes must not draw the same noise)."""
+    size, seed = size_and_seed
+    rng = np.random.default_rng(seed)
+    grey = np.clip(rng.normal(128, 64, (size, size)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).convert("RGB").save(buffer, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def distinct_bodies(model: str, mix: dict[str, Any], max_tokens: int, extra: int) -> list[bytes]:
+    """Enough requests for the whole sweep (and `extra` for warm-up), no image used twice."""
+    expected = sum(rate * mix["seconds"] for rate in mix["rates"])
+    requests = int(expected * 1.5) + 240 + extra
+    wanted = [(model, mix["size"], mix["images"], seed, max_tokens) for seed in range(requests)]
+    with ProcessPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        return list(pool.map(encoded_body, wanted, chunksize=4))
+
+
+def encoded_body(spec: tuple[str, int, int, int, int]) -> bytes:
+    """One request's JSON, its images its own: encoded here, in the pool, once."""
+    model, size, images, seed, max_tokens = spec
+    pictures = [noise_picture((size, seed * images + i)) for i in range(images)]
+    return json.dumps(chat_body(model, pictures, TEXT, max_tokens)).encode()
+
+
+async def warm_up(
+    client: httpx.AsyncClient, bodies: Iterator[bytes], runtime: Runtime | None
+) -> dict[str, Any]:
+    """Requests of the mix, in concurrent rounds, until every instance of every stage has
+    served one (its signals show work in their window): no instance meets its first batch
+    shape, or its first image of this size, while measured."""
+    served: dict[str, list[bool]] = {}
+    for round_ in range(1, WARM_ROUNDS + 1):
+        await asyncio.gather(*(stream_chat(client, next(bodies)) for _ in range(8)))
+        if runtime is None:
+            return {"rounds": round_}
+        read = await read_signals(runtime, ("encode", "prefill", "decode"))
+        served = {
+            stage: [
+                load.images_per_s > 0
+                if stage == "encode"
+                else load.prompt_tokens_per_s > 0 or load.output_tokens_per_s > 0
+                for load in signals.loads
+            ]
+            for stage, signals in read.items()
+            if signals.loads
+        }
+        if all(all(flags) for flags in served.values()):
+            break
+    return {"rounds": round_, "served": served}
+
+
 async def sweep(
     url: str,
-    model: str,
     mix: dict[str, Any],
-    max_tokens: int,
+    bodies: list[bytes],
     runtime: Runtime | None,
     deadline: float,
+    count: int = LOADERS,
 ) -> dict[str, Any]:
     """Rising rates until TTFT p99 passes the target (or time runs out), with the stages'
     signals at the end of the last rate's arrivals (the most load: the best calibration)."""
-    body = chat_body(model, [picture(mix["size"])] * mix["images"], TEXT, max_tokens)
     rows: list[dict[str, Any]] = []
     signals: dict[str, list[dict[str, Any]]] = {}
-    rng = random.Random(0)
+    warm_bodies, bodies = bodies[: 8 * WARM_ROUNDS], bodies[8 * WARM_ROUNDS :]
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         try:
-            await stream_chat(client, {**body, "max_tokens": 4})  # warm-up
+            warm = await warm_up(client, iter(warm_bodies), runtime)
         except httpx.HTTPStatusError as error:
             return {"rows": [], "goodput_req_per_s": 0.0, "signals": {}, "error": str(error)}
-        for rate in mix["rates"]:
+    print(f"  warm-up: {json.dumps(warm)}", flush=True)
+    loaders = Loaders(url, bodies, min(count, math.ceil(max(mix["rates"]) / PER_LOADER)))
+    try:
+        for seed, rate in enumerate(mix["rates"]):
             if time.monotonic() + mix["seconds"] + 20 > deadline:
                 print("  out of time for this sweep", flush=True)
                 break
-            row, signals = await one_rate(client, body, rate, mix["seconds"], rng, runtime)
+            try:
+                row, signals = await one_rate(loaders, rate, mix["seconds"], seed, runtime)
+            except (EOFError, OSError) as error:  # a load generator died: say so, go on
+                print(f"  load generator failed at rate {rate}: {error!r}", flush=True)
+                break
             rows.append(row)
             print(f"  rate {rate}: {json.dumps(row)}", flush=True)
             if not within_target(row):
                 break
+    finally:
+        with contextlib.suppress(OSError):  # a load generator that died cannot be told
+            loaders.close()
     passing = [r["throughput_req_per_s"] for r in rows if within_target(r)]
-    return {"rows": rows, "goodput_req_per_s": max(passing, default=0.0), "signals": signals}
+    return {
+        "rows": rows,
+        "goodput_req_per_s": max(passing, default=0.0),
+        "signals": signals,
+        "warm_up": warm,
+    }
 
 
 def serve_and_sweep(
@@ -203,12 +356,11 @@ def serve_and_sweep(
         config = RuntimeConfig(nats_url=env["NATS_URL"], namespace=env["TRIPTYCH_NAMESPACE"])
         async with Runtime(config, name="benchmark") as runtime:
             for name, mix in mixes.items():
-                result[name] = await sweep(
-                    url, checkpoint.name, mix, args.max_tokens, runtime, deadline
-                )
+                bodies = distinct_bodies(checkpoint.name, mix, args.max_tokens, 8 * WARM_ROUNDS)
+                result[name] = await sweep(url, mix, bodies, runtime, deadline, args.loaders)
 
     try:
-        asyncio.run(run_all())
+        uvloop.run(run_all())  # the load generator's loop, as fast as the servers'
     finally:
         stop(launcher)
     return result
@@ -236,6 +388,7 @@ def main() -> None:
     parser.add_argument("--report", default="planner_h200x2.json")
     parser.add_argument("--mixes", default=",".join(MIXES))
     parser.add_argument("--engine", choices=("hf", "mock"), default="hf")
+    parser.add_argument("--loaders", type=int, default=LOADERS, help="load generator processes")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +413,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "mix_settings": mixes,
         "max_running_requests": args.max_running_requests,
+        "load_generator_processes": args.loaders,
         "mixes": {},
         "ratios": {},
     }
@@ -285,8 +439,12 @@ def main() -> None:
                 for stage, loads in baseline[name]["signals"].items()
             }
             costs = calibrate(defaults, profile, measured)
+            epd = [GpuPack(aggregated=1)] * args.gpus
+            rows = baseline[name]["rows"]
+            if rows and rows[0]["ttft_ms_p50"] is not None:  # the lowest rate's
+                costs = calibrate_latency(costs, profile, epd, rows[0]["ttft_ms_p50"] / 1e3)
             chosen = plan(profile, costs, args.gpus)
-            epd_model = capacity([GpuPack(aggregated=1)] * args.gpus, profile, costs)
+            epd_model = capacity(epd, profile, costs)
             report["mixes"][name] = {
                 "profile": asdict(profile),
                 "costs_calibrated": asdict(costs),

@@ -31,6 +31,8 @@ class LoadMeter:
         self._busy: deque[tuple[float, float, str]] = deque()  # (start, end, kind)
         self._open: dict[int, tuple[float, str]] = {}  # a busy interval not ended yet
         self._items: deque[tuple[float, str, int]] = deque()  # (when, unit, count)
+        self._totals: dict[str, int] = {}  # per unit, the counts `_items` holds
+        self._host: deque[tuple[float, float]] = deque()  # (when, seconds)
         self._queues: list[Callable[[], int]] = []
         self._next = 0
         self._started = clock()
@@ -46,6 +48,8 @@ class LoadMeter:
             self._busy.clear()
             self._open.clear()
             self._items.clear()
+            self._totals.clear()
+            self._host.clear()
             self._queues.clear()
             self._started = self._clock()
 
@@ -85,6 +89,16 @@ class LoadMeter:
             self._busy.append((ended - seconds, ended, kind))
             self._trim(ended)
 
+    def host(self, seconds: float) -> None:
+        """Add `seconds` of host work for images an encoder is about to count (decoding,
+        resizing, patching): published per image, apart from the model thread's busy time."""
+        if seconds <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            self._host.append((now, seconds))
+            self._trim(now)
+
     def count(self, unit: str, n: int = 1) -> None:
         """Record `n` items of `unit` processed (images, prompt_tokens, output_tokens,
         requests)."""
@@ -93,6 +107,7 @@ class LoadMeter:
         now = self._clock()
         with self._lock:
             self._items.append((now, unit, n))
+            self._totals[unit] = self._totals.get(unit, 0) + n
             self._trim(now)
 
     def snapshot(self) -> StageLoad:
@@ -108,9 +123,8 @@ class LoadMeter:
                 overlap = end - max(start, horizon)
                 if overlap > 0:
                     by_kind[kind] = by_kind.get(kind, 0.0) + overlap
-            rates = dict.fromkeys(UNITS, 0.0)
-            for _, unit, n in self._items:
-                rates[unit] = rates.get(unit, 0.0) + n
+            rates = {**dict.fromkeys(UNITS, 0.0), **self._totals}
+            host = sum(seconds for _, seconds in self._host)
             queues = list(self._queues)
         busy = {kind: min(1.0, seconds / span) for kind, seconds in by_kind.items()}
         return StageLoad(
@@ -121,6 +135,7 @@ class LoadMeter:
             prompt_tokens_per_s=rates["prompt_tokens"] / span,
             output_tokens_per_s=rates["output_tokens"] / span,
             requests_per_s=rates["requests"] / span,
+            host_s_per_image=host / rates["images"] if rates["images"] else 0.0,
             window_s=span,
         )
 
@@ -129,7 +144,10 @@ class LoadMeter:
         while self._busy and self._busy[0][1] < horizon:
             self._busy.popleft()
         while self._items and self._items[0][0] < horizon:
-            self._items.popleft()
+            _, unit, n = self._items.popleft()
+            self._totals[unit] -= n
+        while self._host and self._host[0][0] < horizon:
+            self._host.popleft()
 
 
 METER = LoadMeter()

@@ -147,13 +147,13 @@ class _Generator:
         self.config = config
         self._batch = _DecodeBatch()
 
-    async def stream(self, request: GenerateRequest, skip: int = 0) -> AsyncIterator[TokenChunk]:
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         with self._batch.joined():
-            async for chunk in self._stream(request, skip):
+            async for chunk in self._stream(request):
                 METER.count("output_tokens", len(chunk.token_ids))
                 yield chunk
 
-    async def _stream(self, request: GenerateRequest, skip: int) -> AsyncIterator[TokenChunk]:
+    async def _stream(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         sampling = request.sampling
         if sampling.response_format is not None:
             raise ServiceError(
@@ -170,7 +170,7 @@ class _Generator:
         low, high = self.config.vocab_low, self.config.vocab_high
         pending: list[int] = []
         first = True
-        for index, token in enumerate(tokens[skip:], start=skip):
+        for index, token in enumerate(tokens):
             pending.append(token)
             finished = token in stops and index + 1 > sampling.min_tokens
             last = finished or index + 1 == sampling.max_tokens
@@ -283,9 +283,9 @@ class MockDecodeEngine(DecodeEngine):
         self, request_id: str, request: GenerateRequest, bootstrap: BootstrapInfo
     ) -> AsyncIterator[TokenChunk]:
         host, port = bootstrap.bootstrap_host, bootstrap.bootstrap_port
-        ready = await self._rooms.join(host, port, bootstrap.bootstrap_room)
+        await self._rooms.join(host, port, bootstrap.bootstrap_room)
         await self._rooms.done(host, port, bootstrap.bootstrap_room)
-        async for chunk in self._tokens.stream(request, skip=len(ready.output_token_ids)):
+        async for chunk in self._tokens.stream(request):
             yield chunk
 
 

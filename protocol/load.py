@@ -31,6 +31,9 @@ class StageLoad(BaseModel):
     """Tokens decoded per second."""
     requests_per_s: float = Field(default=0.0, ge=0.0)
     """Requests this instance finished per second."""
+    host_s_per_image: float = Field(default=0.0, ge=0.0)
+    """Host seconds an encoder spent per image it encoded (decoding, resizing, patching, the
+    forward's layouts), off the model thread but serial with its forwards in this process."""
     window_s: float = Field(default=0.0, ge=0.0)
 
     def to_metadata(self) -> dict[str, str]:
@@ -42,6 +45,7 @@ class StageLoad(BaseModel):
             "prompt_tokens_per_s": f"{self.prompt_tokens_per_s:.1f}",
             "output_tokens_per_s": f"{self.output_tokens_per_s:.1f}",
             "requests_per_s": f"{self.requests_per_s:.3f}",
+            "host_s_per_image": f"{self.host_s_per_image:.5f}",
             "window_s": f"{self.window_s:.1f}",
         }
         entries.update(

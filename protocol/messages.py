@@ -246,8 +246,6 @@ class RoomReady(BaseModel):
     room: int
     kv: KVHandle | None = None
     """None for engines that only simulate the hand-off."""
-    output_token_ids: list[int] = []
-    """Tokens prefill already sampled (the first output token, for engines that do so)."""
     rope_delta: int = 0
     """M-RoPE position offset decode continues from (Qwen-VL)."""
     cached_tokens: int = 0

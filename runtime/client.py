@@ -7,21 +7,21 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import nats.errors
+from nats.aio.client import Client as NatsConnection
 from pydantic import BaseModel
 
 from triptych.protocol import ErrorCode, ErrorInfo
 from triptych.protocol.load import PREFIX as LOAD_PREFIX
 from triptych.runtime import wire
+from triptych.runtime.config import RuntimeConfig
 from triptych.runtime.discovery import InstanceTracker
 from triptych.runtime.errors import ServiceError, busy, deadline_exceeded, unavailable
+from triptych.runtime.links import LinkDialer
 from triptych.runtime.rendezvous import rendezvous_order
 from triptych.runtime.stream import ResponseStream, StreamSink
-
-if TYPE_CHECKING:
-    from triptych.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,19 @@ def _queued(metadata: dict[str, str]) -> int:
     return int(depth) if depth.isdigit() else 0
 
 
+class Caller(Protocol):
+    """What a client uses of the `Runtime` that owns it (the runtime imports this module, not
+    the other way round)."""
+
+    config: RuntimeConfig
+    nc: NatsConnection
+    links: LinkDialer | None
+
+    def open_stream(self, request_id: str, deadline: float) -> ResponseStream:
+        """A new response stream whose frames arrive on a subject of this process."""
+        ...
+
+
 class Client:
     """Calls one endpoint of one component.
 
@@ -72,7 +85,7 @@ class Client:
 
     def __init__(
         self,
-        runtime: "Runtime",
+        runtime: Caller,
         component: str,
         endpoint: str,
         max_load: float = AFFINITY_MAX_LOAD,

@@ -156,11 +156,6 @@ class Service:
         self._endpoints.append(_Endpoint(name, request_type, handler))
 
     @property
-    def ready(self) -> bool:
-        """Registered and not draining."""
-        return self._micro is not None and not self._draining
-
-    @property
     def in_flight(self) -> int:
         """Requests this instance is handling right now."""
         return sum(len(contexts) for contexts in self._inflight.values())

@@ -38,6 +38,8 @@ class ResponseStream:
         self._idle_timeout = idle_timeout
         self._on_close = on_close
         self._queue: asyncio.Queue[tuple[bytes, dict[str, str] | None]] = asyncio.Queue()
+        self._queued = 0
+        """Frames in the queue other than keepalives."""
         self._finished = False
         self.instance = ""
         """The instance that accepted the call."""
@@ -46,7 +48,15 @@ class ResponseStream:
 
     def feed(self, data: bytes, headers: dict[str, str] | None) -> None:
         """Called by the runtime for each frame that arrives on this stream's subject."""
+        if headers is None or wire.KEEPALIVE not in headers:
+            self._queued += 1
         self._queue.put_nowait((data, headers))
+
+    @property
+    def pending(self) -> bool:
+        """Whether a frame has arrived that the reader has not taken yet (so a reader that
+        batches its writes knows more is coming without waiting)."""
+        return self._queued > 0
 
     def close(self) -> None:
         """Stop receiving. Safe to call twice."""
@@ -92,6 +102,7 @@ class ResponseStream:
                 frame = self._queue.get_nowait()
                 if frame[1] is not None and wire.KEEPALIVE in frame[1]:
                     continue
+                self._queued -= 1
                 return frame
             silent_limit = remaining > self._idle_timeout
             try:
@@ -107,6 +118,7 @@ class ResponseStream:
             headers = frame[1]
             if headers is not None and wire.KEEPALIVE in headers:
                 continue
+            self._queued -= 1
             return frame
 
     def _error(self, data: bytes, headers: dict[str, str]) -> ServiceError:

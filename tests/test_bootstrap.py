@@ -16,8 +16,8 @@ async def test_decode_receives_what_prefill_offers() -> None:
     joined = asyncio.create_task(client.join(server.host, server.port, 42))
     await asyncio.sleep(0.05)
     assert not joined.done()
-    slot.ready(RoomReady(room=42, output_token_ids=[9]))
-    assert (await joined).output_token_ids == [9]
+    slot.ready(RoomReady(room=42, rope_delta=-3))
+    assert (await joined).rope_delta == -3
     await client.done(server.host, server.port, 42)
     assert await slot.wait_done(2)
     slot.close()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from triptych.components.planner.model import (
     StageCosts,
     WorkloadProfile,
     calibrate,
+    calibrate_latency,
     capacity,
 )
 from triptych.components.planner.placement import Bounds, plan
@@ -83,6 +85,25 @@ def test_meter_busy_fraction_rates_and_window() -> None:
     assert later.busy_fraction == 0 and later.images_per_s == 0
 
 
+def test_meter_reports_an_encoders_host_time_per_image_apart_from_its_model_thread() -> None:
+    clock = Clock()
+    meter = LoadMeter(window_s=10.0, clock=clock)
+    clock.now += 10
+    for _ in range(3):  # 3 batches of 4 images: 0.2 s decoding and resizing, 0.1 s forward
+        clock.now += 0.2
+        meter.host(0.2)
+        with meter.busy("encode"):
+            clock.now += 0.1
+        meter.count("images", 4)
+    load = meter.snapshot()
+    assert load.host_s_per_image == pytest.approx(0.05)
+    assert load.busy_fraction == pytest.approx(0.03)  # the model thread's only
+    published = StageLoad.from_metadata(load.to_metadata())
+    assert published is not None and published.host_s_per_image == pytest.approx(0.05)
+    clock.now += 30
+    assert meter.snapshot().host_s_per_image == 0
+
+
 async def test_the_hf_engine_meters_its_model_thread(tiny_model: Path) -> None:
     """The hf core's own clock and counters feed the meter: prefill and decode time, prompt
     positions prefilled and tokens emitted (not the extra one a stopped sequence computed)."""
@@ -123,6 +144,7 @@ def test_load_round_trips_through_metadata() -> None:
         prompt_tokens_per_s=3000.0,
         output_tokens_per_s=800.0,
         requests_per_s=4.0,
+        host_s_per_image=0.0125,
         window_s=10.0,
     )
     metadata = {"model": "m", "host": "h", **load.to_metadata()}
@@ -153,9 +175,9 @@ def test_plan_gives_the_image_heavy_mix_more_encoders() -> None:
             per_role = {"encode": chosen.packs[int(str(gpu["gpu"]))].encoders}
             used = sum(f * per_role.get(role, 1) for role, f in budgets.items())
             assert used <= 0.9 + 1e-9
-    # three 1024x1024 images keep an EPD worker's model thread ~0.3 s per request: every
-    # running stream stalls that long, past the 50 ms ITL target
-    assert capacity([GpuPack(aggregated=1)] * 2, THREE_1024, costs).itl_s > 0.05
+    # an EPD worker's streams wait while its model thread encodes and prefills
+    epd = capacity([GpuPack(aggregated=1)] * 2, THREE_1024, costs)
+    assert epd.itl_s > costs.step_s(epd.decode_batch, THREE_1024)
     command = heavy.launch_command()
     assert command[0] == "launch/multimodal_disagg.sh"
     assert "--encode-gpu" in command and "--encode-mem-fraction-static" in command
@@ -204,6 +226,65 @@ def test_calibration_takes_the_measured_costs() -> None:
     from_epd = calibrate(costs, ONE_448, {"decode": [aggregated]})
     assert from_epd.encode_gpu_s(ONE_448) == pytest.approx(0.02)
     assert from_epd.prefill_s_per_token == costs.prefill_s_per_token
+    # the encoders' host time per image, weighted by the images each encoded
+    host = calibrate(
+        costs,
+        THREE_1024,
+        {
+            "encode": [
+                StageLoad(images_per_s=3, host_s_per_image=0.04),
+                StageLoad(images_per_s=1, host_s_per_image=0.08),
+            ]
+        },
+    )
+    assert host.preprocess_s(THREE_1024) == pytest.approx(3 * 0.05)
+    assert host.encode_gpu_s(THREE_1024) == costs.encode_gpu_s(THREE_1024)  # no busy time
+
+
+def test_an_encoder_beside_a_decoder_gets_a_time_slice_not_the_idle_rest() -> None:
+    base = StageCosts()  # a tower three times dearer: the encoder, not the GPU's sum, binds
+    costs = replace(
+        base,
+        encode_s_per_patch=3 * base.encode_s_per_patch,
+        encode_s_per_patch_sq=3 * base.encode_s_per_patch_sq,
+    )
+    beside_decode = [GpuPack(prefill=1), GpuPack(encoders=1, decode=1)]
+    alone = [GpuPack(encoders=1, prefill=1), GpuPack(decode=1)]
+    shared = capacity(beside_decode, ONE_448, costs)
+    # at the same rate, the encoder beside the loaded decoder is busier than its forwards
+    # alone, and the decoder's steps stretch while it encodes
+    rate = shared.requests_per_s
+    fair = capacity(beside_decode, ONE_448, replace(costs, slice_share=1.0))
+    assert fair.requests_per_s > rate
+    work = rate * (costs.encode_gpu_s(ONE_448) + costs.preprocess_s(ONE_448))
+    assert shared.utilisation["gpu1:E"] > 1.3 * work
+    assert shared.itl_s > costs.step_s(shared.decode_batch, ONE_448) * 1.2
+    # so with a decoder that never idles, the encoder does better beside prefill
+    assert capacity(alone, ONE_448, costs).requests_per_s > rate
+    assert capacity(alone, ONE_448, costs).ttft_s <= ONE_448.ttft_target_s
+
+
+def test_host_work_per_image_and_transit_count_in_the_plan() -> None:
+    costs = StageCosts()
+    # encoders bound by their host work: more of them, even if the GPU's share is small
+    host_bound = replace(costs, preprocess_s_per_patch=costs.preprocess_s_per_patch * 3)
+    assert (
+        plan(THREE_1024, host_bound, gpus=2).counts["encode"]
+        >= plan(THREE_1024, costs, gpus=2).counts["encode"]
+    )
+    assert (
+        plan(THREE_1024, host_bound, gpus=2).capacity.requests_per_s
+        < plan(THREE_1024, costs, gpus=2).capacity.requests_per_s
+    )
+    # what the queues do not explain is found by elimination, and it counts in TTFT
+    epd = [GpuPack(aggregated=1)] * 2
+    modelled = capacity(epd, ONE_448, costs).unloaded_ttft_s
+    measured = calibrate_latency(costs, ONE_448, epd, modelled + 0.3)
+    assert measured.transit_s == pytest.approx(0.3)
+    assert capacity(epd, ONE_448, measured).unloaded_ttft_s == pytest.approx(modelled + 0.3)
+    assert calibrate_latency(costs, ONE_448, epd, modelled / 2).transit_s == 0
+    slow = calibrate_latency(costs, ONE_448, epd, 2.0)
+    assert plan(ONE_448, slow, gpus=2).capacity.requests_per_s == 0
 
 
 # -- scaling with hysteresis ---------------------------------------------------------------

@@ -52,6 +52,7 @@ class Choices:
         self._streams: dict[int, AsyncGenerator[TokenChunk]] = {}
         self._firsts: list[TokenChunk] = []
         self._pumps: list[asyncio.Task[None]] = []
+        self._merged: asyncio.Queue[tuple[int, TokenChunk | BaseException | None]] | None = None
 
     def __len__(self) -> int:
         return len(self.generations)
@@ -84,6 +85,12 @@ class Choices:
         self._streams[index] = generation.chunks()
         return await anext(self._streams[index])
 
+    def pending(self) -> bool:
+        """Whether another event is already here (the reader may hold its write for it)."""
+        if self._merged is not None and not self._merged.empty():
+            return True
+        return any(generation.pending for generation in self.generations)
+
     async def events(self) -> AsyncGenerator[tuple[int, TokenChunk]]:
         """``(choice index, chunk)`` as they arrive, the first chunks first."""
         for index, first in enumerate(self._firsts):
@@ -95,6 +102,7 @@ class Choices:
                 yield 0, chunk
             return
         queue: asyncio.Queue[tuple[int, TokenChunk | BaseException | None]] = asyncio.Queue()
+        self._merged = queue
         self._pumps = [asyncio.create_task(self._pump(i, queue)) for i in range(len(self))]
         remaining = len(self._pumps)
         while remaining:

@@ -64,6 +64,11 @@ class Generation:
             affinity=self._affinity,
         )
 
+    @property
+    def pending(self) -> bool:
+        """Whether a chunk has already arrived that `chunks` has not yielded yet."""
+        return self._stream is not None and self._stream.pending
+
     async def chunks(self) -> AsyncGenerator[TokenChunk]:
         """Chunks as decode sends them, whichever attempt they come from."""
         while True:

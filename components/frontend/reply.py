@@ -58,6 +58,9 @@ class Reply(abc.ABC):
         self.exchange = exchange
         self.stream = stream
         self.include_usage = include_usage
+        self._unwritten: list[bytes] = []
+        """Events of chunks that arrived together, written as one (one syscall, not one per
+        token) once no further chunk is waiting."""
         self.return_token_ids = return_token_ids
         self.logprobs = logprobs
         self._created = int(time.time())
@@ -105,18 +108,18 @@ class Reply(abc.ABC):
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": self.request_id})
         await response.prepare(request)
-        for event in self.opening():
-            await response.write(sse(event))
+        self._unwritten.extend(sse(event) for event in self.opening())
         error = await self._consume(response)
         if error is not None:
             info = error.info.model_copy(update={"request_id": self.request_id})
             body = ErrorBody(message=info.message, type=info.openai_type, code=info.code)
-            await response.write(sse(ErrorResponse(error=body)))
+            self._unwritten.append(sse(ErrorResponse(error=body)))
         elif self.include_usage:
-            await response.write(sse(self.final_usage()))
+            self._unwritten.append(sse(self.final_usage()))
         else:
             self.usage()  # for the access log
-        await response.write(b"data: [DONE]\n\n")
+        self._unwritten.append(b"data: [DONE]\n\n")
+        await response.write(b"".join(self._unwritten))
         await response.write_eof()
         return response
 
@@ -132,7 +135,10 @@ class Reply(abc.ABC):
                     if response is not None:
                         event = self.delta(index, text, chunk)
                         if event is not None:
-                            await response.write(sse(event))
+                            self._unwritten.append(sse(event))
+                        if self._unwritten and not self.choices.pending():
+                            await response.write(b"".join(self._unwritten))
+                            self._unwritten.clear()
                     if output.finished:
                         remaining -= 1
                         if chunk.finish_reason is None:  # a stop string ended it early

@@ -99,6 +99,8 @@ class Plan:
             "unloaded_ttft_s": round(c.unloaded_ttft_s, 4),
             "decode_batch": round(c.decode_batch, 1),
             "itl_s": round(c.itl_s, 4),
+            "ttft_s": round(c.ttft_s, 4),
+            "ttft_p99_s": round(c.ttft_p99_s, 4),
             "utilisation": c.utilisation,
             "launch": shlex.join(self.launch_command()),
         }

@@ -123,6 +123,7 @@ class HfEncodeEngine(EncodeEngine):
         try:
             # the layouts the forward derives from the grids, and pinning, are host work too
             batch_input = await asyncio.to_thread(tower.prepare, pixels, grids)
+            METER.host(time.perf_counter() - started)
             if self.runner is None:
                 with METER.busy("encode"):
                     embeddings = await asyncio.to_thread(tower.run, batch_input)

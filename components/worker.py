@@ -91,6 +91,14 @@ def worker_parser(prog: str, description: str) -> FlagParser:
     parser = FlagParser(prog=prog, description=description)
     add_model_arguments(parser)
     parser.add_argument(
+        "--prefix-routing",
+        choices=("affinity", "round-robin"),
+        default="affinity",
+        help="how a decode worker picks a request's prefill instance: affinity (rendezvous "
+        "hashing of the prompt's first tokens and images, so a repeated prefix meets the "
+        "prefill worker that cached it) or round-robin",
+    )
+    parser.add_argument(
         "--tp",
         "--tp-size",
         "--tensor-parallel-size",

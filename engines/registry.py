@@ -68,6 +68,8 @@ class EngineConfig:
     max_prefill_batch: int = 8
     """Whole prompts queued together that share one prefill step on CUDA
     (--max-prefill-batch); their padded length counts against --chunked-prefill-size."""
+    prefix_cache: bool = True
+    """Reuse the KV cache of repeated prompt prefixes (--disable-prefix-cache turns it off)."""
     mock: MockConfig = field(default_factory=MockConfig)
     """Simulated costs of the mock engine."""
 
@@ -154,6 +156,12 @@ class EngineConfig:
             help="run decode steps eagerly instead of replaying captured CUDA graphs",
         )
         group.add_argument(
+            "--disable-prefix-cache",
+            action="store_true",
+            help="compute every prompt whole instead of reusing the KV cache of a prefix "
+            "(text and images by content key) that this worker computed before",
+        )
+        group.add_argument(
             "--max-prefill-batch",
             type=int,
             default=8,
@@ -206,6 +214,7 @@ class EngineConfig:
             chunked_prefill_size=args.chunked_prefill_size,
             cuda_graphs=not args.disable_cuda_graph,
             max_prefill_batch=args.max_prefill_batch,
+            prefix_cache=not args.disable_prefix_cache,
             mock=MockConfig(
                 encode_s_per_image=args.mock_encode_s_per_image,
                 prefill_s_per_token=args.mock_prefill_s_per_token,
@@ -265,6 +274,7 @@ def _hf(config: EngineConfig) -> "HfConfig":
         chunked_prefill_size=config.chunked_prefill_size,
         prefill_batch=config.max_prefill_batch,
         cuda_graphs=config.cuda_graphs,
+        prefix_cache=config.prefix_cache,
     )
 
 

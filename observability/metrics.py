@@ -136,4 +136,14 @@ KV_CAPACITY = Gauge(
 KV_CAPACITY_TOKENS = Gauge(
     "triptych_engine_kv_cache_capacity_tokens", "Token positions the KV cache holds", ["stage"]
 )
+PREFIX_CACHE_QUERIED = Counter(
+    "triptych_prefix_cache_queried_tokens_total",
+    "Prompt tokens looked up in the engine's prefix cache",
+    ["stage"],
+)
+PREFIX_CACHE_HITS = Counter(
+    "triptych_prefix_cache_hit_tokens_total",
+    "Prompt tokens whose KV cache came from the prefix cache (not computed again)",
+    ["stage"],
+)
 TOKENS_PROCESSED = Counter("triptych_engine_tokens_total", "Tokens processed", ["stage", "phase"])

@@ -194,6 +194,9 @@ class TokenChunk(msgspec.Struct, frozen=True, kw_only=True):
     """Set on the last chunk of the stream."""
     prompt_tokens: int = 0
     """Prompt length as the engine saw it (set on the first chunk)."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cache came from a prefix cache instead of being computed (set
+    on the first chunk)."""
     logprobs: list[TokenLogprob] | None = None
     """One entry per token of `token_ids`, when the request asked for logprobs."""
 
@@ -245,6 +248,8 @@ class RoomReady(BaseModel):
     """None for engines that only simulate the hand-off."""
     rope_delta: int = 0
     """M-RoPE position offset decode continues from (Qwen-VL)."""
+    cached_tokens: int = 0
+    """Prompt tokens prefill took from its prefix cache (reported in the usage)."""
 
 
 class RoomFailed(BaseModel):

@@ -398,7 +398,7 @@ class PromptTokensDetails(BaseModel):
     """``usage.prompt_tokens_details``."""
 
     cached_tokens: int = 0
-    """Prompt tokens served from a prefix cache (none: triptych keeps no prefix cache)."""
+    """Prompt tokens whose KV cache came from an engine's prefix cache (each prompt once)."""
 
 
 class Usage(BaseModel):

@@ -14,6 +14,7 @@ from nats.aio.client import Client as NatsConnection
 from pydantic import BaseModel
 
 from triptych.protocol import ErrorCode, ErrorInfo
+from triptych.protocol.load import PREFIX as LOAD_PREFIX
 from triptych.runtime import wire
 from triptych.runtime.config import RuntimeConfig
 from triptych.runtime.discovery import InstanceTracker
@@ -50,6 +51,14 @@ def _refused_for_load(data: bytes) -> bool:
         return False
 
 
+def _queued(metadata: dict[str, str]) -> int:
+    """Requests an instance announces waiting for its model, every caller's (a second old at
+    most): affinity weighs it too, as a caller's own open calls can say little (a prefill
+    call's stream ends as soon as its room is known, long before the prompt has run)."""
+    depth = metadata.get(LOAD_PREFIX + "queue_depth", "")
+    return int(depth) if depth.isdigit() else 0
+
+
 class Caller(Protocol):
     """What a client uses of the `Runtime` that owns it (the runtime imports this module, not
     the other way round)."""
@@ -69,8 +78,9 @@ class Client:
     `call` returns the response stream; `forward` hands a stream this worker holds to the next
     stage, which then answers the original caller directly. `call` takes `affinity` keys: the
     instances are then tried in rendezvous-hash order of the keys (so repeated content meets
-    the instance that cached it), an instance this caller already loads past `max_load` of
-    its announced bound moving to the back; without keys, round-robin.
+    the instance that cached it), an instance loaded past `max_load` of its announced bound
+    (by this caller's open calls, or the queue it announces) moving to the back; without keys,
+    round-robin.
     """
 
     def __init__(
@@ -261,9 +271,10 @@ class Client:
                 await asyncio.sleep(NO_RESPONDERS_RETRY_S)
         raise AssertionError("unreachable")
 
-    async def candidates(self, deadline: float) -> list[str]:
-        """Live instances in the order a call would try them (waits a little for one)."""
-        return await self._candidates(None, deadline)
+    async def candidates(self, deadline: float, affinity: Sequence[str] = ()) -> list[str]:
+        """Live instances in the order a call would try them, by `affinity` keys when given
+        (waits a little for one)."""
+        return await self._candidates(None, deadline, affinity)
 
     def open_calls(self, instance: str) -> int:
         """Calls with affinity this caller holds open on `instance`."""
@@ -275,10 +286,12 @@ class Client:
         return len(streams)
 
     def _loaded(self, instance: str) -> bool:
-        bound = self.instances.metadata(instance).get("max_in_flight", "")
+        metadata = self.instances.metadata(instance)
+        bound = metadata.get("max_in_flight", "")
         if not bound.isdigit():
             return False
-        return self.open_calls(instance) >= max(1.0, self.max_load * int(bound))
+        held = max(self.open_calls(instance), _queued(metadata))
+        return held >= max(1.0, self.max_load * int(bound))
 
     def _by_affinity(self, keys: Sequence[str], live: list[str]) -> list[str]:
         order = rendezvous_order(keys, live)

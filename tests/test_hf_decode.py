@@ -368,7 +368,7 @@ async def test_a_prompt_prefilled_elsewhere_decodes_like_one_prefilled_here(
     prefill = core_factory(decoding=False, chunked_prefill_size=8)  # chunked on this side
     decode = core_factory()
     prompt = list(range(40, 70))
-    packed, delta = await prefill.prefill_only("r", Prompt(prompt))
+    packed, delta, _ = await prefill.prefill_only("r", Prompt(prompt))
     sampling = SamplingOptions(max_tokens=10, temperature=0, ignore_eos=True)
     tokens: list[int] = []
     async with decode.admission("r", len(prompt)) as sequence:

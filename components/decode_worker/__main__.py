@@ -58,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.disaggregation_mode == "decode":
             engine = decode_engine(config.engine, transport.agent)
             await engine.start()
-            disaggregated = DisaggregatedHandler(engine, await runtime.client("prefill"))
+            prefill = await runtime.client("prefill")
+            affinity = args.prefix_routing == "affinity"
+            disaggregated = DisaggregatedHandler(engine, prefill, affinity)
             service.add_endpoint("generate", GenerateRequest, disaggregated.generate)
             return [engine]
         agg = aggregated_engine(config.engine)

@@ -1,10 +1,11 @@
 """The decode worker's request handlers: disaggregated and aggregated."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from triptych.engines import AggregatedEngine, DecodeEngine, EncodeEngine
 from triptych.engines.inputs import gather_embeddings
+from triptych.models.prefix import route_keys
 from triptych.observability import nvtx
 from triptych.protocol import (
     BootstrapInfo,
@@ -35,11 +36,17 @@ class DisaggregatedHandler:
     Prefill announces its bootstrap address in its discovery metadata, so decode needs no
     round trip to learn the room: its join waits at prefill's endpoint while the request is
     on its way there. A prefill instance that announces nothing is asked for a room.
+
+    With `prefix_affinity`, the prefill instance is picked by rendezvous hashing of the
+    prompt's beginning (`models.prefix.route_keys`), so prompts that share it meet the
+    instance whose prefix cache holds it (the next one in hash order when that one is loaded
+    or gone).
     """
 
-    def __init__(self, engine: DecodeEngine, prefill: Client) -> None:
+    def __init__(self, engine: DecodeEngine, prefill: Client, prefix_affinity: bool = True):
         self.engine = engine
         self.prefill = prefill
+        self.prefix_affinity = prefix_affinity
 
     async def generate(self, request: GenerateRequest, ctx: Context) -> None:
         """Once admitted, bootstrap with prefill (one request id: a cancel reaches both); stream."""
@@ -57,7 +64,8 @@ class DisaggregatedHandler:
 
     async def _bootstrap(self, request: GenerateRequest, ctx: Context) -> "_Started":
         refused: ServiceError | None = None
-        for instance in await self.prefill.candidates(ctx.deadline):
+        affinity = route_keys(request) if self.prefix_affinity else []
+        for instance in await self.prefill.candidates(ctx.deadline, affinity):
             bootstrap = _announced(self.prefill.instances.metadata(instance))
             if bootstrap is None:
                 return _Started.later(await self._ask_for_room(request, ctx, instance))
@@ -84,13 +92,21 @@ class DisaggregatedHandler:
             return started
         if refused is not None:
             raise refused
-        return _Started.later(await self._ask_for_room(request, ctx, None))
+        return _Started.later(await self._ask_for_room(request, ctx, None, affinity))
 
     async def _ask_for_room(
-        self, request: GenerateRequest, ctx: Context, instance: str | None
+        self,
+        request: GenerateRequest,
+        ctx: Context,
+        instance: str | None,
+        affinity: Sequence[str] = (),
     ) -> AsyncIterator[TokenChunk]:
         answer = await self.prefill.call(
-            request, request_id=ctx.request_id, deadline=ctx.deadline, instance=instance
+            request,
+            request_id=ctx.request_id,
+            deadline=ctx.deadline,
+            instance=instance,
+            affinity=affinity,
         )
         try:
             bootstrap = await answer.next_model(BootstrapInfo)

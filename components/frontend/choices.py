@@ -47,6 +47,7 @@ class Choices:
             )
             for index, request in enumerate(requests)
         ]
+        self._prompts = [tuple(request.token_ids) for request in requests]
         self._telemetry = telemetry
         self._streams: dict[int, AsyncGenerator[TokenChunk]] = {}
         self._firsts: list[TokenChunk] = []
@@ -55,6 +56,15 @@ class Choices:
 
     def __len__(self) -> int:
         return len(self.generations)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from prefix caches, as the first chunks tell, each prompt
+        counted once (as the usage counts prompts)."""
+        best: dict[tuple[int, ...], int] = {}
+        for prompt, first in zip(self._prompts, self._firsts, strict=False):
+            best[prompt] = max(best.get(prompt, 0), first.cached_tokens)
+        return sum(best.values())
 
     async def start(self) -> None:
         """Hand every choice to an entry instance and wait for each one's first chunk; the

@@ -102,6 +102,10 @@ class FrontendConfig:
     """How requests with images pick the entry stage's instance: "affinity" (rendezvous
     hashing of the images' content keys, so a repeated image meets the encoder that cached
     it) or "round-robin"."""
+    prefix_routing: str = "affinity"
+    """How requests pick the aggregated worker in the EPD topology: "affinity" (rendezvous
+    hashing of the prompt's first tokens and images, so a repeated prefix meets the worker
+    whose prefix cache holds it) or "round-robin"."""
     affinity_max_load: float = 0.5
     """Share of an instance's announced capacity this frontend may hold open on it before
     requests with affinity for it go to the next instance in hash order."""
@@ -291,6 +295,14 @@ class FrontendConfig:
             "or round-robin",
         )
         parser.add_argument(
+            "--prefix-routing",
+            choices=("affinity", "round-robin"),
+            default=FrontendConfig.prefix_routing,
+            help="how a request picks its worker in the EPD topology: affinity (rendezvous "
+            "hashing of the prompt's first tokens and images, so a repeated prefix meets the "
+            "worker that cached it) or round-robin",
+        )
+        parser.add_argument(
             "--affinity-max-load",
             type=float,
             default=FrontendConfig.affinity_max_load,
@@ -343,6 +355,7 @@ class FrontendConfig:
             inline_image_bytes=args.max_inline_image_bytes,
             transfer_pool_mb=args.transfer_pool_mb,
             image_routing=args.image_routing,
+            prefix_routing=args.prefix_routing,
             affinity_max_load=args.affinity_max_load,
         )
 

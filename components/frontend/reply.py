@@ -17,7 +17,7 @@ from triptych.components.frontend.logprobs import TokenText
 from triptych.components.frontend.middleware import Exchange, error_response
 from triptych.components.frontend.output import Output
 from triptych.protocol import ErrorCode, ErrorResponse, ServiceError, TokenChunk, Usage
-from triptych.protocol.openai import ErrorBody
+from triptych.protocol.openai import ErrorBody, PromptTokensDetails
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Reply(abc.ABC):
             prompt_tokens=self.prompt_tokens,
             completion_tokens=completion,
             total_tokens=self.prompt_tokens + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.choices.cached_tokens),
         )
 
     @abc.abstractmethod

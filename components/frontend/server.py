@@ -25,6 +25,7 @@ from triptych.components.frontend.prompt import Preprocessor, Prompt
 from triptych.components.frontend.reply import Reply
 from triptych.components.frontend.telemetry import RequestTelemetry
 from triptych.engines import grammar
+from triptych.models.prefix import route_keys
 from triptych.observability import metrics
 from triptych.observability.logs import request_id as request_id_var
 from triptych.protocol import (
@@ -114,11 +115,18 @@ class Frontend:
         app.router.add_get("/metrics", self.metrics)
         return app
 
-    def _affinity(self, request: GenerateRequest) -> list[str]:
-        """The content keys the entry instance is chosen by (none: round-robin)."""
-        if self.config.image_routing != "affinity":
-            return []
-        return [image.content_key for image in request.images if image.content_key]
+    def _affinity(self, request: GenerateRequest, entry: Client) -> list[str]:
+        """The content keys `entry`'s instance is chosen by (none: round-robin): an encoder by
+        the images' content keys, an aggregated worker (EPD, E/PD text) by the prompt's
+        beginning, which its prefix cache may hold."""
+        if entry.component == "encode":
+            if self.config.image_routing != "affinity":
+                return []
+            return [image.content_key for image in request.images if image.content_key]
+        aggregated = self.config.topology in ("EPD", "E/PD")
+        if aggregated and self.config.prefix_routing == "affinity":
+            return route_keys(request)
+        return []
 
     async def health(self, request: web.Request) -> web.Response:
         """The process is up."""
@@ -251,15 +259,16 @@ class Frontend:
                 plan = await make_plan(await request.read(), request_id)
                 telemetry.prompts(plan.prompts)
                 request[EXCHANGE].prompt_tokens = sum(len(p.token_ids) for p in plan.prompts)
+                entry = self.entry_for(plan.requests)
                 choices = Choices(
                     self.runtime,
-                    self.entry_for(plan.requests),
+                    entry,
                     plan.requests,
                     request_id,
                     telemetry,
                     deadline=time.time() + self.config.request_timeout_s,
                     migration_limit=self.config.migration_limit,
-                    affinity=[self._affinity(r) for r in plan.requests],
+                    affinity=[self._affinity(r, entry) for r in plan.requests],
                 )
                 # Nothing reaches the client before every choice's first chunk: until then a
                 # failure is still a plain HTTP error (a 503 with Retry-After when the cause

@@ -28,9 +28,12 @@ class Admissions:
         self._held: dict[int, Sequence] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, core: EngineCore, request: GenerateRequest) -> AsyncIterator[None]:
-        """`core.admission` for the request's prompt, findable by `take(request)` meanwhile."""
-        async with core.admission("", len(request.token_ids)) as sequence:
+    async def hold(
+        self, core: EngineCore, request: GenerateRequest, block_keys: list[bytes] | None = None
+    ) -> AsyncIterator[None]:
+        """`core.admission` for the request's prompt (sharing the cached blocks of its prefix
+        with `block_keys`), findable by `take(request)` meanwhile."""
+        async with core.admission("", len(request.token_ids), block_keys) as sequence:
             self._held[id(request)] = sequence
             try:
                 yield

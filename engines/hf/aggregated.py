@@ -10,14 +10,15 @@ from triptych.engines.hf.config import HfConfig
 from triptych.engines.hf.core import EngineCore, load_core
 from triptych.engines.hf.sequence import Prompt
 from triptych.models.mrope import media_grids
+from triptych.models.prefix import request_block_keys
 from triptych.protocol import ErrorCode, GenerateRequest, ServiceError, TokenChunk
 from triptych.transfer import ImageEmbeddings
 
 
 class HfAggregatedEngine(AggregatedEngine):
     """Prefills each request on the model thread (in chunks, between decode steps), then
-    decodes it in the shared batch. The worker holds `admit` (KV blocks for the prompt) around
-    `generate`."""
+    decodes it in the shared batch. The worker holds `admit` (KV blocks for the prompt, the
+    cached blocks of its prefix shared) around `generate`."""
 
     def __init__(
         self, model_path: str, device: str = "cpu", config: HfConfig | None = None
@@ -37,7 +38,10 @@ class HfAggregatedEngine(AggregatedEngine):
 
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
         assert self.core is not None, "start() first"
-        return self.admissions.hold(self.core, request)
+        keys = None
+        if self.config.prefix_cache:
+            keys = request_block_keys(request, self.config.page_size)
+        return self.admissions.hold(self.core, request, keys)
 
     async def close(self) -> None:
         if self.core is not None:

@@ -31,3 +31,7 @@ class HfConfig:
     CPU prefills one at a time, so that its output equals ``generate()`` exactly."""
     cuda_graphs: bool = True
     """Replay decode steps as CUDA graphs (``--disable-cuda-graph`` turns it off)."""
+    prefix_cache: bool = True
+    """Reuse the KV cache of a prompt's prefix computed before in this process (text and
+    images by content key), a block at a time (``--disable-prefix-cache`` turns it off). A
+    prefill-only engine then keeps a paged KV cache for that alone."""

@@ -24,7 +24,7 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -175,6 +175,8 @@ class EngineCore:
         self._batch_sizes = metrics.BATCH_SIZE.labels(stage)
         self._decoded = metrics.TOKENS_PROCESSED.labels(stage, "decode")
         self._prefilled = metrics.TOKENS_PROCESSED.labels(stage, "prefill")
+        self._prefix_queried = metrics.PREFIX_CACHE_QUERIED.labels(stage)
+        self._prefix_hits = metrics.PREFIX_CACHE_HITS.labels(stage)
 
     @property
     def max_len(self) -> int:
@@ -233,11 +235,14 @@ class EngineCore:
             )
 
     @contextlib.asynccontextmanager
-    async def admission(self, request_id: str, prompt_tokens: int) -> AsyncIterator[Sequence]:
+    async def admission(
+        self, request_id: str, prompt_tokens: int, block_keys: list[bytes] | None = None
+    ) -> AsyncIterator[Sequence]:
         """Hold KV blocks for a prompt of `prompt_tokens` tokens, waiting (first come, first
-        served) while they are not free; yields the request's sequence."""
+        served) while they are not free; yields the request's sequence. With the prompt's
+        `block_keys` (`models.prefix`), blocks of its longest cached prefix are shared."""
         self.check_fits(prompt_tokens)
-        admission = Admission(request_id, prompt_tokens)
+        admission = Admission(request_id, prompt_tokens, block_keys or [])
         granted: asyncio.Future[Sequence] = asyncio.get_running_loop().create_future()
         self._admissions[admission] = granted
         self._post(lambda: self.scheduler.waiting.append(admission))
@@ -289,7 +294,7 @@ class EngineCore:
                 item = await stream.queue.get()
                 tokens: list[int] = []
                 logprobs: list[TokenLogprob] | None = None
-                prompt_tokens = 0
+                prompt_tokens = cached_tokens = 0
                 while True:
                     if isinstance(item, BaseException):
                         raise item
@@ -297,6 +302,7 @@ class EngineCore:
                     if item.logprobs is not None:
                         logprobs = [*(logprobs or []), *item.logprobs]
                     prompt_tokens = prompt_tokens or item.prompt_tokens
+                    cached_tokens = cached_tokens or item.cached_tokens
                     if item.finish_reason is not None or stream.queue.empty():
                         break
                     item = stream.queue.get_nowait()
@@ -304,6 +310,7 @@ class EngineCore:
                     token_ids=tokens,
                     finish_reason=item.finish_reason,
                     prompt_tokens=prompt_tokens,
+                    cached_tokens=cached_tokens,
                     logprobs=logprobs,
                 )
                 if item.finish_reason is not None:
@@ -320,19 +327,24 @@ class EngineCore:
             self._grammars = Grammars(tokenizer, self.model.vocab_size, sorted(stop_ids))
         return self._grammars.compile(options.response_format)
 
-    async def prefill_only(self, request_id: str, prompt: Prompt) -> tuple[torch.Tensor, int]:
-        """Run a prompt on a prefill-only core: its packed cache (`kv_transfer.pack`) and its
-        M-RoPE offset."""
+    async def prefill_only(
+        self, request_id: str, prompt: Prompt, block_keys: list[bytes] | None = None
+    ) -> "Prefilled":
+        """Run a prompt on a prefill-only core: its packed cache (`kv_transfer.pack`), its
+        M-RoPE offset, and how many of its tokens came from the prefix cache. With the
+        prompt's `block_keys`, a cached prefix is not computed again (the packed cache still
+        holds every position)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[torch.Tensor] = loop.create_future()
         sequence = Sequence(-1, request_id, len(prompt.token_ids), prompt=prompt)
+        sequence.block_keys = block_keys or []
         self._packed[sequence] = done
         self._post(lambda: self._submit(sequence))
         try:
             packed = await done
         finally:
             self.release(sequence)
-        return packed, sequence.rope_delta
+        return Prefilled(packed, sequence.rope_delta, sequence.cached)
 
     async def call(self, job: Callable[[], T]) -> T:
         """Run `job` on the model thread (at the start of a turn) and return its result."""
@@ -366,6 +378,9 @@ class EngineCore:
         if sampler is not None and sequence.options is not None and sequence.prompt is not None:
             sampler.start(sequence.row, sequence.options, sequence.prompt.token_ids)
         self.scheduler.submit(sequence)
+        if self.runner.config.prefix_cache and sequence.received is None:
+            self._prefix_queried.inc(sequence.prompt_len)
+            self._prefix_hits.inc(sequence.cached)
 
     def _loop(self) -> None:
         while True:
@@ -420,13 +435,14 @@ class EngineCore:
             blocks = self.runner.blocks
             log.info(
                 "%s: %d decode steps (mean batch %.1f), %.0f tokens/s, %d prompt positions; "
-                "KV blocks %s in use; %d waiting%s",
+                "KV blocks %s in use (%s cached prefix); %d waiting%s",
                 self.stage,
                 stats["steps"],
                 stats["rows"] / max(stats["steps"], 1),
                 stats["tokens"] / wall,
                 stats["prefilled"],
                 f"{blocks.used}/{blocks.capacity}" if blocks is not None else "-",
+                blocks.cached if blocks is not None else "-",
                 len(self.scheduler.waiting) + len(self.scheduler.prefilling),
                 f"; device: {device}, idle {max(0.0, 100 - sum(busy.values())):.0f}%",
             )
@@ -519,6 +535,7 @@ class EngineCore:
                     token_ids=[token],
                     finish_reason=reason,
                     prompt_tokens=sequence.prompt_len if first else 0,
+                    cached_tokens=sequence.cached if first else 0,
                     logprobs=None if top is None else [launch.logprob(i, top)],
                 ),
             )
@@ -582,6 +599,16 @@ class EngineCore:
         future = self._packed.pop(sequence, None)
         if future is not None:
             future.get_loop().call_soon_threadsafe(_settle, future, packed, error)
+
+
+class Prefilled(NamedTuple):
+    """A prompt run by a prefill-only core."""
+
+    packed: torch.Tensor
+    """Keys, values and last hidden state, packed for transfer (`kv_transfer.pack`)."""
+    rope_delta: int
+    cached: int
+    """Prompt tokens taken from the prefix cache."""
 
 
 class _Grant:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from triptych.engines.base import DecodeEngine, Runner
 from triptych.engines.hf import kv_transfer
@@ -21,6 +22,7 @@ from triptych.engines.hf.core import EngineCore, load_core
 from triptych.engines.hf.sequence import Prompt
 from triptych.engines.rooms import RoomPrefillEngine
 from triptych.models.mrope import media_grids
+from triptych.models.prefix import request_block_keys
 from triptych.observability import metrics
 from triptych.protocol import (
     BootstrapInfo,
@@ -48,7 +50,8 @@ KV_READ_S = 30.0
 
 
 class HfPrefillEngine(RoomPrefillEngine):
-    """Prefills requests and offers their KV caches in bootstrap rooms."""
+    """Prefills requests and offers their KV caches in bootstrap rooms; a prompt's cached
+    prefix (`HfConfig.prefix_cache`) is not computed again."""
 
     def __init__(
         self,
@@ -97,13 +100,17 @@ class HfPrefillEngine(RoomPrefillEngine):
             grids = media_grids(request)
             tensor = embeddings.tensor if embeddings is not None else None
             prompt = Prompt(request.token_ids, grids, tensor)
-            packed, rope_delta = await self.core.prefill_only(request_id, prompt)
+            keys = None
+            if self.config.prefix_cache:
+                keys = request_block_keys(request, self.config.page_size)
+            packed, rope_delta, cached = await self.core.prefill_only(request_id, prompt, keys)
             ref = await self.agent.export_when_space(packed, key, KV_READ_S)
             del packed  # the pool holds it now
             slot.ready(
                 RoomReady(
                     room=room,
                     rope_delta=rope_delta,
+                    cached_tokens=cached,
                     kv=KVHandle(
                         tensor=ref,
                         num_tokens=len(request.token_ids),
@@ -140,7 +147,9 @@ class HfDecodeEngine(DecodeEngine):
 
     async def start(self) -> None:
         if self.core is None:
-            self.core = await load_core(self.model_path, self.device, self.config, True, "decode")
+            # the cache arrives whole from prefill: nothing to reuse here
+            config = replace(self.config, prefix_cache=False)
+            self.core = await load_core(self.model_path, self.device, config, True, "decode")
 
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
         assert self.core is not None, "start() first"
@@ -188,6 +197,7 @@ class HfDecodeEngine(DecodeEngine):
         )
         received = kv_transfer.unpack(model, flat, ready.kv.num_tokens)
         sequence.rope_delta = ready.rope_delta
+        sequence.cached = ready.cached_tokens  # served by prefill's prefix cache, for the usage
         prompt = Prompt(request.token_ids)
         chunks = self.core.generate(sequence, request.sampling, stop_ids(request), prompt, received)
         async for chunk in chunks:

@@ -6,6 +6,9 @@ one layer sit at *slot* ``block * block_size + offset`` of the flattened
 packing it for another process or loading one received are each one indexed copy over every
 layer at once.
 
+A decoding engine holds its sequences here; a prefill-only engine holds only the prompt prefixes
+it keeps for reuse (prefix caching).
+
 How many blocks: ``--mem-fraction-static`` of the device's memory less what the process holds
 already (weights) and a reserve for activations, or an explicit ``--kv-cache-tokens``; never
 more than ``--max-running-requests`` sequences of ``--max-model-len`` tokens could fill (a pool
@@ -50,6 +53,9 @@ class KVBudget:
     """An explicit pool size in tokens (``--kv-cache-tokens``), instead of the fraction."""
     block_size: int = 16
     """Token positions per block (``--page-size``)."""
+    share: float = 1.0
+    """Share of the memory budget the pool takes (a prefill-only engine's prefix cache leaves
+    space for the caches it packs); an explicit ``kv_tokens`` is taken whole."""
 
     def num_blocks(self, shape: KVShape, device: torch.device) -> int:
         """Blocks the budget allows, the padding block included (ValueError if it holds less
@@ -59,7 +65,7 @@ class KVBudget:
             budget = self.kv_tokens * shape.bytes_per_token
             source = f"--kv-cache-tokens {self.kv_tokens}"
         else:
-            budget = _budget_bytes(self.mem_fraction_static, device)
+            budget = int(_budget_bytes(self.mem_fraction_static, device) * self.share)
             source = f"--mem-fraction-static {self.mem_fraction_static}"
         usable = -(-self.max_running * self.max_len // self.block_size)
         blocks = min(max(budget, 0) // per_block, usable)

@@ -113,6 +113,18 @@ class LanguageModel:
         return PrefillState(embeds, positions.to(self.device, non_blocking=True), delta)
 
     @torch.inference_mode()
+    def resume(self, state: PrefillState, kv: torch.Tensor) -> None:
+        """Start `state` after its first ``kv.shape[2]`` positions, whose keys and values
+        `kv` [layers, 2, tokens, kv_heads, head_dim] holds (a cached prefix): prefill then
+        runs only the rest, at the full prompt's positions."""
+        cache = DynamicCache(config=self.text.config)
+        for layer in range(self.num_layers):
+            keys, values = (kv[layer, i].transpose(0, 1).unsqueeze(0) for i in (0, 1))
+            cache.update(keys, values, layer)
+        state.cache = cache
+        state.done = int(kv.shape[2])
+
+    @torch.inference_mode()
     def prefill_chunk(self, state: PrefillState, end: int) -> tuple[DynamicCache, torch.Tensor]:
         """Run positions ``state.done..end-1`` on top of the cache of those before them.
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import llguidance
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from triptych.engines import grammar
 from triptych.engines.hf import kv_transfer
@@ -26,6 +27,10 @@ from triptych.engines.hf.sequence import Sequence
 from triptych.protocol import TokenLogprob
 
 log = logging.getLogger(__name__)
+
+PREFILL_PREFIX_SHARE = 0.5
+"""Share of the KV budget a prefill-only engine's prefix cache takes: the rest stays for the
+caches of prompts in flight (whole, until decode reads them) and a batch's activations."""
 
 
 @dataclass(eq=False)
@@ -78,17 +83,29 @@ class ModelRunner:
         self.sampler: Sampler | None = None
         self._executor: llguidance.LLExecutor | None = None
         """Computes the grammar masks of a batch's constrained rows in parallel."""
-        if decoding:
+        if decoding or config.prefix_cache:
             budget = KVBudget(
                 max_len=max_len,
                 max_running=config.max_running,
                 mem_fraction_static=config.mem_fraction_static,
                 kv_tokens=config.kv_tokens,
                 block_size=config.page_size,
+                share=1.0 if decoding else PREFILL_PREFIX_SHARE,
             )
-            num_blocks = budget.num_blocks(model.kv_shape, model.device)
-            self.cache = KVCache(model.kv_shape, num_blocks, config.page_size, model.device)
-            self.blocks = BlockManager(num_blocks, config.page_size)
+            try:
+                num_blocks = budget.num_blocks(model.kv_shape, model.device)
+            except ValueError as error:
+                if decoding:
+                    raise
+                log.warning(
+                    "prefill: no space for a prefix cache, prompts computed whole: %s", error
+                )
+                self.config = replace(self.config, prefix_cache=False)
+            else:
+                self.cache = KVCache(model.kv_shape, num_blocks, config.page_size, model.device)
+                self.blocks = BlockManager(num_blocks, config.page_size)
+        if decoding:
+            assert self.cache is not None
             self.decoder = Decoder(
                 model,
                 self.cache,
@@ -164,16 +181,20 @@ class ModelRunner:
         for _, chunk in completed:
             self._states.pop(chunk.sequence, None)
         if not self.decoding:
+            for row, chunk in completed:
+                self._keep_prefix(chunk.sequence, cache, row)
             return None, [
                 (c.sequence, kv_transfer.pack(model, cache, row, c.end, hidden[row]))
                 for row, c in completed
             ]
-        assert self.cache is not None
+        assert self.cache is not None and self.blocks is not None
         kv = stacked_kv(cache, stacked_from, max(c.end for c in chunks))
         for row, (chunk, start) in enumerate(zip(chunks, starts, strict=True)):
             sequence = chunk.sequence
             slots = self.cache.slots(sequence.block_table, start, chunk.end)
             self.cache.write(slots, kv[:, :, row, :, : chunk.end - start].transpose(2, 3))
+            written = chunk.end // self.cache.block_size
+            self.blocks.register(sequence.block_table, sequence.block_keys, written)
         if not completed:
             return None, []
         rows = torch.tensor([row for row, _ in completed]).to(model.device, non_blocking=True)
@@ -185,8 +206,29 @@ class ModelRunner:
         if state is None:
             assert sequence.prompt is not None
             state = self.model.prepare(sequence.prompt)
+            if sequence.cached:
+                # the cached prefix's keys and values, from the blocks it shares
+                assert self.cache is not None
+                slots = self.cache.slots(sequence.block_table, 0, sequence.cached)
+                self.model.resume(state, self.cache.read(slots))
             self._states[sequence] = state
         return state
+
+    def _keep_prefix(self, sequence: Sequence, cache: DynamicCache, row: int) -> None:
+        """On a prefill-only engine, copy a completed prompt's keyed blocks that are not cached
+        yet into the KV cache and register them (when blocks can be had), so that a later
+        prompt sharing the prefix skips it. The sequence lets go of them when it finishes."""
+        blocks, kv_cache = self.blocks, self.cache
+        if blocks is None or kv_cache is None or not sequence.block_keys:
+            return
+        size = kv_cache.block_size
+        have, full = len(sequence.block_table), len(sequence.block_keys)
+        if full <= have or not blocks.can_grow(sequence.block_table, full * size):
+            return
+        blocks.allocate(sequence.block_table, full * size)
+        kv = stacked_kv(cache, have * size, full * size)[:, :, row].transpose(2, 3)
+        kv_cache.write(kv_cache.slots(sequence.block_table, have * size, full * size), kv)
+        blocks.register(sequence.block_table, sequence.block_keys, full)
 
     def forget(self, sequence: Sequence) -> None:
         """Drop a sequence's prefill state (it ended before its prompt did)."""

@@ -6,7 +6,9 @@ sequence.
 
 - Admission: a request waits (first come, first served) until a sequence row is free and its
   prompt fits in free blocks with one block left per live sequence (room to grow); then it holds
-  those blocks until it ends. A prompt longer than the cache could ever hold is refused.
+  those blocks until it ends. A prompt longer than the cache could ever hold is refused. With
+  its block keys, the blocks of its longest cached prefix are shared rather than taken, and its
+  prefill starts after them (a prefill-only sequence shares them when it is submitted).
 - Prefill: at most ``chunk_tokens`` positions per step, so a running decode batch waits for one
   chunk at most. Whole prompts that fit share a step (up to ``prefill_batch`` of them, padded
   length counted); a longer one runs alone, a chunk per step, on top of its earlier chunks.
@@ -55,6 +57,8 @@ class Admission:
 
     request_id: str
     prompt_len: int
+    block_keys: list[bytes] = field(default_factory=list)
+    """Keys of the prompt's full blocks, when prefix caching is on."""
     granted: Sequence | None = None
     withdrawn: bool = False
 
@@ -115,25 +119,48 @@ class Scheduler:
             if admission.withdrawn:
                 self.waiting.popleft()
                 continue
+            shared = self._cached_prefix(admission.prompt_len, admission.block_keys)
             if self.blocks is not None and not self.blocks.can_allocate(
-                admission.prompt_len + 1, headroom=self.alive
+                admission.prompt_len + 1, headroom=self.alive, shared=shared
             ):
                 break
             self.waiting.popleft()
             sequence = Sequence(
                 self._free_rows.popleft(), admission.request_id, admission.prompt_len
             )
+            sequence.block_keys = admission.block_keys
             if self.blocks is not None:
+                self._share(sequence, shared)
                 self.blocks.allocate(sequence.block_table, admission.prompt_len)
             self.admitted.append(sequence)
             admission.granted = sequence
             granted.append(admission)
         return granted
 
+    def _cached_prefix(self, prompt_len: int, keys: list[bytes]) -> list[int]:
+        """Cached blocks of the prompt's longest cached prefix, leaving at least its last
+        token to compute (its logits start generation)."""
+        if self.blocks is None or not keys:
+            return []
+        return self.blocks.match(keys[: (prompt_len - 1) // self.blocks.block_size])
+
+    def _share(self, sequence: Sequence, shared: list[int]) -> None:
+        assert self.blocks is not None
+        self.blocks.share(sequence.block_table, shared)
+        sequence.cached = sequence.prefilled = len(shared) * self.blocks.block_size
+
     def submit(self, sequence: Sequence) -> None:
         """Its input is here: a prompt to prefill, or a received cache to load."""
         if sequence in self.admitted:
             self.admitted.remove(sequence)
+        elif (
+            sequence.row < 0
+            and self.blocks is not None
+            and sequence.block_keys
+            and not sequence.block_table
+        ):
+            # a prefill-only sequence holds no blocks but those of its cached prefix
+            self._share(sequence, self._cached_prefix(sequence.prompt_len, sequence.block_keys))
         if sequence.received is not None:
             sequence.status = Status.LOAD
             self.loading.append(sequence)

@@ -70,6 +70,11 @@ class Sequence:
     """Until its prefill is done."""
     prefilled: int = 0
     """Prompt positions whose keys and values are written (or on their way)."""
+    block_keys: list[bytes] = field(default_factory=list)
+    """Keys of the prompt's full blocks (`models.prefix`) when prefix caching is on: its
+    blocks are registered under them once written."""
+    cached: int = 0
+    """Prompt positions found in the prefix cache (their blocks are shared, not computed)."""
     rope_delta: int = 0
     launched: int = 0
     """Generated tokens whose computation was launched (their values may be on the device

@@ -76,6 +76,7 @@ def server_args_kwargs(config: EngineConfig, role: Role, **ports: int) -> dict[s
         "mem_fraction_static": config.mem_fraction_static,
         "max_running_requests": config.max_running_requests,
         "disable_cuda_graph": not config.cuda_graphs,
+        "disable_radix_cache": not config.prefix_cache,
         # incremental outputs: each streamed chunk carries only the new token ids
         "incremental_streaming_output": True,
     }

@@ -420,3 +420,35 @@ def test_the_flag_reaches_both_engines() -> None:
     ports = {"encoder_bootstrap_port": 1}
     assert server_args_kwargs(off, "agg", **ports)["disable_radix_cache"] is True
     assert server_args_kwargs(default, "agg", **ports)["disable_radix_cache"] is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_on_cuda_cached_prefixes_answer_as_the_cache_off_does(tiny_model: Path) -> None:
+    """On CUDA, prompts queued together share one batched prefill, and a prompt whose prefix
+    is cached runs only its suffix: concurrent requests, some with a cached prefix and some
+    with an image, answer exactly as a core with the cache off answers them."""
+    model = LanguageModel(str(tiny_model), device="cuda")
+    settings = {"max_len": 256, "max_running": 8, "kv_tokens": 8 * 256, "page_size": PAGE}
+    cached = EngineCore(model, HfConfig(**settings), True, "prefix-cuda")
+    whole = EngineCore(model, HfConfig(**settings, prefix_cache=False), True, "prefix-cuda-off")
+    cached.start()
+    whole.start()
+    try:
+        shared = list(range(200, 236))
+        texts = [[*shared, *range(i, i + 5 + i % 3)] for i in (600, 610, 620, 630)]
+        picture, start = image_prompt(model, seed=3)
+        spans = [MediaSpan(start, start + 16, "p")]
+        expected = [await run(whole, Prompt(t), 6) for t in texts]
+        expected.append(await run(whole, picture, 6))
+        assert await run(cached, Prompt(texts[0]), 6) == expected[0]  # caches the prefix
+        assert await run(cached, picture, 6, spans) == expected[-1]  # and the picture's
+        for _ in range(2):  # then all at once: cached prefixes beside a batched prefill
+            answers = await asyncio.gather(
+                *(run(cached, Prompt(t), 6) for t in texts), run(cached, picture, 6, spans)
+            )
+            assert list(answers) == expected
+        assert hits("prefix-cuda") >= 2 * (4 * 36 + 32)
+        assert cached.runner.blocks is not None and cached.runner.blocks.used == 0
+    finally:
+        cached.close()
+        whole.close()

@@ -55,8 +55,9 @@ class ResponseStream:
     @property
     def pending(self) -> bool:
         """Whether a frame has arrived that the reader has not taken yet (so a reader that
-        batches its writes knows more is coming without waiting)."""
-        return self._queued > 0
+        batches its writes knows more is coming without waiting). A closed stream has none:
+        nobody will read what it still holds."""
+        return self._queued > 0 and not self._finished
 
     def close(self) -> None:
         """Stop receiving. Safe to call twice."""

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from triptych.protocol import ErrorCode, ServiceError
 from triptych.runtime import Context, Runtime, RuntimeConfig, Service, wire
 from triptych.runtime.nats_server import NatsServer
+from triptych.runtime.stream import ResponseStream
 
 
 class Ask(BaseModel):
@@ -312,3 +313,19 @@ async def test_a_cancel_before_the_handler_starts_leaves_nothing_in_flight(
             break
         await asyncio.sleep(0.02)
     assert service.in_flight == 0
+
+
+async def test_a_stream_says_whether_a_frame_waits_unread() -> None:
+    """Keepalives do not count; a frame taken does; a closed stream holds nothing for anyone
+    (a reader batching its writes must not wait on a choice that was closed early)."""
+    stream = ResponseStream("s", "r", time.time() + 30, 5.0, on_close=lambda _s: None)
+    assert not stream.pending
+    stream.feed(b"", {wire.KEEPALIVE: "1"})
+    assert not stream.pending
+    stream.feed(b"one", None)
+    stream.feed(b"two", None)
+    assert stream.pending
+    assert await anext(aiter(stream)) == b"one"
+    assert stream.pending
+    stream.close()
+    assert not stream.pending

@@ -101,7 +101,7 @@ class HfPrefillEngine(RoomPrefillEngine):
             tensor = embeddings.tensor if embeddings is not None else None
             prompt = Prompt(request.token_ids, grids, tensor)
             keys = None
-            if self.config.prefix_cache:
+            if self.core.runner.config.prefix_cache:  # the runner turns it off without space
                 keys = request_block_keys(request, self.config.page_size)
             packed, rope_delta, cached = await self.core.prefill_only(request_id, prompt, keys)
             ref = await self.agent.export_when_space(packed, key, KV_READ_S)

@@ -226,8 +226,14 @@ class ModelRunner:
         if full <= have or not blocks.can_grow(sequence.block_table, full * size):
             return
         blocks.allocate(sequence.block_table, full * size)
-        kv = stacked_kv(cache, have * size, full * size)[:, :, row].transpose(2, 3)
-        kv_cache.write(kv_cache.slots(sequence.block_table, have * size, full * size), kv)
+        try:
+            kv = stacked_kv(cache, have * size, full * size)[:, :, row].transpose(2, 3)
+            kv_cache.write(kv_cache.slots(sequence.block_table, have * size, full * size), kv)
+        except Exception:  # the cache only saves work: its failure must not fail the prompt
+            log.warning("could not keep a prompt's prefix blocks", exc_info=True)
+            blocks.release(sequence.block_table[have:])
+            del sequence.block_table[have:]
+            return
         blocks.register(sequence.block_table, sequence.block_keys, full)
 
     def forget(self, sequence: Sequence) -> None:

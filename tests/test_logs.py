@@ -5,6 +5,7 @@ import json
 import httpx
 
 from tests.stack import Stack, start_topology
+from tests.test_faults import PIXEL
 
 BODY = {
     "model": "tiny-qwen2.5-vl",
@@ -15,9 +16,10 @@ BODY = {
 
 def test_request_id_follows_the_request_through_every_process(stack: Stack) -> None:
     start_topology(stack, "E/P/D", "--log-level", "DEBUG", frontend_args=("--log-level", "DEBUG"))
+    content = [{"type": "image_url", "image_url": {"url": PIXEL}}, {"type": "text", "text": "hi"}]
     reply = httpx.post(
         f"{stack.url}/v1/chat/completions",
-        json=BODY,
+        json={**BODY, "messages": [{"role": "user", "content": content}]},  # text skips encode
         headers={"X-Request-Id": "trace-me-42"},
         timeout=30,
     )

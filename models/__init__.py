@@ -1,4 +1,5 @@
-"""Model families: per-family adapters and the tiny test checkpoint."""
+"""Model families: what triptych knows per ``model_type`` (`family`), their adapters, and the tiny
+test checkpoint."""
 
 if __name__ != "triptych.models":  # the folder is reached only through the package
     raise ImportError(f"import triptych.models, not {__name__} (docs/architecture.md)")
@@ -7,19 +8,15 @@ import json
 from pathlib import Path
 
 from triptych.models.base import ImageLayout, ModelAdapter, VideoLayout
+from triptych.models.family import FAMILIES, ModelFamily, family
 from triptych.models.qwen2_vl import QwenVLAdapter
-
-ADAPTERS: dict[str, type[QwenVLAdapter]] = {
-    "qwen2_vl": QwenVLAdapter,
-    "qwen2_5_vl": QwenVLAdapter,
-}
 
 
 def load_adapter(model_path: str | Path) -> ModelAdapter | None:
     """The adapter for a checkpoint directory; None for a text-only model."""
     root = Path(model_path)
     config = json.loads((root / "config.json").read_text())
-    adapter = ADAPTERS.get(str(config.get("model_type")))
+    adapter = family(str(config.get("model_type"))).adapter
     if adapter is None:
         return None
     preprocessor_file = root / "preprocessor_config.json"
@@ -30,10 +27,12 @@ def load_adapter(model_path: str | Path) -> ModelAdapter | None:
 
 
 __all__ = [
-    "ADAPTERS",
+    "FAMILIES",
     "ImageLayout",
     "ModelAdapter",
+    "ModelFamily",
     "QwenVLAdapter",
     "VideoLayout",
+    "family",
     "load_adapter",
 ]

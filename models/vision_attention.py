@@ -20,8 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "VisionAttention")
-"""The towers' attention modules (Qwen2.5-VL, Qwen2-VL) whose forward is replaced."""
+from triptych.models.family import vision_module_names
 
 
 @dataclass(frozen=True)
@@ -134,8 +133,9 @@ def pack_window_attention(tower: nn.Module, layouts: WindowLayouts | None = None
     how many."""
     layouts = layouts or WindowLayouts()
     patched = 0
+    attention = vision_module_names("attention")
     for module in tower.modules():
-        if type(module).__name__ in ATTENTION_CLASSES:
+        if type(module).__name__ in attention:
             module.forward = _PackedForward(module, layouts)
             patched += 1
     return patched

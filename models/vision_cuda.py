@@ -26,12 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-PATCH_EMBED_CLASSES = ("Qwen2_5_VisionPatchEmbed", "PatchEmbed")
-"""The towers' patch embeddings (Qwen2.5-VL, Qwen2-VL) whose forward is replaced."""
-RMS_NORM_CLASSES = ("Qwen2_5_VLRMSNorm",)
-"""The towers' RMSNorms (Qwen2.5-VL's blocks and merger; Qwen2-VL's are LayerNorms)."""
-MLP_CLASSES = ("Qwen2_5_VLMLP",)
-"""The towers' gated MLPs (Qwen2.5-VL; Qwen2-VL's is a plain one)."""
+from triptych.models.family import vision_module_names
+
 MLP_ALIGN = 64
 """The padded MLP width is a multiple of this many elements."""
 
@@ -127,14 +123,16 @@ def cuda_forwards(tower: nn.Module, kernels: bool = True) -> int:
     `pack_window_attention`, with the tower on its device (a tower on the CPU keeps its MLPs
     as they are). Returns how many modules changed."""
     on_cuda = next(tower.parameters()).device.type == "cuda"
+    patch_embed, rms_norm = vision_module_names("patch_embed"), vision_module_names("rms_norm")
+    gated_mlp = vision_module_names("gated_mlp")
     patched = 0
     for module in tower.modules():
         name = type(module).__name__
-        if name in PATCH_EMBED_CLASSES:
+        if name in patch_embed:
             module.forward = _GemmPatchEmbed(module)
-        elif kernels and name in RMS_NORM_CLASSES:
+        elif kernels and name in rms_norm:
             module.forward = _KernelRMSNorm(module)
-        elif kernels and on_cuda and name in MLP_CLASSES and _gated_silu(module):
+        elif kernels and on_cuda and name in gated_mlp and _gated_silu(module):
             module.forward = _PaddedMLP(module)
         elif kernels and hasattr(module.forward, "kernel_rotary"):
             module.forward.kernel_rotary = True

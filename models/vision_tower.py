@@ -27,7 +27,7 @@ from transformers.vision_utils import (
     get_vision_window_index,
 )
 
-from triptych.models import QwenVLAdapter, load_adapter
+from triptych.models import QwenVLAdapter, family, load_adapter
 from triptych.models.checkpoint import VISION_PREFIXES, vision_shards
 from triptych.models.video_decoder import VideoBounds, read_frames
 from triptych.models.vision_attention import WindowLayouts, pack_window_attention
@@ -35,22 +35,6 @@ from triptych.models.vision_cuda import cuda_forwards
 
 LONGEST = {"cu_seqlens": "max_seqlen", "cu_window_seqlens": "max_window_seqlen"}
 """transformers' keyword for the longest sequence of each ``cu_*seqlens`` a forward takes."""
-
-
-def _tower_class(model_type: str) -> Any:
-    if model_type == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-            Qwen2_5_VisionTransformerPretrainedModel,
-        )
-
-        return Qwen2_5_VisionTransformerPretrainedModel
-    if model_type == "qwen2_vl":
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-            Qwen2VisionTransformerPretrainedModel,
-        )
-
-        return Qwen2VisionTransformerPretrainedModel
-    raise ValueError(f"no vision tower known for model type '{model_type}'")
 
 
 def _weight_files(root: Path) -> list[Path]:
@@ -98,8 +82,11 @@ class VisionTower:
         self.dtype = dtype or getattr(config, "dtype", None) or torch.float32
         self.device = torch.device(device)
         with no_init_weights():  # every weight is loaded below: a random init is wasted
-            tower = _tower_class(config.model_type)._from_config(
-                config.vision_config, dtype=self.dtype
+            tower = (
+                family(config.model_type)
+                .tower()
+                .tower.load()
+                ._from_config(config.vision_config, dtype=self.dtype)
             )
         missing, unexpected = tower.load_state_dict(load_vision_weights(root, "cpu"), strict=False)
         if missing or unexpected:

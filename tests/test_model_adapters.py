@@ -47,3 +47,34 @@ def test_qwen_runs_are_framed_by_the_template() -> None:
 def test_token_counts_follow_smart_resize(height: int, width: int, tokens: int) -> None:
     h, w = smart_resize(height, width, 28, 3136, 12845056)
     assert h * w // 784 == tokens
+
+
+def test_one_family_record_names_everything_a_vlm_needs() -> None:
+    """Adapter, whole-model class, tower class and replaced tower modules come from one
+    record per ``model_type``, and each named class exists in transformers."""
+    import importlib
+
+    from triptych.models import FAMILIES, family
+    from triptych.models.family import vision_module_names
+
+    for model_type in ("qwen2_vl", "qwen2_5_vl"):
+        vlm = family(model_type)
+        assert vlm.adapter is QwenVLAdapter
+        tower = vlm.tower()
+        assert tower.tower.load().__name__ == tower.tower.name
+        assert vlm.model_class.load().__name__ == vlm.model_class.name
+        modeling = importlib.import_module(tower.tower.module)
+        for names in tower.modules.values():
+            assert all(hasattr(modeling, name) for name in names)
+    assert set(FAMILIES) == {"qwen2_vl", "qwen2_5_vl"}
+    assert vision_module_names("attention") == {"Qwen2_5_VLVisionAttention", "VisionAttention"}
+    assert vision_module_names("gated_mlp") == {"Qwen2_5_VLMLP"}
+
+
+def test_other_model_types_are_text_only_and_say_so_when_asked_for_a_tower() -> None:
+    from triptych.models import family
+
+    text = family("llama")
+    assert text.adapter is None and text.model_class.name == "AutoModelForCausalLM"
+    with pytest.raises(ValueError, match=r"model type 'llama' has no vision tower.*qwen2_5_vl"):
+        text.tower()

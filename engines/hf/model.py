@@ -15,21 +15,8 @@ from transformers import AutoConfig, DynamicCache
 
 from triptych.engines.hf.kv_cache import KVShape
 from triptych.engines.hf.sequence import Prompt
+from triptych.models import family
 from triptych.models.mrope import rope_index, vision_mask
-
-
-def _model_class(model_type: str) -> Any:
-    if model_type == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return Qwen2_5_VLForConditionalGeneration
-    if model_type == "qwen2_vl":
-        from transformers import Qwen2VLForConditionalGeneration
-
-        return Qwen2VLForConditionalGeneration
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
 
 
 @dataclass(eq=False)
@@ -67,7 +54,8 @@ class LanguageModel:
         self.path = model_path
         self.device = torch.device(device)
         self.dtype = dtype or getattr(config, "dtype", None) or torch.float32
-        model = _model_class(config.model_type).from_pretrained(model_path, dtype=self.dtype)
+        model_class = family(config.model_type).model_class.load()
+        model = model_class.from_pretrained(model_path, dtype=self.dtype)
         if hasattr(model, "model") and hasattr(model.model, "visual") and not keep_vision:
             model.model.visual = None  # the encode stage owns the tower; free its weights
         self.model = model.to(self.device).eval()

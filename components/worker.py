@@ -16,6 +16,7 @@ from triptych.engines import (
     Engine,
     EngineConfig,
     EngineUnavailable,
+    GeneratingEngine,
     PrefillEngine,
     Runner,
     check_available,
@@ -26,7 +27,7 @@ from triptych.engines.memory import limit_device_memory
 from triptych.models import load_adapter
 from triptych.models.checkpoint import CheckpointError, Needs, resolve_checkpoint
 from triptych.observability import metrics
-from triptych.runtime import Env, Runtime, RuntimeConfig, Service
+from triptych.runtime import Env, Runtime, RuntimeConfig, Service, wire
 from triptych.runtime.address import advertised_host, is_wildcard
 from triptych.runtime.entry import (
     configure_logging,
@@ -349,9 +350,7 @@ def run_worker(
                 if stop.is_set():  # stopped while the engines loaded: never join routing
                     log.info("%s: stopped before it served", component)
                     return 0
-                await service.start()
-                if config.port_file:
-                    write_port_file(config.port_file, _bound_ports(status.port, engines))
+                await _join(service, engines, config.port_file, status.port)
                 ready = True
                 exit_status = await serving(stop, runtime)
                 ready = False
@@ -367,6 +366,27 @@ def run_worker(
         return exit_status
 
     serve(main, f"{component} worker")
+
+
+async def _join(
+    service: Service, engines: Sequence[Engine], port_file: str | None, status_port: int
+) -> None:
+    """Join routing with the engines' limits in the metadata, then announce the bound ports."""
+    service.announce(_context_metadata(engines))
+    await service.start()
+    if port_file:
+        write_port_file(port_file, _bound_ports(status_port, engines))
+
+
+def _context_metadata(engines: Sequence[Engine]) -> dict[str, str]:
+    """The context limit of the worker's generating engine, for the frontend to check
+    requests against (nothing when the engine sets none)."""
+    limits = [
+        limit
+        for engine in engines
+        if isinstance(engine, GeneratingEngine) and (limit := engine.context_length()) is not None
+    ]
+    return {wire.MAX_MODEL_LEN: str(min(limits))} if limits else {}
 
 
 def _bound_ports(status_port: int, engines: Sequence[Engine]) -> dict[str, int]:

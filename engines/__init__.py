@@ -8,6 +8,7 @@ from triptych.engines.base import (
     DecodeEngine,
     EncodeEngine,
     Engine,
+    GeneratingEngine,
     PrefillEngine,
     Runner,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineUnavailable",
+    "GeneratingEngine",
     "ImageEmbeddings",
     "PrefillEngine",
     "Runner",

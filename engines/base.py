@@ -117,6 +117,12 @@ class GeneratingEngine(Engine):
         """
         return contextlib.nullcontext()
 
+    def context_length(self) -> int | None:
+        """Tokens one sequence may hold, prompt included (``--max-model-len``), known after
+        `start`; the worker announces it and the frontend refuses longer requests before they
+        travel. None: the engine sets no limit of its own."""
+        return None
+
 
 class DecodeEngine(GeneratingEngine, abc.ABC):
     """Generates from a KV cache received through a bootstrap room."""

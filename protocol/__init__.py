@@ -13,7 +13,7 @@ from triptych.protocol.completions import (
     CompletionRequest,
     CompletionResponse,
 )
-from triptych.protocol.errors import ErrorCode, ErrorInfo, ServiceError
+from triptych.protocol.errors import ErrorCode, ErrorInfo, ServiceError, over_context
 from triptych.protocol.messages import (
     BootstrapInfo,
     EmbeddingHandle,
@@ -103,4 +103,5 @@ __all__ = [
     "VideoPart",
     "decode_chunk",
     "encode_chunk",
+    "over_context",
 ]

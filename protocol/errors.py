@@ -91,3 +91,17 @@ class ServiceError(Exception):
 
     def __str__(self) -> str:
         return f"{self.info.code}: {self.info.message}"
+
+
+def over_context(
+    prompt_tokens: int, limit: int, max_tokens: int | None = None, *, param: str | None = None
+) -> ServiceError:
+    """The one 400 for a request its context cannot hold, `limit` tokens with the prompt: the
+    frontend's check against the limit the decode workers announce, and each worker's guard."""
+    asked = "" if max_tokens is None else f" and max_tokens is {max_tokens}"
+    return ServiceError(
+        ErrorCode.BAD_REQUEST,
+        f"the prompt has {prompt_tokens} tokens{asked}, over the context length of {limit} "
+        f"(--max-model-len {limit}; a prompt leaves at least one token to generate)",
+        param=param,
+    )

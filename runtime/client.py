@@ -119,6 +119,15 @@ class Client:
             return None
         return sum(int(b) for b in bounds if b)
 
+    @property
+    def context_length(self) -> int | None:
+        """The shortest context the live instances announce (``max_model_len``, tokens with the
+        prompt): a longer request fits none of them for sure. None when none announces one."""
+        metadata = [self.instances.metadata(i) for i in self.instances.live]
+        announced = [m.get(wire.MAX_MODEL_LEN, "") for m in metadata]
+        limits = [int(limit) for limit in announced if limit.isdigit()]
+        return min(limits, default=None)
+
     async def start(self) -> None:
         """Begin discovering instances. Safe to call twice."""
         await self.instances.start()

@@ -17,6 +17,10 @@ KEEPALIVE = "Triptych-Keepalive"
 ERROR = "Nats-Service-Error"
 ERROR_CODE = "Nats-Service-Error-Code"
 
+MAX_MODEL_LEN = "max_model_len"
+"""Discovery metadata: tokens one sequence may hold on the instance, prompt included (decode
+and aggregated workers announce it; the frontend refuses longer requests before they travel)."""
+
 END_HEADERS = {END: "1"}
 KEEPALIVE_HEADERS = {KEEPALIVE: "1"}
 

@@ -36,6 +36,9 @@ class HfAggregatedEngine(AggregatedEngine):
     def model_runner(self) -> Runner | None:
         return self.core.on_model_thread() if self.core is not None else None
 
+    def context_length(self) -> int | None:
+        return self.core.max_len if self.core is not None else None
+
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
         assert self.core is not None, "start() first"
         keys = None

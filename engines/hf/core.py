@@ -44,6 +44,7 @@ from triptych.protocol import (
     ServiceError,
     TokenChunk,
     TokenLogprob,
+    over_context,
 )
 
 log = logging.getLogger(__name__)
@@ -223,11 +224,7 @@ class EngineCore:
     def check_fits(self, prompt_tokens: int) -> None:
         """A 400 for a prompt that can never run: no room for one generated token."""
         if prompt_tokens >= self.max_len:
-            raise ServiceError(
-                ErrorCode.BAD_REQUEST,
-                f"the prompt has {prompt_tokens} tokens; this model serves at most "
-                f"{self.max_len - 1} (--max-model-len {self.max_len}, one token kept to generate)",
-            )
+            raise over_context(prompt_tokens, self.max_len)
         if not self.scheduler.fits(prompt_tokens):
             raise ServiceError(
                 ErrorCode.BAD_REQUEST,

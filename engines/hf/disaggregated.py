@@ -155,6 +155,9 @@ class HfDecodeEngine(DecodeEngine):
         assert self.core is not None, "start() first"
         return self.admissions.hold(self.core, request)
 
+    def context_length(self) -> int | None:
+        return self.core.max_len if self.core is not None else None
+
     async def close(self) -> None:
         await self.rooms.close()
         if self.core is not None:

@@ -22,6 +22,9 @@ class SglangAggregatedEngine(AggregatedEngine):
     async def close(self) -> None:
         self.language.close()
 
+    def context_length(self) -> int | None:
+        return self.language.context_length
+
     async def generate(
         self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> AsyncIterator[TokenChunk]:

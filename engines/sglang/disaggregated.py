@@ -102,6 +102,9 @@ class SglangDecodeEngine(DecodeEngine):
         await self.rooms.close()
         self.language.close()
 
+    def context_length(self) -> int | None:
+        return self.language.context_length
+
     async def generate(
         self, request_id: str, request: GenerateRequest, bootstrap: BootstrapInfo
     ) -> AsyncIterator[TokenChunk]:

@@ -71,6 +71,14 @@ class LanguageEngine:
         log.info("sglang.Engine (%s) ready in %.1f s", self.role, time.perf_counter() - started)
 
     @property
+    def context_length(self) -> int | None:
+        """Tokens one sequence may hold: ``--max-model-len``, else the model's (SGLang's
+        tokenizer manager resolved it at start)."""
+        if self.engine is None:
+            return None
+        return int(self.engine.tokenizer_manager.context_len)
+
+    @property
     def bootstrap_port(self) -> int:
         """Port of SGLang's bootstrap server (a prefill engine's)."""
         return int(self.server_args.disaggregation_bootstrap_port)

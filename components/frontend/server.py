@@ -41,6 +41,7 @@ from triptych.protocol import (
     SamplingFields,
     ServiceError,
     VideoItem,
+    over_context,
 )
 from triptych.protocol.openai import resolve_format
 from triptych.runtime import Client, Runtime
@@ -161,7 +162,7 @@ class Frontend:
         return ModelCard(
             id=self.config.served_model_name,
             root=self.config.model_source,
-            max_model_len=self.preprocessor.context_length,
+            max_model_len=self.context_length,
             sampling_defaults=defaults,
         )
 
@@ -340,17 +341,20 @@ class Frontend:
         if wanted is not None:
             await asyncio.to_thread(grammar.check, wanted)
 
+    @property
+    def context_length(self) -> int:
+        """Tokens a request may hold, prompt included: what the decode workers announce, the
+        model's own context until one does."""
+        return self.stages["decode"].context_length or self.preprocessor.context_length
+
     def _max_tokens(self, prompt: Prompt, wanted: int | None, param: str) -> int:
         """`wanted` (or what the context leaves), once it fits beside the prompt."""
-        context = self.preprocessor.context_length
+        context = self.context_length
         left = context - len(prompt.token_ids)
-        if left < 1 or (wanted is not None and wanted > left):
-            raise ServiceError(
-                ErrorCode.BAD_REQUEST,
-                f"the prompt has {len(prompt.token_ids)} tokens and max_tokens is {wanted}, "
-                f"over the context length of {context}",
-                param=param if left >= 1 else None,
-            )
+        if left < 1:  # the prompt alone: what a worker would answer
+            raise over_context(len(prompt.token_ids), context)
+        if wanted is not None and wanted > left:
+            raise over_context(len(prompt.token_ids), context, wanted, param=param)
         capped = self.preprocessor.sampling_defaults.max_tokens
         return wanted or min(left, capped or left)
 

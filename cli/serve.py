@@ -14,47 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from triptych.cli.supervisor import Supervisor, say
-from triptych.components.frontend.config import TOPOLOGIES, FrontendConfig
+from triptych.components.frontend.config import FrontendConfig
+from triptych.components.topology import TOPOLOGIES
 from triptych.components.worker import worker_parser
 from triptych.runtime.env import flag_variable
 from triptych.runtime.flags import FlagParser, is_secret, is_switch, primary_flag, settable
-
-
-@dataclass(frozen=True)
-class Role:
-    """One worker process of a topology."""
-
-    name: str
-    module: str
-    """``triptych.components.<module>``."""
-    args: tuple[str, ...]
-    """What makes the module play this role."""
-    gpu: str
-    """The serve flag (dest) that pins it to a GPU."""
-
-
-_DEDICATED = "--dedicated-mm-encoder"
-ROLES: dict[str, tuple[Role, ...]] = {
-    "E/P/D": (
-        Role("encode", "encode_worker", (), "encode_gpu"),
-        Role("prefill", "prefill_worker", (_DEDICATED,), "prefill_gpu"),
-        Role(
-            "decode", "decode_worker", ("--disaggregation-mode", "decode", _DEDICATED), "decode_gpu"
-        ),
-    ),
-    "E/PD": (
-        Role("encode", "encode_worker", (), "encode_gpu"),
-        Role("pd", "decode_worker", ("--disaggregation-mode", "agg", _DEDICATED), "decode_gpu"),
-    ),
-    "EPD": (Role("worker", "decode_worker", ("--disaggregation-mode", "agg"), "decode_gpu"),),
-    "P/D": (
-        Role("prefill", "prefill_worker", (), "prefill_gpu"),
-        Role("decode", "decode_worker", ("--disaggregation-mode", "decode"), "decode_gpu"),
-    ),
-}
-"""Which workers each topology runs (the frontend comes last)."""
-
-assert set(ROLES) == set(TOPOLOGIES)
 
 _NOT_FORWARDED = {"port_file", "metrics_port", "topology"}
 """Flags serve sets itself per process (or that would clash between processes)."""
@@ -209,7 +173,7 @@ def _run(supervisor: Supervisor, spec: Flags, args: argparse.Namespace, extra: l
     supervisor.start_watchdog()
     supervisor.start_nats()
     worker_args, worker_env = _forwarded(spec.parser, args, spec.worker)
-    for role in ROLES[args.topology]:
+    for role in TOPOLOGIES[args.topology].workers:
         if supervisor.stopping:
             return 0
         pins = args.gpus.split(",") if role.name == "worker" and args.gpus else []

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from triptych.components.topology import DEDICATED_ENCODER
 from triptych.engines import (
     CachedEncodeEngine,
     EncodeEngine,
@@ -195,7 +196,7 @@ def has_vision(config: WorkerConfig) -> bool:
 def add_encoder_flag(parser: argparse.ArgumentParser) -> None:
     """``--dedicated-mm-encoder``: images arrive encoded from an encode worker."""
     parser.add_argument(
-        "--dedicated-mm-encoder",
+        DEDICATED_ENCODER,
         action="store_true",
         help="images arrive encoded from an encode worker",
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from triptych.components.topology import TOPOLOGIES
 from triptych.runtime.port_file import read_port_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,32 +162,9 @@ def start_topology(
     args = ("--engine", engine, *model, *worker_args)
     frontend_args = (*model, *frontend_args)
     for _ in range(copies):
-        if topology == "E/P/D":
-            stack.start("encode", "encode_worker", *args)
-            stack.start("prefill", "prefill_worker", "--dedicated-mm-encoder", *args)
-            stack.start(
-                "decode",
-                "decode_worker",
-                "--disaggregation-mode",
-                "decode",
-                "--dedicated-mm-encoder",
-                *args,
-            )
-        elif topology == "E/PD":
-            stack.start("encode", "encode_worker", *args)
-            stack.start(
-                "decode",
-                "decode_worker",
-                "--disaggregation-mode",
-                "agg",
-                "--dedicated-mm-encoder",
-                *args,
-            )
-        elif topology == "EPD":
-            stack.start("decode", "decode_worker", "--disaggregation-mode", "agg", *args)
-        elif topology == "P/D":
-            stack.start("prefill", "prefill_worker", *args)
-            stack.start("decode", "decode_worker", "--disaggregation-mode", "decode", *args)
+        for worker in TOPOLOGIES[topology].workers:
+            name = worker.module.removesuffix("_worker")  # the component it enters by
+            stack.start(name, worker.module, *worker.args, *args)
     stack.frontend(topology, *frontend_args)
     stack.wait_ready(ready_timeout)
     return stack

@@ -330,3 +330,18 @@ def test_one_component_per_command_makes_a_stack(
             assert process.terminate(timeout=60) == 0, process.output()[-2000:]
     finally:
         stack.stop()
+
+
+def test_each_topology_starts_a_worker_for_every_component_it_calls() -> None:
+    """The one topology table: the workers serve and pin by what it says; encode sends to the
+    component that generates, text skips the encoder."""
+    from triptych.components.topology import GENERATES, TOPOLOGIES
+
+    dests = {action.dest for action in serve_flags().parser._actions}
+    for name, topology in TOPOLOGIES.items():
+        entered = {worker.module.removesuffix("_worker") for worker in topology.workers}
+        assert entered == set(topology.components), name
+        assert all(worker.gpu in dests for worker in topology.workers), name
+        assert topology.text_entry in topology.components and GENERATES in topology.components
+    assert [t.entry for t in TOPOLOGIES.values()] == ["encode", "encode", "decode", "decode"]
+    assert TOPOLOGIES["E/P/D"].text_entry == "decode"

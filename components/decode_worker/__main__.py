@@ -9,6 +9,7 @@ encodes them itself.
 from collections.abc import Sequence
 
 from triptych.components.decode_worker.handler import AggregatedHandler, DisaggregatedHandler
+from triptych.components.topology import DECODE, DECODE_CALLS
 from triptych.components.worker import (
     add_encoder_flag,
     has_vision,
@@ -50,7 +51,7 @@ def parser() -> FlagParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and serve until stopped."""
     args = parser().parse_args(argv)
-    config = worker_config(args, "decode")
+    config = worker_config(args, DECODE)
 
     async def setup(
         runtime: Runtime, service: Service, transport: EmbeddingTransport
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.disaggregation_mode == "decode":
             engine = decode_engine(config.engine, transport.agent)
             await engine.start()
-            prefill = await runtime.client("prefill")
+            prefill = await runtime.client(DECODE_CALLS)
             affinity = args.prefix_routing == "affinity"
             disaggregated = DisaggregatedHandler(engine, prefill, affinity)
             service.add_endpoint("generate", GenerateRequest, disaggregated.generate)
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     agg = args.disaggregation_mode == "agg"
     inline = agg and not args.dedicated_mm_encoder and has_vision(config)
-    run_worker(config, "decode", setup, encodes_inline=inline)
+    run_worker(config, DECODE, setup, encodes_inline=inline)
 
 
 if __name__ == "__main__":

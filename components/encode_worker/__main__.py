@@ -4,6 +4,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from triptych.components.encode_worker.handler import EncodeHandler
+from triptych.components.topology import ENCODE, ENCODE_SENDS_TO
 from triptych.components.worker import cached_encoder, run_worker, worker_config, worker_parser
 from triptych.engines import Engine, encode_engine
 from triptych.protocol import GenerateRequest
@@ -23,7 +24,7 @@ def parser() -> FlagParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and serve until stopped."""
-    config = worker_config(parser().parse_args(argv), "encode")
+    config = worker_config(parser().parse_args(argv), ENCODE)
     config = dataclasses.replace(config, engine=config.engine.encoding())
 
     async def setup(
@@ -31,11 +32,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ) -> Sequence[Engine]:
         engine = cached_encoder(config, encode_engine(config.engine))
         await engine.start()
-        handler = EncodeHandler(engine, await runtime.client("decode"), transport)
+        handler = EncodeHandler(engine, await runtime.client(ENCODE_SENDS_TO), transport)
         service.add_endpoint("generate", GenerateRequest, handler.generate)
         return [engine]
 
-    run_worker(config, "encode", setup)
+    run_worker(config, ENCODE, setup)
 
 
 if __name__ == "__main__":

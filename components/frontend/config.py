@@ -1,19 +1,12 @@
-"""Frontend configuration and the topologies it can front."""
+"""Frontend configuration."""
 
 import argparse
 from dataclasses import dataclass, field
 
+from triptych.components.topology import TOPOLOGIES
 from triptych.runtime import RuntimeConfig
 from triptych.runtime.flags import FlagParser, add_logging_arguments
 from triptych.transfer.image_bytes import INLINE_BYTES
-
-# Each topology: the component the frontend calls first, then every stage that must be live.
-TOPOLOGIES: dict[str, tuple[str, ...]] = {
-    "E/P/D": ("encode", "decode", "prefill"),
-    "E/PD": ("encode", "decode"),
-    "EPD": ("decode",),
-    "P/D": ("decode", "prefill"),
-}
 
 
 @dataclass(frozen=True)
@@ -112,8 +105,13 @@ class FrontendConfig:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """Components of the topology, entry first."""
-        return TOPOLOGIES[self.topology]
+        """Components of the topology, entry first (`components.topology`)."""
+        return TOPOLOGIES[self.topology].components
+
+    @property
+    def text_entry(self) -> str:
+        """The component text-only requests enter at (`components.topology`)."""
+        return TOPOLOGIES[self.topology].text_entry
 
     @staticmethod
     def parser(prog: str = "triptych frontend") -> FlagParser:

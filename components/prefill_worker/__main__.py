@@ -7,6 +7,7 @@ it this worker encodes them itself (P/D serving a VLM).
 from collections.abc import Sequence
 
 from triptych.components.prefill_worker.handler import PrefillHandler
+from triptych.components.topology import PREFILL
 from triptych.components.worker import (
     add_encoder_flag,
     has_vision,
@@ -36,7 +37,7 @@ def parser() -> FlagParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and serve until stopped."""
     args = parser().parse_args(argv)
-    config = worker_config(args, "prefill")
+    config = worker_config(args, PREFILL)
 
     async def setup(
         runtime: Runtime, service: Service, transport: EmbeddingTransport
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return [engine] if encoder is None else [engine, encoder]
 
     inline = not args.dedicated_mm_encoder and has_vision(config)
-    run_worker(config, "prefill", setup, encodes_inline=inline)
+    run_worker(config, PREFILL, setup, encodes_inline=inline)
 
 
 if __name__ == "__main__":

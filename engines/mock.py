@@ -169,7 +169,6 @@ class _Generator:
         step = self.config.decode_s_per_step
         low, high = self.config.vocab_low, self.config.vocab_high
         pending: list[int] = []
-        first = True
         for index, token in enumerate(tokens):
             pending.append(token)
             finished = token in stops and index + 1 > sampling.min_tokens
@@ -183,10 +182,9 @@ class _Generator:
                 yield TokenChunk(
                     token_ids=pending,
                     finish_reason=reason,
-                    prompt_tokens=len(request.token_ids) if first else 0,
                     logprobs=logprobs,
                 )
-                pending, first = [], False
+                pending = []
             if last:
                 return
 

@@ -192,8 +192,6 @@ class TokenChunk(msgspec.Struct, frozen=True, kw_only=True):
     """New token ids since the previous chunk (may be empty on the final chunk)."""
     finish_reason: FinishReason | None = None
     """Set on the last chunk of the stream."""
-    prompt_tokens: int = 0
-    """Prompt length as the engine saw it (set on the first chunk)."""
     cached_tokens: int = 0
     """Prompt tokens whose KV cache came from a prefix cache instead of being computed (set
     on the first chunk)."""

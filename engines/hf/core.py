@@ -291,14 +291,13 @@ class EngineCore:
                 item = await stream.queue.get()
                 tokens: list[int] = []
                 logprobs: list[TokenLogprob] | None = None
-                prompt_tokens = cached_tokens = 0
+                cached_tokens = 0
                 while True:
                     if isinstance(item, BaseException):
                         raise item
                     tokens.extend(item.token_ids)
                     if item.logprobs is not None:
                         logprobs = [*(logprobs or []), *item.logprobs]
-                    prompt_tokens = prompt_tokens or item.prompt_tokens
                     cached_tokens = cached_tokens or item.cached_tokens
                     if item.finish_reason is not None or stream.queue.empty():
                         break
@@ -306,7 +305,6 @@ class EngineCore:
                 yield TokenChunk(
                     token_ids=tokens,
                     finish_reason=item.finish_reason,
-                    prompt_tokens=prompt_tokens,
                     cached_tokens=cached_tokens,
                     logprobs=logprobs,
                 )
@@ -531,7 +529,6 @@ class EngineCore:
                 TokenChunk(
                     token_ids=[token],
                     finish_reason=reason,
-                    prompt_tokens=sequence.prompt_len if first else 0,
                     cached_tokens=sequence.cached if first else 0,
                     logprobs=None if top is None else [launch.logprob(i, top)],
                 ),

@@ -126,7 +126,6 @@ class LanguageEngine:
                 yield TokenChunk(
                     token_ids=token_ids,
                     finish_reason=reason,
-                    prompt_tokens=int(meta.get("prompt_tokens", 0)) if first else 0,
                     cached_tokens=int(meta.get("cached_tokens", 0)) if first else 0,
                     logprobs=token_logprobs(meta, len(token_ids))
                     if request.sampling.logprobs is not None

@@ -86,7 +86,7 @@ class PrefillEngine(Engine, abc.ABC):
         return metadata
 
     @abc.abstractmethod
-    def open_room(self, request_id: str, room: int | None = None) -> int:
+    def open_room(self, room: int | None = None) -> int:
         """Open `room` (chosen by decode), or allocate one, before prefill starts."""
 
     @abc.abstractmethod

@@ -40,7 +40,7 @@ from triptych.protocol import (
     TokenLogprob,
     VideoItem,
 )
-from triptych.transfer import BootstrapClient, ImageEmbeddings
+from triptych.transfer import BootstrapClient, ImageEmbeddings, PrefillRoom
 
 
 @dataclass(frozen=True)
@@ -218,28 +218,21 @@ class MockPrefillEngine(RoomPrefillEngine):
         self.config = config
         self._model = _ModelThread()
 
-    async def prefill(
+    async def fill_room(
         self,
         request_id: str,
         request: GenerateRequest,
-        room: int,
+        room: PrefillRoom,
         embeddings: ImageEmbeddings | None,
     ) -> None:
-        slot = self.server.open(room)
-        try:
-            _check_embeddings(request, embeddings)
-            cost = self.config.prefill_s_per_token * len(request.token_ids)
-            await self._model.run("prefill", cost)
-            METER.count("prompt_tokens", len(request.token_ids))
-            if self.config.fail_prefill:
-                raise ServiceError(ErrorCode.INTERNAL, "injected prefill failure")
-            slot.ready(RoomReady(room=room))
-            await slot.wait_done(self.config.room_done_timeout_s)
-        except BaseException as error:
-            slot.fail(str(error) or type(error).__name__)
-            raise
-        finally:
-            slot.close()
+        _check_embeddings(request, embeddings)
+        cost = self.config.prefill_s_per_token * len(request.token_ids)
+        await self._model.run("prefill", cost)
+        METER.count("prompt_tokens", len(request.token_ids))
+        if self.config.fail_prefill:
+            raise ServiceError(ErrorCode.INTERNAL, "injected prefill failure")
+        room.ready(RoomReady(room=room.room))
+        await room.wait_done(self.config.room_done_timeout_s)
 
 
 class _Admission:

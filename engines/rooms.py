@@ -1,13 +1,17 @@
-"""Prefill engines that hand KV caches over triptych's own bootstrap rooms (mock, hf)."""
+"""Prefill engines that hand KV caches over triptych's own bootstrap rooms (mock, hf, and
+sglang for the outcome: SGLang moves the cache itself)."""
+
+import abc
 
 from triptych.engines.base import PrefillEngine
-from triptych.transfer import BootstrapServer
+from triptych.protocol import ErrorCode, GenerateRequest, ServiceError
+from triptych.transfer import BootstrapServer, ImageEmbeddings, PrefillRoom
 from triptych.transfer.bootstrap import new_room
 
 
 class RoomPrefillEngine(PrefillEngine):
-    """Owns a `BootstrapServer`: subclasses call ``super().start()``/``close()`` and offer
-    each request's outcome through ``self.server.open(room)``."""
+    """Owns a `BootstrapServer`: subclasses call ``super().start()``/``close()`` and run each
+    request's prefill in `fill_room`, which publishes the outcome in the request's room."""
 
     def __init__(
         self, bootstrap_host: str, bootstrap_port: int, advertise_host: str | None = None
@@ -24,12 +28,41 @@ class RoomPrefillEngine(PrefillEngine):
     def bootstrap_address(self) -> tuple[str, int]:
         return self.server.host, self.server.port
 
-    def open_room(self, request_id: str, room: int | None = None) -> int:
+    def open_room(self, room: int | None = None) -> int:
         room = new_room() if room is None else room
         self.server.open(room)
         return room
 
     def abandon_room(self, room: int, reason: str) -> None:
-        slot = self.server.open(room)
-        slot.fail(reason)
-        slot.close()
+        opened = self.server.open(room)
+        opened.fail(reason)
+        opened.close()
+
+    async def prefill(
+        self,
+        request_id: str,
+        request: GenerateRequest,
+        room: int,
+        embeddings: ImageEmbeddings | None,
+    ) -> None:
+        opened = self.server.open(room)
+        try:
+            await self.fill_room(request_id, request, opened, embeddings)
+        except BaseException as error:
+            code = error.code if isinstance(error, ServiceError) else ErrorCode.INTERNAL
+            opened.fail(f"prefill failed: {error}" if str(error) else "prefill cancelled", code)
+            raise
+        finally:
+            opened.close()
+
+    @abc.abstractmethod
+    async def fill_room(
+        self,
+        request_id: str,
+        request: GenerateRequest,
+        room: PrefillRoom,
+        embeddings: ImageEmbeddings | None,
+    ) -> None:
+        """Prefill and tell `room` the KV cache is ready (holding it until decode has read it,
+        where the engine hands it over itself). A failure raised here reaches decode through
+        the room at once."""

@@ -4,7 +4,7 @@ if __name__ != "triptych.transfer":  # the folder is reached only through the pa
     raise ImportError(f"import triptych.transfer, not {__name__} (docs/architecture.md)")
 
 from triptych.transfer import image_bytes
-from triptych.transfer.bootstrap import BootstrapClient, BootstrapServer, RoomSlot
+from triptych.transfer.bootstrap import BootstrapClient, BootstrapServer, PrefillRoom
 from triptych.transfer.embeddings import EmbeddingTransport, ImageEmbeddings
 from triptych.transfer.nixl import PoolFull, TransferAgent, TransferError
 
@@ -14,7 +14,7 @@ __all__ = [
     "EmbeddingTransport",
     "ImageEmbeddings",
     "PoolFull",
-    "RoomSlot",
+    "PrefillRoom",
     "TransferAgent",
     "TransferError",
     "image_bytes",

@@ -49,8 +49,8 @@ class _Room:
     """Prefill opened it (a decode may join a room before prefill has its request)."""
 
 
-class RoomSlot:
-    """Prefill's handle on one room: publish the outcome, wait for decode, then close."""
+class PrefillRoom:
+    """Prefill's side of one room: publish the outcome, wait for decode, then close."""
 
     def __init__(self, server: "BootstrapServer", room: int) -> None:
         self._server = server
@@ -110,10 +110,10 @@ class BootstrapServer:
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
 
-    def open(self, room: int) -> RoomSlot:
+    def open(self, room: int) -> PrefillRoom:
         """Open a room for one request."""
         self._room(room).opened = True
-        return RoomSlot(self, room)
+        return PrefillRoom(self, room)
 
     @property
     def open_rooms(self) -> int:

@@ -22,7 +22,7 @@ class PrefillHandler:
         """Open the room decode chose (or answer the bootstrap triple of a new one); a later
         failure reaches decode through the room."""
         with nvtx.span("mm:prefill:bootstrap"):
-            room = self.engine.open_room(ctx.request_id, request.bootstrap_room)
+            room = self.engine.open_room(request.bootstrap_room)
             if request.bootstrap_room is None:
                 await ctx.stream.send(self.engine.bootstrap_info(room), end=True)
         try:

@@ -37,6 +37,7 @@ from triptych.transfer import (
     BootstrapClient,
     ImageEmbeddings,
     PoolFull,
+    PrefillRoom,
     TransferAgent,
     TransferError,
 )
@@ -84,17 +85,16 @@ class HfPrefillEngine(RoomPrefillEngine):
         if self.core is not None:
             await asyncio.to_thread(self.core.close)
 
-    async def prefill(
+    async def fill_room(
         self,
         request_id: str,
         request: GenerateRequest,
-        room: int,
+        room: PrefillRoom,
         embeddings: ImageEmbeddings | None,
     ) -> None:
         assert self.core is not None, "start() first"
         model = self.core.model
-        slot = self.server.open(room)
-        key = f"kv-{room}"
+        key = f"kv-{room.room}"
         try:
             self.core.check_fits(len(request.token_ids))
             grids = media_grids(request)
@@ -106,9 +106,9 @@ class HfPrefillEngine(RoomPrefillEngine):
             packed, rope_delta, cached = await self.core.prefill_only(request_id, prompt, keys)
             ref = await self.agent.export_when_space(packed, key, KV_READ_S)
             del packed  # the pool holds it now
-            slot.ready(
+            room.ready(
                 RoomReady(
-                    room=room,
+                    room=room.room,
                     rope_delta=rope_delta,
                     cached_tokens=cached,
                     kv=KVHandle(
@@ -119,12 +119,8 @@ class HfPrefillEngine(RoomPrefillEngine):
                 )
             )
             await self.agent.wait_released(key, KV_HOLD_S)
-        except BaseException as error:
-            slot.fail(f"prefill failed: {error}" if str(error) else "prefill cancelled")
-            raise
         finally:
             self.agent.release(key)
-            slot.close()
 
 
 class HfDecodeEngine(DecodeEngine):

@@ -28,7 +28,7 @@ from triptych.protocol import (
     ServiceError,
     TokenChunk,
 )
-from triptych.transfer import BootstrapClient, ImageEmbeddings
+from triptych.transfer import BootstrapClient, ImageEmbeddings, PrefillRoom
 
 ABORT_RETRY_S = 0.01
 """How often decode retries an abort that SGLang could not take yet (request not registered:
@@ -64,28 +64,20 @@ class SglangPrefillEngine(RoomPrefillEngine):
             outcome_port=self.server.port,
         )
 
-    async def prefill(
+    async def fill_room(
         self,
         request_id: str,
         request: GenerateRequest,
-        room: int,
+        room: PrefillRoom,
         embeddings: ImageEmbeddings | None,
     ) -> None:
-        slot = self.server.open(room)
-        try:
-            # SGLang's prefill request ends once its KV cache reached decode
-            async for _ in self.language.stream(
-                request_id, request, embeddings, self.bootstrap_info(room)
-            ):
-                pass
-            metrics.TOKENS_PROCESSED.labels("prefill", "prefill").inc(len(request.token_ids))
-            slot.ready(RoomReady(room=room))
-        except BaseException as error:
-            code = error.code if isinstance(error, ServiceError) else ErrorCode.INTERNAL
-            slot.fail(f"prefill failed: {error}" if str(error) else "prefill cancelled", code)
-            raise
-        finally:
-            slot.close()
+        # SGLang's prefill request ends once its KV cache reached decode
+        async for _ in self.language.stream(
+            request_id, request, embeddings, self.bootstrap_info(room.room)
+        ):
+            pass
+        metrics.TOKENS_PROCESSED.labels("prefill", "prefill").inc(len(request.token_ids))
+        room.ready(RoomReady(room=room.room))
 
 
 class SglangDecodeEngine(DecodeEngine):

@@ -264,7 +264,7 @@ async def test_bootstrap_address_and_room_are_sglangs(tiny_model: Path) -> None:
     try:
         port = prefill.language.server_args.disaggregation_bootstrap_port
         sglang_server = NixlKVBootstrapServer("127.0.0.1", port)  # as SGLang's prefill starts it
-        room = prefill.open_room("r")
+        room = prefill.open_room()
         info = prefill.bootstrap_info(room)
         assert (info.bootstrap_host, info.bootstrap_port, info.bootstrap_room) == (
             "127.0.0.1",

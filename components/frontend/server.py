@@ -24,6 +24,7 @@ from triptych.components.frontend.output import Output
 from triptych.components.frontend.prompt import Preprocessor, Prompt
 from triptych.components.frontend.reply import Reply
 from triptych.components.frontend.telemetry import RequestTelemetry
+from triptych.components.topology import GENERATES
 from triptych.engines import grammar
 from triptych.models.prefix import route_keys
 from triptych.observability import metrics
@@ -223,9 +224,9 @@ class Frontend:
     def entry_for(self, requests: list[GenerateRequest]) -> Client:
         """The stage requests enter at: text goes straight to decode (past the encoder, when the
         topology has one); requests with images or videos go to the topology's entry stage."""
-        if any(r.media for r in requests) or self.entry.component != "encode":
+        if any(r.media for r in requests):
             return self.entry
-        return self.stages["decode"]
+        return self.stages[self.config.text_entry]
 
     def _refusal(self, request_id: str) -> ServiceError | None:
         """A busy answer when this frontend already holds as many requests as it may, or as
@@ -238,7 +239,7 @@ class Frontend:
                 f"(--max-inflight-requests {limit})",
                 request_id,
             )
-        downstream = self.stages["decode"].capacity
+        downstream = self.stages[GENERATES].capacity
         if downstream is not None and self.in_flight >= downstream:
             return busy(
                 f"server busy: every decode instance is full ({self.in_flight} requests in flight)",
@@ -345,7 +346,7 @@ class Frontend:
     def context_length(self) -> int:
         """Tokens a request may hold, prompt included: what the decode workers announce, the
         model's own context until one does."""
-        return self.stages["decode"].context_length or self.preprocessor.context_length
+        return self.stages[GENERATES].context_length or self.preprocessor.context_length
 
     def _max_tokens(self, prompt: Prompt, wanted: int | None, param: str) -> int:
         """`wanted` (or what the context leaves), once it fits beside the prompt."""

@@ -4,24 +4,17 @@ requests."""
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from triptych.engines.base import EncodeEngine, Runner
+from triptych.engines.encode_batches import EncodeBatches, EncodeJob
 from triptych.engines.load import METER
 from triptych.models.video_decoder import VideoRejected
 from triptych.models.vision_tower import VideoClip, VisionTower
 from triptych.observability import metrics
 from triptych.protocol import ErrorCode, ImageItem, MediaItem, ServiceError, VideoItem
 from triptych.transfer import ImageEmbeddings
-
-
-@dataclass(eq=False)
-class _Job:
-    images: Sequence[MediaItem]
-    """The request's images and videos, in prompt order."""
-    future: "asyncio.Future[ImageEmbeddings]"
 
 
 def _tower_input(item: MediaItem) -> bytes | VideoClip:
@@ -46,24 +39,16 @@ class HfEncodeEngine(EncodeEngine):
         self.runner = runner
         """Where vision forwards run (default: a thread of their own)."""
         self.tower: VisionTower | None = None
-        self._pending: list[_Job] = []
-        self._wake = asyncio.Event()
-        self._batcher: asyncio.Task[None] | None = None
+        self.batches = EncodeBatches(self._run, max_batch_images, "encode-batches")
 
     async def start(self) -> None:
         if self.tower is None:
             self.tower = await asyncio.to_thread(VisionTower, self.model_path, self.device)
-            METER.add_queue(lambda: len(self._pending))  # requests waiting for the tower
-            self._batcher = asyncio.create_task(self._batches(), name="encode-batches")
+            METER.add_queue(lambda: len(self.batches.pending))  # requests waiting for the tower
+            self.batches.start()
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            self._batcher.cancel()
-            await asyncio.gather(self._batcher, return_exceptions=True)
-            self._batcher = None
-        for job in self._pending:
-            job.future.cancel()
-        self._pending.clear()
+        await self.batches.close()
 
     async def encode(
         self, request_id: str, images: Sequence[ImageItem], videos: Sequence[VideoItem] = ()
@@ -71,31 +56,9 @@ class HfEncodeEngine(EncodeEngine):
         media: list[MediaItem] = sorted([*images, *videos], key=lambda item: item.offset)
         if any(item.data is None for item in media):
             raise ServiceError(ErrorCode.INTERNAL, "an image reached the encoder without bytes")
-        job = _Job(media, asyncio.get_running_loop().create_future())
-        self._pending.append(job)
-        self._wake.set()
-        return await job.future
+        return await self.batches.submit(EncodeJob(media))
 
-    async def _batches(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch: list[_Job] = []
-            count = 0
-            while self._pending and (
-                not batch or count + len(self._pending[0].images) <= self.max_batch_images
-            ):
-                job = self._pending.pop(0)
-                if job.future.done():  # cancelled while waiting
-                    continue
-                batch.append(job)
-                count += len(job.images)
-            if self._pending:
-                self._wake.set()
-            if batch:
-                await self._run(batch)
-
-    async def _run(self, batch: list[_Job]) -> None:
+    async def _run(self, batch: list[EncodeJob]) -> None:
         assert self.tower is not None
         tower = self.tower
         metrics.ENCODE_BATCH.observe(sum(len(job.images) for job in batch))
@@ -110,10 +73,10 @@ class HfEncodeEngine(EncodeEngine):
             ),
             return_exceptions=True,
         )
-        ready: list[tuple[_Job, torch.Tensor, torch.Tensor]] = []
+        ready: list[tuple[EncodeJob, torch.Tensor, torch.Tensor]] = []
         for job, result in zip(batch, preprocessed, strict=True):
             if isinstance(result, BaseException):
-                _fail(job, _preprocess_failure(result))
+                job.fail(_preprocess_failure(result))
             else:
                 ready.append((job, *result))
         if not ready:
@@ -132,7 +95,7 @@ class HfEncodeEngine(EncodeEngine):
         except Exception as error:
             failure = ServiceError(ErrorCode.INTERNAL, f"vision tower failed: {error}")
             for job, _, _ in ready:
-                _fail(job, failure)
+                job.fail(failure)
             return
         metrics.ENCODE_DURATION.observe(time.perf_counter() - started)
         # a video counts as its temporal patches: pictures the tower encoded, as the mock counts
@@ -146,7 +109,7 @@ class HfEncodeEngine(EncodeEngine):
             got = [tuple(g) for g in job_grids.tolist()]
             if got != expected_grids:
                 message = f"image grids {got} differ from the prompt's {expected_grids}"
-                _fail(job, ServiceError(ErrorCode.INTERNAL, message))
+                job.fail(ServiceError(ErrorCode.INTERNAL, message))
             elif not job.future.done():
                 job.future.set_result(
                     ImageEmbeddings(num_tokens=count, hidden_size=int(part.shape[-1]), tensor=part)
@@ -155,11 +118,6 @@ class HfEncodeEngine(EncodeEngine):
 
 def _pictures(items: Sequence[MediaItem]) -> int:
     return sum(item.grid_thw[0] if isinstance(item, VideoItem) else 1 for item in items)
-
-
-def _fail(job: _Job, error: ServiceError) -> None:
-    if not job.future.done():
-        job.future.set_exception(error)
 
 
 def _preprocess_failure(error: BaseException) -> ServiceError:

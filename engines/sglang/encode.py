@@ -30,11 +30,12 @@ import torch
 from PIL import Image
 
 from triptych.engines.base import EncodeEngine
+from triptych.engines.encode_batches import EncodeBatches, EncodeJob
 from triptych.engines.registry import EngineConfig
 from triptych.engines.sglang.loop_thread import LoopThread
 from triptych.engines.sglang.server_args import free_port, server_args
 from triptych.observability import metrics
-from triptych.protocol import ErrorCode, ImageItem, ServiceError, VideoItem
+from triptych.protocol import ErrorCode, ImageItem, MediaItem, ServiceError, VideoItem
 from triptych.transfer import ImageEmbeddings
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,12 @@ VIDEO_REFUSAL = (
 
 
 @dataclass(eq=False)
-class _Job:
-    rid: str
-    images: Sequence[ImageItem]
-    future: "asyncio.Future[ImageEmbeddings]"
+class _Job(EncodeJob):
+    rid: str = ""
+    """SGLang's id of the request (one per call)."""
 
 
-def _decode(images: Sequence[ImageItem]) -> list[Image.Image]:
+def _decode(images: Sequence[MediaItem]) -> list[Image.Image]:
     return [Image.open(io.BytesIO(image.data or b"")).convert("RGB") for image in images]
 
 
@@ -65,9 +65,7 @@ class SglangEncodeEngine(EncodeEngine):
         self.max_batch_images = max_batch_images
         self.encoder: Any = None
         self._thread: LoopThread | None = None
-        self._pending: list[_Job] = []
-        self._wake = asyncio.Event()
-        self._batcher: asyncio.Task[None] | None = None
+        self.batches = EncodeBatches(self._run, max_batch_images, "sglang-encode-batches")
         self._ids = itertools.count()
 
     async def start(self) -> None:
@@ -77,7 +75,7 @@ class SglangEncodeEngine(EncodeEngine):
         started = time.perf_counter()
         self.encoder = await self._thread.run(self._build())
         log.info("SGLang MMEncoder ready in %.1f s", time.perf_counter() - started)
-        self._batcher = asyncio.create_task(self._batches(), name="sglang-encode-batches")
+        self.batches.start()
 
     async def _build(self) -> Any:
         from sglang.srt.disaggregation.encoder.server import MMEncoder
@@ -89,13 +87,7 @@ class SglangEncodeEngine(EncodeEngine):
         return MMEncoder(args, dist_init_method=init)
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            self._batcher.cancel()
-            await asyncio.gather(self._batcher, return_exceptions=True)
-            self._batcher = None
-        for job in self._pending:
-            job.future.cancel()
-        self._pending.clear()
+        await self.batches.close()
         if self._thread is not None:
             self._thread.close()
             self._thread = None
@@ -109,28 +101,7 @@ class SglangEncodeEngine(EncodeEngine):
             raise ServiceError(ErrorCode.INTERNAL, "an image reached the encoder without bytes")
         # SGLang keys its per-request state by id: one per call, even for a repeated request
         rid = f"{request_id}#{next(self._ids)}"
-        job = _Job(rid, images, asyncio.get_running_loop().create_future())
-        self._pending.append(job)
-        self._wake.set()
-        return await job.future
-
-    async def _batches(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch: list[_Job] = []
-            count = 0
-            while self._pending and (
-                not batch or count + len(self._pending[0].images) <= self.max_batch_images
-            ):
-                job = self._pending.pop(0)
-                if not job.future.done():  # else cancelled while waiting
-                    batch.append(job)
-                    count += len(job.images)
-            if self._pending:
-                self._wake.set()
-            if batch:
-                await self._run(batch)
+        return await self.batches.submit(_Job(images, rid=rid))
 
     async def _run(self, batch: list[_Job]) -> None:
         assert self._thread is not None
@@ -142,8 +113,7 @@ class SglangEncodeEngine(EncodeEngine):
         except Exception as error:
             failure = ServiceError(ErrorCode.INTERNAL, f"SGLang encoder failed: {error}")
             for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(failure)
+                job.fail(failure)
             return
         metrics.ENCODE_DURATION.observe(time.perf_counter() - started)
         for job, outcome in zip(batch, outcomes, strict=True):
@@ -180,7 +150,7 @@ class SglangEncodeEngine(EncodeEngine):
 
 
 def _embeddings(
-    images: Sequence[ImageItem], tensor: torch.Tensor, grids: torch.Tensor
+    images: Sequence[MediaItem], tensor: torch.Tensor, grids: torch.Tensor
 ) -> ImageEmbeddings | ServiceError:
     """The request's embeddings, once SGLang's grids agree with the frontend's token counts."""
     got = [tuple(int(v) for v in grid) for grid in torch.as_tensor(grids).tolist()]

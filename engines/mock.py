@@ -40,7 +40,7 @@ from triptych.protocol import (
     TokenLogprob,
     VideoItem,
 )
-from triptych.transfer import BootstrapClient, ImageEmbeddings, PrefillRoom
+from triptych.transfer import BootstrapClient, ImageEmbeddings
 
 
 @dataclass(frozen=True)
@@ -218,21 +218,22 @@ class MockPrefillEngine(RoomPrefillEngine):
         self.config = config
         self._model = _ModelThread()
 
-    async def fill_room(
+    async def prefill(
         self,
         request_id: str,
         request: GenerateRequest,
-        room: PrefillRoom,
+        room: int,
         embeddings: ImageEmbeddings | None,
     ) -> None:
-        _check_embeddings(request, embeddings)
-        cost = self.config.prefill_s_per_token * len(request.token_ids)
-        await self._model.run("prefill", cost)
-        METER.count("prompt_tokens", len(request.token_ids))
-        if self.config.fail_prefill:
-            raise ServiceError(ErrorCode.INTERNAL, "injected prefill failure")
-        room.ready(RoomReady(room=room.room))
-        await room.wait_done(self.config.room_done_timeout_s)
+        async with self.filling(room) as opened:
+            _check_embeddings(request, embeddings)
+            cost = self.config.prefill_s_per_token * len(request.token_ids)
+            await self._model.run("prefill", cost)
+            METER.count("prompt_tokens", len(request.token_ids))
+            if self.config.fail_prefill:
+                raise ServiceError(ErrorCode.INTERNAL, "injected prefill failure")
+            opened.ready(RoomReady(room=room))
+            await opened.wait_done(self.config.room_done_timeout_s)
 
 
 class _Admission:

@@ -1,17 +1,18 @@
 """Prefill engines that hand KV caches over triptych's own bootstrap rooms (mock, hf, and
 sglang for the outcome: SGLang moves the cache itself)."""
 
-import abc
+import contextlib
+from collections.abc import AsyncIterator
 
 from triptych.engines.base import PrefillEngine
-from triptych.protocol import ErrorCode, GenerateRequest, ServiceError
-from triptych.transfer import BootstrapServer, ImageEmbeddings, PrefillRoom
+from triptych.protocol import ErrorCode, ServiceError
+from triptych.transfer import BootstrapServer, PrefillRoom
 from triptych.transfer.bootstrap import new_room
 
 
 class RoomPrefillEngine(PrefillEngine):
     """Owns a `BootstrapServer`: subclasses call ``super().start()``/``close()`` and run each
-    request's prefill in `fill_room`, which publishes the outcome in the request's room."""
+    request's prefill inside `filling` its room, publishing the outcome there."""
 
     def __init__(
         self, bootstrap_host: str, bootstrap_port: int, advertise_host: str | None = None
@@ -38,31 +39,16 @@ class RoomPrefillEngine(PrefillEngine):
         opened.fail(reason)
         opened.close()
 
-    async def prefill(
-        self,
-        request_id: str,
-        request: GenerateRequest,
-        room: int,
-        embeddings: ImageEmbeddings | None,
-    ) -> None:
+    @contextlib.asynccontextmanager
+    async def filling(self, room: int) -> AsyncIterator[PrefillRoom]:
+        """Prefill's side of `room` while a prefill fills it: a failure raised inside reaches
+        decode through the room at once, and the room closes on the way out."""
         opened = self.server.open(room)
         try:
-            await self.fill_room(request_id, request, opened, embeddings)
+            yield opened
         except BaseException as error:
             code = error.code if isinstance(error, ServiceError) else ErrorCode.INTERNAL
             opened.fail(f"prefill failed: {error}" if str(error) else "prefill cancelled", code)
             raise
         finally:
             opened.close()
-
-    @abc.abstractmethod
-    async def fill_room(
-        self,
-        request_id: str,
-        request: GenerateRequest,
-        room: PrefillRoom,
-        embeddings: ImageEmbeddings | None,
-    ) -> None:
-        """Prefill and tell `room` the KV cache is ready (holding it until decode has read it,
-        where the engine hands it over itself). A failure raised here reaches decode through
-        the room at once."""

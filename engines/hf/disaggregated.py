@@ -37,7 +37,6 @@ from triptych.transfer import (
     BootstrapClient,
     ImageEmbeddings,
     PoolFull,
-    PrefillRoom,
     TransferAgent,
     TransferError,
 )
@@ -85,42 +84,43 @@ class HfPrefillEngine(RoomPrefillEngine):
         if self.core is not None:
             await asyncio.to_thread(self.core.close)
 
-    async def fill_room(
+    async def prefill(
         self,
         request_id: str,
         request: GenerateRequest,
-        room: PrefillRoom,
+        room: int,
         embeddings: ImageEmbeddings | None,
     ) -> None:
         assert self.core is not None, "start() first"
         model = self.core.model
-        key = f"kv-{room.room}"
-        try:
-            self.core.check_fits(len(request.token_ids))
-            grids = media_grids(request)
-            tensor = embeddings.tensor if embeddings is not None else None
-            prompt = Prompt(request.token_ids, grids, tensor)
-            keys = None
-            if self.core.runner.config.prefix_cache:  # the runner turns it off without space
-                keys = request_block_keys(request, self.config.page_size)
-            packed, rope_delta, cached = await self.core.prefill_only(request_id, prompt, keys)
-            ref = await self.agent.export_when_space(packed, key, KV_READ_S)
-            del packed  # the pool holds it now
-            room.ready(
-                RoomReady(
-                    room=room.room,
-                    rope_delta=rope_delta,
-                    cached_tokens=cached,
-                    kv=KVHandle(
-                        tensor=ref,
-                        num_tokens=len(request.token_ids),
-                        layout=kv_transfer.layout(model),
-                    ),
+        key = f"kv-{room}"
+        async with self.filling(room) as opened:
+            try:
+                self.core.check_fits(len(request.token_ids))
+                grids = media_grids(request)
+                tensor = embeddings.tensor if embeddings is not None else None
+                prompt = Prompt(request.token_ids, grids, tensor)
+                keys = None
+                if self.core.runner.config.prefix_cache:  # the runner turns it off without space
+                    keys = request_block_keys(request, self.config.page_size)
+                packed, rope_delta, cached = await self.core.prefill_only(request_id, prompt, keys)
+                ref = await self.agent.export_when_space(packed, key, KV_READ_S)
+                del packed  # the pool holds it now
+                opened.ready(
+                    RoomReady(
+                        room=room,
+                        rope_delta=rope_delta,
+                        cached_tokens=cached,
+                        kv=KVHandle(
+                            tensor=ref,
+                            num_tokens=len(request.token_ids),
+                            layout=kv_transfer.layout(model),
+                        ),
+                    )
                 )
-            )
-            await self.agent.wait_released(key, KV_HOLD_S)
-        finally:
-            self.agent.release(key)
+                await self.agent.wait_released(key, KV_HOLD_S)
+            finally:
+                self.agent.release(key)
 
 
 class HfDecodeEngine(DecodeEngine):

@@ -28,7 +28,7 @@ from triptych.protocol import (
     ServiceError,
     TokenChunk,
 )
-from triptych.transfer import BootstrapClient, ImageEmbeddings, PrefillRoom
+from triptych.transfer import BootstrapClient, ImageEmbeddings
 
 ABORT_RETRY_S = 0.01
 """How often decode retries an abort that SGLang could not take yet (request not registered:
@@ -64,20 +64,21 @@ class SglangPrefillEngine(RoomPrefillEngine):
             outcome_port=self.server.port,
         )
 
-    async def fill_room(
+    async def prefill(
         self,
         request_id: str,
         request: GenerateRequest,
-        room: PrefillRoom,
+        room: int,
         embeddings: ImageEmbeddings | None,
     ) -> None:
-        # SGLang's prefill request ends once its KV cache reached decode
-        async for _ in self.language.stream(
-            request_id, request, embeddings, self.bootstrap_info(room.room)
-        ):
-            pass
-        metrics.TOKENS_PROCESSED.labels("prefill", "prefill").inc(len(request.token_ids))
-        room.ready(RoomReady(room=room.room))
+        async with self.filling(room) as opened:
+            # SGLang's prefill request ends once its KV cache reached decode
+            async for _ in self.language.stream(
+                request_id, request, embeddings, self.bootstrap_info(room)
+            ):
+                pass
+            metrics.TOKENS_PROCESSED.labels("prefill", "prefill").inc(len(request.token_ids))
+            opened.ready(RoomReady(room=room))
 
 
 class SglangDecodeEngine(DecodeEngine):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from triptych.cli.supervisor import Supervisor, say
 from triptych.components.frontend.config import FrontendConfig
-from triptych.components.topology import TOPOLOGIES
+from triptych.components.topology import TOPOLOGIES, add_topology_argument
 from triptych.components.worker import worker_parser
 from triptych.runtime.env import flag_variable
 from triptych.runtime.flags import FlagParser, is_secret, is_switch, primary_flag, settable
@@ -55,13 +55,9 @@ def flags() -> Flags:
         "workers of a topology and the frontend; Ctrl-C stops it all. Flags after '--' go to "
         "every worker as they are.",
     )
-    parser.add_argument(
-        "--topology",
-        type=str.upper,
-        choices=tuple(TOPOLOGIES),
-        default="E/P/D",
-        metavar="e/p/d|e/pd|epd|p/d",
-        help="which stages run as separate processes: encode, prefill, decode (e/p/d); "
+    add_topology_argument(
+        parser,
+        "which stages run as separate processes: encode, prefill, decode (e/p/d); "
         "encode, then prefill+decode (e/pd); all in one worker (epd); prefill, decode (p/d, "
         "text models, or a VLM that encodes in prefill)",
     )

@@ -9,6 +9,7 @@ A request enters at the topology's entry component; encode forwards it to decode
 point of disaggregation, which in E/P/D and P/D calls prefill and receives its KV cache.
 """
 
+import argparse
 from dataclasses import dataclass
 
 ENCODE = "encode"
@@ -102,3 +103,15 @@ TOPOLOGIES: dict[str, Topology] = {
     )
 }
 """Every topology, by the name ``--topology`` takes."""
+
+
+def add_topology_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--topology``: one of `TOPOLOGIES`, in either case."""
+    parser.add_argument(
+        "--topology",
+        type=str.upper,
+        choices=tuple(TOPOLOGIES),
+        default="E/P/D",
+        metavar="e/p/d|e/pd|epd|p/d",
+        help=help,
+    )

@@ -37,7 +37,7 @@ from triptych.runtime.entry import (
     serve,
     serving,
 )
-from triptych.runtime.flags import FlagParser, add_logging_arguments
+from triptych.runtime.flags import FlagParser, add_logging_arguments, add_model_arguments
 from triptych.runtime.port_file import write_port_file
 from triptych.runtime.status_server import StatusServer
 from triptych.transfer import EmbeddingTransport, TransferAgent
@@ -91,7 +91,7 @@ def _cache_bytes(text: str) -> int | None:
 def worker_parser(prog: str, description: str) -> FlagParser:
     """A parser with the flags every worker takes."""
     parser = FlagParser(prog=prog, description=description)
-    add_model_arguments(parser)
+    add_model_arguments(parser, "a worker fetches only the weights it loads")
     parser.add_argument(
         "--prefix-routing",
         choices=("affinity", "round-robin"),
@@ -170,27 +170,15 @@ def worker_parser(prog: str, description: str) -> FlagParser:
     return parser
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model-path``, ``--revision``, ``--served-model-name``."""
-    parser.add_argument(
-        "--model-path",
-        default="",
-        help="checkpoint: a local directory or a Hugging Face Hub ID (org/name); a worker "
-        "fetches only the weights it loads (empty: the tiny test model)",
-    )
-    parser.add_argument(
-        "--revision", default=None, help="hub revision (branch, tag or commit) of a hub ID"
-    )
-    parser.add_argument(
-        "--served-model-name",
-        default="",
-        help="the model name clients send (empty: the hub ID, or the directory's name)",
-    )
-
-
 def has_vision(config: WorkerConfig) -> bool:
     """Whether the checkpoint has a vision tower (a text-only model gets no encoder)."""
     return config.engine.name == "mock" or load_adapter(config.model_path) is not None
+
+
+def encodes_inline(config: WorkerConfig, dedicated: bool) -> bool:
+    """Whether a prefilling worker runs the vision tower itself: no encode worker sends it
+    embeddings (`dedicated`), and the checkpoint has a tower."""
+    return not dedicated and has_vision(config)
 
 
 def add_encoder_flag(parser: argparse.ArgumentParser) -> None:
@@ -207,7 +195,7 @@ async def inline_encoder(
 ) -> EncodeEngine | None:
     """The started encoder of a worker that encodes images itself; None with a dedicated
     encode worker or a text-only model. `runner`: where its model work runs."""
-    if dedicated or not has_vision(config):
+    if not encodes_inline(config, dedicated):
         return None
     encoder = cached_encoder(config, encode_engine(config.engine.encoding(), runner))
     await encoder.start()

@@ -49,6 +49,25 @@ def settable(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     ]
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, fetches: str) -> None:
+    """``--model-path``, ``--revision``, ``--served-model-name``; `fetches` says which files
+    of a hub checkpoint this process fetches."""
+    parser.add_argument(
+        "--model-path",
+        default="",
+        help="checkpoint: a local directory or a Hugging Face Hub ID (org/name); "
+        f"{fetches} (empty: the tiny test model)",
+    )
+    parser.add_argument(
+        "--revision", default=None, help="hub revision (branch, tag or commit) of a hub ID"
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default="",
+        help="the model name clients send (empty: the hub ID, or the directory's name)",
+    )
+
+
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     """``--log-level`` and ``--log-format``."""
     parser.add_argument(

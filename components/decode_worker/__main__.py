@@ -12,7 +12,7 @@ from triptych.components.decode_worker.handler import AggregatedHandler, Disaggr
 from triptych.components.topology import DECODE, DECODE_CALLS
 from triptych.components.worker import (
     add_encoder_flag,
-    has_vision,
+    encodes_inline,
     inline_encoder,
     run_worker,
     worker_config,
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return [agg] if encoder is None else [agg, encoder]
 
     agg = args.disaggregation_mode == "agg"
-    inline = agg and not args.dedicated_mm_encoder and has_vision(config)
+    inline = agg and encodes_inline(config, args.dedicated_mm_encoder)
     run_worker(config, DECODE, setup, encodes_inline=inline)
 
 

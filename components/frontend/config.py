@@ -3,9 +3,9 @@
 import argparse
 from dataclasses import dataclass, field
 
-from triptych.components.topology import TOPOLOGIES
+from triptych.components.topology import TOPOLOGIES, add_topology_argument
 from triptych.runtime import RuntimeConfig
-from triptych.runtime.flags import FlagParser, add_logging_arguments
+from triptych.runtime.flags import FlagParser, add_logging_arguments, add_model_arguments
 from triptych.transfer.image_bytes import INLINE_BYTES
 
 
@@ -121,28 +121,10 @@ class FrontendConfig:
             description="The OpenAI-compatible HTTP frontend: tokenizes requests, expands "
             "images, sends them into the stages of the topology and streams the answers back.",
         )
-        parser.add_argument(
-            "--model-path",
-            default="",
-            help="checkpoint: a local directory or a Hugging Face Hub ID (org/name); the "
-            "frontend fetches only its tokenizer, config and processor files (empty: the tiny "
-            "test model)",
+        add_model_arguments(
+            parser, "the frontend fetches only its tokenizer, config and processor files"
         )
-        parser.add_argument(
-            "--revision", default=None, help="hub revision (branch, tag or commit) of a hub ID"
-        )
-        parser.add_argument(
-            "--served-model-name",
-            default="",
-            help="the model name clients send (empty: the hub ID, or the directory's name)",
-        )
-        parser.add_argument(
-            "--topology",
-            type=str.upper,
-            choices=tuple(TOPOLOGIES),
-            default="E/P/D",
-            help="which stages serve requests (E/P/D, E/PD, EPD or P/D)",
-        )
+        add_topology_argument(parser, "which stages serve requests (E/P/D, E/PD, EPD or P/D)")
         parser.add_argument(
             "--http-host", "--host", default="127.0.0.1", help="interface to listen on"
         )

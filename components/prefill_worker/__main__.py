@@ -10,7 +10,7 @@ from triptych.components.prefill_worker.handler import PrefillHandler
 from triptych.components.topology import PREFILL
 from triptych.components.worker import (
     add_encoder_flag,
-    has_vision,
+    encodes_inline,
     inline_encoder,
     run_worker,
     worker_config,
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         service.add_endpoint("generate", GenerateRequest, handler.generate)
         return [engine] if encoder is None else [engine, encoder]
 
-    inline = not args.dedicated_mm_encoder and has_vision(config)
+    inline = encodes_inline(config, args.dedicated_mm_encoder)
     run_worker(config, PREFILL, setup, encodes_inline=inline)
 
 

@@ -35,7 +35,6 @@ class HfEncodeEngine(EncodeEngine):
     ) -> None:
         self.model_path = model_path
         self.device = device
-        self.max_batch_images = max_batch_images
         self.runner = runner
         """Where vision forwards run (default: a thread of their own)."""
         self.tower: VisionTower | None = None

@@ -62,7 +62,6 @@ class SglangEncodeEngine(EncodeEngine):
 
     def __init__(self, config: EngineConfig, max_batch_images: int = 32) -> None:
         self.config = config
-        self.max_batch_images = max_batch_images
         self.encoder: Any = None
         self._thread: LoopThread | None = None
         self.batches = EncodeBatches(self._run, max_batch_images, "sglang-encode-batches")

@@ -2,10 +2,13 @@
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ import httpx
 from triptych.runtime.port_file import read_port_file
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVING = re.compile(r"triptych is serving on (http://127\.0\.0\.1:[1-9][0-9]*) ")
+"""What a launch script or ``triptych serve`` logs once its frontend's /ready answers 200."""
 
 FAST_MOCK = {
     "TRIPTYCH_MOCK_ENCODE_S_PER_IMAGE": "0",
@@ -80,7 +85,7 @@ class Stack:
         own)."""
         log = self.tmp / f"{name}-{len(self.processes)}.log"
         popen = subprocess.Popen(
-            [sys.executable, "-m", f"triptych.components.{module}", *args],
+            self.command(module, *args),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             env={**self.env(), **(env or {})},
@@ -89,6 +94,10 @@ class Stack:
         process = Process(name, popen, log)
         self.processes.append(process)
         return process
+
+    def command(self, module: str, *args: str) -> list[str]:
+        """The command line that starts component `module` with `args`."""
+        return [sys.executable, "-m", f"triptych.components.{module}", *args]
 
     def frontend(self, topology: str, *args: str, env: dict[str, str] | None = None) -> Process:
         """Start the frontend on a port it picks; `wait_ready` learns which."""
@@ -155,41 +164,88 @@ def start_topology(
     engine: str = "mock",
     model_path: str = "",
     ready_timeout: float = 300,
+    envs: Mapping[str, dict[str, str]] | None = None,
 ) -> Stack:
-    """Start the workers of a topology (`copies` of each) and its frontend."""
+    """Start the workers of a topology (`copies` of each) and its frontend (`envs`: variables
+    of their own, by process name: encode, prefill, decode, frontend)."""
     model = ("--model-path", model_path) if model_path else ()
     args = ("--engine", engine, *model, *worker_args)
     frontend_args = (*model, *frontend_args)
+    envs = envs or {}
+
+    def start(name: str, *flags: str) -> None:
+        stack.start(name, f"{name}_worker", *flags, *args, env=envs.get(name))
+
     for _ in range(copies):
         if topology == "E/P/D":
-            stack.start("encode", "encode_worker", *args)
-            stack.start("prefill", "prefill_worker", "--dedicated-mm-encoder", *args)
-            stack.start(
-                "decode",
-                "decode_worker",
-                "--disaggregation-mode",
-                "decode",
-                "--dedicated-mm-encoder",
-                *args,
-            )
+            start("encode")
+            start("prefill", "--dedicated-mm-encoder")
+            start("decode", "--disaggregation-mode", "decode", "--dedicated-mm-encoder")
         elif topology == "E/PD":
-            stack.start("encode", "encode_worker", *args)
-            stack.start(
-                "decode",
-                "decode_worker",
-                "--disaggregation-mode",
-                "agg",
-                "--dedicated-mm-encoder",
-                *args,
-            )
+            start("encode")
+            start("decode", "--disaggregation-mode", "agg", "--dedicated-mm-encoder")
         elif topology == "EPD":
-            stack.start("decode", "decode_worker", "--disaggregation-mode", "agg", *args)
+            start("decode", "--disaggregation-mode", "agg")
         elif topology == "P/D":
-            stack.start("prefill", "prefill_worker", *args)
-            stack.start("decode", "decode_worker", "--disaggregation-mode", "decode", *args)
-    stack.frontend(topology, *frontend_args)
+            start("prefill")
+            start("decode", "--disaggregation-mode", "decode")
+    stack.frontend(topology, *frontend_args, env=envs.get("frontend"))
     stack.wait_ready(ready_timeout)
     return stack
+
+
+@contextmanager
+def serving(
+    nats_url: str,
+    tmp: Path,
+    topology: str,
+    *worker_args: str,
+    frontend_args: tuple[str, ...] = (),
+    engine: str = "mock",
+    model_path: str = "",
+    ready_timeout: float = 300,
+    envs: Mapping[str, dict[str, str]] | None = None,
+) -> Iterator[Stack]:
+    """A fresh stack running `topology` (as `start_topology` starts it), stopped on leaving."""
+    stack = Stack(nats_url, tmp)
+    try:
+        yield start_topology(
+            stack,
+            topology,
+            *worker_args,
+            frontend_args=frontend_args,
+            engine=engine,
+            model_path=model_path,
+            ready_timeout=ready_timeout,
+            envs=envs,
+        )
+    finally:
+        stack.stop()
+
+
+ServeHf = Callable[..., AbstractContextManager[Stack]]
+"""The `serve_hf` fixture: `serving` on the hf engine, bound to the session's NATS server."""
+
+
+def announced_url(launcher: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
+    """The URL a launch script logs (`SERVING`) once it serves; fails with its log if it exits
+    or takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (serving := SERVING.search(log.read_text(errors="replace"))):
+        assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
+    return serving[1]
+
+
+def stop_launcher(launcher: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM a launch script still running (it stops its workers, then NATS); SIGKILL its
+    whole process group if it takes longer than `timeout` seconds."""
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
 
 
 async def micro_stats(stack: Stack, component: str) -> dict[str, dict[str, Any]]:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from tests.k8s import TOPOLOGIES, LocalCluster, containers, find, render
 from tests.stack import ROOT
+from tests.test_correctness import image_part
 
 DOCKERFILES = sorted(p for p in ROOT.rglob("Dockerfile*") if ".venv" not in p.parts)
 KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
@@ -248,19 +249,11 @@ def test_rendered_pods_serve_a_chat_with_an_image(cluster: LocalCluster, tiny_mo
     frontend = next(p for p in cluster.pods if p.name == "triptych-frontend")
     assert frontend.argv[1:3] == ["-m", "triptych.components.frontend"]
     picture = noisy_png(320, 320)  # over the inline budget: it moves by NIXL
-    url = "data:image/png;base64," + base64.b64encode(picture).decode()
+    content = [image_part(picture), {"type": "text", "text": "What is this?"}]
     body = {
         "model": tiny_model.name,
         "max_tokens": 8,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": "What is this?"},
-                ],
-            }
-        ],
+        "messages": [{"role": "user", "content": content}],
     }
     reply = httpx.post(
         f"http://{frontend.address}:8000/v1/chat/completions", json=body, timeout=120

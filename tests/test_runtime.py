@@ -2,13 +2,13 @@
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 from pydantic import BaseModel
 
 from triptych.protocol import ErrorCode, ServiceError
-from triptych.runtime import Context, Runtime, RuntimeConfig, Service, wire
+from triptych.runtime import Client, Context, Runtime, RuntimeConfig, Service, wire
 from triptych.runtime.nats_server import NatsServer
 from triptych.runtime.stream import ResponseStream
 
@@ -71,14 +71,26 @@ async def collect(stream: AsyncIterator[bytes]) -> list[Answer]:
     return [Answer.model_validate_json(data) async for data in stream]
 
 
+async def echo(caller: Runtime, worker_runtime: Runtime) -> tuple[Worker, Client]:
+    """An echo worker started on `worker_runtime`, and `caller`'s client of it."""
+    worker = await started(worker_runtime)
+    return worker, await caller.client("echo")
+
+
+async def error_code(outcome: Awaitable[object]) -> int:
+    """The code of the `ServiceError` that `outcome` ends with."""
+    with pytest.raises(ServiceError) as caught:
+        await outcome
+    return caught.value.code
+
+
 def soon(seconds: float = 5.0) -> float:
     return time.time() + seconds
 
 
 async def test_streams_many_chunks_then_ends(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
     caller, w1, _ = runtimes
-    worker = await started(w1)
-    client = await caller.client("echo")
+    worker, client = await echo(caller, w1)
     stream = await client.call(Ask(count=50), request_id="r1", deadline=soon())
     answers = await collect(stream)
     assert [a.index for a in answers] == list(range(50))
@@ -87,8 +99,7 @@ async def test_streams_many_chunks_then_ends(runtimes: tuple[Runtime, Runtime, R
 
 async def test_errors_arrive_as_data(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
     caller, w1, _ = runtimes
-    await started(w1)
-    client = await caller.client("echo")
+    _, client = await echo(caller, w1)
     stream = await client.call(Ask(fail="no good"), request_id="r2", deadline=soon())
     with pytest.raises(ServiceError) as caught:
         await collect(stream)
@@ -133,8 +144,7 @@ async def test_one_instance_can_be_addressed_directly(
 ) -> None:
     caller, w1, w2 = runtimes
     await started(w1)
-    target = await started(w2)
-    client = await caller.client("echo")
+    target, client = await echo(caller, w2)
     for i in range(4):
         stream = await client.call(
             Ask(), request_id=f"d{i}", deadline=soon(), instance=target.service.instance_id
@@ -146,13 +156,10 @@ async def test_deadline_ends_the_call_with_an_error(
     runtimes: tuple[Runtime, Runtime, Runtime],
 ) -> None:
     caller, w1, _ = runtimes
-    worker = await started(w1)
-    client = await caller.client("echo")
+    worker, client = await echo(caller, w1)
     begun = time.monotonic()
     stream = await client.call(Ask(count=100, delay=0.05), request_id="late", deadline=soon(0.3))
-    with pytest.raises(ServiceError) as caught:
-        await collect(stream)
-    assert caught.value.code == 504
+    assert await error_code(collect(stream)) == 504
     assert time.monotonic() - begun < 2
     await asyncio.sleep(0.2)
     assert worker.service.in_flight == 0  # the worker gave up too
@@ -160,8 +167,7 @@ async def test_deadline_ends_the_call_with_an_error(
 
 async def test_cancel_reaches_the_worker(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
     caller, w1, _ = runtimes
-    worker = await started(w1)
-    client = await caller.client("echo")
+    worker, client = await echo(caller, w1)
     stream = await client.call(Ask(count=100, delay=0.05), request_id="bye", deadline=soon())
     await stream.__anext__()
     await caller.cancel("bye")
@@ -176,8 +182,7 @@ async def test_cancel_reaches_the_worker(runtimes: tuple[Runtime, Runtime, Runti
 async def test_dead_instance_leaves_routing(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
     caller, w1, w2 = runtimes
     await started(w1)
-    survivor = await started(w2)
-    client = await caller.client("echo")
+    survivor, client = await echo(caller, w2)
     await asyncio.sleep(0.5)
     assert len(client.instances.live) == 2
     await w1.nc.close()  # the instance vanishes without a goodbye
@@ -204,41 +209,34 @@ async def test_silent_worker_fails_the_stream(nats_server: NatsServer) -> None:
         stream_idle_timeout_s=0.5,
     )
     async with Runtime(config, "caller") as caller, Runtime(config, "w") as worker_rt:
-        worker = await started(worker_rt)
-        client = await caller.client("echo")
+        worker, client = await echo(caller, worker_rt)
         slow = await client.call(Ask(count=3, delay=0.8), request_id="slow", deadline=soon())
         assert len(await collect(slow)) == 3  # keepalives cover the silent gaps
         stream = await client.call(Ask(count=10, delay=0.3), request_id="dies", deadline=soon())
         await stream.__anext__()
         await worker.service.close()  # stops without ending its streams' holders cleanly
         await worker_rt.nc.close()
-        with pytest.raises(ServiceError) as caught:
-            await collect(stream)
-        assert caught.value.code == 503
+        assert await error_code(collect(stream)) == 503
 
 
 async def test_drain_finishes_in_flight_and_refuses_new(
     runtimes: tuple[Runtime, Runtime, Runtime],
 ) -> None:
     caller, w1, _ = runtimes
-    worker = await started(w1)
-    client = await caller.client("echo")
+    worker, client = await echo(caller, w1)
     stream = await client.call(Ask(count=4, delay=0.1), request_id="inflight", deadline=soon())
     drained = asyncio.create_task(worker.service.drain(5))
     await asyncio.sleep(0.05)
     assert len(await collect(stream)) == 4
     await drained
-    with pytest.raises(ServiceError) as caught:
-        await client.call(Ask(), request_id="new", deadline=soon(0.5))
-    assert caught.value.code == 503
+    assert await error_code(client.call(Ask(), request_id="new", deadline=soon(0.5))) == 503
 
 
 async def test_message_over_the_control_plane_limit_is_a_413() -> None:
     with NatsServer(max_payload=64 * 1024) as small:
         config = RuntimeConfig(nats_url=small.url, namespace="big")
         async with Runtime(config, "caller") as caller, Runtime(config, "w") as worker_rt:
-            await started(worker_rt)
-            client = await caller.client("echo")
+            _, client = await echo(caller, worker_rt)
 
             class Bulky(BaseModel):
                 blob: str = "x" * 100_000
@@ -268,16 +266,14 @@ async def test_a_cancel_that_overtakes_its_request_still_wins(
     runtimes: tuple[Runtime, Runtime, Runtime],
 ) -> None:
     caller, w1, _ = runtimes
-    worker = await started(w1)
-    client = await caller.client("echo")
+    worker, client = await echo(caller, w1)
     for _ in range(100):  # the cancel reaches the worker before the request does
         await caller.cancel("early")
         await asyncio.sleep(0.02)
         if "early" in worker.service._cancelled:
             break
-    with pytest.raises(ServiceError) as caught:
-        await client.call(Ask(count=100, delay=0.05), request_id="early", deadline=soon())
-    assert caught.value.code == 499
+    late = client.call(Ask(count=100, delay=0.05), request_id="early", deadline=soon())
+    assert await error_code(late) == 499
     assert worker.service.in_flight == 0
 
 

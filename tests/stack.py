@@ -30,6 +30,11 @@ FAST_MOCK = {
 a test's own --mock-* flags still win."""
 
 
+def component_command(module: str, *args: str) -> list[str]:
+    """``python -m triptych.components.<module> args...`` with this interpreter."""
+    return [sys.executable, "-m", f"triptych.components.{module}", *args]
+
+
 @dataclass
 class Process:
     """One component process and its log file."""
@@ -97,7 +102,7 @@ class Stack:
 
     def command(self, module: str, *args: str) -> list[str]:
         """The command line that starts component `module` with `args`."""
-        return [sys.executable, "-m", f"triptych.components.{module}", *args]
+        return component_command(module, *args)
 
     def frontend(self, topology: str, *args: str, env: dict[str, str] | None = None) -> Process:
         """Start the frontend on a port it picks; `wait_ready` learns which."""

@@ -1,6 +1,7 @@
 """The service runtime on a real nats-server: routing, streaming, deadlines, cancellation."""
 
 import asyncio
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -409,3 +410,20 @@ def _drop_link(dropped: list[str]) -> Callable[[Any], Coroutine[Any, Any, None]]
         call.link.close()
 
     return drop
+
+
+async def test_a_link_without_the_instance_key_is_closed(nats_server: NatsServer) -> None:
+    """Only a caller that read the instance's discovery metadata (so passed NATS's own
+    credentials) may send calls or receive frames on its link."""
+    config = RuntimeConfig(nats_url=nats_server.url, namespace=f"key{time.monotonic_ns()}")
+    async with Runtime(config, "w") as worker_rt:
+        worker = await started(worker_rt)
+        port = int(worker.service.metadata["stream_port"])
+        assert worker.service.metadata["link_key"] == worker_rt.link_key != ""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        prefix, key = b"key.stream.intruder", b"0" * 32
+        writer.write(struct.pack("!HH", len(prefix), len(key)) + prefix + key)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing sent
+        writer.close()
+        assert worker.service.requests == 0

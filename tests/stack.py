@@ -210,7 +210,4 @@ async def micro_stats(stack: Stack, component: str) -> dict[str, dict[str, Any]]
     await nc.publish(f"$SRV.STATS.{stack.namespace}-{component}", b"", reply=inbox)
     await asyncio.sleep(0.3)
     await nc.close()
-    return {
-        str(a["id"]): dict(a["endpoints"][0].get("data") or {})
-        for a in answers
-    }
+    return {str(a["id"]): dict(a["endpoints"][0].get("data") or {}) for a in answers}

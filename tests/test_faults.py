@@ -148,7 +148,7 @@ def test_killed_worker_fails_only_requests_past_their_first_token(
         "decode": ("--disaggregation-mode", "decode", "--dedicated-mm-encoder"),
     }
     stack.start(victim_stage, module, "--engine", "mock", *extra[victim_stage], *HOLD[victim_stage])
-    wait_until(lambda: len(in_flight(stack, victim_stage)) == 2, 30)
+    wait_until(lambda: len(in_flight(stack, victim_stage)) == 2, 90)  # a cold start, loaded
 
 
 def test_components_reconnect_after_nats_restarts(tmp_path: Path, tiny_model: Path) -> None:

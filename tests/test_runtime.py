@@ -1,8 +1,10 @@
 """The service runtime on a real nats-server: routing, streaming, deadlines, cancellation."""
 
 import asyncio
+import struct
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -25,10 +27,13 @@ class Answer(BaseModel):
 
 
 class Worker:
-    """A service whose handler streams `count` answers and records what happened."""
+    """A service whose handler streams `count` answers and records what happened. It offers
+    direct links, which its callers use unless their runtime has them off."""
 
     def __init__(self, runtime: Runtime, component: str) -> None:
-        self.service = Service(runtime, component)
+        self.service = Service(
+            runtime, component, metadata={"host": "127.0.0.1"}, link_host="127.0.0.1"
+        )
         self.service.add_endpoint("generate", Ask, self.generate)
         self.cancelled: list[str] = []
 
@@ -45,13 +50,17 @@ class Worker:
             raise
 
 
-@pytest.fixture
-async def runtimes(nats_server: NatsServer) -> AsyncIterator[tuple[Runtime, Runtime, Runtime]]:
+@pytest.fixture(params=["link", "nats"])
+async def runtimes(
+    request: pytest.FixtureRequest, nats_server: NatsServer
+) -> AsyncIterator[tuple[Runtime, Runtime, Runtime]]:
+    """A caller and two worker runtimes; calls and streams on direct links, or all by NATS."""
     config = RuntimeConfig(
         nats_url=nats_server.url,
         namespace=f"rt{time.monotonic_ns()}",
         discovery_interval_s=0.2,
         instance_ttl_s=0.6,
+        direct_streams=request.param == "link",
     )
     caller, first, second = (Runtime(config, name) for name in ("caller", "w1", "w2"))
     for runtime in (caller, first, second):
@@ -65,6 +74,15 @@ async def started(runtime: Runtime, component: str = "echo") -> Worker:
     worker = Worker(runtime, component)
     await worker.service.start()
     return worker
+
+
+async def linked(caller: Runtime, wanted: bool = True, count: int = 1) -> None:
+    """Wait until `caller` holds `count` direct links (when `wanted`)."""
+    for _ in range(100):
+        if not wanted or (caller.links is not None and caller.links.linked >= count):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("no direct link came up")
 
 
 async def collect(stream: AsyncIterator[bytes]) -> list[Answer]:
@@ -232,11 +250,15 @@ async def test_drain_finishes_in_flight_and_refuses_new(
     assert await error_code(client.call(Ask(), request_id="new", deadline=soon(0.5))) == 503
 
 
-async def test_message_over_the_control_plane_limit_is_a_413() -> None:
+@pytest.mark.parametrize("path", ["link", "nats"])
+async def test_message_over_the_control_plane_limit_is_a_413(path: str) -> None:
+    """The same limit on both paths, so a call does not pass or fail by whether its link was
+    up yet."""
     with NatsServer(max_payload=64 * 1024) as small:
-        config = RuntimeConfig(nats_url=small.url, namespace="big")
+        config = RuntimeConfig(nats_url=small.url, namespace="big", direct_streams=path == "link")
         async with Runtime(config, "caller") as caller, Runtime(config, "w") as worker_rt:
             _, client = await echo(caller, worker_rt)
+            await linked(caller, path == "link")
 
             class Bulky(BaseModel):
                 blob: str = "x" * 100_000
@@ -325,3 +347,78 @@ async def test_a_stream_says_whether_a_frame_waits_unread() -> None:
     assert stream.pending
     stream.close()
     assert not stream.pending
+
+
+async def test_calls_travel_on_the_direct_link_when_the_worker_offers_one(
+    runtimes: tuple[Runtime, Runtime, Runtime], nats_server: NatsServer
+) -> None:
+    """With direct links on, the call, its acknowledgement and its frames skip nats-server:
+    the worker counts the call, and its NATS endpoint never sees it."""
+    caller, w1, _ = runtimes
+    worker, client = await echo(caller, w1)
+    on_link = caller.config.direct_streams
+    await linked(caller, on_link)
+    assert [
+        a.index
+        for a in await collect(await client.call(Ask(count=3), request_id="l", deadline=soon()))
+    ] == [0, 1, 2]
+    assert worker.service.requests == 1
+    served = worker.service._micro.stats().endpoints[0].num_requests  # type: ignore[union-attr]
+    assert served == (0 if on_link else 1)
+
+
+async def test_a_link_that_drops_before_the_acknowledgement_moves_the_call_on(
+    nats_server: NatsServer,
+) -> None:
+    """A worker whose link closes while a call waits for its acknowledgement is gone: the
+    call goes to the next instance at once, not after the acknowledgement's time-out (longer
+    here than the calls' deadlines)."""
+    config = RuntimeConfig(
+        nats_url=nats_server.url,
+        namespace=f"drop{time.monotonic_ns()}",
+        discovery_interval_s=0.2,
+        ack_timeout_s=60.0,
+    )
+    async with (
+        Runtime(config, "caller") as caller,
+        Runtime(config, "w1") as w1,
+        Runtime(config, "w2") as w2,
+    ):
+        frozen, survivor = await started(w1), await started(w2)
+        client = await caller.client("echo")
+        await linked(caller, count=2)
+        dropped: list[str] = []
+        subject = wire.endpoint_subject(
+            config.namespace, "echo", "generate", frozen.service.instance_id
+        )
+        w1.serve_calls(subject, _drop_link(dropped))  # accepts nothing: its link closes
+        for i in range(4):
+            stream = await client.call(Ask(), request_id=f"c{i}", deadline=soon())
+            assert stream.instance == survivor.service.instance_id
+            assert len(await collect(stream)) == 1
+        assert dropped  # round-robin offered it at least one call
+
+
+def _drop_link(dropped: list[str]) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    async def drop(call: Any) -> None:
+        dropped.append(call.headers[wire.REQUEST_ID])
+        call.link.close()
+
+    return drop
+
+
+async def test_a_link_without_the_instance_key_is_closed(nats_server: NatsServer) -> None:
+    """Only a caller that read the instance's discovery metadata (so passed NATS's own
+    credentials) may send calls or receive frames on its link."""
+    config = RuntimeConfig(nats_url=nats_server.url, namespace=f"key{time.monotonic_ns()}")
+    async with Runtime(config, "w") as worker_rt:
+        worker = await started(worker_rt)
+        port = int(worker.service.metadata["stream_port"])
+        assert worker.service.metadata["link_key"] == worker_rt.link_key != ""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        prefix, key = b"key.stream.intruder", b"0" * 32
+        writer.write(struct.pack("!HH", len(prefix), len(key)) + prefix + key)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing sent
+        writer.close()
+        assert worker.service.requests == 0

@@ -48,13 +48,14 @@ def guarded(
     tmp_path_factory: pytest.TempPathFactory,
     tiny_model: Path,
     media_root: Path,
-    media_limits: tuple[str, ...],
+    request: pytest.FixtureRequest,
 ) -> Iterator[Stack]:
-    """An E/P/D stack whose frontend takes the module's `media_limits`, fetches media from
-    ``localhost`` only (a test's own media server) and reads local files under the module's
-    `media_root` only."""
+    """An E/P/D stack whose frontend takes the module's ``MEDIA_LIMITS`` (flag: value),
+    fetches media from ``localhost`` only (a test's own media server) and reads local files
+    under the module's `media_root` only."""
+    limits: dict[str, object] = request.module.MEDIA_LIMITS
     guards = ("--allowed-image-hosts", "localhost", "--allowed-local-media-path", str(media_root))
-    frontend = (*media_limits, *guards)
+    frontend = (*(part for flag, value in limits.items() for part in (flag, str(value))), *guards)
     tmp = tmp_path_factory.mktemp("guarded")
     with serving(nats_server.url, tmp, "E/P/D", frontend_args=frontend) as stack:
         yield stack

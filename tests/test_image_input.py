@@ -43,6 +43,16 @@ def chat(*urls: str, max_tokens: int = 4) -> dict[str, Any]:
     }
 
 
+MEDIA_LIMITS = {
+    "--max-images": 3,
+    "--max-image-bytes": 200000,
+    "--max-image-pixels": 1000000,
+    "--image-fetch-timeout-s": 2,
+    "--max-body-bytes": 2000000,
+}
+"""The frontend's limits under test (flag: value), read by the `guarded` fixture."""
+
+
 @pytest.fixture(scope="module")
 def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("media")
@@ -75,22 +85,6 @@ def image_server() -> Iterator[MediaServer]:
     server = MediaServer(image_server_routes(), "/ok.png")
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def media_limits() -> tuple[str, ...]:
-    return (
-        "--max-images",
-        "3",
-        "--max-image-bytes",
-        "200000",
-        "--max-image-pixels",
-        "1000000",
-        "--image-fetch-timeout-s",
-        "2",
-        "--max-body-bytes",
-        "2000000",
-    )
 
 
 def bomb() -> bytes:

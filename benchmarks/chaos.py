@@ -28,7 +28,7 @@ import nats
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import machine_info
+from load import report_header
 
 from triptych.runtime.nats_server import NatsServer
 from triptych.runtime.port_file import read_port_file
@@ -238,11 +238,11 @@ def main() -> None:
                         worker.kill()
     latency = sorted(tally.latency)
     report = {
-        "benchmark": f"chaos: E/P/D, 2 instances per stage, {args.engine} engine (tiny "
-        f"Qwen2.5-VL), {args.concurrency} clients, text and 1 image; a random worker killed "
-        f"(SIGKILL) and restarted every {args.kill_every:g} s",
-        "machine": machine_info(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **report_header(
+            f"chaos: E/P/D, 2 instances per stage, {args.engine} engine (tiny "
+            f"Qwen2.5-VL), {args.concurrency} clients, text and 1 image; a random worker killed "
+            f"(SIGKILL) and restarted every {args.kill_every:g} s"
+        ),
         "seconds": elapsed,
         "kills": kills,
         "requests_ok": tally.ok,

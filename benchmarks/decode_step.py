@@ -14,7 +14,6 @@ copy bandwidth measured here. Writes ``decode_step_<shape>.json`` into ``--out``
     python benchmarks/decode_step.py [--checkpoint /tmp/triptych-7b-random] [--out DIR]
 """
 
-import argparse
 import functools
 import json
 import statistics
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_epd import build_checkpoint, copy_bandwidth, run_info
+from gpu_epd import build_checkpoint, copy_bandwidth, gpu_parser, run_info
 from gpu_hf import weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,12 +142,7 @@ def steps(checkpoint: Path, batches: list[int], length: int, count: int) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
-    parser.add_argument("--shape", choices=("7b", "tiny"), default="7b")
-    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/triptych-7b-random"))
+    parser = gpu_parser(__doc__, device=False)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--length", type=int, default=384, help="positions each sequence holds")
     parser.add_argument("--steps", type=int, default=64)

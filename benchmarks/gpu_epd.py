@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import chat_body, picture, stream_chat
 from launcher import launch, stop
-from load import machine_info
+from load import machine_info, utc_now
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES: dict[str, dict[str, Any]] = {
@@ -82,6 +82,23 @@ SHAPES: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+def gpu_parser(
+    doc: str | None, *, device: bool = True, checkpoint: bool = True
+) -> argparse.ArgumentParser:
+    """The flags the GPU benchmarks share: where results go (``--out``), the model's shape, and
+    (where the benchmark takes them) the device and the random checkpoint's directory."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="7b")
+    if device:
+        parser.add_argument("--device", default="cuda")
+    if checkpoint:
+        parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/triptych-7b-random"))
+    return parser
 
 
 def build_checkpoint(out: Path, shape: str, device: str) -> Path:
@@ -169,7 +186,7 @@ def run_info(device: str) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "machine": machine_info(),
         "torch": torch.__version__,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "timestamp": utc_now(),
     }
 
 
@@ -185,11 +202,7 @@ def transfer_times(log: str) -> dict[str, list[dict[str, float]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
-    parser.add_argument("--shape", choices=tuple(SHAPES), default="7b")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/triptych-7b-random"))
+    parser = gpu_parser(__doc__)
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()

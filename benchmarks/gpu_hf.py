@@ -41,7 +41,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import chat_body, picture, png, stream_chat
-from gpu_epd import build_checkpoint, copy_bandwidth, run_info, transfer_times
+from gpu_epd import build_checkpoint, copy_bandwidth, gpu_parser, run_info, transfer_times
 from launcher import launch, stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,13 +318,7 @@ def bound_step_ms(summary: dict[str, Any], level: dict[str, Any], concurrency: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
-    parser.add_argument("--shape", choices=("7b", "tiny"), default="7b")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/triptych-7b-random"))
+    parser = gpu_parser(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument(
         "--sampled",

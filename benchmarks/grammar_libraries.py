@@ -75,7 +75,16 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return value, time.perf_counter() - start
 
 
-def _summary(steps: list[float]) -> dict[str, float]:
+def _walk(
+    tokens: list[int], mask: Callable[[], Any], accept: Callable[[int], None]
+) -> dict[str, float]:
+    """Time `mask` (the next token's allowed set) before each of `tokens`, then `accept` it:
+    the mean and p99 per mask."""
+    steps = []
+    for token in tokens:
+        _, spent = _timed(mask)
+        steps.append(spent)
+        accept(token)
     ordered = sorted(steps)
     return {
         "mask_mean_us": statistics.fmean(steps) * 1e6,
@@ -100,17 +109,15 @@ def bench_llguidance(path: Path, tokens: list[int], vocab: int) -> dict[str, Any
     template, compile_s = _timed(compile_and_first_mask)
     _, copy_s = _timed(template.deep_copy)
     matcher = template.deep_copy()
-    steps = []
-    for token in tokens:
-        _, spent = _timed(lambda: matcher.unsafe_compute_mask_ptr(masks.ctypes.data, masks.nbytes))
-        steps.append(spent)
+
+    def mask() -> None:
+        matcher.unsafe_compute_mask_ptr(masks.ctypes.data, masks.nbytes)
+
+    def accept(token: int) -> None:
         assert matcher.consume_token(token), matcher.get_error()
-    return {
-        "tokenizer_s": wrap,
-        "compile_s": compile_s,
-        "cached_compile_s": copy_s,
-        **_summary(steps),
-    }
+
+    walked = _walk(tokens, mask, accept)
+    return {"tokenizer_s": wrap, "compile_s": compile_s, "cached_compile_s": copy_s, **walked}
 
 
 def bench_xgrammar(path: Path, tokens: list[int], vocab: int) -> dict[str, Any]:
@@ -129,17 +136,12 @@ def bench_xgrammar(path: Path, tokens: list[int], vocab: int) -> dict[str, Any]:
     )
     matcher = xgrammar.GrammarMatcher(compiled)
     bitmask = xgrammar.allocate_token_bitmask(1, vocab)
-    steps = []
-    for token in tokens:
-        _, spent = _timed(lambda: matcher.fill_next_token_bitmask(bitmask))
-        steps.append(spent)
+
+    def accept(token: int) -> None:
         assert matcher.accept_token(token)
-    return {
-        "tokenizer_s": wrap,
-        "compile_s": compile_s,
-        "cached_compile_s": cached_s,
-        **_summary(steps),
-    }
+
+    walked = _walk(tokens, lambda: matcher.fill_next_token_bitmask(bitmask), accept)
+    return {"tokenizer_s": wrap, "compile_s": compile_s, "cached_compile_s": cached_s, **walked}
 
 
 def bench_outlines_core(path: Path, tokens: list[int], vocab: int) -> dict[str, Any]:
@@ -159,17 +161,8 @@ def bench_outlines_core(path: Path, tokens: list[int], vocab: int) -> dict[str, 
     regex = outlines_core.json_schema.build_regex_from_schema(json.dumps(SCHEMA))
     index, compile_s = _timed(lambda: outlines_core.Index(regex, words))
     guide = outlines_core.Guide(index)
-    steps = []
-    for token in tokens:
-        _, spent = _timed(guide.get_tokens)
-        steps.append(spent)
-        guide.advance(token)
-    return {
-        "tokenizer_s": wrap,
-        "compile_s": compile_s,
-        "cached_compile_s": None,
-        **_summary(steps),
-    }
+    walked = _walk(tokens, guide.get_tokens, guide.advance)
+    return {"tokenizer_s": wrap, "compile_s": compile_s, "cached_compile_s": None, **walked}
 
 
 BENCHES = {

@@ -20,7 +20,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import chat_body, picture
 from launcher import launch, stop
-from load import machine_info
+from load import report_header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +66,9 @@ def main() -> None:
         stop(launcher)
     busy = {name: (after[name] - before[name]) / elapsed for name in after}
     report = {
-        "benchmark": f"idle CPU per process, {args.topology}, hf engine on CPU, tiny Qwen2.5-VL",
-        "machine": machine_info(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **report_header(
+            f"idle CPU per process, {args.topology}, hf engine on CPU, tiny Qwen2.5-VL"
+        ),
         "seconds": elapsed,
         "cores_busy": {name: round(share, 4) for name, share in sorted(busy.items())},
         "cores_busy_total": round(sum(busy.values()), 4),

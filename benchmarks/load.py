@@ -191,6 +191,16 @@ def _summary_ms(values: list[float]) -> dict[str, float | None]:
     return out
 
 
+def utc_now() -> str:
+    """The time a result was taken, as its JSON records it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def report_header(benchmark: str) -> dict[str, Any]:
+    """What a result file starts with: what was measured, on which machine, and when."""
+    return {"benchmark": benchmark, "machine": machine_info(), "timestamp": utc_now()}
+
+
 def machine_info() -> dict[str, Any]:
     def grep(path: str, key: str) -> str | None:
         try:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import chat_body, picture, stream_chat
 from gpu_epd import build_checkpoint, transfer_times
 from launcher import launch, stop
+from load import utc_now
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = {
@@ -174,7 +175,7 @@ def main() -> None:
         "benchmark": "E/P/D across GPUs vs independent EPD workers on the same GPUs",
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "gpu_to_gpu_copy_bytes_per_s": peer_bandwidth(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "timestamp": utc_now(),
         "max_tokens": args.max_tokens,
         "seconds_per_rate": args.seconds,
         "results": {},

@@ -31,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launcher import launch, stop
-from load import LoadConfig, machine_info, run_load
+from load import LoadConfig, report_header, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
 # one chunk per token: a decode step of 1 us (a step of 0 sends the whole answer at once); no
@@ -204,10 +204,10 @@ def main() -> None:
                 mine["c1_ttft_p50_ms"] / peer["c1_ttft_p50_ms"]
             )
     report = {
-        "benchmark": "request-path overhead: streamed text chat, 16 tokens one chunk per token, "
-        "simulated engines at ~0 cost; c=1 TTFT at the first chunk with text, c=32 req/s",
-        "machine": machine_info(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **report_header(
+            "request-path overhead: streamed text chat, 16 tokens one chunk per token, "
+            "simulated engines at ~0 cost; c=1 TTFT at the first chunk with text, c=32 req/s"
+        ),
         "order": order,
         "runs": runs,
         "medians": medians,

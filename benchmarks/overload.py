@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launcher import launch, stop
-from load import LoadConfig, _summary_ms, build_body, machine_info, run_load
+from load import LoadConfig, _summary_ms, build_body, report_header, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
 # Per stage: encode 20 ms an image, prefill 0.2 ms a token, decode 50 ms a step (all running
@@ -168,10 +168,10 @@ def main() -> None:
     # steady state: from the first sample under overload (queues full) to the last
     steady = growth(samples[1] if len(samples) > 2 else samples[0])
     report = {
-        "benchmark": "overload: E/P/D, mock engine at realistic costs, open-loop Poisson "
-        f"arrivals at {args.factor:g}x the measured capacity",
-        "machine": machine_info(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **report_header(
+            "overload: E/P/D, mock engine at realistic costs, open-loop Poisson "
+            f"arrivals at {args.factor:g}x the measured capacity"
+        ),
         "mock_costs": COSTS,
         "max_tokens": MAX_TOKENS,
         "capacity_requests_per_s": capacity["requests_per_s"],

@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launcher import launch, stop
-from load import machine_info
+from load import report_header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,10 +155,10 @@ def main() -> None:
 
     completed = sum(len(v) for v in stats["latency"].values())
     report = {
-        "benchmark": "soak: E/P/D, hf engine, tiny Qwen2.5-VL, mixed text/1/3 images, "
-        "10% of clients hang up early",
-        "machine": machine_info(),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **report_header(
+            "soak: E/P/D, hf engine, tiny Qwen2.5-VL, mixed text/1/3 images, "
+            "10% of clients hang up early"
+        ),
         "seconds": elapsed,
         "concurrency": args.concurrency,
         "requests_completed": completed,

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_epd import copy_bandwidth
+from load import utc_now
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (1_835_008, 18_357_248, 64 << 20)
@@ -127,7 +128,7 @@ def main() -> None:
     summary: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(),
         "device_copy_bytes_per_s": copy_bandwidth("cuda"),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "timestamp": utc_now(),
         "reads": {},
     }
     for setting in [*SETTINGS, "cuda_ipc"]:

@@ -17,7 +17,6 @@ Writes ``vision_tower_<shape>_<device>.json`` into ``--out``.
     python benchmarks/vision_tower.py [--shape 7b|tiny] [--device cuda] [--out DIR]
 """
 
-import argparse
 import copy
 import io
 import json
@@ -33,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_client import png
-from gpu_epd import SHAPES, run_info
+from gpu_epd import SHAPES, gpu_parser, run_info
 
 from triptych.models.tiny import default_model_path, ensure_checkpoint
 from triptych.models.vision_attention import WindowLayouts, pack_window_attention
@@ -166,12 +165,7 @@ def preprocessing() -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
-    parser.add_argument("--shape", choices=("7b", "tiny"), default="7b")
-    parser.add_argument("--device", default="cuda")
+    parser = gpu_parser(__doc__, checkpoint=False)
     parser.add_argument("--profile", action="store_true", help="kernel times of 32 images")
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
     args = parser.parse_args()

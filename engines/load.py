@@ -13,8 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from prometheus_client import Gauge
-
+from triptych.observability import metrics
 from triptych.protocol.load import UNITS, WORK_KINDS, StageLoad
 
 WINDOW_S = 10.0
@@ -153,32 +152,21 @@ class LoadMeter:
 METER = LoadMeter()
 """This process's meter."""
 
-QUEUE_DEPTH = Gauge(
-    "triptych_stage_queue_depth", "Requests waiting for this worker's model", ["stage"]
-)
-BUSY_FRACTION = Gauge(
-    "triptych_stage_busy_fraction",
-    "Share of the last 10 s this worker's model thread was busy, by kind of work",
-    ["stage", "work"],
-)
-IMAGES_PER_S = Gauge(
-    "triptych_stage_images_per_second", "Images encoded per second (last 10 s)", ["stage"]
-)
-TOKENS_PER_S = Gauge(
-    "triptych_stage_tokens_per_second",
-    "Tokens processed per second (last 10 s): prompt tokens prefilled, output tokens decoded",
-    ["stage", "phase"],
-)
-
 
 def export_gauges(stage: str, meter: LoadMeter = METER) -> None:
     """Serve `meter`'s figures as Prometheus gauges labelled with `stage` (read at scrape)."""
-    QUEUE_DEPTH.labels(stage).set_function(lambda: meter.snapshot().queue_depth)
-    BUSY_FRACTION.labels(stage, "all").set_function(lambda: meter.snapshot().busy_fraction)
+    metrics.STAGE_QUEUE_DEPTH.labels(stage).set_function(lambda: meter.snapshot().queue_depth)
+    metrics.STAGE_BUSY_FRACTION.labels(stage, "all").set_function(
+        lambda: meter.snapshot().busy_fraction
+    )
     for kind in WORK_KINDS:
-        BUSY_FRACTION.labels(stage, kind).set_function(
+        metrics.STAGE_BUSY_FRACTION.labels(stage, kind).set_function(
             lambda kind=kind: meter.snapshot().busy_by_work.get(kind, 0.0)  # type: ignore[misc]
         )
-    IMAGES_PER_S.labels(stage).set_function(lambda: meter.snapshot().images_per_s)
-    TOKENS_PER_S.labels(stage, "prefill").set_function(lambda: meter.snapshot().prompt_tokens_per_s)
-    TOKENS_PER_S.labels(stage, "decode").set_function(lambda: meter.snapshot().output_tokens_per_s)
+    metrics.STAGE_IMAGES_PER_S.labels(stage).set_function(lambda: meter.snapshot().images_per_s)
+    metrics.STAGE_TOKENS_PER_S.labels(stage, "prefill").set_function(
+        lambda: meter.snapshot().prompt_tokens_per_s
+    )
+    metrics.STAGE_TOKENS_PER_S.labels(stage, "decode").set_function(
+        lambda: meter.snapshot().output_tokens_per_s
+    )

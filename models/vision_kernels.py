@@ -121,7 +121,13 @@ def triton_vision_rotary(
 
 @triton.jit
 def _silu_mul_kernel(  # noqa: PLR0917
-    gate_up, out, stride_g, stride_o, WIDTH: tl.constexpr, BLOCK: tl.constexpr
+    gate_up,
+    out,
+    stride_g,
+    stride_o,
+    WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+    F32_PRODUCT: tl.constexpr,
 ):
     row = tl.program_id(0)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -129,16 +135,23 @@ def _silu_mul_kernel(  # noqa: PLR0917
     gate = tl.load(gate_up + row * stride_g + columns, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(gate_up + row * stride_g + WIDTH + columns, mask=inside, other=0.0)
     activated = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    product = activated.to(tl.float32) * up.to(tl.float32)
-    tl.store(out + row * stride_o + columns, product.to(out.dtype.element_ty), mask=inside)
+    if F32_PRODUCT:
+        product = activated.to(tl.float32) * up.to(tl.float32)
+        tl.store(out + row * stride_o + columns, product.to(out.dtype.element_ty), mask=inside)
+    else:
+        tl.store(out + row * stride_o + columns, activated * up, mask=inside)
 
 
-def triton_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for `gate_up` [rows, 2 W] (gate, then up) in one kernel: [rows, W]."""
+def triton_silu_mul(gate_up: torch.Tensor, f32_product: bool = True) -> torch.Tensor:
+    """``silu(gate) * up`` for `gate_up` [rows, 2 W] (gate, then up) in one kernel: [rows, W].
+
+    The activation is computed in float32 and rounded to the input's dtype; with `f32_product`
+    (the vision tower's MLP) the product is then taken in float32 and rounded once, without it
+    (the language model's decode step) in the input's dtype."""
     rows, width = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(width, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), WIDTH=width, BLOCK=block
+        gate_up, out, gate_up.stride(0), out.stride(0), width, block, f32_product
     )
     return out

@@ -147,3 +147,21 @@ PREFIX_CACHE_HITS = Counter(
     ["stage"],
 )
 TOKENS_PROCESSED = Counter("triptych_engine_tokens_total", "Tokens processed", ["stage", "phase"])
+
+# load (every worker: its model's figures over the last 10 s, from engines/load.py's meter)
+STAGE_QUEUE_DEPTH = Gauge(
+    "triptych_stage_queue_depth", "Requests waiting for this worker's model", ["stage"]
+)
+STAGE_BUSY_FRACTION = Gauge(
+    "triptych_stage_busy_fraction",
+    "Share of the last 10 s this worker's model thread was busy, by kind of work",
+    ["stage", "work"],
+)
+STAGE_IMAGES_PER_S = Gauge(
+    "triptych_stage_images_per_second", "Images encoded per second (last 10 s)", ["stage"]
+)
+STAGE_TOKENS_PER_S = Gauge(
+    "triptych_stage_tokens_per_second",
+    "Tokens processed per second (last 10 s): prompt tokens prefilled, output tokens decoded",
+    ["stage", "phase"],
+)

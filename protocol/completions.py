@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from triptych.protocol.openai import SamplingFields, Usage, _now
+from triptych.protocol.openai import Reply, SamplingFields, Usage
 from triptych.protocol.sampling import MAX_TOP_LOGPROBS, FinishReason
 
 DEFAULT_MAX_TOKENS = 16
@@ -38,18 +38,12 @@ class CompletionRequest(SamplingFields):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("echo")
+    @field_validator("echo", "suffix")
     @classmethod
-    def _no_echo(cls, value: bool | None) -> bool | None:
+    def _unsupported(cls, value: bool | str | None, info: ValidationInfo) -> bool | str | None:
         if value:
-            raise ValueError("is not supported")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("is not supported (no insertion)")
+            why = " (no insertion)" if info.field_name == "suffix" else ""
+            raise ValueError(f"is not supported{why}")
         return value
 
     @field_validator("best_of")
@@ -90,12 +84,9 @@ class CompletionChoice(BaseModel):
     """Generated token ids, when the request asked for them (`return_token_ids`)."""
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(Reply):
     """A text completion, whole or one stream chunk of it."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None

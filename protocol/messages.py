@@ -47,28 +47,34 @@ EmbeddingHandle = TensorHandle
 hidden_size)."""
 
 
-class ImageItem(BaseModel):
-    """One image of a request, as it travels down the pipeline."""
+class _Placed(BaseModel):
+    """What an image and a video share as they travel down the pipeline: their size, where
+    their placeholder tokens stand in the prompt, and their encoded bytes."""
 
     model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
 
     width: int = Field(ge=1)
-    """Original pixel width."""
+    """Original width in pixels (of a video: of its frames)."""
     height: int = Field(ge=1)
-    """Original pixel height."""
+    """Original height in pixels."""
     grid_thw: tuple[int, int, int]
     """Patch grid (temporal, height, width) after resizing, as the vision tower sees it."""
     num_tokens: int = Field(ge=1)
-    """Number of placeholder tokens this image occupies in `token_ids`."""
+    """Number of placeholder tokens it occupies in `token_ids`."""
     offset: int = Field(ge=0)
-    """Index in `token_ids` of the image's first placeholder token."""
+    """Index in `token_ids` of its first placeholder token."""
     data: bytes | None = None
-    """The validated encoded image (PNG, JPEG, ...) until an encoder has consumed it, when
-    small enough to ride inside the message."""
+    """The validated encoded file (PNG, JPEG, MP4, WebM, ...) until an encoder has consumed
+    it, when small enough to ride inside the message."""
     data_handle: TensorHandle | None = None
-    """Where the frontend keeps the encoded image (a uint8 tensor) for a NIXL READ, when it is
+    """Where the frontend keeps the encoded file (a uint8 tensor) for a NIXL READ, when it is
     too large to ride inside a control-plane message; None once the bytes are in `data` or
     consumed."""
+
+
+class ImageItem(_Placed):
+    """One image of a request, as it travels down the pipeline."""
+
     content_key: str = ""
     """What the image is, whatever its URL or file format: a BLAKE2b digest (hex) of its
     decoded RGB pixels and of what shapes them for the vision tower (the model's processor
@@ -76,35 +82,17 @@ class ImageItem(BaseModel):
     and callers route by it. Empty: not cacheable."""
 
 
-class VideoItem(BaseModel):
+class VideoItem(_Placed):
     """One video of a request, as it travels down the pipeline.
 
     The encoder decodes the same bytes the frontend checked and keeps the same frames.
     """
 
-    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
-
-    width: int = Field(ge=1)
-    """Original frame width in pixels."""
-    height: int = Field(ge=1)
-    """Original frame height in pixels."""
     frame_indices: list[int] = Field(min_length=1)
     """Which decoded frames (0-based, ascending) the vision tower sees, as the checkpoint's
     processor samples them (fps, min/max frames, a multiple of the temporal patch size)."""
     second_per_grid_t: float = Field(gt=0)
     """Seconds of video one temporal patch spans (Qwen2.5-VL's M-RoPE time axis)."""
-    grid_thw: tuple[int, int, int]
-    """Patch grid (temporal, height, width) after resizing, as the vision tower sees it."""
-    num_tokens: int = Field(ge=1)
-    """Number of placeholder tokens this video occupies in `token_ids`."""
-    offset: int = Field(ge=0)
-    """Index in `token_ids` of the video's first placeholder token."""
-    data: bytes | None = None
-    """The validated encoded video (MP4, WebM, ...) until an encoder has consumed it, when
-    small enough to ride inside the message."""
-    data_handle: TensorHandle | None = None
-    """Where the frontend keeps the encoded video (a uint8 tensor) for a NIXL READ, when it is
-    too large to ride inside a control-plane message."""
 
 
 MediaItem = ImageItem | VideoItem

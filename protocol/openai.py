@@ -9,7 +9,6 @@ field.
 """
 
 import json
-import math
 import time
 from typing import Annotated, Any, Literal
 
@@ -23,10 +22,12 @@ from pydantic import (
 )
 
 from triptych.protocol.sampling import (
+    FINITE_FIELDS,
     MAX_TOP_LOGPROBS,
     FinishReason,
     ResponseFormat,
     SamplingOptions,
+    check_finite,
 )
 
 MAX_CHOICES = 16
@@ -42,12 +43,18 @@ class TextPart(BaseModel):
     text: str
 
 
-class ImageURL(BaseModel):
-    """Where an image comes from: ``http(s)://``, ``data:image/...;base64,`` or ``file://``."""
+class MediaURL(BaseModel):
+    """Where a picture or a video comes from: ``http(s)://``, ``data:<image or
+    video>/...;base64,`` or ``file://``."""
 
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=1)
+
+
+class ImageURL(MediaURL):
+    """Where an image comes from, and the detail OpenAI lets a client ask for."""
+
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -60,21 +67,13 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-class VideoURL(BaseModel):
-    """Where a video comes from: ``http(s)://``, ``data:video/...;base64,`` or ``file://``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field(min_length=1)
-
-
 class VideoPart(BaseModel):
     """A video content part (as vLLM and SGLang accept it)."""
 
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["video_url"]
-    video_url: VideoURL
+    video_url: MediaURL
 
 
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
@@ -238,18 +237,10 @@ class SamplingFields(BaseModel):
     """Extension (as in vLLM): include the generated token ids in each choice or chunk."""
     response_format: ResponseFormatParam | None = None
 
-    @field_validator(
-        "temperature",
-        "top_p",
-        "min_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-    )
+    @field_validator(*FINITE_FIELDS)
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
+        check_finite(value)
         return value
 
     @field_validator("stop")
@@ -456,13 +447,20 @@ def _now() -> int:
     return int(time.time())
 
 
-class ChatCompletionResponse(BaseModel):
-    """A non-streamed chat completion."""
+class Reply(BaseModel):
+    """What every completion, whole or one stream chunk, starts with: its id, its ``object``
+    kind (each reply type fixes it), when it was made, and the model that made it."""
 
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int = Field(default_factory=_now)
     model: str
+
+
+class ChatCompletionResponse(Reply):
+    """A non-streamed chat completion."""
+
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice]
     usage: Usage
 
@@ -485,13 +483,10 @@ class ChunkChoice(BaseModel):
     """The chunk's new token ids, when the request asked for them (`return_token_ids`)."""
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(Reply):
     """One server-sent event of a streamed chat completion."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
 

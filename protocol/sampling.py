@@ -11,6 +11,23 @@ MAX_TOP_LOGPROBS = 20
 """Most alternatives a request may ask for per token (as OpenAI)."""
 
 
+FINITE_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+"""Sampling fields whose values must be finite numbers (NaN and infinity pass a range check)."""
+
+
+def check_finite(value: float | None) -> None:
+    """Refuse NaN and infinity (None passes)."""
+    if value is not None and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+
+
 class ResponseFormat(BaseModel):
     """The shape the output must take, enforced while decoding (OpenAI's ``response_format``
     of type ``json_object`` or ``json_schema``; ``text`` travels as no format at all)."""
@@ -66,18 +83,10 @@ class SamplingOptions(BaseModel):
     top-p and min-p cut it; the ``mock`` engine from its uniform draw; ``sglang`` as SGLang
     computes them."""
 
-    @field_validator(
-        "temperature",
-        "top_p",
-        "min_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-    )
+    @field_validator(*FINITE_FIELDS)
     @classmethod
     def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
+        check_finite(value)
         return value
 
     @property

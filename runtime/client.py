@@ -19,7 +19,7 @@ from triptych.runtime import wire
 from triptych.runtime.config import RuntimeConfig
 from triptych.runtime.discovery import InstanceTracker
 from triptych.runtime.errors import ServiceError, busy, deadline_exceeded, unavailable
-from triptych.runtime.links import LinkDialer
+from triptych.runtime.links import LinkDialer, LinkLost
 from triptych.runtime.rendezvous import rendezvous_order
 from triptych.runtime.stream import ResponseStream, StreamSink
 
@@ -219,12 +219,13 @@ class Client:
             wire.DEADLINE: repr(deadline),
         }
         try:
-            ack = await self._request(subject, data, headers, deadline)
-        except nats.errors.NoRespondersError:
-            log.info("%s instance %s is gone (no responders)", self.component, candidate)
+            ack = await self._ask(candidate, subject, data, headers, deadline)
+        except (nats.errors.NoRespondersError, LinkLost) as gone:
+            reason = "no responders" if isinstance(gone, nats.errors.NoRespondersError) else gone
+            log.info("%s instance %s is gone (%s)", self.component, candidate, reason)
             self.instances.drop(candidate)
             return _Offer.GONE
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # NATS's, or the wait for an acknowledgement on a link
             if time.time() >= deadline:
                 raise deadline_exceeded(request_id) from None
             if retry_on_timeout:
@@ -254,6 +255,23 @@ class Client:
             return _Offer.BUSY if busy_now else _Offer.GONE
         raise ServiceError(code, ack_headers.get(wire.ERROR, "rejected"), request_id)
 
+    async def _ask(
+        self, candidate: str, subject: str, data: bytes, headers: dict[str, str], deadline: float
+    ) -> Any:
+        """The instance's acknowledgement (its ``headers`` and ``data``): on the direct link
+        to it when it takes calls there, else by a NATS request."""
+        links = self._runtime.links
+        link = links.for_calls(self.instances.metadata(candidate)) if links else None
+        if link is None:
+            return await self._request(subject, data, headers, deadline)
+        if len(data) > self._runtime.nc.max_payload:  # the same limit on either path
+            raise self._too_large(data, headers)
+        timeout = max(0.001, min(self._runtime.config.ack_timeout_s, deadline - time.time()))
+        async with asyncio.timeout(timeout):
+            return await link.call(
+                subject, headers[wire.REQUEST_ID], headers[wire.STREAM_TO], deadline, data
+            )
+
     async def _request(
         self, subject: str, data: bytes, headers: dict[str, str], deadline: float
     ) -> Any:
@@ -267,18 +285,20 @@ class Client:
                     subject, data, timeout=timeout, headers=headers
                 )
             except nats.errors.MaxPayloadError:
-                limit = self._runtime.nc.max_payload
-                raise ServiceError(
-                    ErrorCode.PAYLOAD_TOO_LARGE,
-                    f"request is {len(data)} bytes, over the control plane's message limit "
-                    f"of {limit} bytes (smaller or fewer images fit)",
-                    headers.get(wire.REQUEST_ID, ""),
-                ) from None
+                raise self._too_large(data, headers) from None
             except nats.errors.NoRespondersError:
                 if attempt or time.time() + NO_RESPONDERS_RETRY_S >= deadline:
                     raise
                 await asyncio.sleep(NO_RESPONDERS_RETRY_S)
         raise AssertionError("unreachable")
+
+    def _too_large(self, data: bytes, headers: dict[str, str]) -> ServiceError:
+        return ServiceError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"request is {len(data)} bytes, over the control plane's message limit "
+            f"of {self._runtime.nc.max_payload} bytes (smaller or fewer images fit)",
+            headers.get(wire.REQUEST_ID, ""),
+        )
 
     async def candidates(self, deadline: float, affinity: Sequence[str] = ()) -> list[str]:
         """Live instances in the order a call would try them, by `affinity` keys when given

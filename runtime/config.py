@@ -34,8 +34,9 @@ class RuntimeConfig:
     stream_idle_timeout_s: float = 5.0
     """A caller fails a stream that has been silent (no data, no keepalive) this long."""
     direct_streams: bool = True
-    """Response frames travel on direct TCP links from worker to caller where the worker
-    offers one (``stream_port`` in its NATS metadata), instead of through nats-server."""
+    """Calls and their response frames travel on direct TCP links between caller and worker
+    where the worker offers one (``stream_port`` in its NATS metadata), instead of through
+    nats-server."""
     reconnect_window_s: float = 30.0
     """A process that cannot reach NATS for this long exits non-zero, for its supervisor
     (Kubernetes, systemd, a launcher) to restart it."""
@@ -83,8 +84,8 @@ class RuntimeConfig:
             dest="direct_streams",
             action="store_false",
             default=base.direct_streams,
-            help="send response frames through NATS rather than on direct TCP links from the "
-            "workers",
+            help="send calls and response frames through NATS rather than on direct TCP links "
+            "between caller and worker",
         )
         group.add_argument(
             "--nats-reconnect-window-s",

@@ -1,46 +1,67 @@
-"""Direct streams: a response stream's frames on a TCP link from the worker to its caller.
+"""Direct links: calls and their response streams on a TCP link between caller and worker.
 
-NATS stays the control plane (calls and their acknowledgements, cancels, discovery). The frames
-of a response stream, one per token on decode, take a shorter way when they can: a caller opens
-one TCP link to each instance that announces ``stream_port`` in its NATS metadata (at the
-instance's advertised ``host``, so it works across hosts and pods) and names the stream subjects
-it owns (its stream prefix); the instance then writes every frame for those subjects to that
-link instead of publishing it through nats-server. Frames written in one event-loop turn leave
-in one write, whichever streams they belong to.
+NATS stays the control plane (discovery, cancels, and calls to a worker that offers no link).
+Calls and response frames take a shorter way when they can: a caller opens one TCP link to each
+instance that announces ``stream_port`` in its NATS metadata (at the instance's advertised
+``host``, so it works across hosts and pods) and names the stream subjects it owns (its stream
+prefix). It then sends its calls on that link when the instance also announces ``link_calls``
+(acknowledged on the link), and the instance writes every frame for those subjects to the link
+instead of publishing it through nats-server. Frames written in one event-loop turn leave in
+one write, whichever calls or streams they belong to.
 
 A stream picks its path when the worker takes it and keeps it, so its frames stay in order.
-When a link drops, the caller fails at once every stream that link carried (the worker, or the
-network, is gone); a stream that has not sent a frame yet falls back to the idle timeout, as
-on NATS.
+When a link drops, the caller fails at once every stream that link carried and every call it
+still waits on (the worker, or the network, is gone); a stream that has not sent a frame yet
+falls back to the idle timeout, as on NATS.
 
-Wire: the caller sends ``!H`` length + its stream prefix once; the worker then sends frames of
-``!IBQ`` (payload length, kind, stream number: the subject's last token) + payload.
+Only a caller that read the instance's discovery metadata may use a link: the instance
+announces a random ``link_key`` there (as reachable as NATS's own credentials allow), and
+closes a link whose hello does not carry it.
+
+Wire: the caller sends ``!HH`` lengths + its stream prefix + the key once; then both sides
+send frames of ``!IBQ`` (payload length, kind, number) + payload. The caller sends CALL frames
+(number: the call's; payload ``!dHHH`` deadline and the lengths of subject, request id and
+stream subject, those three, then the request); the worker answers each with an ACK frame
+(``!HH`` error code, 0 when accepted, and message length, the message, then error data) and
+sends stream frames (number: the stream subject's last token).
 """
 
 import asyncio
 import contextlib
+import hmac
+import itertools
 import logging
+import secrets
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
-from typing import cast
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, cast
 
 from triptych.runtime import wire
 from triptych.runtime.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
-DATA, END, ERROR, KEEPALIVE = range(4)
-_HELLO = struct.Struct("!H")
+DATA, END, ERROR, KEEPALIVE, CALL, ACK = range(6)
+_HELLO = struct.Struct("!HH")
 _FRAME = struct.Struct("!IBQ")
+_CALL = struct.Struct("!dHHH")
+_ACK = struct.Struct("!HH")
 MAX_FRAME = 16 * 1024 * 1024
 REDIAL_S = 1.0
 """How long a caller waits before dialling an instance again after a failed attempt."""
+CALLS_METADATA = "link_calls"
+"""Metadata key of an instance that takes calls on its links."""
+KEY_METADATA = "link_key"
+"""Metadata key of the secret a caller shows in its hello."""
 
 Publish = Callable[[str, bytes, dict[str, str] | None], Awaitable[None]]
 FrameHandler = Callable[[str, int, bytes, "CallerLink"], None]
-"""(prefix.number subject, kind, payload, link) for each frame a caller receives."""
+"""(prefix.number subject, kind, payload, link) for each stream frame a caller receives."""
+CallHandler = Callable[["LinkCall"], Coroutine[Any, Any, None]]
+"""Serves one call that arrived on a link (answers it with `respond` or `respond_error`)."""
 
 _HEADERS: tuple[dict[str, str] | None, ...] = (
     None,
@@ -50,8 +71,12 @@ _HEADERS: tuple[dict[str, str] | None, ...] = (
 )
 
 
+class LinkLost(ConnectionError):
+    """The link a call waited on closed before the call was acknowledged."""
+
+
 def frame_headers(kind: int) -> dict[str, str] | None:
-    """The NATS headers a frame of `kind` would have carried."""
+    """The NATS headers a stream frame of `kind` would have carried."""
     return _HEADERS[kind]
 
 
@@ -65,35 +90,119 @@ def _kind(headers: dict[str, str] | None) -> int:
     return ERROR
 
 
-class _WorkerLink(asyncio.Protocol):
-    """The worker's end of one caller's link: coalesces frames per event-loop turn."""
+class _Frames(asyncio.Protocol):
+    """One end of a link: coalesces outgoing frames per event-loop turn, splits incoming ones."""
 
-    def __init__(self, server: "LinkServer") -> None:
-        self._server = server
+    def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
-        self._inbox = b""
-        self.prefix = ""
-        self.closed = False
         self._pending: list[bytes] = []
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._buffer = bytearray()
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        _no_delay(self._transport)
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, number: int, kind: int, data: bytes) -> None:
+        """Queue one frame; frames queued in this event-loop turn leave in one write."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(_FRAME.pack(len(data), kind, number))
+        if data:
+            self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if self._transport is not None and not self.closed:
+            self._transport.write(b"".join(pending))
+
+    def _frames(self, data: bytes, kinds: range) -> list[tuple[int, int, bytes]]:
+        """The whole frames `data` completes, as (kind, number, payload); a frame of a kind
+        outside `kinds`, or too large, closes the link."""
+        buffer = self._buffer
+        buffer += data
+        frames: list[tuple[int, int, bytes]] = []
+        offset, size, head = 0, len(buffer), _FRAME.size
+        while size - offset >= head:
+            length, kind, number = _FRAME.unpack_from(buffer, offset)
+            if length > MAX_FRAME or kind not in kinds:
+                log.warning("bad frame on a direct link; closing it")
+                self.close()
+                return []
+            end = offset + head + length
+            if end > size:
+                break
+            frames.append((kind, number, bytes(buffer[offset + head : end])))
+            offset = end
+        del buffer[:offset]
+        return frames
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+@dataclass(eq=False)
+class LinkCall:
+    """A call that arrived on a link, answered like a NATS request (`headers`, `data`,
+    `respond`, `respond_error`)."""
+
+    link: "_WorkerLink"
+    number: int
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+
+    async def respond(self, data: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        """Accept the call."""
+        self.link.send(self.number, ACK, _ACK.pack(0, 0))
+
+    async def respond_error(
+        self,
+        code: str,
+        description: str,
+        data: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Refuse the call with `code` (and an `ErrorInfo` in `data` where there is one)."""
+        message = description.encode()
+        self.link.send(self.number, ACK, _ACK.pack(int(code), len(message)) + message + data)
+
+
+class _WorkerLink(_Frames):
+    """The worker's end of one caller's link."""
+
+    def __init__(self, server: "LinkServer") -> None:
+        super().__init__()
+        self._server = server
+        self.prefix = ""
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     def data_received(self, data: bytes) -> None:
-        if self.prefix:
-            return  # the caller sends nothing after its hello
-        self._inbox += data
-        if len(self._inbox) < _HELLO.size:
-            return
-        (size,) = _HELLO.unpack_from(self._inbox)
-        if len(self._inbox) < _HELLO.size + size:
-            return
-        self.prefix = self._inbox[_HELLO.size : _HELLO.size + size].decode()
-        self._inbox = b""
-        self._server._register(self)
+        if not self.prefix:
+            buffer = self._buffer
+            buffer += data
+            if len(buffer) < _HELLO.size:
+                return
+            prefix_size, key_size = _HELLO.unpack_from(buffer)
+            end = _HELLO.size + prefix_size + key_size
+            if len(buffer) < end:
+                return
+            key = bytes(buffer[_HELLO.size + prefix_size : end])
+            if not hmac.compare_digest(key, self._server.key.encode()):
+                log.warning("a direct link without this instance's key; closing it")
+                self.close()
+                return
+            self.prefix = buffer[_HELLO.size : _HELLO.size + prefix_size].decode()
+            data = bytes(buffer[end:])
+            self._buffer = bytearray()
+            self._server._register(self)
+        for _, number, payload in self._frames(data, range(CALL, CALL + 1)):
+            self._server._call(self, number, payload)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -118,32 +227,22 @@ class _WorkerLink(asyncio.Protocol):
 
         return publish
 
-    def send(self, number: int, kind: int, data: bytes) -> None:
-        """Queue one frame; frames queued in this event-loop turn leave in one write."""
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append(_FRAME.pack(len(data), kind, number))
-        if data:
-            self._pending.append(data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if self._transport is not None and not self.closed:
-            self._transport.write(b"".join(pending))
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
 
 class LinkServer:
-    """A worker's TCP endpoint for direct streams; `publisher` routes a stream to its link."""
+    """A worker's TCP endpoint for direct links: serves the calls that arrive on them, and
+    `publisher` routes a stream to its caller's link."""
 
     def __init__(self) -> None:
         self._server: asyncio.Server | None = None
         self._links: dict[str, _WorkerLink] = {}
         self._all: set[_WorkerLink] = set()
+        self._handlers: dict[str, CallHandler] = {}
+        self._tasks = TaskOwner("link-calls")
         self.port = 0
+        self.key = secrets.token_hex(16)
+        """What a caller must show in its hello (announced as ``link_key``)."""
+        self.calls = 0
+        """Calls received on links so far."""
 
     async def start(self, host: str, port: int = 0) -> int:
         """Listen on `host`; returns the bound port. Safe to call twice."""
@@ -153,11 +252,21 @@ class LinkServer:
             self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
+    def serve(self, subject: str, handler: CallHandler) -> None:
+        """Serve the calls for `subject` (an endpoint subject of this process) with `handler`."""
+        self._handlers[subject] = handler
+
+    def stop_serving(self, subject: str) -> None:
+        """Calls for `subject` are refused from now on, as NATS would say "no responders"."""
+        self._handlers.pop(subject, None)
+
     async def close(self) -> None:
         """Stop listening and close every link. Safe to call twice."""
+        self._handlers.clear()
         if self._server is not None:
             self._server.close()
             self._server = None
+        await self._tasks.close()
         for link in list(self._all):
             link.close()
         self._links.clear()
@@ -169,6 +278,27 @@ class LinkServer:
         if link is None or link.closed or not number.isdigit():
             return None
         return link.publisher(int(number))
+
+    def _call(self, link: _WorkerLink, number: int, payload: bytes) -> None:
+        deadline, subject_size, id_size, stream_size = _CALL.unpack_from(payload)
+        at = _CALL.size
+        subject = payload[at : at + subject_size].decode()
+        at += subject_size
+        request_id = payload[at : at + id_size].decode()
+        at += id_size
+        stream_to = payload[at : at + stream_size].decode()
+        headers = {
+            wire.REQUEST_ID: request_id,
+            wire.STREAM_TO: stream_to,
+            wire.DEADLINE: repr(deadline),
+        }
+        call = LinkCall(link, number, subject, headers, payload[at + stream_size :])
+        self.calls += 1
+        handler = self._handlers.get(subject)
+        if handler is None:
+            self._tasks.spawn(call.respond_error("503", "no responders"), name=request_id)
+        else:
+            self._tasks.spawn(handler(call), name=request_id)
 
     def _register(self, link: _WorkerLink) -> None:
         self._all.add(link)
@@ -183,55 +313,86 @@ class LinkServer:
             del self._links[link.prefix]
 
 
-class CallerLink(asyncio.Protocol):
-    """The caller's end of one link: parses frames and hands them to the runtime."""
+@dataclass(frozen=True)
+class LinkAck:
+    """A worker's answer to a call on a link, shaped like a NATS reply (`headers`, `data`)."""
+
+    headers: dict[str, str] | None
+    data: bytes
+
+
+class CallerLink(_Frames):
+    """The caller's end of one link: sends calls, hands stream frames to the runtime."""
 
     def __init__(
-        self, prefix: str, on_frame: FrameHandler, on_lost: Callable[["CallerLink"], None]
+        self,
+        prefix: str,
+        key: str,
+        on_frame: FrameHandler,
+        on_lost: Callable[["CallerLink"], None],
     ):
+        super().__init__()
         self._prefix = prefix
+        self._key = key
         self._on_frame = on_frame
         self._on_lost = on_lost
-        self._buffer = bytearray()
-        self._transport: asyncio.Transport | None = None
+        self._call_numbers = itertools.count()
+        self._calls: dict[int, asyncio.Future[LinkAck]] = {}
         self.lost = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        _no_delay(self._transport)
-        hello = self._prefix.encode()
-        self._transport.write(_HELLO.pack(len(hello)) + hello)
+        super().connection_made(transport)
+        prefix, key = self._prefix.encode(), self._key.encode()
+        cast(asyncio.Transport, transport).write(_HELLO.pack(len(prefix), len(key)) + prefix + key)
+
+    async def call(
+        self, subject: str, request_id: str, stream_to: str, deadline: float, data: bytes
+    ) -> LinkAck:
+        """Send one call and wait for its acknowledgement (the caller bounds the wait);
+        raises `LinkLost` when the link closes first."""
+        if self.lost.is_set():
+            raise LinkLost("the link is closed")
+        number = next(self._call_numbers)
+        names = subject.encode(), request_id.encode(), stream_to.encode()
+        head = _CALL.pack(deadline, *(len(name) for name in names))
+        answer: asyncio.Future[LinkAck] = asyncio.get_running_loop().create_future()
+        self._calls[number] = answer
+        self.send(number, CALL, b"".join((head, *names, data)))
+        try:
+            return await answer
+        finally:
+            self._calls.pop(number, None)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        offset, size, head = 0, len(buffer), _FRAME.size
         prefix = self._prefix
-        while size - offset >= head:
-            length, kind, number = _FRAME.unpack_from(buffer, offset)
-            if length > MAX_FRAME or kind > KEEPALIVE:
-                log.warning("bad frame on a direct stream link; closing it")
-                self.close()
-                return
-            end = offset + head + length
-            if end > size:
-                break
-            payload = bytes(buffer[offset + head : end])
-            self._on_frame(f"{prefix}.{number}", kind, payload, self)
-            offset = end
-        del buffer[:offset]
+        for kind, number, payload in self._frames(data, range(ACK + 1)):
+            if kind != ACK:
+                self._on_frame(f"{prefix}.{number}", kind, payload, self)
+                continue
+            answer = self._calls.get(number)
+            if answer is not None and not answer.done():
+                answer.set_result(_ack(payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         self.lost.set()
+        for answer in self._calls.values():
+            if not answer.done():
+                answer.set_exception(LinkLost("the link closed before the call was accepted"))
         self._on_lost(self)
 
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+
+def _ack(payload: bytes) -> LinkAck:
+    code, size = _ACK.unpack_from(payload)
+    if code == 0:
+        return LinkAck(None, b"")
+    message = payload[_ACK.size : _ACK.size + size].decode(errors="replace")
+    headers = {wire.ERROR_CODE: str(code), wire.ERROR: message}
+    return LinkAck(headers, payload[_ACK.size + size :])
 
 
 class LinkDialer:
-    """A caller's links, one per (host, port) of an instance that offers direct streams."""
+    """A caller's links, one per (host, port) of an instance that offers direct links."""
 
     def __init__(
         self, prefix: str, on_frame: FrameHandler, on_lost: Callable[[CallerLink], None]
@@ -246,39 +407,46 @@ class LinkDialer:
 
     def ensure(self, metadata: dict[str, str]) -> None:
         """Dial the instance `metadata` describes, unless linked (or recently failed)."""
-        port = metadata.get("stream_port", "")
-        host = metadata.get("host", "")
-        if not host or not port.isdigit():
+        key = _address(metadata)
+        if key is None:
             return
-        key = (host, int(port))
         link = self._links.get(key)
         if link is not None and not link.lost.is_set():
             return
         if key in self._dialling or time.monotonic() - self._failed.get(key, -REDIAL_S) < REDIAL_S:
             return
         self._dialling.add(key)
-        self._tasks.spawn(self._dial(key), name=f"link:{host}:{port}")
+        secret = metadata.get(KEY_METADATA, "")
+        self._tasks.spawn(self._dial(key, secret), name=f"link:{key[0]}:{key[1]}")
+
+    def for_calls(self, metadata: dict[str, str]) -> CallerLink | None:
+        """The live link to the instance `metadata` describes, when it takes calls on it."""
+        key = _address(metadata)
+        if key is None or metadata.get(CALLS_METADATA) != "1":
+            return None
+        link = self._links.get(key)
+        return link if link is not None and not link.lost.is_set() else None
 
     @property
     def linked(self) -> int:
         """Live links."""
         return sum(not link.lost.is_set() for link in self._links.values())
 
-    async def _dial(self, key: tuple[str, int]) -> None:
+    async def _dial(self, key: tuple[str, int], secret: str) -> None:
         loop = asyncio.get_running_loop()
         try:
             _, link = await loop.create_connection(
-                lambda: CallerLink(self._prefix, self._on_frame, self._lost), *key
+                lambda: CallerLink(self._prefix, secret, self._on_frame, self._lost), *key
             )
         except OSError as error:
             self._failed[key] = time.monotonic()
-            log.info("no direct stream link to %s:%d (%s); streams go by NATS", *key, error)
+            log.info("no direct link to %s:%d (%s); calls and streams go by NATS", *key, error)
             return
         finally:
             self._dialling.discard(key)
         self._failed.pop(key, None)
         self._links[key] = link
-        log.debug("direct stream link to %s:%d", *key)
+        log.debug("direct link to %s:%d", *key)
 
     def _lost(self, link: CallerLink) -> None:
         for key, known in list(self._links.items()):
@@ -298,8 +466,7 @@ class LinkDialer:
         self._links.clear()
 
 
-def _no_delay(transport: asyncio.Transport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _address(metadata: dict[str, str]) -> tuple[str, int] | None:
+    port = metadata.get("stream_port", "")
+    host = metadata.get("host", "")
+    return (host, int(port)) if host and port.isdigit() else None

@@ -15,7 +15,14 @@ from triptych.protocol import ErrorCode, ErrorInfo
 from triptych.runtime import wire
 from triptych.runtime.client import Client
 from triptych.runtime.config import RuntimeConfig
-from triptych.runtime.links import CallerLink, LinkDialer, LinkServer, Publish, frame_headers
+from triptych.runtime.links import (
+    CallerLink,
+    CallHandler,
+    LinkDialer,
+    LinkServer,
+    Publish,
+    frame_headers,
+)
 from triptych.runtime.stream import ResponseStream
 
 log = logging.getLogger(__name__)
@@ -122,13 +129,28 @@ class Runtime:
         await self.nc.publish(subject, data, headers=headers)
 
     async def serve_links(self, host: str) -> int | None:
-        """Offer direct stream links on `host` (the caller dials the advertised address);
-        returns the port, or None when direct streams are off."""
+        """Offer direct links on `host` (the caller dials the advertised address); returns the
+        port, or None when direct links are off."""
         if not self.config.direct_streams:
             return None
         if self._link_server is None:
             self._link_server = LinkServer()
         return await self._link_server.start(host)
+
+    @property
+    def link_key(self) -> str:
+        """The secret callers show to use this process's direct links ("" without links)."""
+        return self._link_server.key if self._link_server is not None else ""
+
+    def serve_calls(self, subject: str, handler: CallHandler) -> None:
+        """Serve the calls for endpoint `subject` that arrive on direct links (no-op without)."""
+        if self._link_server is not None:
+            self._link_server.serve(subject, handler)
+
+    def stop_serving_calls(self, subject: str) -> None:
+        """Refuse further calls for `subject` on direct links, as a stopped NATS endpoint."""
+        if self._link_server is not None:
+            self._link_server.stop_serving(subject)
 
     def publisher(self, subject: str) -> Publish:
         """How this process sends the frames of the stream on `subject`: over the owner's

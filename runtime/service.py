@@ -13,12 +13,11 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from nats.micro import add_service
-from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
 from pydantic import BaseModel, ValidationError
 
@@ -27,6 +26,7 @@ from triptych.observability.logs import request_id
 from triptych.protocol import ErrorCode, ErrorInfo
 from triptych.runtime import wire
 from triptych.runtime.errors import ServiceError, busy
+from triptych.runtime.links import CALLS_METADATA, KEY_METADATA
 from triptych.runtime.runtime import Runtime
 from triptych.runtime.stream import StreamSink
 from triptych.runtime.tasks import TaskOwner
@@ -82,6 +82,24 @@ class Context:
 Handler = Callable[[R, Context], Awaitable[None]]
 
 
+class Incoming(Protocol):
+    """A call as it arrives: a NATS micro request, or a call on a direct link."""
+
+    @property
+    def headers(self) -> dict[str, str] | None: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+    async def respond(self, data: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        """Accept the call."""
+
+    async def respond_error(
+        self, code: str, description: str, data: bytes = b"", headers: dict[str, str] | None = None
+    ) -> None:
+        """Refuse the call."""
+
+
 @dataclass(frozen=True)
 class _Endpoint(Generic[R]):
     name: str
@@ -126,6 +144,8 @@ class Service:
         STATS from the very dict this service updates, so discovery pings carry them."""
         self._on_done = on_done
         self._endpoints: list[_Endpoint[Any]] = []
+        self._subjects: list[str] = []
+        """The endpoint subjects this instance serves (on NATS, and on its direct links)."""
         self._micro: MicroService | None = None
         self._cancel_sub: Any = None
         self._inflight: dict[str, set[Context]] = {}
@@ -133,7 +153,12 @@ class Service:
         self._background = TaskOwner(f"service:{component}:background")
         self._draining = False
         self._cancelled = RecentIds(CANCEL_MEMORY_S)
-        self._gauges: dict[str, Callable[[], float]] = {"in_flight": lambda: self.in_flight}
+        self.requests = 0
+        """Calls received (by NATS or on a direct link), refused ones included."""
+        self._gauges: dict[str, Callable[[], float]] = {
+            "in_flight": lambda: self.in_flight,
+            "requests": lambda: self.requests,
+        }
         metrics.STAGE_IN_FLIGHT.labels(component).set_function(lambda: self.in_flight)
         self.instance_id = ""
 
@@ -170,6 +195,8 @@ class Service:
             port = await self._runtime.serve_links(self._link_host)
             if port is not None:
                 self._metadata["stream_port"] = str(port)
+                self._metadata[CALLS_METADATA] = "1"
+                self._metadata[KEY_METADATA] = self._runtime.link_key
         self.refresh_metadata()
         self._micro = await add_service(
             nc,
@@ -181,11 +208,11 @@ class Service:
         )
         self.instance_id = self._micro.id
         for endpoint in self._endpoints:
-            await self._micro.add_endpoint(
-                name=endpoint.name,
-                subject=wire.endpoint_subject(ns, self.component, endpoint.name, self.instance_id),
-                handler=self._make_receiver(endpoint),
-            )
+            subject = wire.endpoint_subject(ns, self.component, endpoint.name, self.instance_id)
+            receiver = self._make_receiver(endpoint)
+            await self._micro.add_endpoint(name=endpoint.name, subject=subject, handler=receiver)
+            self._runtime.serve_calls(subject, receiver)
+            self._subjects.append(subject)
         self._cancel_sub = await nc.subscribe(wire.cancel_subject(ns), cb=self._on_cancel)
         self._background.spawn(self._keepalive_loop(), name="keepalive")
         if self._live_metadata is not None:
@@ -203,6 +230,8 @@ class Service:
         if self._draining:
             return
         self._draining = True
+        for subject in self._subjects:
+            self._runtime.stop_serving_calls(subject)
         if self._micro is not None:
             try:
                 await self._micro.stop()
@@ -224,13 +253,14 @@ class Service:
             except Exception:
                 log.debug("unsubscribe failed", exc_info=True)
 
-    def _make_receiver(self, endpoint: _Endpoint[R]) -> Callable[[Request], Awaitable[None]]:
-        async def receive(request: Request) -> None:
+    def _make_receiver(self, endpoint: _Endpoint[R]) -> Callable[[Any], Coroutine[Any, Any, None]]:
+        async def receive(request: Incoming) -> None:
             await self._receive(endpoint, request)
 
         return receive
 
-    async def _receive(self, endpoint: _Endpoint[R], request: Request) -> None:
+    async def _receive(self, endpoint: _Endpoint[R], request: Incoming) -> None:
+        self.requests += 1
         headers = request.headers or {}
         request_id = headers.get(wire.REQUEST_ID, "")
         if request_id in self._cancelled:  # the cancel overtook the request on its way here
@@ -238,6 +268,10 @@ class Service:
             return
         if self._draining:
             await request.respond_error(str(ErrorCode.UNAVAILABLE.value), "instance is draining")
+            return
+        if not self._runtime.nc.is_connected:  # a call on a direct link: cancels could not
+            # reach this instance, and discovery is about to drop it; the caller moves on
+            await request.respond_error(str(ErrorCode.UNAVAILABLE.value), "instance lost NATS")
             return
         try:
             payload = endpoint.request_type.model_validate_json(request.data)

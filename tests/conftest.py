@@ -1,11 +1,12 @@
 """Shared fixtures: one private nats-server per test session, the tiny checkpoint, stacks."""
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
-from tests.stack import Stack, start_topology
+from tests.stack import ServeHf, Stack, serving
 from triptych.runtime.nats_server import NatsServer
 
 
@@ -37,8 +38,50 @@ def epd_stack(
     nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
 ) -> Iterator[Stack]:
     """One E/P/D stack on the mock engine, shared by a module's tests."""
-    stack = Stack(nats_server.url, tmp_path_factory.mktemp("epd"))
-    try:
-        yield start_topology(stack, "E/P/D")
-    finally:
-        stack.stop()
+    with serving(nats_server.url, tmp_path_factory.mktemp("epd"), "E/P/D") as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    nats_server: NatsServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: Path,
+    media_root: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Stack]:
+    """An E/P/D stack whose frontend takes the module's ``MEDIA_LIMITS`` (flag: value),
+    fetches media from ``localhost`` only (a test's own media server) and reads local files
+    under the module's `media_root` only."""
+    limits: dict[str, object] = request.module.MEDIA_LIMITS
+    guards = ("--allowed-image-hosts", "localhost", "--allowed-local-media-path", str(media_root))
+    frontend = (*(part for flag, value in limits.items() for part in (flag, str(value))), *guards)
+    tmp = tmp_path_factory.mktemp("guarded")
+    with serving(nats_server.url, tmp, "E/P/D", frontend_args=frontend) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def serve_hf(
+    nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> ServeHf:
+    """``serve_hf(topology, model_path=tiny, frontend_args=(), ready_timeout=300)``: a fresh
+    stack of that topology on the hf engine, stopped when its ``with`` block ends."""
+
+    def serve(
+        topology: str,
+        model_path: Path = tiny_model,
+        frontend_args: tuple[str, ...] = (),
+        ready_timeout: float = 300,
+    ) -> AbstractContextManager[Stack]:
+        return serving(
+            nats_server.url,
+            tmp_path_factory.mktemp("hf"),
+            topology,
+            engine="hf",
+            model_path=str(model_path),
+            frontend_args=frontend_args,
+            ready_timeout=ready_timeout,
+        )
+
+    return serve

@@ -2,10 +2,13 @@
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ from triptych.components.topology import TOPOLOGIES
 from triptych.runtime.port_file import read_port_file
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVING = re.compile(r"triptych is serving on (http://127\.0\.0\.1:[1-9][0-9]*) ")
+"""What a launch script or ``triptych serve`` logs once its frontend's /ready answers 200."""
 
 FAST_MOCK = {
     "TRIPTYCH_MOCK_ENCODE_S_PER_IMAGE": "0",
@@ -24,6 +29,11 @@ FAST_MOCK = {
 }
 """The mock engine at zero cost (its defaults are a real model's), for tests that need speed;
 a test's own --mock-* flags still win."""
+
+
+def component_command(module: str, *args: str) -> list[str]:
+    """``python -m triptych.components.<module> args...`` with this interpreter."""
+    return [sys.executable, "-m", f"triptych.components.{module}", *args]
 
 
 @dataclass
@@ -81,7 +91,7 @@ class Stack:
         own)."""
         log = self.tmp / f"{name}-{len(self.processes)}.log"
         popen = subprocess.Popen(
-            [sys.executable, "-m", f"triptych.components.{module}", *args],
+            self.command(module, *args),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             env={**self.env(), **(env or {})},
@@ -90,6 +100,10 @@ class Stack:
         process = Process(name, popen, log)
         self.processes.append(process)
         return process
+
+    def command(self, module: str, *args: str) -> list[str]:
+        """The command line that starts component `module` with `args`."""
+        return component_command(module, *args)
 
     def frontend(self, topology: str, *args: str, env: dict[str, str] | None = None) -> Process:
         """Start the frontend on a port it picks; `wait_ready` learns which."""
@@ -156,22 +170,80 @@ def start_topology(
     engine: str = "mock",
     model_path: str = "",
     ready_timeout: float = 300,
+    envs: Mapping[str, dict[str, str]] | None = None,
 ) -> Stack:
-    """Start the workers of a topology (`copies` of each) and its frontend."""
+    """Start the workers of a topology (`copies` of each) and its frontend (`envs`: variables
+    of their own, by process name: encode, prefill, decode, frontend)."""
     model = ("--model-path", model_path) if model_path else ()
     args = ("--engine", engine, *model, *worker_args)
     frontend_args = (*model, *frontend_args)
+    envs = envs or {}
     for _ in range(copies):
         for worker in TOPOLOGIES[topology].workers:
             name = worker.module.removesuffix("_worker")  # the component it enters by
-            stack.start(name, worker.module, *worker.args, *args)
-    stack.frontend(topology, *frontend_args)
+            stack.start(name, worker.module, *worker.args, *args, env=envs.get(name))
+    stack.frontend(topology, *frontend_args, env=envs.get("frontend"))
     stack.wait_ready(ready_timeout)
     return stack
 
 
+@contextmanager
+def serving(
+    nats_url: str,
+    tmp: Path,
+    topology: str,
+    *worker_args: str,
+    frontend_args: tuple[str, ...] = (),
+    engine: str = "mock",
+    model_path: str = "",
+    ready_timeout: float = 300,
+    envs: Mapping[str, dict[str, str]] | None = None,
+) -> Iterator[Stack]:
+    """A fresh stack running `topology` (as `start_topology` starts it), stopped on leaving."""
+    stack = Stack(nats_url, tmp)
+    try:
+        yield start_topology(
+            stack,
+            topology,
+            *worker_args,
+            frontend_args=frontend_args,
+            engine=engine,
+            model_path=model_path,
+            ready_timeout=ready_timeout,
+            envs=envs,
+        )
+    finally:
+        stack.stop()
+
+
+ServeHf = Callable[..., AbstractContextManager[Stack]]
+"""The `serve_hf` fixture: `serving` on the hf engine, bound to the session's NATS server."""
+
+
+def announced_url(launcher: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
+    """The URL a launch script logs (`SERVING`) once it serves; fails with its log if it exits
+    or takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (serving := SERVING.search(log.read_text(errors="replace"))):
+        assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
+    return serving[1]
+
+
+def stop_launcher(launcher: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM a launch script still running (it stops its workers, then NATS); SIGKILL its
+    whole process group if it takes longer than `timeout` seconds."""
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+
 async def micro_stats(stack: Stack, component: str) -> dict[str, dict[str, Any]]:
-    """Every live instance's NATS micro STATS: {instance: {"requests": n, **gauges}}."""
+    """Every live instance's NATS micro STATS: {instance: {"requests": n, **gauges}}, where
+    `requests` counts the calls the instance received by NATS or on a direct link."""
     import json
 
     import nats
@@ -187,10 +259,4 @@ async def micro_stats(stack: Stack, component: str) -> dict[str, dict[str, Any]]
     await nc.publish(f"$SRV.STATS.{stack.namespace}-{component}", b"", reply=inbox)
     await asyncio.sleep(0.3)
     await nc.close()
-    return {
-        str(a["id"]): {
-            "requests": sum(int(e["num_requests"]) for e in a["endpoints"]),
-            **(a["endpoints"][0].get("data") or {}),
-        }
-        for a in answers
-    }
+    return {str(a["id"]): dict(a["endpoints"][0].get("data") or {}) for a in answers}

@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.stack import FAST_MOCK, ROOT, Process, Stack, start_topology
+from tests.stack import FAST_MOCK, ROOT, SERVING, Stack, start_topology
 from triptych.cli.serve import flags as serve_flags
 from triptych.components.decode_worker.__main__ import parser as decode_parser
 from triptych.components.encode_worker.__main__ import parser as encode_parser
@@ -30,7 +30,6 @@ from triptych.runtime.flags import FlagParser, primary_flag, settable
 from triptych.runtime.nats_server import NatsServer
 
 TRIPTYCH = str(Path(sys.executable).parent / "triptych")
-SERVING = re.compile(r"triptych is serving on (http://127\.0\.0\.1:[1-9][0-9]*) ")
 PARSERS: dict[str, Callable[[], FlagParser]] = {
     "serve": lambda: serve_flags().parser,
     "frontend": FrontendConfig.parser,
@@ -281,20 +280,8 @@ class CommandStack(Stack):
         "frontend": "frontend",
     }
 
-    def start(
-        self, name: str, module: str, *args: str, env: dict[str, str] | None = None
-    ) -> Process:
-        log = self.tmp / f"{name}-{len(self.processes)}.log"
-        popen = subprocess.Popen(
-            [TRIPTYCH, self.COMMANDS[module], *args],
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            env={**self.env(), **(env or {})},
-            cwd=ROOT,
-        )
-        process = Process(name, popen, log)
-        self.processes.append(process)
-        return process
+    def command(self, module: str, *args: str) -> list[str]:
+        return [TRIPTYCH, self.COMMANDS[module], *args]
 
 
 def test_one_component_per_command_makes_a_stack(

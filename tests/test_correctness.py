@@ -21,8 +21,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from tests.stack import Stack, start_topology
-from triptych.runtime.nats_server import NatsServer
+from tests.stack import ServeHf, Stack
 
 MAX_TOKENS = 12
 
@@ -79,6 +78,25 @@ IMAGE_CASES = [
 ]
 
 
+class Media:
+    """The pictures and videos of a chat, collected while its parts become the chat template's
+    placeholders."""
+
+    def __init__(self) -> None:
+        self.images: list[Image.Image] = []
+        self.videos: list[bytes] = []
+
+    def take(self, part: dict[str, Any]) -> dict[str, Any]:
+        if part["type"] == "image_url":
+            data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+            self.images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+            return {"type": "image"}
+        if part["type"] == "video_url":
+            self.videos.append(base64.b64decode(part["video_url"]["url"].split(",", 1)[1]))
+            return {"type": "video"}
+        return part
+
+
 class Oracle:
     """Plain transformers: the chat template, the image processor and greedy generate()."""
 
@@ -91,26 +109,24 @@ class Oracle:
         else:
             self.model = AutoModelForCausalLM.from_pretrained(model_path).eval()
 
-    def tokens(self, messages: list[dict[str, Any]]) -> list[int]:
-        images: list[Image.Image] = []
+    def prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], Media]:
+        """The chat template's token ids (one placeholder a picture or video) and the media of
+        `messages`, in order."""
+        media = Media()
         rendered = []
         for message in messages:
             content = message["content"]
             if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if part["type"] == "image_url":
-                        data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
-                        images.append(Image.open(io.BytesIO(data)).convert("RGB"))
-                        parts.append({"type": "image"})
-                    else:
-                        parts.append(part)
-                content = parts
+                content = [media.take(part) for part in content]
             rendered.append({"role": message["role"], "content": content})
         text = self.tokenizer.apply_chat_template(
             rendered, tokenize=False, add_generation_prompt=True
         )
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False), media
+
+    def tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+        ids, media = self.prompt(messages)
+        images = media.images
         extra: dict[str, Any] = {}
         if images:
             batch = self.processor(images=images, return_tensors="pt")
@@ -162,6 +178,27 @@ def request(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
     return body
 
 
+def served_tokens(
+    url: str,
+    model: str,
+    bodies: list[dict[str, Any]],
+    *,
+    together: bool = False,
+    timeout: float = 120,
+) -> list[list[int]]:
+    """Each body's generated token ids from the frontend at `url`, sent one at a time or all at
+    once."""
+
+    async def run() -> list[list[int]]:
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+            calls = [tokens_of(client, model, body) for body in bodies]
+            if together:
+                return list(await asyncio.gather(*calls))
+            return [await call for call in calls]
+
+    return asyncio.run(run())
+
+
 async def tokens_of(client: httpx.AsyncClient, model: str, body: dict[str, Any]) -> list[int]:
     body = {**body, "model": model}
     if not body.get("stream"):
@@ -186,10 +223,7 @@ TOPOLOGIES = ["E/P/D", "E/PD", "EPD", "P/D"]
 
 @pytest.fixture(scope="module", params=TOPOLOGIES)
 def served(
-    request: pytest.FixtureRequest,
-    nats_server: NatsServer,
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model: Path,
+    request: pytest.FixtureRequest, serve_hf: ServeHf, tiny_model: Path
 ) -> Iterator[tuple[Stack, Path, list[list[dict[str, Any]]]]]:
     topology = request.param
     if topology == "P/D":  # text-only checkpoint
@@ -198,11 +232,8 @@ def served(
         model, cases = default_text_model_path(), TEXT_CASES
     else:
         model, cases = tiny_model, TEXT_CASES + IMAGE_CASES
-    stack = Stack(nats_server.url, tmp_path_factory.mktemp("hf"))
-    try:
-        yield start_topology(stack, topology, engine="hf", model_path=str(model)), model, cases
-    finally:
-        stack.stop()
+    with serve_hf(topology, model) as stack:
+        yield stack, model, cases
 
 
 @pytest.fixture(scope="module")
@@ -221,15 +252,8 @@ def test_greedy_equals_generate_one_at_a_time(
 ) -> None:
     stack, model, cases = served
     oracle = oracle_for(oracles, model)
-
-    async def run() -> list[list[int]]:
-        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
-            return [
-                await tokens_of(client, model.name, request(case, stream=i % 2 == 0))
-                for i, case in enumerate(cases)
-            ]
-
-    got = asyncio.run(run())
+    bodies = [request(case, stream=i % 2 == 0) for i, case in enumerate(cases)]
+    got = served_tokens(stack.url, model.name, bodies)
     for case, tokens in zip(cases, got, strict=True):
         assert tokens == oracle.tokens(case)
 
@@ -240,19 +264,8 @@ def test_greedy_equals_generate_eight_in_flight(
     stack, model, cases = served
     oracle = oracle_for(oracles, model)
     mixed = [cases[i % len(cases)] for i in range(8)]
-
-    async def run() -> list[list[int]]:
-        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
-            return list(
-                await asyncio.gather(
-                    *(
-                        tokens_of(client, model.name, request(case, stream=i % 2 == 1))
-                        for i, case in enumerate(mixed)
-                    )
-                )
-            )
-
-    got = asyncio.run(run())
+    bodies = [request(case, stream=i % 2 == 1) for i, case in enumerate(mixed)]
+    got = served_tokens(stack.url, model.name, bodies, together=True)
     for case, tokens in zip(mixed, got, strict=True):
         assert tokens == oracle.tokens(case)
 

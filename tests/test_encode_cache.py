@@ -388,9 +388,12 @@ def test_affinity_falls_back_to_the_next_encoder_when_the_first_is_loaded(stack:
     async def two_at_once() -> None:
         async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
             first = asyncio.create_task(
-                client.post("/v1/chat/completions", json=chat(url, max_tokens=20))
+                client.post("/v1/chat/completions", json=chat(url, max_tokens=100))
             )
-            await asyncio.sleep(0.3)  # the first holds its call open while it decodes
+            # the first holds its call open while it decodes (5 s): once an encoder took it
+            # (however slow a loaded machine is to get there), the second comes
+            while sum((await encoders()).values()) < 1:
+                assert not first.done(), first.result()
             second = await client.post("/v1/chat/completions", json=chat(url, max_tokens=2))
             assert second.status_code == 200 and (await first).status_code == 200
 

@@ -148,7 +148,7 @@ def test_killed_worker_fails_only_requests_past_their_first_token(
         "decode": ("--disaggregation-mode", "decode", "--dedicated-mm-encoder"),
     }
     stack.start(victim_stage, module, "--engine", "mock", *extra[victim_stage], *HOLD[victim_stage])
-    wait_until(lambda: len(in_flight(stack, victim_stage)) == 2, 30)
+    wait_until(lambda: len(in_flight(stack, victim_stage)) == 2, 90)  # a cold start, loaded
 
 
 def test_components_reconnect_after_nats_restarts(tmp_path: Path, tiny_model: Path) -> None:
@@ -192,30 +192,28 @@ def test_prefill_failure_reaches_the_client_at_once(stack: Stack) -> None:
     assert all(n == 0 for c in ("decode", "prefill") for n in in_flight(stack, c))
 
 
-def test_sigterm_drains_in_flight_requests(stack: Stack) -> None:
+def sigterm_mid_stream(stack: Stack, name: str) -> list[str]:
+    """Start a slow E/P/D stack, SIGTERM its `name` process while a stream is in flight (it
+    must exit cleanly once that stream ended), and return how the stream ended."""
     start_topology(stack, "E/P/D", *SLOW)
     results: list[str] = []
     thread = threading.Thread(target=stream_outcome, args=(stack.url, results))
     thread.start()
     time.sleep(0.8)
-    decode = next(p for p in stack.processes if p.name == "decode")
-    assert decode.terminate(timeout=30) == 0  # it finished the request, then exited
+    process = next(p for p in stack.processes if p.name == name)
+    assert process.terminate(timeout=30) == 0  # it finished the request, then exited
     thread.join(30)
-    assert results == ["ok"]
+    return results
+
+
+def test_sigterm_drains_in_flight_requests(stack: Stack) -> None:
+    assert sigterm_mid_stream(stack, "decode") == ["ok"]
     reply = httpx.post(f"{stack.url}/v1/chat/completions", json=body(5, stream=False), timeout=30)
     assert reply.status_code == 503  # no decode left: a clear error, no hang
     assert json.loads(reply.text)["error"]["message"] == "no live decode instance"
 
 
 def test_sigterm_to_the_frontend_finishes_in_flight_requests(stack: Stack) -> None:
-    start_topology(stack, "E/P/D", *SLOW)
-    results: list[str] = []
-    thread = threading.Thread(target=stream_outcome, args=(stack.url, results))
-    thread.start()
-    time.sleep(0.8)
-    frontend = next(p for p in stack.processes if p.name == "frontend")
-    assert frontend.terminate(timeout=30) == 0  # exited cleanly, after the stream ended
-    thread.join(30)
-    assert results == ["ok"]
+    assert sigterm_mid_stream(stack, "frontend") == ["ok"]
     with pytest.raises(httpx.HTTPError):  # and it no longer accepts requests
         httpx.get(f"{stack.url}/health", timeout=2)

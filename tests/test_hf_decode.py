@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,26 +209,29 @@ def test_cuda_graph_replays_match_eager_steps(tiny_model: Path) -> None:
 # the engine core
 
 
-@pytest.fixture
-def core_factory(model: LanguageModel) -> Iterator[Any]:
-    cores: list[EngineCore] = []
+@contextlib.contextmanager
+def started_cores(model: LanguageModel, **defaults: Any) -> Iterator[Callable[..., EngineCore]]:
+    """``make(stage="test", decoding=True, **config)``: a started engine core over `model`,
+    its `HfConfig` from `defaults` and `config`; every core made is closed on leaving."""
+    made: list[EngineCore] = []
 
-    def make(decoding: bool = True, **config: Any) -> EngineCore:
-        settings = {
-            "max_len": 256,
-            "max_running": 8,
-            "kv_tokens": 8 * 256,
-            "page_size": 4,
-            **config,
-        }
-        core = EngineCore(model, HfConfig(**settings), decoding, "test")
+    def make(stage: str = "test", decoding: bool = True, **config: Any) -> EngineCore:
+        core = EngineCore(model, HfConfig(**{**defaults, **config}), decoding, stage)
         core.start()
-        cores.append(core)
+        made.append(core)
         return core
 
-    yield make
-    for core in cores:
-        core.close()
+    try:
+        yield make
+    finally:
+        for core in made:
+            core.close()
+
+
+@pytest.fixture
+def core_factory(model: LanguageModel) -> Iterator[Callable[..., EngineCore]]:
+    with started_cores(model, max_len=256, max_running=8, kv_tokens=8 * 256, page_size=4) as make:
+        yield make
 
 
 async def run(core: EngineCore, prompt: list[int], steps: int, **options: Any) -> list[int]:
@@ -368,15 +371,29 @@ async def test_a_prompt_prefilled_elsewhere_decodes_like_one_prefilled_here(
     prefill = core_factory(decoding=False, chunked_prefill_size=8)  # chunked on this side
     decode = core_factory()
     prompt = list(range(40, 70))
-    packed, delta, _ = await prefill.prefill_only("r", Prompt(prompt))
-    sampling = SamplingOptions(max_tokens=10, temperature=0, ignore_eos=True)
+    tokens, _ = await hand_off(prefill, decode, model, prompt, 10)
+    assert tokens == generate(model, prompt, 10)
+
+
+async def hand_off(
+    prefill: EngineCore,
+    decode: EngineCore,
+    model: LanguageModel,
+    prompt: list[int],
+    max_tokens: int,
+    keys: list[bytes] | None = None,
+) -> tuple[list[int], int]:
+    """Prefill `prompt` on the prefill-only core, load its packed cache into the decoding core
+    and decode greedily there: the tokens, and how many prompt tokens prefill found cached."""
+    packed, delta, cached = await prefill.prefill_only("r", Prompt(prompt), keys)
+    sampling = SamplingOptions(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     tokens: list[int] = []
     async with decode.admission("r", len(prompt)) as sequence:
         sequence.rope_delta = delta
         received = kv_transfer.unpack(model, packed, len(prompt))
         async for chunk in decode.generate(sequence, sampling, set(), Prompt(prompt), received):
             tokens.extend(chunk.token_ids)
-    assert tokens == generate(model, prompt, 10)
+    return tokens, cached
 
 
 async def test_seeded_sampling_repeats_in_any_company(core_factory: Any) -> None:

@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.stack import Stack
+from tests.stack import Stack, serving
 from tests.test_correctness import ONE, Oracle, image_part, request
 from triptych.models.checkpoint import CheckpointError, Needs, resolve_checkpoint
 from triptych.runtime.nats_server import NatsServer
@@ -91,25 +91,14 @@ def hub_stack(
     frontend = hf_home(tmp / "frontend", checkpoint, CONFIGS)
     encode = hf_home(tmp / "encode", checkpoint, CONFIGS | {VISION_SHARD})
     full = hf_home(tmp / "full", checkpoint)
-    stack = Stack(nats_server.url, tmp)
-    args = ("--engine", "hf", "--model-path", HUB_ID)
-    try:
-        stack.start("encode", "encode_worker", *args, env=offline(encode))
-        stack.start("prefill", "prefill_worker", "--dedicated-mm-encoder", *args, env=offline(full))
-        stack.start(
-            "decode",
-            "decode_worker",
-            "--disaggregation-mode",
-            "decode",
-            "--dedicated-mm-encoder",
-            *args,
-            env=offline(full),
-        )
-        stack.frontend("E/P/D", "--model-path", HUB_ID, env=offline(frontend))
-        stack.wait_ready()
+    envs = {
+        "encode": offline(encode),
+        "prefill": offline(full),
+        "decode": offline(full),
+        "frontend": offline(frontend),
+    }
+    with serving(nats_server.url, tmp, "E/P/D", engine="hf", model_path=HUB_ID, envs=envs) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def test_a_hub_id_serves_under_its_own_name(hub_stack: Stack, tiny_model: Path) -> None:

@@ -5,7 +5,6 @@ import asyncio
 import base64
 import io
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,13 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from tests.stack import Stack, start_topology
-from tests.test_scale_out import requests_per_instance
+from tests.media_server import (
+    Handler,
+    MediaServer,
+    assert_refused_at_the_frontend,
+)
+from tests.stack import Stack
 from triptych.components.frontend.address_guard import AddressGuard, BlockedAddress
-from triptych.runtime.nats_server import NatsServer
 
 
 def png(width: int, height: int) -> bytes:
@@ -41,103 +43,48 @@ def chat(*urls: str, max_tokens: int = 4) -> dict[str, Any]:
     }
 
 
+MEDIA_LIMITS = {
+    "--max-images": 3,
+    "--max-image-bytes": 200000,
+    "--max-image-pixels": 1000000,
+    "--image-fetch-timeout-s": 2,
+    "--max-body-bytes": 2000000,
+}
+"""The frontend's limits under test (flag: value), read by the `guarded` fixture."""
+
+
 @pytest.fixture(scope="module")
-def images_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("media")
     (root / "ok.png").write_bytes(png(56, 56))
     return root
 
 
-class ImageServer:
-    """A local web server with good and bad image resources (a thread, its own loop)."""
+def image_server_routes() -> dict[str, Handler]:
+    """Good and bad image resources."""
+    ok = png(56, 56)
 
-    def __init__(self) -> None:
-        self.port = 0  # bound by the server thread, known once `_ready` is set
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
+    async def image(_: web.Request) -> web.Response:
+        return web.Response(body=ok, content_type="image/png")
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        ok = png(56, 56)
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text="<html>not a picture</html>", content_type="text/html")
 
-        async def image(_: web.Request) -> web.Response:
-            return web.Response(body=ok, content_type="image/png")
+    async def slow(_: web.Request) -> web.Response:
+        await asyncio.sleep(10)
+        return web.Response(body=ok, content_type="image/png")
 
-        async def page(_: web.Request) -> web.Response:
-            return web.Response(text="<html>not a picture</html>", content_type="text/html")
+    async def loop(_: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop")
 
-        async def slow(_: web.Request) -> web.Response:
-            await asyncio.sleep(10)
-            return web.Response(body=ok, content_type="image/png")
-
-        async def loop(_: web.Request) -> web.Response:
-            raise web.HTTPFound("/loop")
-
-        async def to_private(_: web.Request) -> web.Response:
-            raise web.HTTPFound(f"http://127.0.0.1:{self.port}/ok.png")
-
-        app.router.add_get("/ok.png", image)
-        app.router.add_get("/page", page)
-        app.router.add_get("/slow", slow)
-        app.router.add_get("/loop", loop)
-        app.router.add_get("/to-private", to_private)
-        runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-        self.port = int(runner.addresses[0][1])
-        self._ready.set()
-        self._loop.run_forever()
-
-    def url(self, path: str, host: str = "localhost") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+    return {"/ok.png": image, "/page": page, "/slow": slow, "/loop": loop}
 
 
 @pytest.fixture(scope="module")
-def image_server() -> Iterator[ImageServer]:
-    server = ImageServer()
+def image_server() -> Iterator[MediaServer]:
+    server = MediaServer(image_server_routes(), "/ok.png")
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def guarded(
-    nats_server: NatsServer,
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model: Path,
-    images_root: Path,
-) -> Iterator[Stack]:
-    stack = Stack(nats_server.url, tmp_path_factory.mktemp("guarded"))
-    limits = (
-        "--max-images",
-        "3",
-        "--max-image-bytes",
-        "200000",
-        "--max-image-pixels",
-        "1000000",
-        "--image-fetch-timeout-s",
-        "2",
-        "--max-body-bytes",
-        "2000000",
-        "--allowed-image-hosts",
-        "localhost",
-        "--allowed-local-media-path",
-        str(images_root),
-    )
-    try:
-        yield start_topology(stack, "E/P/D", frontend_args=limits)
-    finally:
-        stack.stop()
-
-
-def served_requests(stack: Stack) -> int:
-    return sum(asyncio.run(requests_per_instance(stack, "encode")).values())
 
 
 def bomb() -> bytes:
@@ -181,7 +128,7 @@ BAD: list[tuple[str, Any, str]] = [
 ]
 
 
-def case_body(url: Any, server: ImageServer, root: Path) -> dict[str, Any]:
+def case_body(url: Any, server: MediaServer, root: Path) -> dict[str, Any]:
     if url == "CONTEXT":
         return chat(data_url(png(56, 56)), max_tokens=10**6)
     urls = url if isinstance(url, list) else [url]
@@ -194,18 +141,13 @@ def case_body(url: Any, server: ImageServer, root: Path) -> dict[str, Any]:
 @pytest.mark.parametrize(("name", "url", "mentions"), BAD, ids=[b[0] for b in BAD])
 def test_bad_image_is_a_400_and_reaches_no_worker(
     guarded: Stack,
-    image_server: ImageServer,
-    images_root: Path,
+    image_server: MediaServer,
+    media_root: Path,
     name: str,
     url: Any,
     mentions: str,
 ) -> None:
-    before = served_requests(guarded)
-    body = case_body(url, image_server, images_root)
-    reply = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, timeout=30)
-    assert reply.status_code == 400, reply.text
-    assert mentions in reply.json()["error"]["message"]
-    assert served_requests(guarded) == before
+    assert_refused_at_the_frontend(guarded, case_body(url, image_server, media_root), mentions)
 
 
 def test_too_large_image_bytes(guarded: Stack) -> None:
@@ -240,10 +182,10 @@ def test_allow_listed_networks_pass_the_guard() -> None:
 
 
 def test_good_images_still_served_afterwards(
-    guarded: Stack, images_root: Path, image_server: ImageServer
+    guarded: Stack, media_root: Path, image_server: MediaServer
 ) -> None:
     body = chat(
-        data_url(png(84, 56)), (images_root / "ok.png").as_uri(), image_server.url("/ok.png")
+        data_url(png(84, 56)), (media_root / "ok.png").as_uri(), image_server.url("/ok.png")
     )
     reply = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, timeout=30)
     assert reply.status_code == 200, reply.text

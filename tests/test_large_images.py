@@ -16,7 +16,7 @@ import nats
 import pytest
 from PIL import Image
 
-from tests.stack import Stack, start_topology
+from tests.stack import Stack, serving
 from tests.test_correctness import Oracle, image_part, request, tokens_of
 from tests.test_video_correctness import VideoOracle
 from tests.videos import clip, video_part
@@ -45,13 +45,15 @@ def stock_nats() -> Iterator[NatsServer]:
 def served(
     stock_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
 ) -> Iterator[Stack]:
-    stack = Stack(stock_nats.url, tmp_path_factory.mktemp("large"))
-    try:
-        yield start_topology(
-            stack, "E/P/D", engine="hf", model_path=str(tiny_model), ready_timeout=180
-        )
-    finally:
-        stack.stop()
+    with serving(
+        stock_nats.url,
+        tmp_path_factory.mktemp("large"),
+        "E/P/D",
+        engine="hf",
+        model_path=str(tiny_model),
+        ready_timeout=180,
+    ) as stack:
+        yield stack
 
 
 async def server_max_payload(url: str) -> int:

@@ -2,7 +2,6 @@
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import time
@@ -13,9 +12,8 @@ import nats
 import psutil
 import pytest
 
-from tests.stack import ROOT
+from tests.stack import ROOT, SERVING
 
-SERVING = re.compile(r"triptych is serving on (http://127\.0\.0\.1:[1-9][0-9]*) ")
 SCRIPTS = [("multimodal_disagg.sh", 4), ("multimodal_epd.sh", 3), ("agg.sh", 2), ("disagg.sh", 3)]
 
 

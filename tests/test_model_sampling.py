@@ -13,8 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from tests.stack import Stack, start_topology
-from triptych.runtime.nats_server import NatsServer
+from tests.stack import ServeHf, Stack
 
 PENALTY = 1.8
 """The repetition penalty this test's checkpoint recommends in its generation config."""
@@ -34,14 +33,9 @@ def recommending(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def served(
-    nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory, recommending: Path
-) -> Iterator[Stack]:
-    stack = Stack(nats_server.url, tmp_path_factory.mktemp("hf-sampling"))
-    try:
-        yield start_topology(stack, "E/P/D", engine="hf", model_path=str(recommending))
-    finally:
-        stack.stop()
+def served(serve_hf: ServeHf, recommending: Path) -> Iterator[Stack]:
+    with serve_hf("E/P/D", recommending) as stack:
+        yield stack
 
 
 def client(stack: Stack) -> openai.OpenAI:

@@ -1,7 +1,6 @@
 """NVTX under DYN_NVTX=1: every stage emits the ranges of its path, nested and closed, also
 when the request fails; with DYN_NVTX unset the nvtx module is not even imported."""
 
-import base64
 import io
 import os
 import subprocess
@@ -12,6 +11,7 @@ import httpx
 from PIL import Image
 
 from tests.stack import ROOT, Stack, start_topology
+from tests.test_correctness import image_part
 from triptych.runtime.nats_server import NatsServer
 
 RECORDER = Path(__file__).parent / "nvtx_recorder"
@@ -64,19 +64,11 @@ def assert_nested(ranges: Ranges) -> None:
 def image_request() -> dict[str, object]:
     buffer = io.BytesIO()
     Image.effect_noise((84, 56), 40).convert("RGB").save(buffer, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [image_part(buffer.getvalue()), {"type": "text", "text": "what?"}]
     return {
         "model": "tiny-qwen2.5-vl",
         "max_tokens": 4,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": "what?"},
-                ],
-            }
-        ],
+        "messages": [{"role": "user", "content": content}],
     }
 
 

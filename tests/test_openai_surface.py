@@ -11,7 +11,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.stack import Stack, start_topology
+from tests.stack import Stack, serving
 from triptych.runtime.nats_server import NatsServer
 
 MODEL = "tiny-qwen2.5-vl"
@@ -38,13 +38,9 @@ def guarded(
         "{% if shout %}LOUD {% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    stack = Stack(nats_server.url, tmp)
-    try:
-        yield start_topology(
-            stack, "EPD", frontend_args=("--api-key", "s3cret", "--chat-template", str(template))
-        )
-    finally:
-        stack.stop()
+    shout = ("--api-key", "s3cret", "--chat-template", str(template))
+    with serving(nats_server.url, tmp, "EPD", frontend_args=shout) as stack:
+        yield stack
 
 
 def test_n_choices_each_with_its_own_seed(epd_stack: Stack) -> None:

@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,9 +23,8 @@ from prometheus_client import REGISTRY
 from tests.stack import Stack, micro_stats, start_topology
 from tests.test_correctness import Oracle, request
 from tests.test_encode_cache import data_url, encoded, noisy
-from tests.test_hf_decode import generate
+from tests.test_hf_decode import generate, hand_off, started_cores
 from tests.test_metrics import metrics_ports, scrape, value
-from triptych.engines.hf import kv_transfer
 from triptych.engines.hf.block_manager import BlockManager
 from triptych.engines.hf.config import HfConfig
 from triptych.engines.hf.core import EngineCore
@@ -46,19 +45,11 @@ def model(tiny_model: Path) -> LanguageModel:
 
 
 @pytest.fixture
-def cores(model: LanguageModel) -> Iterator[Any]:
-    made: list[EngineCore] = []
-
-    def make(stage: str, decoding: bool = True, **config: Any) -> EngineCore:
-        settings = {"max_len": 256, "max_running": 4, "kv_tokens": 4 * 256, "page_size": PAGE}
-        core = EngineCore(model, HfConfig(**{**settings, **config}), decoding, stage)
-        core.start()
-        made.append(core)
-        return core
-
-    yield make
-    for core in made:
-        core.close()
+def cores(model: LanguageModel) -> Iterator[Callable[..., EngineCore]]:
+    """``cores(stage, decoding=True, **config)``: started cores, closed after the test."""
+    defaults = {"max_len": 256, "max_running": 4, "kv_tokens": 4 * 256, "page_size": PAGE}
+    with started_cores(model, **defaults) as make:
+        yield make
 
 
 def counter(name: str, stage: str) -> float:
@@ -275,15 +266,8 @@ async def test_a_prefill_worker_computes_only_the_suffix_and_sends_the_whole_cac
     reused = []
     for prompt in prompts:
         keys = block_keys(prompt, [], PAGE)
-        packed, delta, cached = await prefill.prefill_only("r", Prompt(prompt), keys)
+        tokens, cached = await hand_off(prefill, decode, model, prompt, 6, keys)
         reused.append(cached)
-        sampling = SamplingOptions(max_tokens=6, temperature=0, ignore_eos=True)
-        tokens: list[int] = []
-        async with decode.admission("r", len(prompt)) as sequence:
-            sequence.rope_delta = delta
-            received = kv_transfer.unpack(model, packed, len(prompt))
-            async for chunk in decode.generate(sequence, sampling, set(), Prompt(prompt), received):
-                tokens.extend(chunk.token_ids)
         assert tokens == generate(model, prompt, 6)
     assert reused == [0, 24]
     assert hits("prefix-prefill") == 24  # the second prompt reused the shared 6 blocks

@@ -1,14 +1,16 @@
 """The service runtime on a real nats-server: routing, streaming, deadlines, cancellation."""
 
 import asyncio
+import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
 from triptych.protocol import ErrorCode, ServiceError
-from triptych.runtime import Context, Runtime, RuntimeConfig, Service, wire
+from triptych.runtime import Client, Context, Runtime, RuntimeConfig, Service, wire
 from triptych.runtime.nats_server import NatsServer
 from triptych.runtime.stream import ResponseStream
 
@@ -25,10 +27,13 @@ class Answer(BaseModel):
 
 
 class Worker:
-    """A service whose handler streams `count` answers and records what happened."""
+    """A service whose handler streams `count` answers and records what happened. It offers
+    direct links, which its callers use unless their runtime has them off."""
 
     def __init__(self, runtime: Runtime, component: str) -> None:
-        self.service = Service(runtime, component)
+        self.service = Service(
+            runtime, component, metadata={"host": "127.0.0.1"}, link_host="127.0.0.1"
+        )
         self.service.add_endpoint("generate", Ask, self.generate)
         self.cancelled: list[str] = []
 
@@ -45,13 +50,17 @@ class Worker:
             raise
 
 
-@pytest.fixture
-async def runtimes(nats_server: NatsServer) -> AsyncIterator[tuple[Runtime, Runtime, Runtime]]:
+@pytest.fixture(params=["link", "nats"])
+async def runtimes(
+    request: pytest.FixtureRequest, nats_server: NatsServer
+) -> AsyncIterator[tuple[Runtime, Runtime, Runtime]]:
+    """A caller and two worker runtimes; calls and streams on direct links, or all by NATS."""
     config = RuntimeConfig(
         nats_url=nats_server.url,
         namespace=f"rt{time.monotonic_ns()}",
         discovery_interval_s=0.2,
         instance_ttl_s=0.6,
+        direct_streams=request.param == "link",
     )
     caller, first, second = (Runtime(config, name) for name in ("caller", "w1", "w2"))
     for runtime in (caller, first, second):
@@ -67,8 +76,30 @@ async def started(runtime: Runtime, component: str = "echo") -> Worker:
     return worker
 
 
+async def linked(caller: Runtime, wanted: bool = True, count: int = 1) -> None:
+    """Wait until `caller` holds `count` direct links (when `wanted`)."""
+    for _ in range(100):
+        if not wanted or (caller.links is not None and caller.links.linked >= count):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("no direct link came up")
+
+
 async def collect(stream: AsyncIterator[bytes]) -> list[Answer]:
     return [Answer.model_validate_json(data) async for data in stream]
+
+
+async def echo(caller: Runtime, worker_runtime: Runtime) -> tuple[Worker, Client]:
+    """An echo worker started on `worker_runtime`, and `caller`'s client of it."""
+    worker = await started(worker_runtime)
+    return worker, await caller.client("echo")
+
+
+async def error_code(outcome: Awaitable[object]) -> int:
+    """The code of the `ServiceError` that `outcome` ends with."""
+    with pytest.raises(ServiceError) as caught:
+        await outcome
+    return caught.value.code
 
 
 def soon(seconds: float = 5.0) -> float:
@@ -77,8 +108,7 @@ def soon(seconds: float = 5.0) -> float:
 
 async def test_streams_many_chunks_then_ends(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
     caller, w1, _ = runtimes
-    worker = await started(w1)
-    client = await caller.client("echo")
+    worker, client = await echo(caller, w1)
     stream = await client.call(Ask(count=50), request_id="r1", deadline=soon())
     answers = await collect(stream)
     assert [a.index for a in answers] == list(range(50))
@@ -87,8 +117,7 @@ async def test_streams_many_chunks_then_ends(runtimes: tuple[Runtime, Runtime, R
 
 async def test_errors_arrive_as_data(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
     caller, w1, _ = runtimes
-    await started(w1)
-    client = await caller.client("echo")
+    _, client = await echo(caller, w1)
     stream = await client.call(Ask(fail="no good"), request_id="r2", deadline=soon())
     with pytest.raises(ServiceError) as caught:
         await collect(stream)
@@ -133,8 +162,7 @@ async def test_one_instance_can_be_addressed_directly(
 ) -> None:
     caller, w1, w2 = runtimes
     await started(w1)
-    target = await started(w2)
-    client = await caller.client("echo")
+    target, client = await echo(caller, w2)
     for i in range(4):
         stream = await client.call(
             Ask(), request_id=f"d{i}", deadline=soon(), instance=target.service.instance_id
@@ -146,13 +174,10 @@ async def test_deadline_ends_the_call_with_an_error(
     runtimes: tuple[Runtime, Runtime, Runtime],
 ) -> None:
     caller, w1, _ = runtimes
-    worker = await started(w1)
-    client = await caller.client("echo")
+    worker, client = await echo(caller, w1)
     begun = time.monotonic()
     stream = await client.call(Ask(count=100, delay=0.05), request_id="late", deadline=soon(0.3))
-    with pytest.raises(ServiceError) as caught:
-        await collect(stream)
-    assert caught.value.code == 504
+    assert await error_code(collect(stream)) == 504
     assert time.monotonic() - begun < 2
     await asyncio.sleep(0.2)
     assert worker.service.in_flight == 0  # the worker gave up too
@@ -160,8 +185,7 @@ async def test_deadline_ends_the_call_with_an_error(
 
 async def test_cancel_reaches_the_worker(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
     caller, w1, _ = runtimes
-    worker = await started(w1)
-    client = await caller.client("echo")
+    worker, client = await echo(caller, w1)
     stream = await client.call(Ask(count=100, delay=0.05), request_id="bye", deadline=soon())
     await stream.__anext__()
     await caller.cancel("bye")
@@ -176,8 +200,7 @@ async def test_cancel_reaches_the_worker(runtimes: tuple[Runtime, Runtime, Runti
 async def test_dead_instance_leaves_routing(runtimes: tuple[Runtime, Runtime, Runtime]) -> None:
     caller, w1, w2 = runtimes
     await started(w1)
-    survivor = await started(w2)
-    client = await caller.client("echo")
+    survivor, client = await echo(caller, w2)
     await asyncio.sleep(0.5)
     assert len(client.instances.live) == 2
     await w1.nc.close()  # the instance vanishes without a goodbye
@@ -204,41 +227,38 @@ async def test_silent_worker_fails_the_stream(nats_server: NatsServer) -> None:
         stream_idle_timeout_s=0.5,
     )
     async with Runtime(config, "caller") as caller, Runtime(config, "w") as worker_rt:
-        worker = await started(worker_rt)
-        client = await caller.client("echo")
+        worker, client = await echo(caller, worker_rt)
         slow = await client.call(Ask(count=3, delay=0.8), request_id="slow", deadline=soon())
         assert len(await collect(slow)) == 3  # keepalives cover the silent gaps
         stream = await client.call(Ask(count=10, delay=0.3), request_id="dies", deadline=soon())
         await stream.__anext__()
         await worker.service.close()  # stops without ending its streams' holders cleanly
         await worker_rt.nc.close()
-        with pytest.raises(ServiceError) as caught:
-            await collect(stream)
-        assert caught.value.code == 503
+        assert await error_code(collect(stream)) == 503
 
 
 async def test_drain_finishes_in_flight_and_refuses_new(
     runtimes: tuple[Runtime, Runtime, Runtime],
 ) -> None:
     caller, w1, _ = runtimes
-    worker = await started(w1)
-    client = await caller.client("echo")
+    worker, client = await echo(caller, w1)
     stream = await client.call(Ask(count=4, delay=0.1), request_id="inflight", deadline=soon())
     drained = asyncio.create_task(worker.service.drain(5))
     await asyncio.sleep(0.05)
     assert len(await collect(stream)) == 4
     await drained
-    with pytest.raises(ServiceError) as caught:
-        await client.call(Ask(), request_id="new", deadline=soon(0.5))
-    assert caught.value.code == 503
+    assert await error_code(client.call(Ask(), request_id="new", deadline=soon(0.5))) == 503
 
 
-async def test_message_over_the_control_plane_limit_is_a_413() -> None:
+@pytest.mark.parametrize("path", ["link", "nats"])
+async def test_message_over_the_control_plane_limit_is_a_413(path: str) -> None:
+    """The same limit on both paths, so a call does not pass or fail by whether its link was
+    up yet."""
     with NatsServer(max_payload=64 * 1024) as small:
-        config = RuntimeConfig(nats_url=small.url, namespace="big")
+        config = RuntimeConfig(nats_url=small.url, namespace="big", direct_streams=path == "link")
         async with Runtime(config, "caller") as caller, Runtime(config, "w") as worker_rt:
-            await started(worker_rt)
-            client = await caller.client("echo")
+            _, client = await echo(caller, worker_rt)
+            await linked(caller, path == "link")
 
             class Bulky(BaseModel):
                 blob: str = "x" * 100_000
@@ -268,16 +288,14 @@ async def test_a_cancel_that_overtakes_its_request_still_wins(
     runtimes: tuple[Runtime, Runtime, Runtime],
 ) -> None:
     caller, w1, _ = runtimes
-    worker = await started(w1)
-    client = await caller.client("echo")
+    worker, client = await echo(caller, w1)
     for _ in range(100):  # the cancel reaches the worker before the request does
         await caller.cancel("early")
         await asyncio.sleep(0.02)
         if "early" in worker.service._cancelled:
             break
-    with pytest.raises(ServiceError) as caught:
-        await client.call(Ask(count=100, delay=0.05), request_id="early", deadline=soon())
-    assert caught.value.code == 499
+    late = client.call(Ask(count=100, delay=0.05), request_id="early", deadline=soon())
+    assert await error_code(late) == 499
     assert worker.service.in_flight == 0
 
 
@@ -329,3 +347,78 @@ async def test_a_stream_says_whether_a_frame_waits_unread() -> None:
     assert stream.pending
     stream.close()
     assert not stream.pending
+
+
+async def test_calls_travel_on_the_direct_link_when_the_worker_offers_one(
+    runtimes: tuple[Runtime, Runtime, Runtime], nats_server: NatsServer
+) -> None:
+    """With direct links on, the call, its acknowledgement and its frames skip nats-server:
+    the worker counts the call, and its NATS endpoint never sees it."""
+    caller, w1, _ = runtimes
+    worker, client = await echo(caller, w1)
+    on_link = caller.config.direct_streams
+    await linked(caller, on_link)
+    assert [
+        a.index
+        for a in await collect(await client.call(Ask(count=3), request_id="l", deadline=soon()))
+    ] == [0, 1, 2]
+    assert worker.service.requests == 1
+    served = worker.service._micro.stats().endpoints[0].num_requests  # type: ignore[union-attr]
+    assert served == (0 if on_link else 1)
+
+
+async def test_a_link_that_drops_before_the_acknowledgement_moves_the_call_on(
+    nats_server: NatsServer,
+) -> None:
+    """A worker whose link closes while a call waits for its acknowledgement is gone: the
+    call goes to the next instance at once, not after the acknowledgement's time-out (longer
+    here than the calls' deadlines)."""
+    config = RuntimeConfig(
+        nats_url=nats_server.url,
+        namespace=f"drop{time.monotonic_ns()}",
+        discovery_interval_s=0.2,
+        ack_timeout_s=60.0,
+    )
+    async with (
+        Runtime(config, "caller") as caller,
+        Runtime(config, "w1") as w1,
+        Runtime(config, "w2") as w2,
+    ):
+        frozen, survivor = await started(w1), await started(w2)
+        client = await caller.client("echo")
+        await linked(caller, count=2)
+        dropped: list[str] = []
+        subject = wire.endpoint_subject(
+            config.namespace, "echo", "generate", frozen.service.instance_id
+        )
+        w1.serve_calls(subject, _drop_link(dropped))  # accepts nothing: its link closes
+        for i in range(4):
+            stream = await client.call(Ask(), request_id=f"c{i}", deadline=soon())
+            assert stream.instance == survivor.service.instance_id
+            assert len(await collect(stream)) == 1
+        assert dropped  # round-robin offered it at least one call
+
+
+def _drop_link(dropped: list[str]) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    async def drop(call: Any) -> None:
+        dropped.append(call.headers[wire.REQUEST_ID])
+        call.link.close()
+
+    return drop
+
+
+async def test_a_link_without_the_instance_key_is_closed(nats_server: NatsServer) -> None:
+    """Only a caller that read the instance's discovery metadata (so passed NATS's own
+    credentials) may send calls or receive frames on its link."""
+    config = RuntimeConfig(nats_url=nats_server.url, namespace=f"key{time.monotonic_ns()}")
+    async with Runtime(config, "w") as worker_rt:
+        worker = await started(worker_rt)
+        port = int(worker.service.metadata["stream_port"])
+        assert worker.service.metadata["link_key"] == worker_rt.link_key != ""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        prefix, key = b"key.stream.intruder", b"0" * 32
+        writer.write(struct.pack("!HH", len(prefix), len(key)) + prefix + key)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing sent
+        writer.close()
+        assert worker.service.requests == 0

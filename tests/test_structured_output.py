@@ -16,12 +16,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tests.stack import Stack, start_topology
+from tests.stack import ServeHf, Stack
 from tests.test_correctness import TEXT_CASES, Oracle, request, tokens_of
 from triptych.engines import grammar
 from triptych.engines.hf.sampler import Row, Sampler, apply_bitmask
 from triptych.protocol import ChatCompletionRequest, SamplingOptions, ServiceError
-from triptych.runtime.nats_server import NatsServer
 
 RECEIPT = {
     "type": "object",
@@ -153,19 +152,9 @@ def test_masked_rows_take_only_allowed_tokens_and_free_rows_are_untouched() -> N
 
 
 @pytest.fixture(scope="module", params=["E/P/D", "EPD"])
-def served(
-    request: pytest.FixtureRequest,
-    nats_server: NatsServer,
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model: Path,
-) -> Iterator[Stack]:
-    stack = Stack(nats_server.url, tmp_path_factory.mktemp("json"))
-    try:
-        yield start_topology(
-            stack, request.param, engine="hf", model_path=str(tiny_model), ready_timeout=400
-        )
-    finally:
-        stack.stop()
+def served(request: pytest.FixtureRequest, serve_hf: ServeHf) -> Iterator[Stack]:
+    with serve_hf(request.param, ready_timeout=400) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

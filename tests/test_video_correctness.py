@@ -3,24 +3,27 @@
 videos of different sizes; the videos' bytes also cross to the encoder over NIXL."""
 
 import asyncio
-import base64
 import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
-from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 from transformers.video_utils import read_video_pyav
 
-from tests.stack import Stack, start_topology
-from tests.test_correctness import MAX_TOKENS, image_part, picture, request, tokens_of
+from tests.stack import ServeHf, Stack
+from tests.test_correctness import (
+    MAX_TOKENS,
+    TOPOLOGIES,
+    Oracle,
+    image_part,
+    picture,
+    request,
+    served_tokens,
+)
 from tests.test_metrics import metrics_ports, scrape, value
 from tests.videos import clip, sample_indices, video_part, video_patches
-from triptych.runtime.nats_server import NatsServer
 
 SHORT = clip(56, 56, frames=4, fps=10, seed=1)
 """0.4 s: the minimum of 4 frames, so a temporal patch spans 0.2 s (not Qwen's usual 1 s)."""
@@ -54,16 +57,13 @@ CASES = [
 ]
 
 
-class VideoOracle:
+class VideoOracle(Oracle):
     """Plain transformers: the chat template, the image processor, PyAV frames read by
     transformers' own reader, and greedy generate() with ``pixel_values_videos``,
     ``video_grid_thw`` and ``second_per_grid_ts``."""
 
     def __init__(self, model_path: Path) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
-        self.processor = AutoImageProcessor.from_pretrained(model_path)
-        self.image_token = self.model.config.image_token_id
+        super().__init__(model_path)
         self.video_token = self.model.config.video_token_id
         # no video_preprocessor_config.json: transformers' video processor reads these
         self.video_size = {
@@ -72,30 +72,9 @@ class VideoOracle:
         }
 
     def tokens(self, messages: list[dict[str, Any]]) -> list[int]:
-        images: list[Image.Image] = []
-        videos: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-        rendered = []
-        for message in messages:
-            content = message["content"]
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if part["type"] == "image_url":
-                        data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
-                        images.append(Image.open(io.BytesIO(data)).convert("RGB"))
-                        parts.append({"type": "image"})
-                    elif part["type"] == "video_url":
-                        data = base64.b64decode(part["video_url"]["url"].split(",", 1)[1])
-                        videos.append(self._video(data))
-                        parts.append({"type": "video"})
-                    else:
-                        parts.append(part)
-                content = parts
-            rendered.append({"role": message["role"], "content": content})
-        text = self.tokenizer.apply_chat_template(
-            rendered, tokenize=False, add_generation_prompt=True
-        )
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids, media = self.prompt(messages)
+        images = media.images
+        videos = [self._video(data) for data in media.videos]
         extra: dict[str, Any] = {}
         image_counts: list[int] = []
         if images:
@@ -133,36 +112,18 @@ class VideoOracle:
         return pixels, grid, 2 / metadata.sampled_fps
 
 
-TOPOLOGIES = ["E/P/D", "E/PD", "EPD", "P/D"]
-
-
 @pytest.fixture(scope="module")
 def oracle(tiny_model: Path) -> VideoOracle:
     return VideoOracle(tiny_model)
 
 
 @pytest.fixture(scope="module", params=TOPOLOGIES)
-def served(
-    request: pytest.FixtureRequest,
-    nats_server: NatsServer,
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model: Path,
-) -> Iterator[Stack]:
+def served(request: pytest.FixtureRequest, serve_hf: ServeHf) -> Iterator[Stack]:
     topology = request.param
     # in E/P/D every video's bytes wait in the frontend's pool and the encoder READs them
     frontend = ("--max-inline-image-bytes", "0") if topology == "E/P/D" else ()
-    stack = Stack(nats_server.url, tmp_path_factory.mktemp("video"))
-    try:
-        yield start_topology(
-            stack,
-            topology,
-            engine="hf",
-            model_path=str(tiny_model),
-            frontend_args=frontend,
-            ready_timeout=180,
-        )
-    finally:
-        stack.stop()
+    with serve_hf(topology, frontend_args=frontend, ready_timeout=180) as stack:
+        yield stack
 
 
 def test_videos_equal_generate(served: Stack, oracle: VideoOracle, tiny_model: Path) -> None:
@@ -176,15 +137,8 @@ def test_videos_equal_generate(served: Stack, oracle: VideoOracle, tiny_model: P
         read_before = value(
             scrape(encoder), "triptych_transfer_bytes_total", kind="video", outcome="ok"
         )
-
-    async def run() -> list[list[int]]:
-        async with httpx.AsyncClient(base_url=served.url, timeout=180) as client:
-            return [
-                await tokens_of(client, tiny_model.name, request(case, stream=i == 1))
-                for i, case in enumerate(CASES)
-            ]
-
-    got = asyncio.run(run())
+    bodies = [request(case, stream=i == 1) for i, case in enumerate(CASES)]
+    got = served_tokens(served.url, tiny_model.name, bodies, timeout=180)
     for case, tokens in zip(CASES, got, strict=True):
         assert len(tokens) == MAX_TOKENS
         assert tokens == oracle.tokens(case)
@@ -200,15 +154,7 @@ def test_videos_batched_with_images_across_requests(
     """Requests in flight together share the encoder's forwards (videos and images mixed)."""
     assert any(p.name == "encode" for p in served.processes)
     mixed = [CASES[i % len(CASES)] for i in range(4)]
-
-    async def run() -> list[list[int]]:
-        async with httpx.AsyncClient(base_url=served.url, timeout=180) as client:
-            return list(
-                await asyncio.gather(
-                    *(tokens_of(client, tiny_model.name, request(case)) for case in mixed)
-                )
-            )
-
-    got = asyncio.run(run())
+    bodies = [request(case) for case in mixed]
+    got = served_tokens(served.url, tiny_model.name, bodies, together=True, timeout=180)
     for case, tokens in zip(mixed, got, strict=True):
         assert tokens == oracle.tokens(case)

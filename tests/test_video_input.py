@@ -3,7 +3,6 @@ and no worker sees the request; good videos come by ``data:``, ``file://`` and `
 videos and frames move the frontend's and the encoder's metrics."""
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,13 +12,15 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.stack import Stack, start_topology
+from tests.media_server import (
+    MediaServer,
+    assert_refused_at_the_frontend,
+)
+from tests.stack import Stack
 from tests.test_image_input import png
 from tests.test_metrics import metrics_ports, scrape, value
-from tests.test_scale_out import requests_per_instance
 from tests.videos import clip, video_part
 from triptych.models.video_decoder import VideoBounds, VideoRejected, probe_video
-from triptych.runtime.nats_server import NatsServer
 
 GOOD = clip(56, 56, frames=8, fps=4, seed=7)
 """2 s at 4 fps: 4 frames sampled (Qwen's 2 per second), 2 temporal patches, 8 tokens."""
@@ -32,47 +33,25 @@ MAX_PIXELS = 300_000
 MAX_SECONDS = 10
 
 
-class VideoServer:
-    """A local web server with a video and a redirect toward loopback (a thread, its loop)."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-        self._ready.wait(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-
-        async def video(_: web.Request) -> web.Response:
-            return web.Response(body=GOOD, content_type="video/mp4")
-
-        async def to_private(_: web.Request) -> web.Response:
-            raise web.HTTPFound(f"http://127.0.0.1:{self.port}/clip.mp4")
-
-        app.router.add_get("/clip.mp4", video)
-        app.router.add_get("/to-private", to_private)
-        runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-        self.port = int(runner.addresses[0][1])
-        self._ready.set()
-        self._loop.run_forever()
-
-    def url(self, path: str) -> str:
-        return f"http://localhost:{self.port}{path}"
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+async def serve_video(_: web.Request) -> web.Response:
+    return web.Response(body=GOOD, content_type="video/mp4")
 
 
 @pytest.fixture(scope="module")
-def video_server() -> Iterator[VideoServer]:
-    server = VideoServer()
+def video_server() -> Iterator[MediaServer]:
+    server = MediaServer({"/clip.mp4": serve_video}, "/clip.mp4")
     yield server
     server.stop()
+
+
+MEDIA_LIMITS = {
+    "--max-videos": 2,
+    "--max-video-bytes": 300000,
+    "--max-video-frames": MAX_FRAMES,
+    "--max-video-pixels": MAX_PIXELS,
+    "--max-video-duration-s": MAX_SECONDS,
+}
+"""The frontend's limits under test (flag: value), read by the `guarded` fixture."""
 
 
 @pytest.fixture(scope="module")
@@ -80,36 +59,6 @@ def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("videos")
     (root / "clip.mp4").write_bytes(GOOD)
     return root
-
-
-@pytest.fixture(scope="module")
-def guarded(
-    nats_server: NatsServer,
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model: Path,
-    media_root: Path,
-) -> Iterator[Stack]:
-    stack = Stack(nats_server.url, tmp_path_factory.mktemp("guarded-video"))
-    limits = (
-        "--max-videos",
-        "2",
-        "--max-video-bytes",
-        "300000",
-        "--max-video-frames",
-        str(MAX_FRAMES),
-        "--max-video-pixels",
-        str(MAX_PIXELS),
-        "--max-video-duration-s",
-        str(MAX_SECONDS),
-        "--allowed-image-hosts",
-        "localhost",
-        "--allowed-local-media-path",
-        str(media_root),
-    )
-    try:
-        yield start_topology(stack, "E/P/D", frontend_args=limits)
-    finally:
-        stack.stop()
 
 
 def chat(*parts: dict[str, Any], max_tokens: int = 4) -> dict[str, Any]:
@@ -124,10 +73,6 @@ def chat(*parts: dict[str, Any], max_tokens: int = 4) -> dict[str, Any]:
 
 def url_part(url: str) -> dict[str, Any]:
     return {"type": "video_url", "video_url": {"url": url}}
-
-
-def encoded_requests(stack: Stack) -> int:
-    return sum(asyncio.run(requests_per_instance(stack, "encode")).values())
 
 
 BAD: list[tuple[str, Any, str]] = [
@@ -160,7 +105,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("too large", video_part(clip(480, 360, frames=24, fps=4)), "video is over 300000 bytes"),
     ("too many videos", [video_part(GOOD)] * 3, "too many videos: 3 (at most 2)"),
     ("image data URL", url_part("data:image/png;base64,AAAA"), "data:video/<type>;base64"),
-    ("bad base64", url_part("data:video/mp4;base64,@@@@"), "not valid base64"),
+    ("bad base64", url_part("data:video/mp4;base64,media_root@"), "not valid base64"),
     ("unsupported scheme", url_part("ftp://example.invalid/a.mp4"), "unsupported video URL"),
     ("loopback address", url_part("http://127.0.0.1:{port}/clip.mp4"), "video URL refused"),
     ("redirect to loopback", url_part("/to-private"), "video URL refused"),
@@ -169,7 +114,7 @@ BAD: list[tuple[str, Any, str]] = [
 ]
 
 
-def case_body(part: Any, server: VideoServer) -> dict[str, Any]:
+def case_body(part: Any, server: MediaServer) -> dict[str, Any]:
     if part == "ASSISTANT":
         body = chat(video_part(GOOD))
         body["messages"].insert(0, {"role": "assistant", "content": [video_part(GOOD)]})
@@ -186,14 +131,9 @@ def case_body(part: Any, server: VideoServer) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("name", "part", "mentions"), BAD, ids=[b[0] for b in BAD])
 def test_bad_video_is_a_400_and_reaches_no_worker(
-    guarded: Stack, video_server: VideoServer, name: str, part: Any, mentions: str
+    guarded: Stack, video_server: MediaServer, name: str, part: Any, mentions: str
 ) -> None:
-    before = encoded_requests(guarded)
-    body = case_body(part, video_server)
-    reply = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, timeout=30)
-    assert reply.status_code == 400, reply.text
-    assert mentions in reply.json()["error"]["message"]
-    assert encoded_requests(guarded) == before
+    assert_refused_at_the_frontend(guarded, case_body(part, video_server), mentions)
 
 
 def test_bombs_are_refused_without_decoding() -> None:
@@ -214,7 +154,7 @@ def test_an_indexed_video_cut_short_is_truncated() -> None:
 
 
 def test_good_videos_by_every_scheme_move_the_metrics(
-    guarded: Stack, video_server: VideoServer, media_root: Path
+    guarded: Stack, video_server: MediaServer, media_root: Path
 ) -> None:
     frontend = f"{guarded.url}/metrics"
     encode_port = asyncio.run(metrics_ports(guarded, "encode"))[0]

@@ -36,6 +36,9 @@ class ChatReply(Reply):
         )
         return self._chunk([choice])
 
+    def text_event(self, index: int, text: str) -> BaseModel:
+        return self._chunk([ChunkChoice(index=index, delta=Delta(content=text))])
+
     def final_usage(self) -> BaseModel:
         return self._chunk([], usage=self.usage())
 

@@ -33,6 +33,12 @@ class CompletionReply(Reply):
             id=self.request_id, created=self._created, model=self.model, choices=[choice]
         )
 
+    def text_event(self, index: int, text: str) -> BaseModel:
+        choice = CompletionChoice(index=index, text=text)
+        return CompletionResponse(
+            id=self.request_id, created=self._created, model=self.model, choices=[choice]
+        )
+
     def final_usage(self) -> BaseModel:
         return CompletionResponse(
             id=self.request_id,

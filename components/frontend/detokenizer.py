@@ -50,6 +50,8 @@ class StopMatcher:
         """Add text; return what may be shown now (all of it when `final`)."""
         if self.stopped:
             return ""
+        if not self._stops:
+            return delta
         self._text += delta
         search_from = max(0, self._emitted - self._hold)
         cut = min(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 from pydantic import BaseModel
+from pydantic_core import to_json
 
 from triptych.components.frontend.choices import Choices
 from triptych.components.frontend.logprobs import TokenText
@@ -22,6 +23,10 @@ from triptych.protocol.openai import ErrorBody, PromptTokensDetails
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+_TEXT = "\x00triptych-text\x00"
+"""Stands for the text in an event serialized once per choice, to be cut out of it."""
 
 
 def sse(payload: BaseModel) -> bytes:
@@ -64,6 +69,9 @@ class Reply(abc.ABC):
         self.return_token_ids = return_token_ids
         self.logprobs = logprobs
         self._created = int(time.time())
+        self._plain = not (return_token_ids or logprobs)
+        """Mid-stream events carry text alone: each is its choice's frame around the text."""
+        self._frames: dict[int, tuple[bytes, bytes]] = {}
 
     def usage(self) -> Usage:
         """Token counts so far (the prompts once, every choice's completion)."""
@@ -83,6 +91,20 @@ class Reply(abc.ABC):
     @abc.abstractmethod
     def delta(self, index: int, text: str, chunk: TokenChunk) -> BaseModel | None:
         """The event for a chunk of choice `index` that showed `text` (None: nothing to say)."""
+
+    @abc.abstractmethod
+    def text_event(self, index: int, text: str) -> BaseModel:
+        """The event of a chunk of choice `index` that carries `text` and nothing else (the
+        stream goes on, no token ids, no logprobs): what `delta` says then."""
+
+    def _text_sse(self, index: int, text: str) -> bytes:
+        """`sse(self.text_event(index, text))`, without building and serializing the models
+        for every token: the event is serialized once per choice and the text set into it."""
+        frame = self._frames.get(index)
+        if frame is None:
+            head, _, tail = sse(self.text_event(index, _TEXT)).partition(to_json(_TEXT))
+            frame = self._frames[index] = head, tail
+        return frame[0] + to_json(text) + frame[1]
 
     @abc.abstractmethod
     def final_usage(self) -> BaseModel:
@@ -119,8 +141,7 @@ class Reply(abc.ABC):
         else:
             self.usage()  # for the access log
         self._unwritten.append(b"data: [DONE]\n\n")
-        await response.write(b"".join(self._unwritten))
-        await response.write_eof()
+        await response.write_eof(b"".join(self._unwritten))  # with the last chunk: one write
         return response
 
     async def _consume(self, response: web.StreamResponse | None) -> ServiceError | None:
@@ -133,8 +154,9 @@ class Reply(abc.ABC):
                     output = self.outputs[index]
                     text = output.add(chunk)
                     if response is not None:
-                        event = self.delta(index, text, chunk)
-                        if event is not None:
+                        if self._plain and text and not output.finished:
+                            self._unwritten.append(self._text_sse(index, text))
+                        elif (event := self.delta(index, text, chunk)) is not None:
                             self._unwritten.append(sse(event))
                         if self._unwritten and not self.choices.pending():
                             await response.write(b"".join(self._unwritten))

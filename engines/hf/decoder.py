@@ -130,9 +130,9 @@ def _rope_and_store(
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """The MLP's ``silu(gate) * up`` from the fused gate/up product [B, 2 I]."""
     if gate_up.device.type == "cuda":
-        from triptych.engines.hf.triton_kernels import triton_silu_mul
+        from triptych.models.vision_kernels import triton_silu_mul
 
-        return triton_silu_mul(gate_up)
+        return triton_silu_mul(gate_up, f32_product=False)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -10,7 +10,7 @@ step that calls it can be captured in a CUDA graph once per batch size.
 
 `triton_rope_and_store`: rotary embedding of the new token's queries and keys, and the keys'
 and values' store into their cache slots, in one kernel instead of eight small ones per layer.
-`triton_silu_mul`: the MLP's activation in one kernel instead of two.
+The MLP's activation is `vision_kernels.triton_silu_mul`, one kernel for both models.
 """
 
 import torch
@@ -292,27 +292,3 @@ def triton_rope_and_store(
         DIM=dim,
     )
     return query
-
-
-@triton.jit
-def _silu_mul_kernel(  # noqa: PLR0917
-    gate_up, out, stride_gb, stride_ob, WIDTH: tl.constexpr, BLOCK: tl.constexpr
-):
-    row = tl.program_id(0)
-    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = columns < WIDTH
-    gate = tl.load(gate_up + row * stride_gb + columns, mask=inside, other=0.0).to(tl.float32)
-    up = tl.load(gate_up + row * stride_gb + WIDTH + columns, mask=inside, other=0.0)
-    activated = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    tl.store(out + row * stride_ob + columns, activated * up, mask=inside)
-
-
-def triton_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for `gate_up` [B, 2 I] (gate, then up) in one kernel: [B, I]."""
-    batch, width = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty(batch, width, dtype=gate_up.dtype, device=gate_up.device)
-    block = 1024
-    _silu_mul_kernel[(batch, triton.cdiv(width, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), WIDTH=width, BLOCK=block
-    )
-    return out

@@ -3,23 +3,16 @@ PD disaggregation over NIXL) and E/PD on the sglang engine answer with the token
 transformers' greedy generate() on the tiny checkpoint. Skipped elsewhere (the reason says why).
 """
 
-import asyncio
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.sglang.conftest import requires_gpu
-from tests.stack import ROOT
-from tests.test_correctness import IMAGE_CASES, TEXT_CASES, Oracle, request, tokens_of
-
-SERVING = re.compile(r"triptych is serving on (http://127\.0\.0\.1:[1-9][0-9]*) ")
+from tests.stack import ROOT, announced_url, stop_launcher
+from tests.test_correctness import IMAGE_CASES, TEXT_CASES, Oracle, request, served_tokens
 
 
 @requires_gpu
@@ -38,23 +31,12 @@ def test_sglang_engine_tokens_equal_generate(script: str, tmp_path: Path, tiny_m
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 600
-        while not (serving := SERVING.search(log_path.read_text())):
-            assert launcher.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.5)
+        url = announced_url(launcher, log_path, 600)
         oracle = Oracle(tiny_model)
         cases = IMAGE_CASES + TEXT_CASES
-
-        async def run() -> list[list[int]]:
-            async with httpx.AsyncClient(base_url=serving[1], timeout=300) as client:
-                return [await tokens_of(client, tiny_model.name, request(case)) for case in cases]
-
-        for case, tokens in zip(cases, asyncio.run(run()), strict=True):
+        bodies = [request(case) for case in cases]
+        got = served_tokens(url, tiny_model.name, bodies, timeout=300)
+        for case, tokens in zip(cases, got, strict=True):
             assert tokens == oracle.tokens(case)
     finally:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGTERM)
-            try:
-                launcher.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(launcher.pid, signal.SIGKILL)
+        stop_launcher(launcher)

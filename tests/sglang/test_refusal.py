@@ -3,13 +3,12 @@ refuses to start at once, with one line that says why (before it joins NATS or l
 """
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.sglang.conftest import gpu_runtime
-from tests.stack import ROOT
+from tests.stack import ROOT, component_command
 
 pytestmark = pytest.mark.skipif(gpu_runtime() is None, reason="this machine can run sglang.Engine")
 
@@ -23,14 +22,7 @@ WORKERS = [
 def start(args: list[str], tiny_model: Path) -> subprocess.CompletedProcess[str]:
     module, *flags = args
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            f"triptych.components.{module}",
-            *flags,
-            "--model-path",
-            str(tiny_model),
-        ],
+        component_command(module, *flags, "--model-path", str(tiny_model)),
         check=False,
         capture_output=True,
         text=True,

@@ -241,8 +241,6 @@ class LinkServer:
         self.port = 0
         self.key = secrets.token_hex(16)
         """What a caller must show in its hello (announced as ``link_key``)."""
-        self.calls = 0
-        """Calls received on links so far."""
 
     async def start(self, host: str, port: int = 0) -> int:
         """Listen on `host`; returns the bound port. Safe to call twice."""
@@ -293,7 +291,6 @@ class LinkServer:
             wire.DEADLINE: repr(deadline),
         }
         call = LinkCall(link, number, subject, headers, payload[at + stream_size :])
-        self.calls += 1
         handler = self._handlers.get(subject)
         if handler is None:
             self._tasks.spawn(call.respond_error("503", "no responders"), name=request_id)

@@ -6,10 +6,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from triptych.components.frontend.config import FrontendConfig
+from triptych.components.frontend.http import HttpServer
 from triptych.components.frontend.images import ImageLoader
+from triptych.components.frontend.middleware import refusal
 from triptych.components.frontend.prompt import Preprocessor
 from triptych.components.frontend.server import Frontend
 from triptych.components.frontend.template import read_template
@@ -61,11 +61,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 stages = {name: await runtime.client(name) for name in config.stages}
                 stages[config.stages[0]].max_load = config.affinity_max_load
                 frontend = Frontend(config, runtime, preprocessor, stages, agent)
-                runner = web.AppRunner(frontend.app(), handler_cancellation=True, access_log=None)
-                await runner.setup()
+                http = HttpServer(frontend.handler(), refusal, config.max_body_bytes)
                 try:
-                    await listen(runner, config)
-                    port = int(runner.addresses[0][1])
+                    port = await listen(http, config)
                     if config.port_file:
                         write_port_file(config.port_file, {"http": port})
                     log.info(
@@ -77,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     )
                     return await serving(stop, runtime)
                 finally:
-                    await runner.cleanup()
+                    await http.close(config.drain_grace_s)
                     await loader.close()
         finally:
             await agent.close()
@@ -85,13 +83,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve(run, "frontend")
 
 
-async def listen(runner: web.AppRunner, config: FrontendConfig) -> None:
-    """Bind the HTTP port; one line, not a traceback, when it is taken."""
+async def listen(http: HttpServer, config: FrontendConfig) -> int:
+    """Bind the HTTP port (the one bound is returned); one line, not a traceback, when it is
+    taken."""
     # A deeper accept queue than the default 128: a burst waits to be refused with a 503
     # instead of having its connections dropped and retried.
-    site = web.TCPSite(runner, config.http_host, config.http_port, backlog=1024)
     try:
-        await site.start()
+        return await http.listen(config.http_host, config.http_port, backlog=1024)
     except OSError as error:
         if is_port_in_use(error):
             raise port_in_use(config.http_host, config.http_port, "--http-port") from None

@@ -68,6 +68,8 @@ class FrontendConfig:
     """Where to announce the bound port as ``{"http": N}`` once listening."""
     request_timeout_s: float = 300.0
     """Deadline of each request, from arrival to the last token."""
+    drain_grace_s: float = 30.0
+    """On SIGTERM: how long requests in flight may take to finish (new ones are refused)."""
     max_body_bytes: int = 64 * 1024 * 1024
     """Largest accepted request body."""
     max_inflight_requests: int = 512
@@ -168,6 +170,12 @@ class FrontendConfig:
             type=float,
             default=FrontendConfig.request_timeout_s,
             help="deadline of each request, from arrival to its last token",
+        )
+        parser.add_argument(
+            "--drain-grace-s",
+            type=float,
+            default=FrontendConfig.drain_grace_s,
+            help="on SIGTERM, how long requests in flight may take to finish",
         )
         parser.add_argument(
             "--max-body-bytes",
@@ -309,6 +317,7 @@ class FrontendConfig:
             http_port=args.http_port,
             port_file=args.port_file,
             request_timeout_s=args.request_timeout_s,
+            drain_grace_s=args.drain_grace_s,
             max_body_bytes=args.max_body_bytes,
             max_inflight_requests=args.max_inflight_requests,
             migration_limit=args.migration_limit,

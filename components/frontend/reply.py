@@ -9,20 +9,20 @@ import logging
 import time
 from collections.abc import Sequence
 
-from aiohttp import web
 from pydantic import BaseModel
 from pydantic_core import to_json
 
 from triptych.components.frontend.choices import Choices
+from triptych.components.frontend.http import Exchange, Request, Response, Stream
 from triptych.components.frontend.logprobs import TokenText
-from triptych.components.frontend.middleware import Exchange, error_response
+from triptych.components.frontend.middleware import error_response
 from triptych.components.frontend.output import Output
 from triptych.protocol import ErrorCode, ErrorResponse, ServiceError, TokenChunk, Usage
 from triptych.protocol.openai import ErrorBody, PromptTokensDetails
 
 log = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+SSE = "text/event-stream"
 
 
 _TEXT = "\x00triptych-text\x00"
@@ -114,24 +114,21 @@ class Reply(abc.ABC):
     def whole(self) -> BaseModel:
         """The non-streamed response."""
 
-    async def send(self, request: web.Request) -> web.StreamResponse:
+    async def send(self, request: Request) -> Response:
         """Stream or collect, as the request asked."""
         if self.stream:
             return await self._stream(request)
         error = await self._consume(None)
         if error is not None:
             return error_response(error.info.model_copy(update={"request_id": self.request_id}))
-        return web.Response(
-            body=self.whole().model_dump_json(),
-            content_type="application/json",
-            headers={"X-Request-Id": self.request_id},
-        )
+        body = self.whole().model_dump_json().encode()
+        return Response(body=body, headers={"X-Request-Id": self.request_id})
 
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": self.request_id})
-        await response.prepare(request)
+    async def _stream(self, request: Request) -> Response:
+        headers = {"Cache-Control": "no-cache", "X-Request-Id": self.request_id}
+        stream = request.stream(SSE, headers)
         self._unwritten.extend(sse(event) for event in self.opening())
-        error = await self._consume(response)
+        error = await self._consume(stream)
         if error is not None:
             info = error.info.model_copy(update={"request_id": self.request_id})
             body = ErrorBody(message=info.message, type=info.openai_type, code=info.code)
@@ -141,10 +138,9 @@ class Reply(abc.ABC):
         else:
             self.usage()  # for the access log
         self._unwritten.append(b"data: [DONE]\n\n")
-        await response.write_eof(b"".join(self._unwritten))  # with the last chunk: one write
-        return response
+        return await stream.close(b"".join(self._unwritten))  # with the last chunk: one write
 
-    async def _consume(self, response: web.StreamResponse | None) -> ServiceError | None:
+    async def _consume(self, response: Stream | None) -> ServiceError | None:
         """Feed every chunk to its choice's output (writing events when streaming) until all
         choices finished; a failure after the first chunk is returned."""
         remaining = len(self.outputs)

@@ -2,6 +2,7 @@
 ``/v1/models/{id}``, ``/health``, ``/ready``, ``/metrics``."""
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -9,7 +10,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -17,9 +17,10 @@ from triptych.components.frontend.chat import ChatReply
 from triptych.components.frontend.choices import Choices
 from triptych.components.frontend.completions import CompletionReply
 from triptych.components.frontend.config import FrontendConfig
+from triptych.components.frontend.http import BodyTooLarge, Handler, Request, Response, Router
 from triptych.components.frontend.invalid import describe
 from triptych.components.frontend.logprobs import TokenText
-from triptych.components.frontend.middleware import EXCHANGE, error_response, middlewares
+from triptych.components.frontend.middleware import dispatcher, error_response
 from triptych.components.frontend.output import Output
 from triptych.components.frontend.prompt import Preprocessor, Prompt
 from triptych.components.frontend.reply import Reply
@@ -102,20 +103,17 @@ class Frontend:
         """Requests being served (bounded by ``--max-inflight-requests``)."""
         self._unknown_fields: set[str] = set()
 
-    def app(self) -> web.Application:
-        """The aiohttp application."""
-        app = web.Application(
-            client_max_size=self.config.max_body_bytes,
-            middlewares=middlewares(self.config.api_key, self.config.access_log),
-        )
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/v1/models/{model_id:.+}", self.model)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/ready", self.ready)
-        app.router.add_get("/metrics", self.metrics)
-        return app
+    def handler(self) -> Handler:
+        """Every endpoint, behind the dispatcher (routing, API key, errors, access log)."""
+        router = Router()
+        router.add("POST", "/v1/chat/completions", self.chat_completions)
+        router.add("POST", "/v1/completions", self.completions)
+        router.add("GET", "/v1/models", self.models)
+        router.add("GET", "/v1/models/{model_id}", self.model)
+        router.add("GET", "/health", self.health)
+        router.add("GET", "/ready", self.ready)
+        router.add("GET", "/metrics", self.metrics)
+        return dispatcher(router, self.config.api_key, self.config.access_log)
 
     def _affinity(self, request: GenerateRequest, entry: Client) -> list[str]:
         """The content keys `entry`'s instance is chosen by (none: round-robin): an encoder by
@@ -130,26 +128,24 @@ class Frontend:
             return route_keys(request)
         return []
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Response:
         """The process is up."""
-        return web.json_response({"status": "ok"})
+        return Response(body=b'{"status": "ok"}')
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: Request) -> Response:
         """200 only when every stage of the topology has a live instance."""
         live = {name: len(client.instances.live) for name, client in self.stages.items()}
         status = 200 if all(live.values()) else 503
-        return web.json_response(
-            {
-                "status": "ready" if status == 200 else "not ready",
-                "topology": self.config.topology,
-                "instances": live,
-            },
-            status=status,
-        )
+        state = {
+            "status": "ready" if status == 200 else "not ready",
+            "topology": self.config.topology,
+            "instances": live,
+        }
+        return Response(status=status, body=json.dumps(state).encode())
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: Request) -> Response:
         """Prometheus metrics of this process."""
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Response(body=generate_latest(), content_type=CONTENT_TYPE_LATEST)
 
     def _card(self) -> ModelCard:
         defaults = {
@@ -167,17 +163,16 @@ class Frontend:
             sampling_defaults=defaults,
         )
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: Request) -> Response:
         """The one served model."""
-        listing = ModelList(data=[self._card()])
-        return web.Response(body=listing.model_dump_json(), content_type="application/json")
+        return Response(body=ModelList(data=[self._card()]).model_dump_json().encode())
 
-    async def model(self, request: web.Request) -> web.Response:
+    async def model(self, request: Request) -> Response:
         """``GET /v1/models/{id}``: the served model, or 404."""
-        wanted = request.match_info["model_id"]
+        wanted = request.params["model_id"]
         if wanted != self.config.served_model_name:
             return error_response(self._unknown_model(wanted).info)
-        return web.Response(body=self._card().model_dump_json(), content_type="application/json")
+        return Response(body=self._card().model_dump_json().encode())
 
     def _unknown_model(self, name: str) -> ServiceError:
         return ServiceError(
@@ -186,23 +181,23 @@ class Frontend:
             param="model",
         )
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def chat_completions(self, request: Request) -> Response:
         """``POST /v1/chat/completions``: streamed (SSE) or whole."""
         return await self._serve(request, "chatcmpl", self._chat_plan)
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, request: Request) -> Response:
         """``POST /v1/completions``: streamed (SSE) or whole."""
         return await self._serve(request, "cmpl", self._completion_plan)
 
     async def _serve(
         self,
-        request: web.Request,
+        request: Request,
         prefix: str,
         plan: Callable[[bytes, str], Awaitable[_Plan]],
-    ) -> web.StreamResponse:
-        request_id = _request_id(request.headers.get("X-Request-Id"), prefix)
+    ) -> Response:
+        request_id = _request_id(request.headers.get("x-request-id"), prefix)
         request_id_var.set(request_id)
-        exchange = request[EXCHANGE]
+        exchange = request.exchange
         exchange.request_id = request_id
         refusal = self._refusal(request_id)
         if refusal is not None:
@@ -249,18 +244,18 @@ class Frontend:
 
     async def _answer(
         self,
-        request: web.Request,
+        request: Request,
         request_id: str,
         telemetry: RequestTelemetry,
         make_plan: Callable[[bytes, str], Awaitable[_Plan]],
-    ) -> web.StreamResponse:
+    ) -> Response:
         choices: Choices | None = None
         plan: _Plan | None = None
         try:
             try:
-                plan = await make_plan(await request.read(), request_id)
+                plan = await make_plan(request.read(), request_id)
                 telemetry.prompts(plan.prompts)
-                request[EXCHANGE].prompt_tokens = sum(len(p.token_ids) for p in plan.prompts)
+                request.exchange.prompt_tokens = sum(len(p.token_ids) for p in plan.prompts)
                 entry = self.entry_for(plan.requests)
                 choices = Choices(
                     self.runtime,
@@ -285,9 +280,9 @@ class Frontend:
                 fields.model,
                 choices=choices,
                 outputs=outputs,
-                prompt_tokens=request[EXCHANGE].prompt_tokens or 0,
+                prompt_tokens=request.exchange.prompt_tokens or 0,
                 token_text=self.token_text,
-                exchange=request[EXCHANGE],
+                exchange=request.exchange,
                 stream=bool(fields.stream),
                 include_usage=fields.include_usage,
                 return_token_ids=bool(fields.return_token_ids),
@@ -300,9 +295,9 @@ class Frontend:
             if plan is not None:
                 image_bytes.release(self.agent, plan.exported)
 
-    def _failure(self, error: Exception, request_id: str) -> web.Response:
+    def _failure(self, error: Exception, request_id: str) -> Response:
         """The HTTP answer for a request that failed before anything was sent."""
-        if isinstance(error, web.HTTPRequestEntityTooLarge):
+        if isinstance(error, BodyTooLarge):
             info = ErrorInfo(
                 code=ErrorCode.PAYLOAD_TOO_LARGE,
                 message=f"request body is over {self.config.max_body_bytes} bytes",

@@ -103,34 +103,15 @@ def gpu_parser(
 
 def build_checkpoint(out: Path, shape: str, device: str) -> Path:
     """Random bf16 weights in the given shape, with the tiny checkpoint's tokenizer."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from tokenizers import Tokenizer
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from triptych.models.tiny import default_model_path
+    from triptych.models.tiny import default_model_path, special_ids, vl_config
 
     tiny = default_model_path()
-    ids = json.loads((tiny / "config.json").read_text())
+    ids = special_ids(Tokenizer.from_file(str(tiny / "tokenizer.json")))
     dims = SHAPES[shape]
-    config = Qwen2_5_VLConfig(
-        text_config={
-            **dims["text"],
-            "bos_token_id": 1600,
-            "eos_token_id": 1602,
-            "pad_token_id": 1600,
-            "tie_word_embeddings": False,
-        },
-        vision_config={
-            **dims["vision"],
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        image_token_id=ids["image_token_id"],
-        video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"],
-        vision_end_token_id=ids["vision_end_token_id"],
-        tie_word_embeddings=False,
-        dtype="bfloat16",
-    )
+    config = vl_config(ids, dims["text"], dims["vision"], "bfloat16")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     with torch.device(device):

@@ -96,28 +96,41 @@ async def _sleep(seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
+class _Admission:
+    """At most `max_running` holders at a time; the rest wait in arrival order, counted in
+    the stage's queue signal."""
+
+    def __init__(self, max_running: int) -> None:
+        self._running = asyncio.Semaphore(max(1, max_running))
+        self.waiting = 0
+        METER.add_queue(lambda: self.waiting)
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        self.waiting += 1
+        try:
+            await self._running.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._running.release()
+
+
 class _ModelThread:
     """The simulated device: one piece of encode or prefill work at a time, as on a real
     engine's model thread, so that load queues and shows in the stage's signals."""
 
     def __init__(self) -> None:
-        self._lock = asyncio.Lock()
-        self.waiting = 0
-        METER.add_queue(lambda: self.waiting)
+        self._turn = _Admission(1)
 
     async def run(self, kind: str, seconds: float) -> None:
         if seconds <= 0:
             return
-        self.waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self.waiting -= 1
-        try:
+        async with self._turn.admit():
             with METER.busy(kind):
                 await asyncio.sleep(seconds)
-        finally:
-            self._lock.release()
 
 
 class _DecodeBatch:
@@ -234,27 +247,6 @@ class MockPrefillEngine(RoomPrefillEngine):
                 raise ServiceError(ErrorCode.INTERNAL, "injected prefill failure")
             opened.ready(RoomReady(room=room))
             await opened.wait_done(self.config.room_done_timeout_s)
-
-
-class _Admission:
-    """At most `max_running` requests run; the rest wait in arrival order."""
-
-    def __init__(self, max_running: int) -> None:
-        self._running = asyncio.Semaphore(max(1, max_running))
-        self.waiting = 0
-        METER.add_queue(lambda: self.waiting)
-
-    @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        self.waiting += 1
-        try:
-            await self._running.acquire()
-        finally:
-            self.waiting -= 1
-        try:
-            yield
-        finally:
-            self._running.release()
 
 
 class MockDecodeEngine(DecodeEngine):

@@ -167,10 +167,16 @@ def _train_tokenizer() -> Any:
     return tok
 
 
+def special_ids(tok: Any) -> dict[str, int]:
+    """The ids of `SPECIAL_TOKENS` in a tokenizer of the tiny checkpoint (a `tokenizers`
+    Tokenizer), by token."""
+    return {t: int(tok.token_to_id(t)) for t in SPECIAL_TOKENS}
+
+
 def _write_tokenizer(tok: Any, out: Path) -> dict[str, int]:
     """Write tokenizer.json, tokenizer_config.json and chat_template.jinja; return special ids."""
     tok.save(str(out / "tokenizer.json"))
-    ids = {t: int(tok.token_to_id(t)) for t in SPECIAL_TOKENS}
+    ids = special_ids(tok)
     flags = dict.fromkeys(("lstrip", "normalized", "rstrip", "single_word"), False)
     config = {
         "tokenizer_class": "Qwen2Tokenizer",
@@ -222,8 +228,6 @@ def _write_preprocessor_config(out: Path) -> None:
 
 def _make_config(ids: dict[str, int], vocab_size: int) -> Any:
     """The model config. Text head_dim is 64 / 4 = 16, so mrope_section must sum to 8."""
-    from transformers import Qwen2_5_VLConfig
-
     text = {
         "vocab_size": vocab_size,
         "hidden_size": 64,
@@ -236,10 +240,6 @@ def _make_config(ids: dict[str, int], vocab_size: int) -> Any:
         # transformers 5 spelling of rope_scaling={"type": "mrope", ...}; it stores "default".
         "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
         "initializer_range": INIT_STD,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-        "tie_word_embeddings": False,
     }
     vision = {
         "depth": 2,
@@ -247,22 +247,39 @@ def _make_config(ids: dict[str, int], vocab_size: int) -> Any:
         "intermediate_size": 64,
         "num_heads": 2,
         "out_hidden_size": 64,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
         "window_size": 56,  # windows of 2x2 merged tokens: small test images still span several
         "fullatt_block_indexes": [1],  # block 0 uses window attention, block 1 full attention
         "initializer_range": INIT_STD,
     }
+    return vl_config(ids, text, vision, "float32")
+
+
+def vl_config(ids: dict[str, int], text: dict[str, Any], vision: dict[str, Any], dtype: str) -> Any:
+    """A Qwen2.5-VL config of the given text and vision dimensions, with the family's patching
+    (14-pixel patches, 2x2 merge, 2 frames per temporal patch), untied embeddings, and the tiny
+    tokenizer's special tokens (`ids`, as `special_ids` returns them)."""
+    from transformers import Qwen2_5_VLConfig
+
     return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
+        text_config={
+            **text,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            **vision,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
-        dtype="float32",
+        dtype=dtype,
     )
 
 

@@ -52,7 +52,9 @@ class MockConfig:
     prefill_s_per_token: float = 0.0001
     """Seconds per prompt token prefilled."""
     decode_s_per_step: float = 0.015
-    """Seconds per decode step (one token); 0 sends every token at once, in one chunk."""
+    """Seconds per decode step (one token); 0 sends every token at once, in one chunk. Steps
+    shorter than `MIN_WAIT_S` add up and are waited for together; each token still comes
+    in its own chunk."""
     vocab_low: int = 256
     """Smallest token id produced."""
     vocab_high: int = 1024
@@ -91,9 +93,30 @@ def mock_logprobs(token: int, top: int, low: int, high: int) -> TokenLogprob:
     return TokenLogprob(logprob=logprob, top=[(i, logprob) for i in ids])
 
 
-async def _sleep(seconds: float) -> None:
-    if seconds > 0:
-        await asyncio.sleep(seconds)
+MIN_WAIT_S = 0.001
+"""The shortest simulated wait worth a timer (event loops time in milliseconds)."""
+
+
+class _Steps:
+    """The simulated time of one sequence's decode steps: each step yields to the event loop
+    (its token leaves on its own), and the steps' time is waited for once it adds up to
+    `MIN_WAIT_S` or more, so a step of a microsecond costs no timer yet keeps its time on
+    average."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._owed = 0.0
+
+    async def take(self) -> None:
+        """One decode step (none at all without a cost)."""
+        if self._seconds <= 0:
+            return
+        self._owed += self._seconds
+        if self._owed < MIN_WAIT_S:
+            await asyncio.sleep(0)
+            return
+        owed, self._owed = self._owed, 0.0
+        await asyncio.sleep(owed)
 
 
 class _Admission:
@@ -180,6 +203,7 @@ class _Generator:
             stops.update(request.eos_token_ids)
         tokens = mock_tokens(request, self.config.vocab_low, self.config.vocab_high)
         step = self.config.decode_s_per_step
+        steps = _Steps(step)
         low, high = self.config.vocab_low, self.config.vocab_high
         pending: list[int] = []
         for index, token in enumerate(tokens):
@@ -187,7 +211,7 @@ class _Generator:
             finished = token in stops and index + 1 > sampling.min_tokens
             last = finished or index + 1 == sampling.max_tokens
             if step > 0 or last:  # with no decode cost every token is ready at once
-                await _sleep(step)
+                await steps.take()
                 reason: FinishReason | None = ("stop" if finished else "length") if last else None
                 logprobs: list[TokenLogprob] | None = None
                 if sampling.logprobs is not None:

@@ -121,7 +121,10 @@ class BootstrapServer:
         return len(self._rooms)
 
     def _room(self, room: int) -> _Room:
-        return self._rooms.setdefault(room, _Room())
+        entry = self._rooms.get(room)
+        if entry is None:  # a new room's future and event only when it is new
+            entry = self._rooms[room] = _Room()
+        return entry
 
     def _release(self, room: int) -> None:
         entry = self._rooms.get(room)

@@ -66,15 +66,11 @@ class DisaggregatedHandler:
         refused: ServiceError | None = None
         affinity = route_keys(request) if self.prefix_affinity else []
         for instance in await self.prefill.candidates(ctx.deadline, affinity):
-            bootstrap = _announced(self.prefill.instances.metadata(instance))
+            room = new_room()
+            bootstrap = _announced(self.prefill.instances.metadata(instance), room)
             if bootstrap is None:
                 return _Started.later(await self._ask_for_room(request, ctx, instance))
-            room = new_room()
-            started = _Started.now(
-                self.engine.generate(
-                    ctx.request_id, request, bootstrap.model_copy(update={"bootstrap_room": room})
-                )
-            )
+            started = _Started.now(self.engine.generate(ctx.request_id, request, bootstrap))
             try:
                 answer = await self.prefill.call(
                     request.model_copy(update={"bootstrap_room": room}),
@@ -115,8 +111,8 @@ class DisaggregatedHandler:
         return self.engine.generate(ctx.request_id, request, bootstrap)
 
 
-def _announced(metadata: dict[str, str]) -> BootstrapInfo | None:
-    """The bootstrap address a prefill instance announces (room 0: a placeholder)."""
+def _announced(metadata: dict[str, str], room: int) -> BootstrapInfo | None:
+    """`room` at the bootstrap address a prefill instance announces (None: it announces none)."""
     host, port = metadata.get("bootstrap_host"), metadata.get("bootstrap_port", "")
     outcome = metadata.get("outcome_port", "")
     if not host or not port.isdigit():
@@ -124,7 +120,7 @@ def _announced(metadata: dict[str, str]) -> BootstrapInfo | None:
     return BootstrapInfo(
         bootstrap_host=host,
         bootstrap_port=int(port),
-        bootstrap_room=0,
+        bootstrap_room=room,
         outcome_port=int(outcome) if outcome.isdigit() else None,
     )
 

@@ -19,6 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from nats.micro import add_service
 from nats.micro.service import Service as MicroService
+from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ValidationError
 
 from triptych.observability import metrics
@@ -80,6 +81,25 @@ class Context:
 
 
 Handler = Callable[[R, Context], Awaitable[None]]
+
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
+
+
+class _Labelled(Generic[_Metric]):
+    """One stage's children of a metric labelled (stage, value), each looked up once: the
+    metric's `labels` checks its arguments and takes a lock on every call."""
+
+    def __init__(self, metric: _Metric, stage: str) -> None:
+        self._metric: _Metric = metric
+        self._stage = stage
+        self._children: dict[str, _Metric] = {}
+
+    def __getitem__(self, value: str) -> _Metric:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._metric.labels(self._stage, value)
+        return child
 
 
 class Incoming(Protocol):
@@ -160,6 +180,8 @@ class Service:
             "requests": lambda: self.requests,
         }
         metrics.STAGE_IN_FLIGHT.labels(component).set_function(lambda: self.in_flight)
+        self._streams_by_path = _Labelled(metrics.RESPONSE_STREAMS, component)
+        self._durations = _Labelled(metrics.STAGE_DURATION, component)
         self.instance_id = ""
 
     def announce(self, metadata: dict[str, str]) -> None:
@@ -293,7 +315,7 @@ class Service:
         stream_to = headers.get(wire.STREAM_TO, "")
         publish = self._runtime.publisher(stream_to)
         path = "nats" if publish == self._runtime.publish else "direct"
-        metrics.RESPONSE_STREAMS.labels(self.component, path).inc()
+        self._streams_by_path[path].inc()
         sink = StreamSink(publish, stream_to, request_id)
         ctx = Context(request_id=request_id, deadline=deadline, stream=sink)
         self._inflight.setdefault(request_id, set()).add(ctx)  # counted before the ack's await
@@ -356,9 +378,7 @@ class Service:
             self._forget(ctx)
             if self._on_done is not None:
                 self._on_done()
-        metrics.STAGE_DURATION.labels(self.component, "ok" if error is None else "error").observe(
-            time.monotonic() - ctx.started
-        )
+        self._durations["ok" if error is None else "error"].observe(time.monotonic() - ctx.started)
         log.debug(
             "%s finished in %.1f ms%s",
             endpoint.name,

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import math
 import random
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from triptych.engines.base import (
@@ -183,13 +183,13 @@ class _Generator:
         self.config = config
         self._batch = _DecodeBatch()
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
-        with self._batch.joined():
-            async for chunk in self._stream(request):
-                METER.count("output_tokens", len(chunk.token_ids))
-                yield chunk
-
-    async def _stream(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+    async def stream(
+        self, request: GenerateRequest, ready: Callable[[], Awaitable[None]]
+    ) -> AsyncIterator[TokenChunk]:
+        """The tokens of `request` once `ready()` has run (the prompt's prefill, or the
+        arrival of its KV cache): one generator from the first step to the last token, as
+        every level of async iteration costs each token a hop."""
+        await ready()
         sampling = request.sampling
         if sampling.response_format is not None:
             raise ServiceError(
@@ -206,24 +206,24 @@ class _Generator:
         steps = _Steps(step)
         low, high = self.config.vocab_low, self.config.vocab_high
         pending: list[int] = []
-        for index, token in enumerate(tokens):
-            pending.append(token)
-            finished = token in stops and index + 1 > sampling.min_tokens
-            last = finished or index + 1 == sampling.max_tokens
-            if step > 0 or last:  # with no decode cost every token is ready at once
-                await steps.take()
-                reason: FinishReason | None = ("stop" if finished else "length") if last else None
-                logprobs: list[TokenLogprob] | None = None
-                if sampling.logprobs is not None:
-                    logprobs = [mock_logprobs(t, sampling.logprobs, low, high) for t in pending]
-                yield TokenChunk(
-                    token_ids=pending,
-                    finish_reason=reason,
-                    logprobs=logprobs,
-                )
-                pending = []
-            if last:
-                return
+        with self._batch.joined():
+            for index, token in enumerate(tokens):
+                pending.append(token)
+                finished = token in stops and index + 1 > sampling.min_tokens
+                last = finished or index + 1 == sampling.max_tokens
+                if step > 0 or last:  # with no decode cost every token is ready at once
+                    await steps.take()
+                    reason: FinishReason | None = (
+                        ("stop" if finished else "length") if last else None
+                    )
+                    logprobs: list[TokenLogprob] | None = None
+                    if sampling.logprobs is not None:
+                        logprobs = [mock_logprobs(t, sampling.logprobs, low, high) for t in pending]
+                    METER.count("output_tokens", len(pending))
+                    yield TokenChunk(token_ids=pending, finish_reason=reason, logprobs=logprobs)
+                    pending = []
+                if last:
+                    return
 
 
 class MockEncodeEngine(EncodeEngine):
@@ -287,14 +287,16 @@ class MockDecodeEngine(DecodeEngine):
     async def close(self) -> None:
         await self._rooms.close()
 
-    async def generate(
+    def generate(
         self, request_id: str, request: GenerateRequest, bootstrap: BootstrapInfo
     ) -> AsyncIterator[TokenChunk]:
+        return self._tokens.stream(request, lambda: self._receive(bootstrap))
+
+    async def _receive(self, bootstrap: BootstrapInfo) -> None:
+        """Join the room and take the (simulated) KV cache once prefill has made it."""
         host, port = bootstrap.bootstrap_host, bootstrap.bootstrap_port
         await self._rooms.join(host, port, bootstrap.bootstrap_room)
         await self._rooms.done(host, port, bootstrap.bootstrap_room)
-        async for chunk in self._tokens.stream(request):
-            yield chunk
 
 
 class MockAggregatedEngine(AggregatedEngine):
@@ -308,17 +310,18 @@ class MockAggregatedEngine(AggregatedEngine):
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
         return self._admission.admit()
 
-    async def generate(
+    def generate(
         self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> AsyncIterator[TokenChunk]:
+        return self._tokens.stream(request, lambda: self._prefill(request, embeddings))
+
+    async def _prefill(self, request: GenerateRequest, embeddings: ImageEmbeddings | None) -> None:
         _check_embeddings(request, embeddings)
         cost = self.config.prefill_s_per_token * len(request.token_ids)
         if cost > 0:
             with METER.busy("prefill"):
                 await asyncio.sleep(cost)
         METER.count("prompt_tokens", len(request.token_ids))
-        async for chunk in self._tokens.stream(request):
-            yield chunk
 
 
 def _check_embeddings(request: GenerateRequest, embeddings: ImageEmbeddings | None) -> None:

@@ -80,8 +80,15 @@ def mock_tokens(request: GenerateRequest, low: int, high: int) -> list[int]:
     digest = hashlib.blake2b(
         repr((request.token_ids, request.sampling.seed)).encode(), digest_size=8
     ).digest()
-    rng = random.Random(int.from_bytes(digest, "little"))
-    return [rng.randrange(low, high) for _ in range(request.sampling.max_tokens)]
+    draw = random.Random(int.from_bytes(digest, "little")).getrandbits
+    width = high - low
+    bits = width.bit_length()
+    tokens: list[int] = []
+    while len(tokens) < request.sampling.max_tokens:
+        offset = draw(bits)  # uniform below 2**bits; one past the range is drawn again
+        if offset < width:
+            tokens.append(low + offset)
+    return tokens
 
 
 def mock_logprobs(token: int, top: int, low: int, high: int) -> TokenLogprob:

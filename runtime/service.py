@@ -6,7 +6,8 @@ the handler as a task it owns. The handler streams with ``ctx.stream.send(...)``
 stream to the next stage with ``client.forward(...)``. When it returns, the stream is ended;
 when it raises, the caller receives the error as data; when the call is cancelled (client gone,
 ``Runtime.cancel``) or its deadline passes, the task is cancelled and the engine must free
-what it held.
+what it held. A call sent with no response stream (`Client.send`) runs the same way; what its
+handler sends goes nowhere.
 """
 
 import asyncio
@@ -29,7 +30,7 @@ from triptych.runtime import wire
 from triptych.runtime.errors import ServiceError, busy
 from triptych.runtime.links import CALLS_METADATA, KEY_METADATA
 from triptych.runtime.runtime import Runtime
-from triptych.runtime.stream import StreamSink
+from triptych.runtime.stream import Publish, StreamSink
 from triptych.runtime.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
@@ -313,9 +314,10 @@ class Service:
             )
             return
         stream_to = headers.get(wire.STREAM_TO, "")
-        publish = self._runtime.publisher(stream_to)
-        path = "nats" if publish == self._runtime.publish else "direct"
-        self._streams_by_path[path].inc()
+        publish: Publish = self._runtime.publish
+        if stream_to:  # none when the caller takes the outcome another way (`Client.send`)
+            publish = self._runtime.publisher(stream_to)
+            self._streams_by_path["nats" if publish == self._runtime.publish else "direct"].inc()
         sink = StreamSink(publish, stream_to, request_id)
         ctx = Context(request_id=request_id, deadline=deadline, stream=sink)
         self._inflight.setdefault(request_id, set()).add(ctx)  # counted before the ack's await

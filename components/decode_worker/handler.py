@@ -71,14 +71,13 @@ class DisaggregatedHandler:
             if bootstrap is None:
                 return _Started.later(await self._ask_for_room(request, ctx, instance))
             started = _Started.now(self.engine.generate(ctx.request_id, request, bootstrap))
-            try:
-                answer = await self.prefill.call(
+            try:  # prefill reports into the room: its acceptance is the call's only answer
+                await self.prefill.send(
                     request.model_copy(update={"bootstrap_room": room}),
                     request_id=ctx.request_id,
                     deadline=ctx.deadline,
                     instance=instance,
                 )
-                answer.close()  # prefill reports into the room from now on
             except BaseException as error:
                 await started.aclose()
                 if not isinstance(error, ServiceError) or error.code != ErrorCode.UNAVAILABLE:

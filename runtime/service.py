@@ -170,6 +170,8 @@ class Service:
         self._micro: MicroService | None = None
         self._cancel_sub: Any = None
         self._inflight: dict[str, set[Context]] = {}
+        self._held = 0
+        """Contexts in `_inflight`, all request ids together."""
         self._tasks = TaskOwner(f"service:{component}")
         self._background = TaskOwner(f"service:{component}:background")
         self._draining = False
@@ -206,7 +208,7 @@ class Service:
     @property
     def in_flight(self) -> int:
         """Requests this instance is handling right now."""
-        return sum(len(contexts) for contexts in self._inflight.values())
+        return self._held
 
     async def start(self) -> None:
         """Register with NATS micro and start serving."""
@@ -321,6 +323,7 @@ class Service:
         sink = StreamSink(publish, stream_to, request_id)
         ctx = Context(request_id=request_id, deadline=deadline, stream=sink)
         self._inflight.setdefault(request_id, set()).add(ctx)  # counted before the ack's await
+        self._held += 1
         try:
             await request.respond(b"", headers={wire.INSTANCE: self.instance_id})
         except BaseException:
@@ -337,8 +340,9 @@ class Service:
 
     def _forget(self, ctx: Context) -> None:
         contexts = self._inflight.get(ctx.request_id)
-        if contexts is not None:
-            contexts.discard(ctx)
+        if contexts is not None and ctx in contexts:
+            contexts.remove(ctx)
+            self._held -= 1
             if not contexts:
                 del self._inflight[ctx.request_id]
 

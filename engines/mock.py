@@ -164,11 +164,24 @@ class _ModelThread:
 
 
 class _DecodeBatch:
-    """Sequences decoding together: the simulated model thread is busy while any runs."""
+    """Sequences decoding together: the simulated model thread is busy while any runs, and
+    the tokens they emit in one event-loop turn are counted together, as one step of a real
+    engine's batch."""
 
     def __init__(self) -> None:
         self.running = 0
         self._busy = 0
+        self._emitted = 0
+
+    def emitted(self, tokens: int) -> None:
+        """Count `tokens` with the rest of this turn's."""
+        if not self._emitted:
+            asyncio.get_running_loop().call_soon(self._count)
+        self._emitted += tokens
+
+    def _count(self) -> None:
+        METER.count("output_tokens", self._emitted)
+        self._emitted = 0
 
     @contextlib.contextmanager
     def joined(self) -> Iterator[None]:
@@ -226,7 +239,7 @@ class _Generator:
                     logprobs: list[TokenLogprob] | None = None
                     if sampling.logprobs is not None:
                         logprobs = [mock_logprobs(t, sampling.logprobs, low, high) for t in pending]
-                    METER.count("output_tokens", len(pending))
+                    self._batch.emitted(len(pending))
                     yield TokenChunk(token_ids=pending, finish_reason=reason, logprobs=logprobs)
                     pending = []
                 if last:

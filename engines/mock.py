@@ -126,26 +126,29 @@ class _Steps:
         await asyncio.sleep(owed)
 
 
-class _Admission:
+class _Admission(contextlib.AbstractAsyncContextManager[None]):
     """At most `max_running` holders at a time; the rest wait in arrival order, counted in
-    the stage's queue signal."""
+    the stage's queue signal. One context manager for every holder (it keeps no state of
+    theirs), so a request's admission builds nothing."""
 
     def __init__(self, max_running: int) -> None:
         self._running = asyncio.Semaphore(max(1, max_running))
         self.waiting = 0
         METER.add_queue(lambda: self.waiting)
 
-    @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
+    def admit(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold a place while inside."""
+        return self
+
+    async def __aenter__(self) -> None:
         self.waiting += 1
         try:
             await self._running.acquire()
         finally:
             self.waiting -= 1
-        try:
-            yield
-        finally:
-            self._running.release()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._running.release()
 
 
 class _ModelThread:

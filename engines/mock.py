@@ -101,14 +101,14 @@ def mock_logprobs(token: int, top: int, low: int, high: int) -> TokenLogprob:
 
 
 MIN_WAIT_S = 0.001
-"""The shortest simulated wait worth a timer (event loops time in milliseconds)."""
+"""The shortest simulated wait worth a timer (uvloop's timers count whole milliseconds)."""
 
 
 class _Steps:
     """The simulated time of one sequence's decode steps: each step yields to the event loop
     (its token leaves on its own), and the steps' time is waited for once it adds up to
-    `MIN_WAIT_S` or more, so a step of a microsecond costs no timer yet keeps its time on
-    average."""
+    `MIN_WAIT_S` or more. A step of a microsecond thus costs no timer, and a sequence ends
+    less than `MIN_WAIT_S` before its steps' total."""
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds

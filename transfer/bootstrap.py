@@ -175,7 +175,8 @@ class BootstrapServer:
 
 
 def _answer(entry: _Room, writer: asyncio.StreamWriter, outcome: "asyncio.Future[Outcome]") -> None:
-    """Tell the decode that joined a room its outcome, unless its connection closed since."""
+    """Tell the decode that joined a room its outcome, unless its connection closed since (one
+    small frame: written without waiting for the buffer to drain)."""
     if writer.is_closing() or outcome.cancelled():
         return
     entry.delivered = True

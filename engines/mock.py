@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import math
 import random
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from triptych.engines.base import (
@@ -52,7 +52,9 @@ class MockConfig:
     prefill_s_per_token: float = 0.0001
     """Seconds per prompt token prefilled."""
     decode_s_per_step: float = 0.015
-    """Seconds per decode step (one token); 0 sends every token at once, in one chunk."""
+    """Seconds per decode step (one token); 0 sends every token at once, in one chunk. Steps
+    shorter than `MIN_WAIT_S` add up and are waited for together; each token still comes
+    in its own chunk."""
     vocab_low: int = 256
     """Smallest token id produced."""
     vocab_high: int = 1024
@@ -78,8 +80,15 @@ def mock_tokens(request: GenerateRequest, low: int, high: int) -> list[int]:
     digest = hashlib.blake2b(
         repr((request.token_ids, request.sampling.seed)).encode(), digest_size=8
     ).digest()
-    rng = random.Random(int.from_bytes(digest, "little"))
-    return [rng.randrange(low, high) for _ in range(request.sampling.max_tokens)]
+    draw = random.Random(int.from_bytes(digest, "little")).getrandbits
+    width = high - low
+    bits = width.bit_length()
+    tokens: list[int] = []
+    while len(tokens) < request.sampling.max_tokens:
+        offset = draw(bits)  # uniform below 2**bits; one past the range is drawn again
+        if offset < width:
+            tokens.append(low + offset)
+    return tokens
 
 
 def mock_logprobs(token: int, top: int, low: int, high: int) -> TokenLogprob:
@@ -91,31 +100,55 @@ def mock_logprobs(token: int, top: int, low: int, high: int) -> TokenLogprob:
     return TokenLogprob(logprob=logprob, top=[(i, logprob) for i in ids])
 
 
-async def _sleep(seconds: float) -> None:
-    if seconds > 0:
-        await asyncio.sleep(seconds)
+MIN_WAIT_S = 0.001
+"""The shortest simulated wait worth a timer (uvloop's timers count whole milliseconds)."""
 
 
-class _Admission:
+class _Steps:
+    """The simulated time of one sequence's decode steps: each step yields to the event loop
+    (its token leaves on its own), and the steps' time is waited for once it adds up to
+    `MIN_WAIT_S` or more. A step of a microsecond thus costs no timer, and a sequence ends
+    less than `MIN_WAIT_S` before its steps' total."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._owed = 0.0
+
+    async def take(self) -> None:
+        """One decode step (none at all without a cost)."""
+        if self._seconds <= 0:
+            return
+        self._owed += self._seconds
+        if self._owed < MIN_WAIT_S:
+            await asyncio.sleep(0)
+            return
+        owed, self._owed = self._owed, 0.0
+        await asyncio.sleep(owed)
+
+
+class _Admission(contextlib.AbstractAsyncContextManager[None]):
     """At most `max_running` holders at a time; the rest wait in arrival order, counted in
-    the stage's queue signal."""
+    the stage's queue signal. One context manager for every holder (it keeps no state of
+    theirs), so a request's admission builds nothing."""
 
     def __init__(self, max_running: int) -> None:
         self._running = asyncio.Semaphore(max(1, max_running))
         self.waiting = 0
         METER.add_queue(lambda: self.waiting)
 
-    @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
+    def admit(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold a place while inside."""
+        return self
+
+    async def __aenter__(self) -> None:
         self.waiting += 1
         try:
             await self._running.acquire()
         finally:
             self.waiting -= 1
-        try:
-            yield
-        finally:
-            self._running.release()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._running.release()
 
 
 class _ModelThread:
@@ -134,11 +167,24 @@ class _ModelThread:
 
 
 class _DecodeBatch:
-    """Sequences decoding together: the simulated model thread is busy while any runs."""
+    """Sequences decoding together: the simulated model thread is busy while any runs, and
+    the tokens they emit in one event-loop turn are counted together, as one step of a real
+    engine's batch."""
 
     def __init__(self) -> None:
         self.running = 0
         self._busy = 0
+        self._emitted = 0
+
+    def emitted(self, tokens: int) -> None:
+        """Count `tokens` with the rest of this turn's."""
+        if not self._emitted:
+            asyncio.get_running_loop().call_soon(self._count)
+        self._emitted += tokens
+
+    def _count(self) -> None:
+        METER.count("output_tokens", self._emitted)
+        self._emitted = 0
 
     @contextlib.contextmanager
     def joined(self) -> Iterator[None]:
@@ -160,13 +206,13 @@ class _Generator:
         self.config = config
         self._batch = _DecodeBatch()
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
-        with self._batch.joined():
-            async for chunk in self._stream(request):
-                METER.count("output_tokens", len(chunk.token_ids))
-                yield chunk
-
-    async def _stream(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+    async def stream(
+        self, request: GenerateRequest, ready: Callable[[], Awaitable[None]]
+    ) -> AsyncIterator[TokenChunk]:
+        """The tokens of `request` once `ready()` has run (the prompt's prefill, or the
+        arrival of its KV cache): one generator from the first step to the last token, as
+        every level of async iteration costs each token a hop."""
+        await ready()
         sampling = request.sampling
         if sampling.response_format is not None:
             raise ServiceError(
@@ -180,26 +226,27 @@ class _Generator:
             stops.update(request.eos_token_ids)
         tokens = mock_tokens(request, self.config.vocab_low, self.config.vocab_high)
         step = self.config.decode_s_per_step
+        steps = _Steps(step)
         low, high = self.config.vocab_low, self.config.vocab_high
         pending: list[int] = []
-        for index, token in enumerate(tokens):
-            pending.append(token)
-            finished = token in stops and index + 1 > sampling.min_tokens
-            last = finished or index + 1 == sampling.max_tokens
-            if step > 0 or last:  # with no decode cost every token is ready at once
-                await _sleep(step)
-                reason: FinishReason | None = ("stop" if finished else "length") if last else None
-                logprobs: list[TokenLogprob] | None = None
-                if sampling.logprobs is not None:
-                    logprobs = [mock_logprobs(t, sampling.logprobs, low, high) for t in pending]
-                yield TokenChunk(
-                    token_ids=pending,
-                    finish_reason=reason,
-                    logprobs=logprobs,
-                )
-                pending = []
-            if last:
-                return
+        with self._batch.joined():
+            for index, token in enumerate(tokens):
+                pending.append(token)
+                finished = token in stops and index + 1 > sampling.min_tokens
+                last = finished or index + 1 == sampling.max_tokens
+                if step > 0 or last:  # with no decode cost every token is ready at once
+                    await steps.take()
+                    reason: FinishReason | None = (
+                        ("stop" if finished else "length") if last else None
+                    )
+                    logprobs: list[TokenLogprob] | None = None
+                    if sampling.logprobs is not None:
+                        logprobs = [mock_logprobs(t, sampling.logprobs, low, high) for t in pending]
+                    self._batch.emitted(len(pending))
+                    yield TokenChunk(token_ids=pending, finish_reason=reason, logprobs=logprobs)
+                    pending = []
+                if last:
+                    return
 
 
 class MockEncodeEngine(EncodeEngine):
@@ -263,14 +310,16 @@ class MockDecodeEngine(DecodeEngine):
     async def close(self) -> None:
         await self._rooms.close()
 
-    async def generate(
+    def generate(
         self, request_id: str, request: GenerateRequest, bootstrap: BootstrapInfo
     ) -> AsyncIterator[TokenChunk]:
+        return self._tokens.stream(request, lambda: self._receive(bootstrap))
+
+    async def _receive(self, bootstrap: BootstrapInfo) -> None:
+        """Join the room and take the (simulated) KV cache once prefill has made it."""
         host, port = bootstrap.bootstrap_host, bootstrap.bootstrap_port
         await self._rooms.join(host, port, bootstrap.bootstrap_room)
         await self._rooms.done(host, port, bootstrap.bootstrap_room)
-        async for chunk in self._tokens.stream(request):
-            yield chunk
 
 
 class MockAggregatedEngine(AggregatedEngine):
@@ -284,17 +333,18 @@ class MockAggregatedEngine(AggregatedEngine):
     def admit(self, request: GenerateRequest) -> contextlib.AbstractAsyncContextManager[None]:
         return self._admission.admit()
 
-    async def generate(
+    def generate(
         self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> AsyncIterator[TokenChunk]:
+        return self._tokens.stream(request, lambda: self._prefill(request, embeddings))
+
+    async def _prefill(self, request: GenerateRequest, embeddings: ImageEmbeddings | None) -> None:
         _check_embeddings(request, embeddings)
         cost = self.config.prefill_s_per_token * len(request.token_ids)
         if cost > 0:
             with METER.busy("prefill"):
                 await asyncio.sleep(cost)
         METER.count("prompt_tokens", len(request.token_ids))
-        async for chunk in self._tokens.stream(request):
-            yield chunk
 
 
 def _check_embeddings(request: GenerateRequest, embeddings: ImageEmbeddings | None) -> None:

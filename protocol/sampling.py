@@ -3,7 +3,7 @@
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 FinishReason = Literal["stop", "length"]
 
@@ -51,7 +51,9 @@ class SamplingOptions(BaseModel):
     No field is dropped on the way: engines either honour a field or reject the request.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    """Every float is finite (NaN and infinity pass a range check), checked in pydantic's core
+    rather than by a Python validator per field, as every stage parses these options."""
 
     max_tokens: int = Field(ge=1)
     """Upper bound on generated tokens (the frontend resolves it against the context)."""
@@ -82,12 +84,6 @@ class SamplingOptions(BaseModel):
     drawn from after penalties and temperature (temperature 0 counts as 1), before top-k,
     top-p and min-p cut it; the ``mock`` engine from its uniform draw; ``sglang`` as SGLang
     computes them."""
-
-    @field_validator(*FINITE_FIELDS)
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        check_finite(value)
-        return value
 
     @property
     def greedy(self) -> bool:

@@ -172,6 +172,17 @@ class Client:
             refusals.append(offer)
         raise self._nobody_took_it(refusals, request_id)
 
+    async def send(
+        self, request: BaseModel, *, request_id: str, deadline: float, instance: str
+    ) -> None:
+        """Send `request` to `instance` with no response stream: its acceptance is the only
+        answer, for a call whose outcome travels another way (prefill's, through the
+        bootstrap room). Raises `ServiceError` when the instance refuses it or is gone."""
+        data = request.__pydantic_serializer__.to_json(request)
+        offer = await self._offer(instance, data, "", request_id, deadline=deadline)
+        if offer is not _Offer.ACCEPTED:
+            raise self._nobody_took_it([offer], request_id)
+
     async def forward(self, request: BaseModel, sink: StreamSink, deadline: float) -> str:
         """Hand the stream behind `sink` to an instance of this component; returns its id.
 

@@ -20,4 +20,7 @@ def score(key: str, instance: str) -> float:
 
 def rendezvous_order(keys: Sequence[str], instances: Iterable[str]) -> list[str]:
     """`instances`, the preferred one for `keys` first (instance id breaks ties)."""
-    return sorted(instances, key=lambda i: (-sum(score(k, i) for k in keys), i))
+    order = list(instances)
+    if len(order) < 2:  # nothing to weigh
+        return order
+    return sorted(order, key=lambda i: (-sum(score(k, i) for k in keys), i))

@@ -6,7 +6,8 @@ the handler as a task it owns. The handler streams with ``ctx.stream.send(...)``
 stream to the next stage with ``client.forward(...)``. When it returns, the stream is ended;
 when it raises, the caller receives the error as data; when the call is cancelled (client gone,
 ``Runtime.cancel``) or its deadline passes, the task is cancelled and the engine must free
-what it held.
+what it held. A call sent with no response stream (`Client.send`) runs the same way; what its
+handler sends goes nowhere.
 """
 
 import asyncio
@@ -19,6 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from nats.micro import add_service
 from nats.micro.service import Service as MicroService
+from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ValidationError
 
 from triptych.observability import metrics
@@ -28,7 +30,7 @@ from triptych.runtime import wire
 from triptych.runtime.errors import ServiceError, busy
 from triptych.runtime.links import CALLS_METADATA, KEY_METADATA
 from triptych.runtime.runtime import Runtime
-from triptych.runtime.stream import StreamSink
+from triptych.runtime.stream import Publish, StreamSink
 from triptych.runtime.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,25 @@ class Context:
 
 
 Handler = Callable[[R, Context], Awaitable[None]]
+
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
+
+
+class _Labelled(Generic[_Metric]):
+    """One stage's children of a metric labelled (stage, value), each looked up once: the
+    metric's `labels` checks its arguments and takes a lock on every call."""
+
+    def __init__(self, metric: _Metric, stage: str) -> None:
+        self._metric: _Metric = metric
+        self._stage = stage
+        self._children: dict[str, _Metric] = {}
+
+    def __getitem__(self, value: str) -> _Metric:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._metric.labels(self._stage, value)
+        return child
 
 
 class Incoming(Protocol):
@@ -149,6 +170,8 @@ class Service:
         self._micro: MicroService | None = None
         self._cancel_sub: Any = None
         self._inflight: dict[str, set[Context]] = {}
+        self._held = 0
+        """Contexts in `_inflight`, all request ids together."""
         self._tasks = TaskOwner(f"service:{component}")
         self._background = TaskOwner(f"service:{component}:background")
         self._draining = False
@@ -160,6 +183,8 @@ class Service:
             "requests": lambda: self.requests,
         }
         metrics.STAGE_IN_FLIGHT.labels(component).set_function(lambda: self.in_flight)
+        self._streams_by_path = _Labelled(metrics.RESPONSE_STREAMS, component)
+        self._durations = _Labelled(metrics.STAGE_DURATION, component)
         self.instance_id = ""
 
     def announce(self, metadata: dict[str, str]) -> None:
@@ -183,7 +208,7 @@ class Service:
     @property
     def in_flight(self) -> int:
         """Requests this instance is handling right now."""
-        return sum(len(contexts) for contexts in self._inflight.values())
+        return self._held
 
     async def start(self) -> None:
         """Register with NATS micro and start serving."""
@@ -291,12 +316,14 @@ class Service:
             )
             return
         stream_to = headers.get(wire.STREAM_TO, "")
-        publish = self._runtime.publisher(stream_to)
-        path = "nats" if publish == self._runtime.publish else "direct"
-        metrics.RESPONSE_STREAMS.labels(self.component, path).inc()
+        publish: Publish = self._runtime.publish
+        if stream_to:  # none when the caller takes the outcome another way (`Client.send`)
+            publish = self._runtime.publisher(stream_to)
+            self._streams_by_path["nats" if publish == self._runtime.publish else "direct"].inc()
         sink = StreamSink(publish, stream_to, request_id)
         ctx = Context(request_id=request_id, deadline=deadline, stream=sink)
         self._inflight.setdefault(request_id, set()).add(ctx)  # counted before the ack's await
+        self._held += 1
         try:
             await request.respond(b"", headers={wire.INSTANCE: self.instance_id})
         except BaseException:
@@ -313,8 +340,9 @@ class Service:
 
     def _forget(self, ctx: Context) -> None:
         contexts = self._inflight.get(ctx.request_id)
-        if contexts is not None:
-            contexts.discard(ctx)
+        if contexts is not None and ctx in contexts:
+            contexts.remove(ctx)
+            self._held -= 1
             if not contexts:
                 del self._inflight[ctx.request_id]
 
@@ -356,9 +384,7 @@ class Service:
             self._forget(ctx)
             if self._on_done is not None:
                 self._on_done()
-        metrics.STAGE_DURATION.labels(self.component, "ok" if error is None else "error").observe(
-            time.monotonic() - ctx.started
-        )
+        self._durations["ok" if error is None else "error"].observe(time.monotonic() - ctx.started)
         log.debug(
             "%s finished in %.1f ms%s",
             endpoint.name,

@@ -142,15 +142,19 @@ class StreamSink:
 
     async def send(self, message: BaseModel, *, end: bool = False) -> None:
         """Send one payload; `end` makes it the last frame."""
-        await self._frame(message.__pydantic_serializer__.to_json(message), end)
+        await self.send_bytes(message.__pydantic_serializer__.to_json(message), end=end)
 
     async def send_bytes(self, data: bytes, *, end: bool = False) -> None:
         """Send one payload already encoded (e.g. a token chunk by its own codec)."""
-        await self._frame(data, end)
+        if self.closed:
+            return
+        self.closed = end
+        self.last_sent = time.monotonic()
+        await self._publish(self.subject, data, wire.END_HEADERS if end else None)
 
     async def end(self) -> None:
         """Send the end marker alone."""
-        await self._frame(b"", True)
+        await self.send_bytes(b"", end=True)
 
     async def fail(self, error: ErrorInfo) -> None:
         """Send an error frame; it ends the stream."""
@@ -169,10 +173,3 @@ class StreamSink:
     def hand_off(self) -> None:
         """Another worker now holds the stream; this one must not write to it again."""
         self.closed = True
-
-    async def _frame(self, data: bytes, end: bool) -> None:
-        if self.closed:
-            return
-        self.closed = end
-        self.last_sent = time.monotonic()
-        await self._publish(self.subject, data, wire.END_HEADERS if end else None)

@@ -12,6 +12,7 @@ the server forgets the room."""
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -75,7 +76,8 @@ class PrefillRoom:
 
     def close(self) -> None:
         """Forget the room (fails it for a decode that has not joined yet)."""
-        self.fail("prefill released the room", ErrorCode.UNAVAILABLE)
+        if not self._server._settled(self.room):
+            self.fail("prefill released the room", ErrorCode.UNAVAILABLE)
         self._server._release(self.room)
 
 
@@ -121,7 +123,10 @@ class BootstrapServer:
         return len(self._rooms)
 
     def _room(self, room: int) -> _Room:
-        return self._rooms.setdefault(room, _Room())
+        entry = self._rooms.get(room)
+        if entry is None:  # a new room's future and event only when it is new
+            entry = self._rooms[room] = _Room()
+        return entry
 
     def _release(self, room: int) -> None:
         entry = self._rooms.get(room)
@@ -129,6 +134,10 @@ class BootstrapServer:
             self._rooms.pop(room, None)
         else:  # keep the outcome for a decode that joins late, then forget it
             asyncio.get_running_loop().call_later(LINGER_S, self._rooms.pop, room, None)
+
+    def _settled(self, room: int) -> bool:
+        entry = self._rooms.get(room)
+        return entry is None or entry.outcome.done()
 
     def _settle(self, room: int, outcome: Outcome) -> None:
         entry = self._rooms.get(room)
@@ -140,14 +149,12 @@ class BootstrapServer:
         assert task is not None
         self._connections.add(task)
         no_delay(writer)
-        waiters: set[asyncio.Task[None]] = set()
         try:
             while True:
                 message = await read_frame(reader)
-                if isinstance(message, RoomJoin):
-                    waiter = asyncio.create_task(self._answer(message.room, writer))
-                    waiters.add(waiter)
-                    waiter.add_done_callback(waiters.discard)
+                if isinstance(message, RoomJoin):  # answered once the room's outcome is known
+                    entry = self._room(message.room)
+                    entry.outcome.add_done_callback(functools.partial(_answer, entry, writer))
                 elif isinstance(message, RoomDone) and message.room in self._rooms:
                     entry = self._rooms[message.room]
                     entry.done.set()
@@ -163,17 +170,17 @@ class BootstrapServer:
         except ValueError as error:
             log.warning("bad bootstrap frame: %s", error)
         finally:
-            for waiter in waiters:
-                waiter.cancel()
             writer.close()
             self._connections.discard(task)
 
-    async def _answer(self, room: int, writer: asyncio.StreamWriter) -> None:
-        entry = self._room(room)
-        outcome = await entry.outcome
-        entry.delivered = True
-        write_frame(writer, outcome)
-        await writer.drain()
+
+def _answer(entry: _Room, writer: asyncio.StreamWriter, outcome: "asyncio.Future[Outcome]") -> None:
+    """Tell the decode that joined a room its outcome, unless its connection closed since (one
+    small frame: written without waiting for the buffer to drain)."""
+    if writer.is_closing() or outcome.cancelled():
+        return
+    entry.delivered = True
+    write_frame(writer, outcome.result())
 
 
 class _Connection:

@@ -66,23 +66,18 @@ class DisaggregatedHandler:
         refused: ServiceError | None = None
         affinity = route_keys(request) if self.prefix_affinity else []
         for instance in await self.prefill.candidates(ctx.deadline, affinity):
-            bootstrap = _announced(self.prefill.instances.metadata(instance))
+            room = new_room()
+            bootstrap = _announced(self.prefill.instances.metadata(instance), room)
             if bootstrap is None:
                 return _Started.later(await self._ask_for_room(request, ctx, instance))
-            room = new_room()
-            started = _Started.now(
-                self.engine.generate(
-                    ctx.request_id, request, bootstrap.model_copy(update={"bootstrap_room": room})
-                )
-            )
-            try:
-                answer = await self.prefill.call(
+            started = _Started.now(self.engine.generate(ctx.request_id, request, bootstrap))
+            try:  # prefill reports into the room: its acceptance is the call's only answer
+                await self.prefill.send(
                     request.model_copy(update={"bootstrap_room": room}),
                     request_id=ctx.request_id,
                     deadline=ctx.deadline,
                     instance=instance,
                 )
-                answer.close()  # prefill reports into the room from now on
             except BaseException as error:
                 await started.aclose()
                 if not isinstance(error, ServiceError) or error.code != ErrorCode.UNAVAILABLE:
@@ -115,8 +110,8 @@ class DisaggregatedHandler:
         return self.engine.generate(ctx.request_id, request, bootstrap)
 
 
-def _announced(metadata: dict[str, str]) -> BootstrapInfo | None:
-    """The bootstrap address a prefill instance announces (room 0: a placeholder)."""
+def _announced(metadata: dict[str, str], room: int) -> BootstrapInfo | None:
+    """`room` at the bootstrap address a prefill instance announces (None: it announces none)."""
     host, port = metadata.get("bootstrap_host"), metadata.get("bootstrap_port", "")
     outcome = metadata.get("outcome_port", "")
     if not host or not port.isdigit():
@@ -124,7 +119,7 @@ def _announced(metadata: dict[str, str]) -> BootstrapInfo | None:
     return BootstrapInfo(
         bootstrap_host=host,
         bootstrap_port=int(port),
-        bootstrap_room=0,
+        bootstrap_room=room,
         outcome_port=int(outcome) if outcome.isdigit() else None,
     )
 

@@ -334,8 +334,6 @@ class Client:
         return held >= max(1.0, self.max_load * int(bound))
 
     def _by_affinity(self, keys: Sequence[str], live: list[str]) -> list[str]:
-        if len(live) == 1:
-            return list(live)  # nothing to choose: no hashing
         order = rendezvous_order(keys, live)
         loaded = [instance for instance in order if self._loaded(instance)]
         return [i for i in order if i not in loaded] + loaded

@@ -27,6 +27,7 @@ class App:
         router.add("GET", "/hang", self.hang)
         router.add("GET", "/slow", self.slow)
         router.add("GET", "/boom", self.boom)
+        router.add("GET", "/gone", self.gone)
         self.handle = dispatcher(router, api_key=None, access_log=False)
 
     async def echo(self, request: Request) -> Response:
@@ -55,6 +56,12 @@ class App:
 
     async def boom(self, request: Request) -> Response:
         raise RuntimeError("a bug")
+
+    async def gone(self, request: Request) -> Response:
+        stream = request.stream("text/event-stream", {})
+        await stream.write(b"data: 0\n\n")
+        request.connection.close()  # as if the client had hung up between two writes
+        return await stream.close(b"data: [DONE]\n\n")
 
 
 def client_of(port: int) -> httpx.AsyncClient:
@@ -208,3 +215,13 @@ async def test_close_lets_requests_in_flight_finish_and_refuses_new_ones() -> No
         reply = await slow
         assert reply.text == "finished" and reply.headers["connection"] == "close"
         await closing
+
+
+async def test_a_write_to_a_client_that_left_is_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    async with serving(App()) as (server, port):
+        reply = await exchange(port, b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.1)
+        assert not server.connections
+    assert reply.startswith(b"HTTP/1.1 200 OK") and b"data: 0" in reply
+    assert b"[DONE]" not in reply
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -52,7 +52,8 @@ class BodyTooLarge(Exception):
 
 @dataclass(eq=False)
 class Response:
-    """A whole response; ``streamed`` when a `Stream` has already sent it."""
+    """A whole response; ``streamed`` when a `Stream` has already sent it (or nothing more
+    can be sent: the client went away)."""
 
     status: int = 200
     body: bytes = b""
@@ -307,7 +308,10 @@ class _Connection(asyncio.Protocol):
                     self._reading = True
                 response = await self._server.handle(request)
                 if not response.streamed:
-                    self.send_whole(response, head_only=request.method == "HEAD")
+                    try:
+                        self.send_whole(response, head_only=request.method == "HEAD")
+                    except ConnectionError:  # the client left while it was being answered
+                        return
                 if not self.keep_alive or self._server.closing:
                     self.close()
                     return

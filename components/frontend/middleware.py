@@ -67,9 +67,12 @@ def dispatcher(router: Router, api_key: str | None, access_log: bool) -> Handler
             status = ErrorCode.PAYLOAD_TOO_LARGE
             message = "the request body is too large"
             return error_response(ErrorInfo(code=ErrorCode.PAYLOAD_TOO_LARGE, message=message))
+        except ConnectionError:  # the client went away mid-answer: nothing more to send it
+            status = ErrorCode.CLIENT_CLOSED
+            return Response(streamed=True)
         except BaseException as error:
             if not isinstance(error, Exception):
-                status = 499  # the client went away (or the server stops)
+                status = ErrorCode.CLIENT_CLOSED  # the client went away (or the server stops)
                 raise
             # a bug of ours: a clean 500, details in our log only
             log.exception("%s %s failed", request.method, request.path, exc_info=error)

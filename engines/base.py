@@ -95,13 +95,10 @@ class PrefillEngine(Engine, abc.ABC):
 
     @abc.abstractmethod
     async def prefill(
-        self,
-        request_id: str,
-        request: GenerateRequest,
-        room: int,
-        embeddings: ImageEmbeddings | None,
+        self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> None:
-        """Run prefill and offer the KV cache in `room`; on failure tell the room at once."""
+        """Run prefill and offer the KV cache in the request's `bootstrap_room` (opened with
+        `open_room`); on failure tell the room at once."""
 
 
 class GeneratingEngine(Engine):

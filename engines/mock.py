@@ -279,20 +279,16 @@ class MockPrefillEngine(RoomPrefillEngine):
         self._model = _ModelThread()
 
     async def prefill(
-        self,
-        request_id: str,
-        request: GenerateRequest,
-        room: int,
-        embeddings: ImageEmbeddings | None,
+        self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> None:
-        async with self.filling(room) as opened:
+        async with self.filling(request) as opened:
             _check_embeddings(request, embeddings)
             cost = self.config.prefill_s_per_token * len(request.token_ids)
             await self._model.run("prefill", cost)
             METER.count("prompt_tokens", len(request.token_ids))
             if self.config.fail_prefill:
                 raise ServiceError(ErrorCode.INTERNAL, "injected prefill failure")
-            opened.ready(RoomReady(room=room))
+            opened.ready(RoomReady(room=opened.room))
             await opened.wait_done(self.config.room_done_timeout_s)
 
 

@@ -5,7 +5,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from triptych.engines.base import PrefillEngine
-from triptych.protocol import ErrorCode, ServiceError
+from triptych.protocol import ErrorCode, GenerateRequest, ServiceError
 from triptych.transfer import BootstrapServer, PrefillRoom
 from triptych.transfer.bootstrap import new_room
 
@@ -40,10 +40,11 @@ class RoomPrefillEngine(PrefillEngine):
         opened.close()
 
     @contextlib.asynccontextmanager
-    async def filling(self, room: int) -> AsyncIterator[PrefillRoom]:
-        """Prefill's side of `room` while a prefill fills it: a failure raised inside reaches
-        decode through the room at once, and the room closes on the way out."""
-        opened = self.server.open(room)
+    async def filling(self, request: GenerateRequest) -> AsyncIterator[PrefillRoom]:
+        """Prefill's side of the request's room while a prefill fills it: a failure raised
+        inside reaches decode through the room at once, and the room closes on the way out."""
+        assert request.bootstrap_room is not None, "open_room() first"
+        opened = self.server.open(request.bootstrap_room)
         try:
             yield opened
         except BaseException as error:

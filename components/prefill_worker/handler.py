@@ -34,4 +34,6 @@ class PrefillHandler:
             self.engine.abandon_room(room, f"image embeddings unavailable: {error}")
             raise
         with nvtx.span("mm:prefill:engine_async_generate"):
-            await self.engine.prefill(ctx.request_id, request, room, embeddings)
+            await self.engine.prefill(
+                ctx.request_id, request.model_copy(update={"bootstrap_room": room}), embeddings
+            )

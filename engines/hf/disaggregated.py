@@ -85,16 +85,12 @@ class HfPrefillEngine(RoomPrefillEngine):
             await asyncio.to_thread(self.core.close)
 
     async def prefill(
-        self,
-        request_id: str,
-        request: GenerateRequest,
-        room: int,
-        embeddings: ImageEmbeddings | None,
+        self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> None:
         assert self.core is not None, "start() first"
         model = self.core.model
-        key = f"kv-{room}"
-        async with self.filling(room) as opened:
+        async with self.filling(request) as opened:
+            key = f"kv-{opened.room}"
             try:
                 self.core.check_fits(len(request.token_ids))
                 grids = media_grids(request)
@@ -108,7 +104,7 @@ class HfPrefillEngine(RoomPrefillEngine):
                 del packed  # the pool holds it now
                 opened.ready(
                     RoomReady(
-                        room=room,
+                        room=opened.room,
                         rope_delta=rope_delta,
                         cached_tokens=cached,
                         kv=KVHandle(

@@ -65,20 +65,16 @@ class SglangPrefillEngine(RoomPrefillEngine):
         )
 
     async def prefill(
-        self,
-        request_id: str,
-        request: GenerateRequest,
-        room: int,
-        embeddings: ImageEmbeddings | None,
+        self, request_id: str, request: GenerateRequest, embeddings: ImageEmbeddings | None
     ) -> None:
-        async with self.filling(room) as opened:
+        async with self.filling(request) as opened:
             # SGLang's prefill request ends once its KV cache reached decode
             async for _ in self.language.stream(
-                request_id, request, embeddings, self.bootstrap_info(room)
+                request_id, request, embeddings, self.bootstrap_info(opened.room)
             ):
                 pass
             metrics.TOKENS_PROCESSED.labels("prefill", "prefill").inc(len(request.token_ids))
-            opened.ready(RoomReady(room=room))
+            opened.ready(RoomReady(room=opened.room))
 
 
 class SglangDecodeEngine(DecodeEngine):

@@ -61,12 +61,6 @@ class MockConfig:
     """One past the largest token id produced."""
     hidden_size: int = 64
     """Width of the simulated embeddings."""
-    bootstrap_host: str = "127.0.0.1"
-    """Where prefill's bootstrap endpoint listens."""
-    bootstrap_port: int = 0
-    """Its port (0: any free port)."""
-    advertise_host: str | None = None
-    """The address decode reaches that endpoint at (None: `bootstrap_host`)."""
     room_done_timeout_s: float = 60.0
     """How long prefill keeps a room's (simulated) cache for decode to fetch."""
     fail_prefill: bool = False
@@ -273,8 +267,14 @@ class MockEncodeEngine(EncodeEngine):
 class MockPrefillEngine(RoomPrefillEngine):
     """Prefill: a real bootstrap room, a simulated cache."""
 
-    def __init__(self, config: MockConfig) -> None:
-        super().__init__(config.bootstrap_host, config.bootstrap_port, config.advertise_host)
+    def __init__(
+        self,
+        config: MockConfig,
+        bootstrap_host: str = "127.0.0.1",
+        bootstrap_port: int = 0,
+        advertise_host: str | None = None,
+    ) -> None:
+        super().__init__(bootstrap_host, bootstrap_port, advertise_host)
         self.config = config
         self._model = _ModelThread()
 

@@ -221,9 +221,6 @@ class EngineConfig:
                 decode_s_per_step=args.mock_decode_s_per_step,
                 fail_prefill=args.mock_fail_prefill,
                 max_running=args.max_running_requests,
-                bootstrap_host=args.disaggregation_bootstrap_host,
-                bootstrap_port=args.disaggregation_bootstrap_port,
-                advertise_host=advertise_host,
             ),
         )
 
@@ -303,7 +300,9 @@ def encode_engine(config: EngineConfig, runner: Runner | None = None) -> EncodeE
 def prefill_engine(config: EngineConfig, agent: TransferAgent | None) -> PrefillEngine:
     """The engine for a prefill worker (`agent` moves its KV caches)."""
     if config.name == "mock":
-        return MockPrefillEngine(config.mock)
+        return MockPrefillEngine(
+            config.mock, config.bootstrap_host, config.bootstrap_port, config.advertise_host
+        )
     if config.name == "hf" and agent is not None:
         from triptych.engines.hf.disaggregated import HfPrefillEngine
 

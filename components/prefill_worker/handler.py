@@ -25,6 +25,7 @@ class PrefillHandler:
             room = self.engine.open_room(request.bootstrap_room)
             if request.bootstrap_room is None:
                 await ctx.stream.send(self.engine.bootstrap_info(room), end=True)
+                request = request.model_copy(update={"bootstrap_room": room})
         try:
             with nvtx.span("mm:prefill:load_multimodal"):
                 embeddings = await gather_embeddings(
@@ -34,6 +35,4 @@ class PrefillHandler:
             self.engine.abandon_room(room, f"image embeddings unavailable: {error}")
             raise
         with nvtx.span("mm:prefill:engine_async_generate"):
-            await self.engine.prefill(
-                ctx.request_id, request.model_copy(update={"bootstrap_room": room}), embeddings
-            )
+            await self.engine.prefill(ctx.request_id, request, embeddings)

@@ -10,22 +10,16 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from triptych.components.topology import DEDICATED_ENCODER
 from triptych.engines import (
-    CachedEncodeEngine,
-    EncodeEngine,
     Engine,
     EngineConfig,
     EngineUnavailable,
     GeneratingEngine,
     PrefillEngine,
-    Runner,
     check_available,
-    encode_engine,
     load,
 )
 from triptych.engines.memory import limit_device_memory
-from triptych.models import load_adapter
 from triptych.models.checkpoint import CheckpointError, Needs, resolve_checkpoint
 from triptych.observability import metrics
 from triptych.runtime import Env, Runtime, RuntimeConfig, Service, wire
@@ -168,46 +162,6 @@ def worker_parser(prog: str, description: str) -> FlagParser:
     RuntimeConfig.add_arguments(parser)
     EngineConfig.add_arguments(parser)
     return parser
-
-
-def has_vision(config: WorkerConfig) -> bool:
-    """Whether the checkpoint has a vision tower (a text-only model gets no encoder)."""
-    return config.engine.name == "mock" or load_adapter(config.model_path) is not None
-
-
-def encodes_inline(config: WorkerConfig, dedicated: bool) -> bool:
-    """Whether a prefilling worker runs the vision tower itself: no encode worker sends it
-    embeddings (`dedicated`), and the checkpoint has a tower."""
-    return not dedicated and has_vision(config)
-
-
-def add_encoder_flag(parser: argparse.ArgumentParser) -> None:
-    """``--dedicated-mm-encoder``: images arrive encoded from an encode worker."""
-    parser.add_argument(
-        DEDICATED_ENCODER,
-        action="store_true",
-        help="images arrive encoded from an encode worker",
-    )
-
-
-async def inline_encoder(
-    config: WorkerConfig, dedicated: bool, runner: Runner | None = None
-) -> EncodeEngine | None:
-    """The started encoder of a worker that encodes images itself; None with a dedicated
-    encode worker or a text-only model. `runner`: where its model work runs."""
-    if not encodes_inline(config, dedicated):
-        return None
-    encoder = cached_encoder(config, encode_engine(config.engine.encoding(), runner))
-    await encoder.start()
-    return encoder
-
-
-def cached_encoder(config: WorkerConfig, encoder: EncodeEngine) -> EncodeEngine:
-    """`encoder` behind the embedding cache, when ``--embedding-cache-bytes`` allows one."""
-    if config.embedding_cache_bytes <= 0:
-        return encoder
-    log.info("embedding cache of %d bytes", config.embedding_cache_bytes)
-    return CachedEncodeEngine(encoder, config.embedding_cache_bytes)
 
 
 def resolve_model_path(path: str) -> str:

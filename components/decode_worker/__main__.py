@@ -9,15 +9,9 @@ encodes them itself.
 from collections.abc import Sequence
 
 from triptych.components.decode_worker.handler import AggregatedHandler, DisaggregatedHandler
+from triptych.components.encoder import add_encoder_flag, encodes_inline, serve_prefilling
 from triptych.components.topology import DECODE, DECODE_CALLS
-from triptych.components.worker import (
-    add_encoder_flag,
-    encodes_inline,
-    inline_encoder,
-    run_worker,
-    worker_config,
-    worker_parser,
-)
+from triptych.components.worker import run_worker, worker_config, worker_parser
 from triptych.engines import (
     Engine,
     aggregated_engine,
@@ -66,10 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             return [engine]
         agg = aggregated_engine(config.engine)
         await agg.start()
-        encoder = await inline_encoder(config, args.dedicated_mm_encoder, agg.model_runner())
-        handler = AggregatedHandler(agg, transport, encoder)
-        service.add_endpoint("generate", GenerateRequest, handler.generate)
-        return [agg] if encoder is None else [agg, encoder]
+        return await serve_prefilling(
+            config, agg, AggregatedHandler, service, transport, dedicated=args.dedicated_mm_encoder
+        )
 
     agg = args.disaggregation_mode == "agg"
     inline = agg and encodes_inline(config, args.dedicated_mm_encoder)

@@ -4,8 +4,9 @@ import dataclasses
 from collections.abc import Sequence
 
 from triptych.components.encode_worker.handler import EncodeHandler
+from triptych.components.encoder import cached_encoder
 from triptych.components.topology import ENCODE, ENCODE_SENDS_TO
-from triptych.components.worker import cached_encoder, run_worker, worker_config, worker_parser
+from triptych.components.worker import run_worker, worker_config, worker_parser
 from triptych.engines import Engine, encode_engine
 from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service

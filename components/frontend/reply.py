@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass, field
 
 from pydantic import BaseModel
 from pydantic_core import to_json
@@ -36,42 +37,32 @@ def sse(payload: BaseModel) -> bytes:
     )
 
 
+@dataclass(eq=False)
 class Reply(abc.ABC):
     """One request's answer, built from its choices' chunks."""
 
-    def __init__(
-        self,
-        request_id: str,
-        model: str,
-        *,
-        choices: Choices,
-        outputs: Sequence[Output],
-        prompt_tokens: int,
-        token_text: TokenText,
-        exchange: Exchange,
-        stream: bool,
-        include_usage: bool,
-        return_token_ids: bool,
-        logprobs: bool,
-    ) -> None:
-        self.request_id = request_id
-        self.model = model
-        self.choices = choices
-        self.outputs = outputs
-        self.prompt_tokens = prompt_tokens
-        self.token_text = token_text
-        self.exchange = exchange
-        self.stream = stream
-        self.include_usage = include_usage
-        self._unwritten: list[bytes] = []
-        """Events of chunks that arrived together, written as one (one syscall, not one per
-        token) once no further chunk is waiting."""
-        self.return_token_ids = return_token_ids
-        self.logprobs = logprobs
-        self._created = int(time.time())
-        self._plain = not (return_token_ids or logprobs)
-        """Mid-stream events carry text alone: each is its choice's frame around the text."""
-        self._frames: dict[int, tuple[bytes, bytes]] = {}
+    request_id: str
+    model: str
+    _: KW_ONLY
+    choices: Choices
+    outputs: Sequence[Output]
+    prompt_tokens: int
+    token_text: TokenText
+    exchange: Exchange
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+    logprobs: bool
+    _unwritten: list[bytes] = field(init=False, default_factory=list)
+    """Events of chunks that arrived together, written as one (one syscall, not one per
+    token) once no further chunk is waiting."""
+    _created: int = field(init=False, default_factory=lambda: int(time.time()))
+    _plain: bool = field(init=False)
+    """Mid-stream events carry text alone: each is its choice's frame around the text."""
+    _frames: dict[int, tuple[bytes, bytes]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._plain = not (self.return_token_ids or self.logprobs)
 
     def usage(self) -> Usage:
         """Token counts so far (the prompts once, every choice's completion)."""

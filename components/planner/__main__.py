@@ -91,6 +91,12 @@ def costs_from_args(args: argparse.Namespace) -> StageCosts:
     return costs
 
 
+def policy_from_args(args: argparse.Namespace) -> Policy:
+    """The controller's policy: each field from the ``watch`` flag of its name, if there is one."""
+    given = vars(args)
+    return Policy(**{f.name: given[f.name] for f in fields(Policy) if f.name in given})
+
+
 def parser() -> argparse.ArgumentParser:
     """Flags of both subcommands."""
     root = argparse.ArgumentParser(
@@ -169,14 +175,7 @@ async def run_plan(args: argparse.Namespace) -> int:
 async def run_watch(args: argparse.Namespace, stop: asyncio.Event) -> int:
     """Round after round: signals → decisions → replicas (when a cluster is given)."""
     bounds = {stage: getattr(args, f"{stage}_replicas") for stage in STAGES}
-    policy = Policy(
-        target_utilisation=args.target_utilisation,
-        scale_down_utilisation=args.scale_down_utilisation,
-        up_rounds=args.up_rounds,
-        down_rounds=args.down_rounds,
-        cooldown_s=args.cooldown_s,
-    )
-    controller = Controller(bounds, policy)
+    controller = Controller(bounds, policy_from_args(args))
     deployments = {stage: getattr(args, f"{stage}_deployment") for stage in STAGES}
     scaler: DeploymentScaler | None = None
     if args.in_cluster:

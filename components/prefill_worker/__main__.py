@@ -6,18 +6,11 @@ it this worker encodes them itself (P/D serving a VLM).
 
 from collections.abc import Sequence
 
+from triptych.components.encoder import add_encoder_flag, encodes_inline, serve_prefilling
 from triptych.components.prefill_worker.handler import PrefillHandler
 from triptych.components.topology import PREFILL
-from triptych.components.worker import (
-    add_encoder_flag,
-    encodes_inline,
-    inline_encoder,
-    run_worker,
-    worker_config,
-    worker_parser,
-)
+from triptych.components.worker import run_worker, worker_config, worker_parser
 from triptych.engines import Engine, prefill_engine
-from triptych.protocol import GenerateRequest
 from triptych.runtime import Runtime, Service
 from triptych.runtime.flags import FlagParser
 from triptych.transfer import EmbeddingTransport
@@ -45,10 +38,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         engine = prefill_engine(config.engine, transport.agent)
         await engine.start()
         service.announce(engine.bootstrap_metadata())  # decode reaches rooms without asking
-        encoder = await inline_encoder(config, args.dedicated_mm_encoder, engine.model_runner())
-        handler = PrefillHandler(engine, transport, encoder)
-        service.add_endpoint("generate", GenerateRequest, handler.generate)
-        return [engine] if encoder is None else [engine, encoder]
+        return await serve_prefilling(
+            config, engine, PrefillHandler, service, transport, dedicated=args.dedicated_mm_encoder
+        )
 
     inline = encodes_inline(config, args.dedicated_mm_encoder)
     run_worker(config, PREFILL, setup, encodes_inline=inline)

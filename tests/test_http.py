@@ -15,7 +15,8 @@ LIMIT = 1000
 
 
 class App:
-    """A few endpoints that show what the server does with them."""
+    """A few endpoints that show what the server does with them; those with no body or
+    parameter are GETs at ``/`` and their name."""
 
     def __init__(self) -> None:
         self.cancelled = asyncio.Event()
@@ -23,11 +24,8 @@ class App:
         router = Router()
         router.add("POST", "/echo", self.echo)
         router.add("GET", "/items/{name}", self.item)
-        router.add("GET", "/stream", self.stream)
-        router.add("GET", "/hang", self.hang)
-        router.add("GET", "/slow", self.slow)
-        router.add("GET", "/boom", self.boom)
-        router.add("GET", "/gone", self.gone)
+        for endpoint in (self.stream, self.hang, self.slow, self.boom, self.gone):
+            router.add("GET", f"/{endpoint.__name__}", endpoint)
         self.handle = dispatcher(router, api_key=None, access_log=False)
 
     async def echo(self, request: Request) -> Response:

@@ -1,12 +1,12 @@
 """How the grammar libraries compare on a JSON schema: compile time and per-token mask time.
 
 For each library importable here (llguidance, xgrammar, outlines-core) and each tokenizer
-given: the time to wrap the tokenizer, to compile the nested schema of
-`benchmarks/structured.py` (first use, then cached), and the mean and p99 time to compute the
-next-token mask while walking a valid instance of it token by token. triptych serves with
-llguidance; the others are measured when installed (``pip install --no-deps`` into a scratch
-folder on ``PYTHONPATH``: xgrammar needs ``apache-tvm-ffi`` and lists torch, transformers and
-triton as dependencies).
+given: the time to wrap the tokenizer, to compile the nested receipt schema of
+`benchmarks/receipt.json` (first use, then cached), and the mean and p99 time to compute the
+next-token mask while walking the valid instance stored beside it, token by token. triptych
+serves with llguidance; the others are measured when installed (``pip install --no-deps`` into
+a scratch folder on ``PYTHONPATH``: xgrammar needs ``apache-tvm-ffi`` and lists torch,
+transformers and triton as dependencies).
 
     python benchmarks/grammar_libraries.py [TOKENIZER_DIR ...] [--out FILE]
 """
@@ -23,50 +23,9 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "merchant": {"type": "string", "maxLength": 24},
-        "kind": {"enum": ["receipt", "invoice", "form"]},
-        "total": {"type": "number", "minimum": 0, "maximum": 100000},
-        "items": {
-            "type": "array",
-            "maxItems": 8,
-            "items": {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string", "maxLength": 24},
-                    "quantity": {"type": "integer", "minimum": 1, "maximum": 99},
-                    "price": {"type": "number", "minimum": 0},
-                },
-                "required": ["name", "quantity", "price"],
-                "additionalProperties": False,
-            },
-        },
-        "address": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string"},
-                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-            },
-            "required": ["city", "zip"],
-            "additionalProperties": False,
-        },
-    },
-    "required": ["merchant", "kind", "total", "items", "address"],
-    "additionalProperties": False,
-}
-INSTANCE = {
-    "merchant": "Corner Shop",
-    "kind": "receipt",
-    "total": 23.5,
-    "items": [
-        {"name": "bread", "quantity": 2, "price": 3.25},
-        {"name": "coffee beans", "quantity": 1, "price": 17},
-    ],
-    "address": {"city": "Lyon", "zip": "69001"},
-}
-TEXT = json.dumps(INSTANCE, separators=(",", ":"))
+RECEIPT = json.loads((Path(__file__).parent / "receipt.json").read_text())
+SCHEMA: dict[str, Any] = RECEIPT["schema"]
+TEXT = json.dumps(RECEIPT["instance"], separators=(",", ":"))
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:

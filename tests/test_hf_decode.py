@@ -20,9 +20,13 @@ from triptych.engines.hf import kv_transfer
 from triptych.engines.hf.config import HfConfig
 from triptych.engines.hf.core import EngineCore
 from triptych.engines.hf.decoder import Decoder, StepInputs
-from triptych.engines.hf.kv_cache import KVBudget, KVCache
+from triptych.engines.hf.kv_cache import KVBudget, KVCache, KVLayer
 from triptych.engines.hf.model import LanguageModel
-from triptych.engines.hf.paged_attention import paged_attention, reference_paged_attention
+from triptych.engines.hf.paged_attention import (
+    PageTable,
+    paged_attention,
+    reference_paged_attention,
+)
 from triptych.engines.hf.sequence import Prompt
 from triptych.protocol import ErrorCode, SamplingOptions, ServiceError
 
@@ -104,7 +108,7 @@ def test_paged_attention_equals_each_row_attending_alone() -> None:
     q, k, v, tables, lens = paged(
         lengths, heads=8, kv_heads=2, dim=16, page=4, dtype=torch.float32, device="cpu"
     )
-    got = paged_attention(q, k, v, tables, lens, scale=0.25)
+    got = paged_attention(q, KVLayer(k, v), PageTable(tables, lens), scale=0.25)
     want = per_row_attention(q, k, v, tables, lens, 0.25)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -117,8 +121,11 @@ def test_the_triton_kernel_equals_the_reference(dtype: torch.dtype, splits: int)
     q, k, v, tables, lens = paged(
         lengths, heads=28, kv_heads=4, dim=128, page=16, dtype=dtype, device="cuda"
     )
-    got = paged_attention(q, k, v, tables, lens, scale=128**-0.5, splits=splits)
-    want = reference_paged_attention(q.float(), k.float(), v.float(), tables, lens, scale=128**-0.5)
+    pages = PageTable(tables, lens)
+    got = paged_attention(q, KVLayer(k, v), pages, scale=128**-0.5, splits=splits)
+    want = reference_paged_attention(
+        q.float(), KVLayer(k.float(), v.float()), pages, scale=128**-0.5
+    )
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance)
 

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from triptych.engines.hf.kv_cache import KVCache
+from triptych.engines.hf.kv_cache import KVCache, KVLayer
 from triptych.engines.hf.model import LanguageModel
-from triptych.engines.hf.paged_attention import paged_attention, splits_for
+from triptych.engines.hf.paged_attention import PageTable, paged_attention, splits_for
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +109,19 @@ def _rope_and_store(
     sin: torch.Tensor,
     slots: torch.Tensor,
     *,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    kv: KVLayer,
     heads: int,
 ) -> torch.Tensor:
-    """Rotate the new token's queries and keys; store its keys and values at `slots` of
-    `keys`/`values` [slots, kv_heads, D]. Returns the queries [B, heads, D]."""
+    """Rotate the new token's queries and keys; store its keys and values in `kv` at `slots`.
+    Returns the queries [B, heads, D]."""
     if qkv.device.type == "cuda":
         from triptych.engines.hf.triton_kernels import triton_rope_and_store
 
-        return triton_rope_and_store(qkv, cos, sin, slots, keys=keys, values=values, heads=heads)
-    batch, kv_heads, dim = qkv.shape[0], keys.shape[1], keys.shape[2]
+        return triton_rope_and_store(qkv, cos, sin, slots, kv=kv, heads=heads)
+    batch, kv_heads, dim = qkv.shape[0], kv.keys.shape[2], kv.keys.shape[3]
     qk = qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
     qk = qk * cos.view(batch, 1, dim) + _rotate_half(qk) * sin.view(batch, 1, dim)
-    keys.index_copy_(0, slots, qk[:, heads:])
-    values.index_copy_(0, slots, qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim))
+    kv.store(slots, qk[:, heads:], qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim))
     return qk[:, :heads]
 
 
@@ -262,25 +260,16 @@ class Decoder:
         model, text = self.model, self.model.text
         layers = self._layers or self._fuse()
         rows, positions, slots, lengths = self._inputs[:, :batch]
-        tables = self._tables[:batch]
         heads, kv_heads, dim = model.num_heads, model.kv_heads, model.head_dim
         splits = splits_for(batch, kv_heads, self._sms)
         x = text.embed_tokens(self.last_tokens[rows]).view(batch, -1)
         cos, sin = (t.reshape(batch, dim) for t in self._rope(x, positions))
-        cache = self.cache
+        pages = PageTable(self._tables[:batch], lengths)
         for index, fused in enumerate(layers):
             qkv = torch.addmm(fused.qkv_bias, _norm(x, fused.input_norm), fused.qkv.t())
-            keys, values = cache.slots_view[index, 0], cache.slots_view[index, 1]
-            query = _rope_and_store(qkv, cos, sin, slots, keys=keys, values=values, heads=heads)
-            out = paged_attention(
-                query,
-                cache.keys(index),
-                cache.values(index),
-                tables,
-                lengths,
-                scale=fused.scale,
-                splits=splits,
-            )
+            kv = self.cache.layer(index)
+            query = _rope_and_store(qkv, cos, sin, slots, kv=kv, heads=heads)
+            out = paged_attention(query, kv, pages, scale=fused.scale, splits=splits)
             x = torch.addmm(x, out.reshape(batch, heads * dim), fused.o.t())
             gate_up = torch.mm(_norm(x, fused.post_norm), fused.gate_up.t())
             x = torch.addmm(x, _silu_mul(gate_up), fused.down.t())
@@ -319,8 +308,7 @@ class Decoder:
             v = attention.v_proj(h).view(batch, 1, -1, model.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            cache.slots_view[index, 0].index_copy_(0, slots, k[:, :, 0])
-            cache.slots_view[index, 1].index_copy_(0, slots, v[:, :, 0])
+            cache.layer(index).store(slots, k[:, :, 0], v[:, :, 0])
             attended = [
                 sdpa_attention_forward(
                     attention,

@@ -79,6 +79,28 @@ class KVBudget:
         return int(blocks) + 1
 
 
+@dataclass(frozen=True)
+class KVLayer:
+    """One layer's keys and values in the pool."""
+
+    keys: torch.Tensor
+    """``[blocks, block_size, kv_heads, head_dim]``."""
+    values: torch.Tensor
+    """Same shape as `keys`."""
+
+    def by_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and the values as ``[slots, kv_heads, head_dim]``: views of the same memory,
+        slot ``block * block_size + offset``."""
+        kv_heads, dim = self.keys.shape[2:]
+        return self.keys.view(-1, kv_heads, dim), self.values.view(-1, kv_heads, dim)
+
+    def store(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write row ``i``'s keys and values (``[B, kv_heads, head_dim]`` each) at ``slots[i]``."""
+        slot_keys, slot_values = self.by_slot()
+        slot_keys.index_copy_(0, slots, keys)
+        slot_values.index_copy_(0, slots, values)
+
+
 def _budget_bytes(fraction: float, device: torch.device) -> int:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -130,13 +152,9 @@ class KVCache:
         """The pool's size."""
         return self.data.numel() * self.data.element_size()
 
-    def keys(self, layer: int) -> torch.Tensor:
-        """``[blocks, block_size, kv_heads, head_dim]`` keys of one layer."""
-        return self.data[layer, 0]
-
-    def values(self, layer: int) -> torch.Tensor:
-        """``[blocks, block_size, kv_heads, head_dim]`` values of one layer."""
-        return self.data[layer, 1]
+    def layer(self, index: int) -> KVLayer:
+        """The keys and values of layer `index`."""
+        return KVLayer(self.data[index, 0], self.data[index, 1])
 
     def slots(self, table: list[int], start: int, end: int) -> torch.Tensor:
         """Slot indices of positions ``start..end-1`` of a sequence with block table `table`,

@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from triptych.engines.hf.kv_cache import KVLayer
+from triptych.engines.hf.paged_attention import PageTable
+
 BLOCK_N = 32
 """Positions per iteration."""
 
@@ -140,16 +143,16 @@ def _merge_kernel(  # noqa: PLR0917
 
 def triton_paged_attention(
     query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
+    kv: KVLayer,
+    pages: PageTable,
     *,
     scale: float,
-    splits: int = 1,
+    splits: int,
 ) -> torch.Tensor:
     """See `paged_attention.reference_paged_attention` for the arguments; `splits` (a power
     of two) cuts each row's span into that many pieces merged at the end."""
+    keys, values = kv.keys, kv.values
+    block_tables, seq_lens = pages.block_tables, pages.seq_lens
     batch, heads, dim = query.shape
     _, page, kv_heads, _ = keys.shape
     group = heads // kv_heads
@@ -262,13 +265,12 @@ def triton_rope_and_store(
     sin: torch.Tensor,
     slots: torch.Tensor,
     *,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    kv: KVLayer,
     heads: int,
 ) -> torch.Tensor:
     """`qkv` [B, (heads + 2 kv_heads) * D] (bias added) → rotated queries [B, heads, D]; the
-    rotated keys and the values go to `keys`/`values` [slots, kv_heads, D] at `slots` [B].
-    `cos`/`sin`: [B, D]."""
+    rotated keys and the values go to `kv` at `slots` [B]. `cos`/`sin`: [B, D]."""
+    keys, values = kv.by_slot()
     batch = qkv.shape[0]
     _, kv_heads, dim = keys.shape
     query = torch.empty(batch, heads, dim, dtype=qkv.dtype, device=qkv.device)

@@ -7,6 +7,7 @@ hand; and each rendered pod's command, args and environment are started as local
 which must form a stack that answers a chat request with an image.
 """
 
+import asyncio
 import base64
 import io
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import kubernetes_validate
+import nats
 import pytest
 from PIL import Image
 
@@ -283,6 +285,37 @@ def test_nats_refuses_to_start_without_a_token(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "holds no token" in done.stderr
+
+
+@pytest.mark.parametrize("token", ["-Fq3_kZ9", "9e9d41c0", "true", "0042"])
+def test_nats_takes_any_token_as_a_string(tmp_path: Path, token: str) -> None:
+    """Tokens a config file would read as a number, a boolean or a bad value (`openssl rand
+    -hex` and `token_urlsafe` give such ones now and then) start NATS, and only they get in."""
+    local = LocalCluster(
+        render("e-p-d", token=token, workdir=tmp_path),
+        tmp_path,
+        subnet=f"127.13.{secrets.randbelow(250) + 1}",
+    )
+    local.pods = [p for p in local.pods if p.name == "triptych-nats"]
+    try:
+        local.start(first="triptych-nats")
+        url = f"nats://{local.pods[0].address}:4222"
+        assert asyncio.run(nats_connects(url, token)) == "connected"
+        assert "Authorization Violation" in asyncio.run(nats_connects(url, token + "x"))
+    finally:
+        local.stop()
+
+
+async def nats_connects(url: str, token: str) -> str:
+    """ "connected", or why the server refused."""
+    try:
+        client = await nats.connect(
+            url, token=token, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0
+        )
+    except nats.errors.Error as error:
+        return str(error)
+    await client.close()
+    return "connected"
 
 
 def stage_requests(pod_address: str, stage: str) -> float:

@@ -10,6 +10,16 @@ from tests.stack import ServeHf, Stack, serving
 from triptych.runtime.nats_server import NatsServer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """In-process torch runs on one thread in every test, whichever tests ran before: the tiny
+    models gain nothing from more, the stacks' worker processes share the same cores, and no
+    result depends on a thread count another test left behind."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[NatsServer]:
     """A nats-server on a free loopback port, for the whole session."""

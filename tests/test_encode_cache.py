@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import torch
 from PIL import Image
 
@@ -354,11 +353,6 @@ def test_answers_are_token_exact_with_the_cache_on(stack: Stack, tiny_model: Pat
     misses = _total(samples, "triptych_encode_cache_misses_total")
     assert misses == 4  # ONE and the three of THREE, each through the tower once
     assert _total(samples, "triptych_encode_batch_size_sum") == misses
-
-
-@pytest.fixture(autouse=True)
-def _quiet_torch() -> None:
-    torch.set_num_threads(1)
 
 
 def test_affinity_falls_back_to_the_next_encoder_when_the_first_is_loaded(stack: Stack) -> None:

@@ -78,7 +78,9 @@ async def test_concurrent_requests_share_one_vision_forward(tiny_model: Path) ->
     assert forwards == 1
     for single, batched, images in zip(alone, together, requests, strict=True):
         assert batched.num_tokens == sum(image.num_tokens for image in images)
-        torch.testing.assert_close(batched.tensor, single.tensor, rtol=1e-5, atol=1e-6)
+        # float32 closeness, not equality: the batch's GEMMs have more rows than one request's,
+        # and with several threads they split the work and round differently (~3e-6 here).
+        torch.testing.assert_close(batched.tensor, single.tensor)
     await engine.close()
 
 

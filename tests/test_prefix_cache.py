@@ -40,7 +40,6 @@ PAGE = 4
 
 @pytest.fixture(scope="module")
 def model(tiny_model: Path) -> LanguageModel:
-    torch.set_num_threads(1)
     return LanguageModel(str(tiny_model))
 
 

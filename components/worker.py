@@ -22,6 +22,7 @@ from triptych.engines import (
 from triptych.engines.memory import limit_device_memory
 from triptych.models.checkpoint import CheckpointError, Needs, resolve_checkpoint
 from triptych.observability import metrics
+from triptych.protocol.settings import add_settings, setting, settings_from
 from triptych.runtime import Env, Runtime, RuntimeConfig, Service, wire
 from triptych.runtime.address import advertised_host, is_wildcard
 from triptych.runtime.entry import (
@@ -50,24 +51,29 @@ class WorkerConfig:
     Hugging Face cache)."""
     served_model_name: str
     """Model name clients ask for (default: the hub ID, or the checkpoint directory's name)."""
-    drain_grace_s: float
-    """On SIGTERM: how long in-flight requests may take to finish."""
-    transfer_pool_mb: int
-    """Size of the NIXL-registered memory pool (embeddings and KV in flight)."""
-    metrics_host: str
-    """Interface of the worker's /metrics, /health and /ready."""
-    metrics_port: int
-    """Their port (0: any free port, announced in the logs and the NATS micro metadata)."""
     advertise_host: str
     """The address other processes reach this worker at (its bootstrap endpoint, its status
     port in the NATS metadata): never a wildcard."""
-    transfer_timeout_s: float = 30.0
-    """How long a reader waits for embeddings or a KV cache to arrive."""
-    max_queued_requests: int = 128
-    """Requests an instance holds beyond the `--max-running-requests` it runs; more are
-    refused at once as busy (503 with Retry-After when every instance is full)."""
-    port_file: str | None = None
-    """Where to announce the bound ports (``{"status": N}``, plus ``"bootstrap"`` on prefill)."""
+    drain_grace_s: float = setting(
+        30.0, "on SIGTERM, how long requests in flight may take to finish"
+    )
+    transfer_pool_mb: int = setting(256, "NIXL-registered memory for embeddings and KV in flight")
+    metrics_host: str = setting("127.0.0.1", "interface of the status port (0.0.0.0 in a cluster)")
+    """Interface of the worker's /metrics, /health and /ready."""
+    metrics_port: int = setting(0, "port of /metrics, /health, /ready (0: a free one, announced)")
+    """Announced in the logs and the NATS micro metadata."""
+    transfer_timeout_s: float = setting(
+        30.0, "how long a reader waits for image embeddings to arrive"
+    )
+    """The same wait holds for a KV cache."""
+    max_queued_requests: int = setting(
+        128,
+        "requests an instance holds beyond --max-running-requests; more are refused at once "
+        "(the frontend answers 503 with Retry-After when every instance is full)",
+    )
+    port_file: str | None = setting(
+        None, 'write {"status": PORT} (and "bootstrap" on prefill) to this file once serving'
+    )
     embedding_cache_bytes: int = 0
     """Bound of the encoder's cache of image embeddings by content key (0: no cache)."""
 
@@ -103,42 +109,7 @@ def worker_parser(prog: str, description: str) -> FlagParser:
         default=1,
         help="GPUs one model instance spans (only 1 today: scale out with more instances)",
     )
-    parser.add_argument(
-        "--drain-grace-s",
-        type=float,
-        default=30.0,
-        help="on SIGTERM, how long requests in flight may take to finish",
-    )
-    parser.add_argument(
-        "--transfer-pool-mb",
-        type=int,
-        default=256,
-        help="NIXL-registered memory for embeddings and KV in flight",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        default="127.0.0.1",
-        help="interface of the status port (0.0.0.0 in a cluster)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=0,
-        help="port of /metrics, /health, /ready (0: a free one, announced)",
-    )
-    parser.add_argument(
-        "--transfer-timeout-s",
-        type=float,
-        default=WorkerConfig.transfer_timeout_s,
-        help="how long a reader waits for image embeddings to arrive",
-    )
-    parser.add_argument(
-        "--max-queued-requests",
-        type=int,
-        default=WorkerConfig.max_queued_requests,
-        help="requests an instance holds beyond --max-running-requests; more are refused at "
-        "once (the frontend answers 503 with Retry-After when every instance is full)",
-    )
+    add_settings(parser, WorkerConfig)
     parser.add_argument(
         "--embedding-cache-bytes",
         type=_cache_bytes,
@@ -146,11 +117,6 @@ def worker_parser(prog: str, description: str) -> FlagParser:
         help="bytes of image embeddings an encoder (encode worker, or an inline one) keeps by "
         "image content, LRU, so a repeated image skips the vision tower (auto: a quarter of "
         "--transfer-pool-mb; 0 turns the cache off)",
-    )
-    parser.add_argument(
-        "--port-file",
-        default=None,
-        help='write {"status": PORT} (and "bootstrap" on prefill) to this file once serving',
     )
     parser.add_argument(
         "--advertise-host",
@@ -197,17 +163,11 @@ def worker_config(args: argparse.Namespace, component: str) -> WorkerConfig:
         bind = args.metrics_host
     advertise = advertised_host(bind, args.advertise_host, Env.read().pod_ip, runtime.nats_url)
     return WorkerConfig(
+        **settings_from(args, WorkerConfig),
         runtime=runtime,
         engine=EngineConfig.from_args(args, model_path, advertise),
         model_path=model_path,
         served_model_name=args.served_model_name or checkpoint.name,
-        drain_grace_s=args.drain_grace_s,
-        transfer_pool_mb=args.transfer_pool_mb,
-        metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port,
-        transfer_timeout_s=args.transfer_timeout_s,
-        max_queued_requests=args.max_queued_requests,
-        port_file=args.port_file,
         advertise_host=advertise,
         embedding_cache_bytes=(
             (args.transfer_pool_mb << 20) // 4

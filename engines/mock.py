@@ -40,6 +40,7 @@ from triptych.protocol import (
     TokenLogprob,
     VideoItem,
 )
+from triptych.protocol.settings import setting
 from triptych.transfer import BootstrapClient, ImageEmbeddings
 
 
@@ -47,14 +48,19 @@ from triptych.transfer import BootstrapClient, ImageEmbeddings
 class MockConfig:
     """Simulated costs (a 7B-class model on one GPU by default) and the token range."""
 
-    encode_s_per_image: float = 0.02
-    """Seconds per image encoded."""
-    prefill_s_per_token: float = 0.0001
-    """Seconds per prompt token prefilled."""
-    decode_s_per_step: float = 0.015
-    """Seconds per decode step (one token); 0 sends every token at once, in one chunk. Steps
-    shorter than `MIN_WAIT_S` add up and are waited for together; each token still comes
-    in its own chunk."""
+    encode_s_per_image: float = setting(
+        0.02, "mock engine: seconds to encode one image", "--mock-encode-s-per-image"
+    )
+    prefill_s_per_token: float = setting(
+        0.0001, "mock engine: seconds to prefill one prompt token", "--mock-prefill-s-per-token"
+    )
+    decode_s_per_step: float = setting(
+        0.015,
+        "mock engine: seconds per decode step (0: every token at once, one chunk)",
+        "--mock-decode-s-per-step",
+    )
+    """Steps shorter than `MIN_WAIT_S` add up and are waited for together; each token still
+    comes in its own chunk."""
     vocab_low: int = 256
     """Smallest token id produced."""
     vocab_high: int = 1024

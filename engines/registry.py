@@ -20,6 +20,7 @@ from triptych.engines.mock import (
     MockPrefillEngine,
 )
 from triptych.protocol import ErrorCode, ServiceError
+from triptych.protocol.settings import add_settings, setting, settings_from
 from triptych.transfer import TransferAgent
 
 if TYPE_CHECKING:
@@ -40,34 +41,54 @@ class EngineConfig:
     `name` (--encode-engine)."""
     model_path: str = ""
     """Checkpoint directory (the tiny Qwen2.5-VL when empty)."""
-    device: str = "cpu"
-    """Torch device for engines that run a model ("cpu", "cuda", "cuda:1")."""
-    bootstrap_host: str = "127.0.0.1"
-    """Where a prefill engine's bootstrap endpoint listens (--disaggregation-bootstrap-host)."""
-    bootstrap_port: int = 0
-    """Its port; 0 picks a free one (--disaggregation-bootstrap-port)."""
+    device: str = setting("cpu", "torch device of the model: cpu, cuda, cuda:1, ...")
+    bootstrap_host: str = setting(
+        "127.0.0.1",
+        "where a prefill worker's bootstrap endpoint (KV hand-off rooms) listens",
+        "--disaggregation-bootstrap-host",
+    )
+    bootstrap_port: int = setting(
+        0, "its port (0: a free one, announced)", "--disaggregation-bootstrap-port"
+    )
     advertise_host: str | None = None
     """The address decode instances reach that endpoint at, when it differs from the bind
     address (a pod binds 0.0.0.0 and advertises its IP; the worker resolves it)."""
-    max_model_len: int = 0
-    """Tokens one sequence may hold, prompt included; 0 means the model's context length,
-    capped at 8192 (--max-model-len, alias --context-length)."""
-    max_running_requests: int = 128
-    """Sequences admitted at once; decode batches are no larger (--max-running-requests)."""
-    mem_fraction_static: float = 0.9
-    """Fraction of the device's memory a decoding process may hold, weights and KV cache
-    together (--mem-fraction-static, alias --mem-fraction)."""
-    kv_cache_tokens: int | None = None
-    """The KV cache's size in tokens, instead of sizing it from --mem-fraction-static."""
-    page_size: int = 16
-    """Token positions per KV cache block (--page-size)."""
-    chunked_prefill_size: int = 2048
-    """Prompt positions one prefill step runs at most (--chunked-prefill-size)."""
+    max_model_len: int = setting(
+        0,
+        "tokens one sequence may hold, prompt included (default: the model's context length, "
+        "at most 8192); a longer prompt is refused with a 400",
+        "--max-model-len",
+        "--context-length",
+    )
+    max_running_requests: int = setting(
+        128,
+        "sequences admitted at once (decode batches are no larger); more requests wait in a queue",
+    )
+    mem_fraction_static: float = setting(
+        0.9,
+        "fraction of the device's memory this process may hold (weights + KV cache); the KV "
+        "cache gets what is left of it, at most what --max-running-requests sequences of "
+        "--max-model-len tokens fill; on CUDA the process's allocations are capped at it, so "
+        "workers can share a GPU",
+        "--mem-fraction-static",
+        "--mem-fraction",
+    )
+    kv_cache_tokens: int | None = setting(
+        None, "size the KV cache in tokens instead of from --mem-fraction-static"
+    )
+    page_size: int = setting(16, "token positions per KV cache block")
+    chunked_prefill_size: int = setting(
+        2048,
+        "prompt positions one prefill step runs at most: a longer prompt is prefilled in "
+        "chunks, with decode steps in between",
+    )
     cuda_graphs: bool = True
     """Capture decode steps as CUDA graphs (--disable-cuda-graph turns it off)."""
-    max_prefill_batch: int = 8
-    """Whole prompts queued together that share one prefill step on CUDA
-    (--max-prefill-batch); their padded length counts against --chunked-prefill-size."""
+    max_prefill_batch: int = setting(
+        8,
+        "whole prompts queued together that share one prefill step on CUDA (their padded "
+        "length counts against --chunked-prefill-size; the CPU prefills one at a time)",
+    )
     prefix_cache: bool = True
     """Reuse the KV cache of repeated prompt prefixes (--disable-prefix-cache turns it off)."""
     mock: MockConfig = field(default_factory=MockConfig)
@@ -90,66 +111,7 @@ class EngineConfig:
             default="",
             help="engine that encodes images, on an encode worker or inline (default: --engine)",
         )
-        group.add_argument(
-            "--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:1, ..."
-        )
-        group.add_argument(
-            "--disaggregation-bootstrap-host",
-            default="127.0.0.1",
-            help="where a prefill worker's bootstrap endpoint (KV hand-off rooms) listens",
-        )
-        group.add_argument(
-            "--disaggregation-bootstrap-port",
-            type=int,
-            default=0,
-            help="its port (0: a free one, announced)",
-        )
-        group.add_argument(
-            "--max-model-len",
-            "--context-length",
-            dest="max_model_len",
-            type=int,
-            default=0,
-            help="tokens one sequence may hold, prompt included (default: the model's context "
-            "length, at most 8192); a longer prompt is refused with a 400",
-        )
-        group.add_argument(
-            "--max-running-requests",
-            type=int,
-            default=128,
-            help="sequences admitted at once (decode batches are no larger); more requests "
-            "wait in a queue",
-        )
-        group.add_argument(
-            "--mem-fraction-static",
-            "--mem-fraction",
-            dest="mem_fraction_static",
-            type=float,
-            default=0.9,
-            help="fraction of the device's memory this process may hold (weights + KV cache); "
-            "the KV cache gets what is left of it, at most what --max-running-requests "
-            "sequences of --max-model-len tokens fill; on CUDA the process's allocations are "
-            "capped at it, so workers can share a GPU",
-        )
-        group.add_argument(
-            "--kv-cache-tokens",
-            type=int,
-            default=None,
-            help="size the KV cache in tokens instead of from --mem-fraction-static",
-        )
-        group.add_argument(
-            "--page-size",
-            type=int,
-            default=16,
-            help="token positions per KV cache block",
-        )
-        group.add_argument(
-            "--chunked-prefill-size",
-            type=int,
-            default=2048,
-            help="prompt positions one prefill step runs at most: a longer prompt is "
-            "prefilled in chunks, with decode steps in between",
-        )
+        add_settings(group, EngineConfig)
         group.add_argument(
             "--disable-cuda-graph",
             action="store_true",
@@ -161,32 +123,7 @@ class EngineConfig:
             help="compute every prompt whole instead of reusing the KV cache of a prefix "
             "(text and images by content key) that this worker computed before",
         )
-        group.add_argument(
-            "--max-prefill-batch",
-            type=int,
-            default=8,
-            help="whole prompts queued together that share one prefill step on CUDA (their "
-            "padded length counts against --chunked-prefill-size; the CPU prefills one at a "
-            "time)",
-        )
-        group.add_argument(
-            "--mock-encode-s-per-image",
-            type=float,
-            default=MockConfig.encode_s_per_image,
-            help="mock engine: seconds to encode one image",
-        )
-        group.add_argument(
-            "--mock-prefill-s-per-token",
-            type=float,
-            default=MockConfig.prefill_s_per_token,
-            help="mock engine: seconds to prefill one prompt token",
-        )
-        group.add_argument(
-            "--mock-decode-s-per-step",
-            type=float,
-            default=MockConfig.decode_s_per_step,
-            help="mock engine: seconds per decode step (0: every token at once, one chunk)",
-        )
+        add_settings(group, MockConfig)
         group.add_argument(
             "--mock-fail-prefill",
             action="store_true",
@@ -199,26 +136,15 @@ class EngineConfig:
     ) -> "EngineConfig":
         """Build from parsed flags; `advertise_host`: the address this worker advertises."""
         return cls(
+            **settings_from(args, EngineConfig),
             name=args.engine,
             encode_name=args.encode_engine,
             model_path=model_path,
-            device=args.device,
-            bootstrap_host=args.disaggregation_bootstrap_host,
-            bootstrap_port=args.disaggregation_bootstrap_port,
             advertise_host=advertise_host,
-            max_model_len=args.max_model_len,
-            max_running_requests=args.max_running_requests,
-            mem_fraction_static=args.mem_fraction_static,
-            kv_cache_tokens=args.kv_cache_tokens,
-            page_size=args.page_size,
-            chunked_prefill_size=args.chunked_prefill_size,
             cuda_graphs=not args.disable_cuda_graph,
-            max_prefill_batch=args.max_prefill_batch,
             prefix_cache=not args.disable_prefix_cache,
             mock=MockConfig(
-                encode_s_per_image=args.mock_encode_s_per_image,
-                prefill_s_per_token=args.mock_prefill_s_per_token,
-                decode_s_per_step=args.mock_decode_s_per_step,
+                **settings_from(args, MockConfig),
                 fail_prefill=args.mock_fail_prefill,
                 max_running=args.max_running_requests,
             ),

@@ -3,6 +3,7 @@
 import argparse
 from dataclasses import dataclass, fields
 
+from triptych.protocol.settings import add_settings, setting
 from triptych.runtime.env import Env
 
 
@@ -20,26 +21,34 @@ class RuntimeConfig:
     """NATS password."""
     nats_token: str | None = None
     """NATS token."""
-    nats_tls_ca: str | None = None
-    """CA bundle to verify the NATS server's TLS certificate; enables TLS."""
-    ack_timeout_s: float = 1.0
-    """How long a caller waits for an instance to accept a call. Workers accept on arrival,
-    before any work, so only a dead or frozen instance misses this; the call then moves on."""
+    nats_tls_ca: str | None = setting(
+        None, "CA bundle to verify the NATS server's certificate; enables TLS"
+    )
+    ack_timeout_s: float = setting(
+        1.0, "how long a caller waits for an instance to accept a call before trying another"
+    )
+    """Workers accept on arrival, before any work, so only a dead or frozen instance misses
+    this; the call then moves on."""
     discovery_interval_s: float = 1.0
     """How often clients ping the instances of the components they call."""
     instance_ttl_s: float = 2.5
     """An instance that has not answered a ping for this long leaves routing."""
     keepalive_interval_s: float = 1.0
     """A worker holding a silent stream sends a keepalive this often."""
-    stream_idle_timeout_s: float = 5.0
-    """A caller fails a stream that has been silent (no data, no keepalive) this long."""
+    stream_idle_timeout_s: float = setting(
+        5.0, "a reply stream silent this long (no data, no keepalive) fails"
+    )
     direct_streams: bool = True
     """Calls and their response frames travel on direct TCP links between caller and worker
     where the worker offers one (``stream_port`` in its NATS metadata), instead of through
     nats-server."""
-    reconnect_window_s: float = 30.0
-    """A process that cannot reach NATS for this long exits non-zero, for its supervisor
-    (Kubernetes, systemd, a launcher) to restart it."""
+    reconnect_window_s: float = setting(
+        30.0,
+        "exit non-zero when NATS stays unreachable this long",
+        "--nats-reconnect-window-s",
+        dest="reconnect_window_s",
+    )
+    """For its supervisor (Kubernetes, systemd, a launcher) to restart the process."""
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> "RuntimeConfig":
@@ -63,23 +72,6 @@ class RuntimeConfig:
             "--namespace", default=base.namespace, help="subject prefix ($TRIPTYCH_NAMESPACE)"
         )
         group.add_argument(
-            "--nats-tls-ca",
-            default=None,
-            help="CA bundle to verify the NATS server's certificate; enables TLS",
-        )
-        group.add_argument(
-            "--ack-timeout-s",
-            type=float,
-            default=base.ack_timeout_s,
-            help="how long a caller waits for an instance to accept a call before trying another",
-        )
-        group.add_argument(
-            "--stream-idle-timeout-s",
-            type=float,
-            default=base.stream_idle_timeout_s,
-            help="a reply stream silent this long (no data, no keepalive) fails",
-        )
-        group.add_argument(
             "--no-direct-streams",
             dest="direct_streams",
             action="store_false",
@@ -87,13 +79,7 @@ class RuntimeConfig:
             help="send calls and response frames through NATS rather than on direct TCP links "
             "between caller and worker",
         )
-        group.add_argument(
-            "--nats-reconnect-window-s",
-            dest="reconnect_window_s",
-            type=float,
-            default=base.reconnect_window_s,
-            help="exit non-zero when NATS stays unreachable this long",
-        )
+        add_settings(group, cls)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RuntimeConfig":

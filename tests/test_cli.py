@@ -3,6 +3,7 @@ line for what it refuses, and ``triptych serve`` bringing up each topology."""
 
 import argparse
 import base64
+import dataclasses
 import io
 import os
 import re
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -24,8 +26,12 @@ from tests.stack import FAST_MOCK, ROOT, SERVING, Stack, start_topology
 from triptych.cli.serve import flags as serve_flags
 from triptych.components.decode_worker.__main__ import parser as decode_parser
 from triptych.components.encode_worker.__main__ import parser as encode_parser
-from triptych.components.frontend.config import FrontendConfig
+from triptych.components.frontend.config import FrontendConfig, ImageLimits, VideoLimits
 from triptych.components.prefill_worker.__main__ import parser as prefill_parser
+from triptych.components.worker import WorkerConfig, worker_config
+from triptych.engines import EngineConfig
+from triptych.engines.mock import MockConfig
+from triptych.runtime import RuntimeConfig
 from triptych.runtime.flags import FlagParser, primary_flag, settable
 from triptych.runtime.nats_server import NatsServer
 
@@ -69,6 +75,51 @@ def test_sglang_names_are_aliases() -> None:
     assert (args.max_model_len, args.mem_fraction_static) == (2048, 0.5)
     args = FrontendConfig.parser().parse_args(["--host", "0.0.0.0", "--port", "9000"])
     assert (args.http_host, args.http_port) == ("0.0.0.0", 9000)
+
+
+def _flag_and_value(field: dataclasses.Field[Any]) -> tuple[str, Any]:
+    """A setting's first flag and a value other than its default."""
+    flag = (field.metadata["flags"] or ("--" + field.name.replace("_", "-"),))[0]
+    choices = field.metadata["argument"].get("choices")
+    if choices:
+        return flag, next(choice for choice in choices if choice != field.default)
+    if isinstance(field.default, float):
+        return flag, field.default + 0.25
+    if isinstance(field.default, int) or field.name == "kv_cache_tokens":  # int | None
+        return flag, (field.default or 0) + 7
+    return flag, f"set-{field.name}"
+
+
+def test_each_setting_flag_reaches_its_config_field(tiny_model: Path) -> None:
+    """Every config field declared with `setting` is a flag whose value lands in that field."""
+
+    def set_all(*configs: type) -> tuple[list[str], dict[tuple[type, str], Any]]:
+        argv, wanted = [], {}
+        for config in configs:
+            for field in dataclasses.fields(config):
+                if "help" in field.metadata:
+                    flag, value = _flag_and_value(field)
+                    argv += [flag, str(value)]
+                    wanted[config, field.name] = value
+        return argv, wanted
+
+    argv, wanted = set_all(FrontendConfig, ImageLimits, VideoLimits, RuntimeConfig)
+    frontend = FrontendConfig.from_args(FrontendConfig.parser().parse_args(argv), "m", "m")
+    argv, more = set_all(WorkerConfig, EngineConfig, MockConfig)
+    args = decode_parser().parse_args([*argv, "--model-path", str(tiny_model)])
+    worker = worker_config(args, "decode")
+    held = {
+        FrontendConfig: frontend,
+        ImageLimits: frontend.images,
+        VideoLimits: frontend.videos,
+        RuntimeConfig: frontend.runtime,
+        WorkerConfig: worker,
+        EngineConfig: worker.engine,
+        MockConfig: worker.engine.mock,
+    }
+    assert len(wanted) + len(more) > 40
+    for (config, name), value in {**wanted, **more}.items():
+        assert getattr(held[config], name) == value, (config.__name__, name)
 
 
 def test_command_line_beats_environment_beats_config_file(

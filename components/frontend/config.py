@@ -4,6 +4,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from triptych.components.topology import TOPOLOGIES, add_topology_argument
+from triptych.protocol.settings import add_settings, setting, settings_from
 from triptych.runtime import RuntimeConfig
 from triptych.runtime.flags import FlagParser, add_logging_arguments, add_model_arguments
 from triptych.transfer.image_bytes import INLINE_BYTES
@@ -13,14 +14,13 @@ from triptych.transfer.image_bytes import INLINE_BYTES
 class ImageLimits:
     """What the frontend accepts as images."""
 
-    max_images: int = 8
-    """Images per request."""
-    max_bytes: int = 20 * 1024 * 1024
-    """Encoded bytes per image."""
-    max_pixels: int = 32 * 1024 * 1024
-    """Decoded pixels per image (also the decompression-bomb guard)."""
-    fetch_timeout_s: float = 10.0
-    """Time to fetch one http(s) image, connection included."""
+    max_images: int = setting(8, "images per request")
+    max_bytes: int = setting(20 * 1024 * 1024, "encoded bytes per image", "--max-image-bytes")
+    max_pixels: int = setting(32 * 1024 * 1024, "decoded pixels per image", "--max-image-pixels")
+    """Also the decompression-bomb guard."""
+    fetch_timeout_s: float = setting(
+        10.0, "time to fetch one http(s) image, connection included", "--image-fetch-timeout-s"
+    )
     file_root: str | None = None
     """Directory ``file://`` URLs may read from; None refuses ``file://``."""
     max_redirects: int = 3
@@ -36,17 +36,20 @@ class VideoLimits:
     """What the frontend accepts as videos (fetched like images, under the image flags'
     timeout, redirects, allow-lists and ``file://`` root)."""
 
-    max_videos: int = 4
-    """Videos per request."""
-    max_bytes: int = 32 * 1024 * 1024
-    """Encoded bytes per video."""
-    max_frames: int = 7200
-    """Frames per video (before sampling): checked from the container's packets without
-    decoding, so a tiny file holding a huge number of frames is refused at once."""
-    max_pixels: int = 3840 * 2160
-    """Pixels per frame, checked from the stream header before decoding."""
-    max_duration_s: float = 600.0
-    """Seconds per video."""
+    max_videos: int = setting(4, "videos per request")
+    max_bytes: int = setting(32 * 1024 * 1024, "encoded bytes per video", "--max-video-bytes")
+    max_frames: int = setting(
+        7200, "frames per video before sampling (counted without decoding)", "--max-video-frames"
+    )
+    """Checked from the container's packets without decoding, so a tiny file holding a huge
+    number of frames is refused at once."""
+    max_pixels: int = setting(3840 * 2160, "pixels per video frame", "--max-video-pixels")
+    """Checked from the stream header before decoding."""
+    max_duration_s: float = setting(600.0, "seconds per video", "--max-video-duration-s")
+
+
+ROUTINGS = ("affinity", "round-robin")
+"""How a request picks an instance of its entry stage."""
 
 
 @dataclass(frozen=True)
@@ -61,26 +64,38 @@ class FrontendConfig:
     """What ``--model-path`` said: the hub ID or the directory (shown in ``/v1/models``)."""
     topology: str = "E/P/D"
     """One of `TOPOLOGIES`."""
-    http_host: str = "127.0.0.1"
-    http_port: int = 8000
-    """0 binds a free port; the one bound is logged and written to `port_file`."""
-    port_file: str | None = None
-    """Where to announce the bound port as ``{"http": N}`` once listening."""
-    request_timeout_s: float = 300.0
-    """Deadline of each request, from arrival to the last token."""
-    drain_grace_s: float = 30.0
-    """On SIGTERM: how long requests in flight may take to finish (new ones are refused)."""
-    max_body_bytes: int = 64 * 1024 * 1024
-    """Largest accepted request body."""
-    max_inflight_requests: int = 512
-    """Chat requests served at once; more are answered 503 with Retry-After at once."""
-    migration_limit: int = 1
-    """How many times a request whose instance died before its first token is sent again."""
-    api_key: str | None = None
-    """Clients must send ``Authorization: Bearer <key>`` (``/health``, ``/ready`` and
-    ``/metrics`` stay open); None lets everyone in."""
-    chat_template: str | None = None
-    """A Jinja chat template replacing the checkpoint's."""
+    http_host: str = setting("127.0.0.1", "interface to listen on", "--http-host", "--host")
+    http_port: int = setting(
+        8000, "port to listen on (0: a free port, announced once bound)", "--http-port", "--port"
+    )
+    """The port bound is logged and written to `port_file`."""
+    port_file: str | None = setting(
+        None, 'write {"http": PORT} to this file once listening (for launchers and tests)'
+    )
+    api_key: str | None = setting(
+        None,
+        "require 'Authorization: Bearer KEY' on every endpoint but /health, /ready and /metrics",
+    )
+    """None lets everyone in."""
+    chat_template: str | None = setting(
+        None, "Jinja chat template (a file, or the template itself) replacing the checkpoint's"
+    )
+    request_timeout_s: float = setting(
+        300.0, "deadline of each request, from arrival to its last token"
+    )
+    drain_grace_s: float = setting(
+        30.0, "on SIGTERM, how long requests in flight may take to finish"
+    )
+    """New requests are refused meanwhile."""
+    max_body_bytes: int = setting(64 * 1024 * 1024, "largest request body accepted (413 beyond)")
+    max_inflight_requests: int = setting(
+        512, "requests served at once; more are answered 503 with Retry-After"
+    )
+    migration_limit: int = setting(
+        1,
+        "times a request whose decode or prefill instance died before its first token is sent "
+        "again to another instance (0: never)",
+    )
     model_sampling_defaults: bool = True
     """Sampling fields a request leaves out come from the checkpoint's
     ``generation_config.json`` (``--sampling-defaults model``) rather than OpenAI's defaults."""
@@ -88,22 +103,34 @@ class FrontendConfig:
     """One log line per request: id, status, tokens, time to first token, total time."""
     images: ImageLimits = field(default_factory=ImageLimits)
     videos: VideoLimits = field(default_factory=VideoLimits)
-    inline_image_bytes: int = INLINE_BYTES
-    """Encoded image and video bytes per request that may ride inside the NATS message; larger
-    ones wait in this process's registered memory and the encoder READs them over NIXL."""
-    transfer_pool_mb: int = 256
-    """Size of the NIXL-registered memory holding those images until they are read."""
-    image_routing: str = "affinity"
-    """How requests with images pick the entry stage's instance: "affinity" (rendezvous
-    hashing of the images' content keys, so a repeated image meets the encoder that cached
-    it) or "round-robin"."""
-    prefix_routing: str = "affinity"
-    """How requests pick the aggregated worker in the EPD topology: "affinity" (rendezvous
-    hashing of the prompt's first tokens and images, so a repeated prefix meets the worker
-    whose prefix cache holds it) or "round-robin"."""
-    affinity_max_load: float = 0.5
-    """Share of an instance's announced capacity this frontend may hold open on it before
-    requests with affinity for it go to the next instance in hash order."""
+    inline_image_bytes: int = setting(
+        INLINE_BYTES,
+        "image and video bytes per request carried inside the NATS message; the rest move by NIXL",
+        "--max-inline-image-bytes",
+    )
+    """Larger ones wait in this process's registered memory and the encoder READs them."""
+    transfer_pool_mb: int = setting(
+        256, "NIXL-registered memory for images waiting to be read by an encoder"
+    )
+    image_routing: str = setting(
+        "affinity",
+        "how a request with images picks its encoder: affinity (rendezvous hashing of the "
+        "images' content keys, so a repeated image meets the encoder that cached it) or "
+        "round-robin",
+        choices=ROUTINGS,
+    )
+    prefix_routing: str = setting(
+        "affinity",
+        "how a request picks its worker in the EPD topology: affinity (rendezvous hashing of "
+        "the prompt's first tokens and images, so a repeated prefix meets the worker that "
+        "cached it) or round-robin",
+        choices=ROUTINGS,
+    )
+    affinity_max_load: float = setting(
+        0.5,
+        "share of an encoder's announced capacity this frontend may hold open on it before "
+        "requests with affinity for it go to the next encoder in hash order",
+    )
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -127,31 +154,14 @@ class FrontendConfig:
             parser, "the frontend fetches only its tokenizer, config and processor files"
         )
         add_topology_argument(parser, "which stages serve requests (E/P/D, E/PD, EPD or P/D)")
-        parser.add_argument(
-            "--http-host", "--host", default="127.0.0.1", help="interface to listen on"
-        )
-        parser.add_argument(
-            "--http-port",
-            "--port",
-            type=int,
-            default=8000,
-            help="port to listen on (0: a free port, announced once bound)",
-        )
-        parser.add_argument(
-            "--port-file",
-            default=None,
-            help='write {"http": PORT} to this file once listening (for launchers and tests)',
-        )
-        parser.add_argument(
-            "--api-key",
-            default=None,
-            help="require 'Authorization: Bearer KEY' on every endpoint but /health, /ready "
-            "and /metrics",
-        )
-        parser.add_argument(
-            "--chat-template",
-            default=None,
-            help="Jinja chat template (a file, or the template itself) replacing the checkpoint's",
+        add_settings(
+            parser,
+            FrontendConfig,
+            "http_host",
+            "http_port",
+            "port_file",
+            "api_key",
+            "chat_template",
         )
         parser.add_argument(
             "--sampling-defaults",
@@ -165,59 +175,17 @@ class FrontendConfig:
             action="store_true",
             help="no log line per request (id, status, tokens, TTFT, total time)",
         )
-        parser.add_argument(
-            "--request-timeout-s",
-            type=float,
-            default=FrontendConfig.request_timeout_s,
-            help="deadline of each request, from arrival to its last token",
-        )
-        parser.add_argument(
-            "--drain-grace-s",
-            type=float,
-            default=FrontendConfig.drain_grace_s,
-            help="on SIGTERM, how long requests in flight may take to finish",
-        )
-        parser.add_argument(
-            "--max-body-bytes",
-            type=int,
-            default=FrontendConfig.max_body_bytes,
-            help="largest request body accepted (413 beyond)",
-        )
-        parser.add_argument(
-            "--max-inflight-requests",
-            type=int,
-            default=FrontendConfig.max_inflight_requests,
-            help="requests served at once; more are answered 503 with Retry-After",
-        )
-        parser.add_argument(
-            "--migration-limit",
-            type=int,
-            default=FrontendConfig.migration_limit,
-            help="times a request whose decode or prefill instance died before its first token "
-            "is sent again to another instance (0: never)",
+        add_settings(
+            parser,
+            FrontendConfig,
+            "request_timeout_s",
+            "drain_grace_s",
+            "max_body_bytes",
+            "max_inflight_requests",
+            "migration_limit",
         )
         images = parser.add_argument_group("images")
-        images.add_argument(
-            "--max-images", type=int, default=ImageLimits.max_images, help="images per request"
-        )
-        images.add_argument(
-            "--max-image-bytes",
-            type=int,
-            default=ImageLimits.max_bytes,
-            help="encoded bytes per image",
-        )
-        images.add_argument(
-            "--max-image-pixels",
-            type=int,
-            default=ImageLimits.max_pixels,
-            help="decoded pixels per image",
-        )
-        images.add_argument(
-            "--image-fetch-timeout-s",
-            type=float,
-            default=ImageLimits.fetch_timeout_s,
-            help="time to fetch one http(s) image, connection included",
-        )
+        add_settings(images, ImageLimits)
         images.add_argument(
             "--allowed-image-hosts",
             default="",
@@ -233,70 +201,9 @@ class FrontendConfig:
             default=None,
             help="directory file:// image and video URLs may read from (off by default)",
         )
-        videos = parser.add_argument_group("videos")
-        videos.add_argument(
-            "--max-videos", type=int, default=VideoLimits.max_videos, help="videos per request"
-        )
-        videos.add_argument(
-            "--max-video-bytes",
-            type=int,
-            default=VideoLimits.max_bytes,
-            help="encoded bytes per video",
-        )
-        videos.add_argument(
-            "--max-video-frames",
-            type=int,
-            default=VideoLimits.max_frames,
-            help="frames per video before sampling (counted without decoding)",
-        )
-        videos.add_argument(
-            "--max-video-pixels",
-            type=int,
-            default=VideoLimits.max_pixels,
-            help="pixels per video frame",
-        )
-        videos.add_argument(
-            "--max-video-duration-s",
-            type=float,
-            default=VideoLimits.max_duration_s,
-            help="seconds per video",
-        )
-        images.add_argument(
-            "--max-inline-image-bytes",
-            type=int,
-            default=INLINE_BYTES,
-            help="image and video bytes per request carried inside the NATS message; the rest "
-            "move by NIXL",
-        )
-        images.add_argument(
-            "--transfer-pool-mb",
-            type=int,
-            default=256,
-            help="NIXL-registered memory for images waiting to be read by an encoder",
-        )
-        parser.add_argument(
-            "--image-routing",
-            choices=("affinity", "round-robin"),
-            default=FrontendConfig.image_routing,
-            help="how a request with images picks its encoder: affinity (rendezvous hashing of "
-            "the images' content keys, so a repeated image meets the encoder that cached it) "
-            "or round-robin",
-        )
-        parser.add_argument(
-            "--prefix-routing",
-            choices=("affinity", "round-robin"),
-            default=FrontendConfig.prefix_routing,
-            help="how a request picks its worker in the EPD topology: affinity (rendezvous "
-            "hashing of the prompt's first tokens and images, so a repeated prefix meets the "
-            "worker that cached it) or round-robin",
-        )
-        parser.add_argument(
-            "--affinity-max-load",
-            type=float,
-            default=FrontendConfig.affinity_max_load,
-            help="share of an encoder's announced capacity this frontend may hold open on it "
-            "before requests with affinity for it go to the next encoder in hash order",
-        )
+        add_settings(parser.add_argument_group("videos"), VideoLimits)
+        add_settings(images, FrontendConfig, "inline_image_bytes", "transfer_pool_mb")
+        add_settings(parser, FrontendConfig, "image_routing", "prefix_routing", "affinity_max_load")
         add_logging_arguments(parser)
         RuntimeConfig.add_arguments(parser)
         return parser
@@ -307,45 +214,23 @@ class FrontendConfig:
     ) -> "FrontendConfig":
         """Build from parsed flags; `model_path` already resolved to a directory, `model_name`
         the name it is known by (the hub ID or the directory's name)."""
+        empty_key_is_none = {"api_key": args.api_key or None}  # TRIPTYCH_API_KEY="" is no key
         return cls(
+            **settings_from(args, FrontendConfig) | empty_key_is_none,
             runtime=RuntimeConfig.from_args(args),
             model_path=model_path,
             served_model_name=args.served_model_name or model_name,
             model_source=args.model_path or model_path,
             topology=args.topology,
-            http_host=args.http_host,
-            http_port=args.http_port,
-            port_file=args.port_file,
-            request_timeout_s=args.request_timeout_s,
-            drain_grace_s=args.drain_grace_s,
-            max_body_bytes=args.max_body_bytes,
-            max_inflight_requests=args.max_inflight_requests,
-            migration_limit=args.migration_limit,
-            api_key=args.api_key or None,
-            chat_template=args.chat_template,
             model_sampling_defaults=args.sampling_defaults == "model",
             access_log=not args.disable_access_log,
             images=ImageLimits(
-                max_images=args.max_images,
-                max_bytes=args.max_image_bytes,
-                max_pixels=args.max_image_pixels,
-                fetch_timeout_s=args.image_fetch_timeout_s,
+                **settings_from(args, ImageLimits),
                 file_root=args.allowed_local_media_path,
                 allowed_hosts=_split(args.allowed_image_hosts),
                 allowed_networks=_split(args.allowed_image_networks),
             ),
-            videos=VideoLimits(
-                max_videos=args.max_videos,
-                max_bytes=args.max_video_bytes,
-                max_frames=args.max_video_frames,
-                max_pixels=args.max_video_pixels,
-                max_duration_s=args.max_video_duration_s,
-            ),
-            inline_image_bytes=args.max_inline_image_bytes,
-            transfer_pool_mb=args.transfer_pool_mb,
-            image_routing=args.image_routing,
-            prefix_routing=args.prefix_routing,
-            affinity_max_load=args.affinity_max_load,
+            videos=VideoLimits(**settings_from(args, VideoLimits)),
         )
 
 

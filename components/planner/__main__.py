@@ -24,6 +24,7 @@ from triptych.components.planner.kube import DeploymentScaler, ScaleError
 from triptych.components.planner.model import StageCosts, WorkloadProfile, calibrate
 from triptych.components.planner.placement import Bounds, plan
 from triptych.components.planner.signals import StageSignals, read_signals
+from triptych.protocol.settings import add_settings, settings_from
 from triptych.runtime import Runtime, RuntimeConfig
 from triptych.runtime.entry import configure_logging, serve
 
@@ -46,12 +47,8 @@ def _bounds(text: str) -> Bounds:
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     """The workload profile's flags."""
     group = parser.add_argument_group("workload profile")
-    group.add_argument("--images-per-request", type=float, default=1.0)
+    add_settings(group, WorkloadProfile)
     group.add_argument("--image-size", type=_size, default=(448, 448), help="WxH (or W)")
-    group.add_argument("--text-tokens", type=int, default=40, help="prompt tokens besides images")
-    group.add_argument("--output-tokens", type=int, default=64)
-    group.add_argument("--ttft-target-s", type=float, default=1.0)
-    group.add_argument("--itl-target-s", type=float, default=0.05)
     group.add_argument(
         "--costs",
         type=Path,
@@ -59,20 +56,14 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON of StageCosts fields (seconds per kind of work on one GPU) over the defaults",
     )
     group.add_argument("--max-running-requests", type=int, default=None)
-    group.add_argument("--target-utilisation", type=float, default=0.7)
+    add_settings(group, Policy, "target_utilisation")
 
 
 def profile_from_args(args: argparse.Namespace) -> WorkloadProfile:
     """The profile the flags describe."""
     width, height = args.image_size
     return WorkloadProfile(
-        images_per_request=args.images_per_request,
-        image_width=width,
-        image_height=height,
-        text_tokens=args.text_tokens,
-        output_tokens=args.output_tokens,
-        ttft_target_s=args.ttft_target_s,
-        itl_target_s=args.itl_target_s,
+        **settings_from(args, WorkloadProfile), image_width=width, image_height=height
     )
 
 
@@ -92,9 +83,8 @@ def costs_from_args(args: argparse.Namespace) -> StageCosts:
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
-    """The controller's policy: each field from the ``watch`` flag of its name, if there is one."""
-    given = vars(args)
-    return Policy(**{f.name: given[f.name] for f in fields(Policy) if f.name in given})
+    """The controller's policy, from the ``watch`` flags."""
+    return Policy(**settings_from(args, Policy))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -130,13 +120,7 @@ def parser() -> argparse.ArgumentParser:
         )
     watching.add_argument("--interval-s", type=float, default=10.0)
     watching.add_argument("--rounds", type=int, default=0, help="stop after N rounds (0: never)")
-    watching.add_argument("--target-utilisation", type=float, default=Policy.target_utilisation)
-    watching.add_argument(
-        "--scale-down-utilisation", type=float, default=Policy.scale_down_utilisation
-    )
-    watching.add_argument("--up-rounds", type=int, default=Policy.up_rounds)
-    watching.add_argument("--down-rounds", type=int, default=Policy.down_rounds)
-    watching.add_argument("--cooldown-s", type=float, default=Policy.cooldown_s)
+    add_settings(watching, Policy)
     watching.add_argument(
         "--kube-api", default=None, help="API server URL (e.g. kubectl proxy's); none: dry run"
     )

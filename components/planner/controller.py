@@ -23,18 +23,21 @@ from dataclasses import dataclass, field
 
 from triptych.components.planner.placement import Bounds
 from triptych.protocol.load import StageLoad
+from triptych.protocol.settings import setting
 
 
 @dataclass(frozen=True)
 class Policy:
     """How the controller decides (see the module docstring)."""
 
-    target_utilisation: float = 0.7
-    scale_down_utilisation: float = 0.4
+    target_utilisation: float = setting(0.7, "busy share of an instance the split aims at")
+    scale_down_utilisation: float = setting(
+        0.4, "a stage shrinks only when one instance fewer stays below this busy share"
+    )
     queue_per_instance: float = 2.0
-    up_rounds: int = 2
-    down_rounds: int = 5
-    cooldown_s: float = 30.0
+    up_rounds: int = setting(2, "rounds in a row that ask for more before a stage grows")
+    down_rounds: int = setting(5, "rounds in a row that ask for fewer before a stage shrinks")
+    cooldown_s: float = setting(30.0, "seconds after a change before the stage changes again")
 
 
 @dataclass

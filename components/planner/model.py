@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from triptych.protocol.load import StageLoad
+from triptych.protocol.settings import setting
 
 PATCH = 14
 """Pixels per side of a vision patch (Qwen2-VL family)."""
@@ -35,14 +36,13 @@ def image_patches(width: int, height: int) -> int:
 class WorkloadProfile:
     """The traffic a split is planned for."""
 
-    images_per_request: float = 1.0
+    images_per_request: float = setting(1.0, "images a request carries, on average")
     image_width: int = 448
     image_height: int = 448
-    text_tokens: int = 40
-    """Prompt tokens besides the image tokens."""
-    output_tokens: int = 64
-    ttft_target_s: float = 1.0
-    itl_target_s: float = 0.05
+    text_tokens: int = setting(40, "prompt tokens besides the image tokens")
+    output_tokens: int = setting(64, "tokens generated per request")
+    ttft_target_s: float = setting(1.0, "time to first token the split must keep")
+    itl_target_s: float = setting(0.05, "time between tokens the split must keep")
 
     @property
     def patches_per_image(self) -> int:

@@ -1,15 +1,18 @@
 """Prometheus metrics, all ``triptych_``-prefixed; one registry per process.
 
-The frontend serves them on ``/metrics``; every worker on its own small HTTP port (with
-``/health`` and ``/ready``). Units are in the names; counters end in ``_total``.
+The frontend serves them on ``/metrics`` (the sum over its processes, `merge`); every worker on
+its own small HTTP port (with ``/health`` and ``/ready``). Units are in the names; counters end
+in ``_total``.
 """
 
 import bisect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -218,3 +221,50 @@ STAGE_TOKENS_PER_S = Gauge(
     "Tokens processed per second (last 10 s): prompt tokens prefilled, output tokens decoded",
     ["stage", "phase"],
 )
+
+
+_SAME_IN_EVERY_PROCESS: dict[str, Callable[[Iterable[float]], float]] = {
+    "python_info": max,
+    "process_start_time_seconds": min,
+    "process_max_fds": min,
+}
+"""Samples that describe one process rather than count for it: the group's is not a sum."""
+
+
+def merge(expositions: Sequence[bytes]) -> bytes:
+    """Several processes' Prometheus text as one process's: counters, histograms and gauges
+    added up sample by sample (requests, tokens, in-flight requests, CPU seconds, memory);
+    creation times and start times the earliest."""
+    families: dict[str, Metric] = {}
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
+    for text in expositions:
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in values:
+                    values[key] = []
+                    merged.add_sample(sample.name, sample.labels, 0.0)
+                values[key].append(sample.value)
+    for family in families.values():
+        for index, sample in enumerate(family.samples):
+            seen = values[(sample.name, tuple(sorted(sample.labels.items())))]
+            combine = _SAME_IN_EVERY_PROCESS.get(sample.name)
+            if combine is None and sample.name.endswith("_created"):
+                combine = min
+            family.samples[index] = sample._replace(value=(combine or sum)(seen))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)

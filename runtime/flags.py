@@ -39,13 +39,14 @@ def is_switch(action: argparse.Action) -> bool:
 
 
 def settable(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    """The flags of `parser` that a user sets (all but --help and --config)."""
+    """The flags of `parser` that a user sets (all but --help, --config and hidden ones)."""
     return [
         action
         for action in parser._actions
         if action.option_strings
         and not isinstance(action, argparse._HelpAction)
         and action.dest != "config"
+        and action.help != argparse.SUPPRESS
     ]
 
 

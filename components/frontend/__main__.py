@@ -5,8 +5,10 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from triptych.components.frontend.config import FrontendConfig
+from triptych.components.frontend.group import Followers, Group
 from triptych.components.frontend.http import HttpServer
 from triptych.components.frontend.images import ImageLoader
 from triptych.components.frontend.middleware import refusal
@@ -47,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         FrontendConfig.from_args(args, checkpoint.path, checkpoint.name),
         chat_template=chat_template,
     )
+    if config.frontend_processes < 1:
+        sys.exit("triptych frontend: --frontend-processes must be 1 or more")
 
     async def run(stop: asyncio.Event) -> int:
         loader = ImageLoader(config.images)
@@ -62,20 +66,33 @@ def main(argv: Sequence[str] | None = None) -> None:
                 stages[config.stages[0]].max_load = config.affinity_max_load
                 frontend = Frontend(config, runtime, preprocessor, stages, agent)
                 http = HttpServer(frontend.handler(), refusal, config.max_body_bytes)
+                followers: Followers | None = None
                 try:
                     port = await listen(http, config)
+                    if config.frontend_processes > 1:
+                        followers, frontend.group = await _group(
+                            config, args.frontend_group, port, argv, stop
+                        )
                     if config.port_file:
                         write_port_file(config.port_file, {"http": port})
                     log.info(
-                        "frontend (%s, model '%s') on http://%s:%d",
+                        "frontend (%s, model '%s') on http://%s:%d%s",
                         config.topology,
                         config.served_model_name,
                         config.http_host,
                         port,
+                        f" ({config.frontend_processes} processes)" if followers else "",
                     )
                     return await serving(stop, runtime)
                 finally:
-                    await http.close(config.drain_grace_s)
+                    # The followers drain while this process does.
+                    grace = config.drain_grace_s
+                    stopped = asyncio.ensure_future(followers.stop(grace)) if followers else None
+                    await http.close(grace)
+                    if stopped is not None:
+                        await stopped
+                    if frontend.group is not None:
+                        await frontend.group.leave()
                     await loader.close()
         finally:
             await agent.close()
@@ -83,13 +100,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve(run, "frontend")
 
 
+async def _group(
+    config: FrontendConfig,
+    directory: str | None,
+    port: int,
+    argv: Sequence[str] | None,
+    stop: asyncio.Event,
+) -> tuple[Followers | None, Group]:
+    """Join this process's frontend group: as its leader (no `directory` given), start the
+    followers on `port` with this process's flags; as a follower, stop with the leader."""
+    followers = None
+    if directory is None:
+        given = sys.argv[1:] if argv is None else argv
+        followers = Followers(given, port, config.frontend_processes)
+        directory = str(followers.directory)
+    group = Group(Path(directory), config.frontend_processes)
+    await group.join(None if followers else stop)
+    return followers, group
+
+
 async def listen(http: HttpServer, config: FrontendConfig) -> int:
     """Bind the HTTP port (the one bound is returned); one line, not a traceback, when it is
-    taken."""
+    taken. A group of frontend processes binds it with SO_REUSEPORT."""
     # A deeper accept queue than the default 128: a burst waits to be refused with a 503
     # instead of having its connections dropped and retried.
+    shared = config.frontend_processes > 1
     try:
-        return await http.listen(config.http_host, config.http_port, backlog=1024)
+        return await http.listen(config.http_host, config.http_port, 1024, reuse_port=shared)
     except OSError as error:
         if is_port_in_use(error):
             raise port_in_use(config.http_host, config.http_port, "--http-port") from None

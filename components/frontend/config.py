@@ -126,6 +126,14 @@ class FrontendConfig:
         "cached it) or round-robin",
         choices=ROUTINGS,
     )
+    frontend_processes: int = setting(
+        1,
+        "frontend processes serving the HTTP port together (one per core the frontend may "
+        "use); the limits above are shared out among them",
+        "--frontend-processes",
+        "--api-server-count",
+    )
+    """The leader binds the port with SO_REUSEPORT and starts the others (`group`)."""
     affinity_max_load: float = setting(
         0.5,
         "share of an encoder's announced capacity this frontend may hold open on it before "
@@ -204,6 +212,8 @@ class FrontendConfig:
         add_settings(parser.add_argument_group("videos"), VideoLimits)
         add_settings(images, FrontendConfig, "inline_image_bytes", "transfer_pool_mb")
         add_settings(parser, FrontendConfig, "image_routing", "prefix_routing", "affinity_max_load")
+        add_settings(parser, FrontendConfig, "frontend_processes")
+        parser.add_argument("--frontend-group", default=None, help=argparse.SUPPRESS)
         add_logging_arguments(parser)
         RuntimeConfig.add_arguments(parser)
         return parser

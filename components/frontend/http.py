@@ -415,11 +415,19 @@ class HttpServer:
     _server: asyncio.Server | None = None
     _sweeper: asyncio.Task[None] | None = None
 
-    async def listen(self, host: str, port: int, backlog: int = 1024) -> int:
-        """Bind `host`:`port` (0: any free port) and start serving; the port bound."""
+    async def listen(
+        self, host: str, port: int, backlog: int = 1024, reuse_port: bool = False
+    ) -> int:
+        """Bind `host`:`port` (0: any free port) and start serving; the port bound.
+        `reuse_port`: other processes may bind it too (the kernel spreads connections)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, backlog=backlog, reuse_address=True
+            lambda: _Connection(self),
+            host,
+            port,
+            backlog=backlog,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         self._sweeper = loop.create_task(self._sweep())
         return int(self._server.sockets[0].getsockname()[1])

@@ -17,6 +17,7 @@ from triptych.components.frontend.chat import ChatReply
 from triptych.components.frontend.choices import Choices
 from triptych.components.frontend.completions import CompletionReply
 from triptych.components.frontend.config import FrontendConfig
+from triptych.components.frontend.group import Group
 from triptych.components.frontend.http import BodyTooLarge, Handler, Request, Response, Router
 from triptych.components.frontend.invalid import describe
 from triptych.components.frontend.logprobs import TokenText
@@ -101,6 +102,8 @@ class Frontend:
         self.token_text = TokenText(preprocessor.tokenizer)
         self.in_flight = 0
         """Requests being served (bounded by ``--max-inflight-requests``)."""
+        self.group: Group | None = None
+        """The other processes serving the same port, if any (``--frontend-processes``)."""
         self._unknown_fields: set[str] = set()
 
     def handler(self) -> Handler:
@@ -133,19 +136,22 @@ class Frontend:
         return Response(body=b'{"status": "ok"}')
 
     async def ready(self, request: Request) -> Response:
-        """200 only when every stage of the topology has a live instance."""
+        """200 only when every stage of the topology has a live instance (and every process of
+        the frontend's group is up)."""
         live = {name: len(client.instances.live) for name, client in self.stages.items()}
-        status = 200 if all(live.values()) else 503
-        state = {
-            "status": "ready" if status == 200 else "not ready",
-            "topology": self.config.topology,
-            "instances": live,
-        }
-        return Response(status=status, body=json.dumps(state).encode())
+        ready = all(live.values())
+        state: dict[str, object] = {"topology": self.config.topology, "instances": live}
+        if self.group is not None:
+            processes = len(self.group.members())
+            ready = ready and processes >= self.group.size
+            state["frontend_processes"] = processes
+        state = {"status": "ready" if ready else "not ready", **state}
+        return Response(status=200 if ready else 503, body=json.dumps(state).encode())
 
     async def metrics(self, request: Request) -> Response:
-        """Prometheus metrics of this process."""
-        return Response(body=generate_latest(), content_type=CONTENT_TYPE_LATEST)
+        """Prometheus metrics of the frontend: of this process, or summed over its group."""
+        text = await self.group.metrics() if self.group else generate_latest()
+        return Response(body=text, content_type=CONTENT_TYPE_LATEST)
 
     def _card(self) -> ModelCard:
         defaults = {
@@ -226,16 +232,19 @@ class Frontend:
     def _refusal(self, request_id: str) -> ServiceError | None:
         """A busy answer when this frontend already holds as many requests as it may, or as
         every decode instance can hold: refusing at the door costs next to nothing, where a
-        request refused by a worker was parsed, tokenized and sent on first."""
+        request refused by a worker was parsed, tokenized and sent on first. A group of frontend
+        processes shares both limits out."""
         limit = self.config.max_inflight_requests
-        if self.in_flight >= limit:
+        share = self.group.share if self.group else int
+        of_group = f" shared by {self.group.size} processes" if self.group else ""
+        if self.in_flight >= share(limit):
             return busy(
                 f"server busy: {self.in_flight} requests in flight "
-                f"(--max-inflight-requests {limit})",
+                f"(--max-inflight-requests {limit}{of_group})",
                 request_id,
             )
         downstream = self.stages[GENERATES].capacity
-        if downstream is not None and self.in_flight >= downstream:
+        if downstream is not None and self.in_flight >= share(downstream):
             return busy(
                 f"server busy: every decode instance is full ({self.in_flight} requests in flight)",
                 request_id,

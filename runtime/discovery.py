@@ -38,6 +38,10 @@ class InstanceTracker:
         self._interval = interval
         self._ttl = ttl
         self._last_seen: dict[str, float] = {}
+        self._live: list[str] = []
+        self._live_until = 0.0
+        """`_live` holds until then (the earliest expiry among it), or until a pong or a drop
+        changes who is live: every request asks, pongs come a few times a second."""
         self._metadata: dict[str, dict[str, str]] = {}
         self._changed = asyncio.Event()
         self._on_seen = on_seen
@@ -66,9 +70,15 @@ class InstanceTracker:
 
     @property
     def live(self) -> list[str]:
-        """Instance ids that answered recently, sorted (stable round-robin order)."""
-        horizon = time.monotonic() - self._ttl
-        return sorted(i for i, seen in self._last_seen.items() if seen >= horizon)
+        """Instance ids that answered recently, sorted (stable round-robin order); the list is
+        shared: read it, do not change it."""
+        now = time.monotonic()
+        if now >= self._live_until:
+            horizon = now - self._ttl
+            seen = {i: at for i, at in self._last_seen.items() if at >= horizon}
+            self._live = sorted(seen)
+            self._live_until = min(seen.values(), default=now) + self._ttl
+        return self._live
 
     def metadata(self, instance: str) -> dict[str, str]:
         """What the instance announces about itself (NATS micro metadata)."""
@@ -77,6 +87,7 @@ class InstanceTracker:
     def drop(self, instance: str) -> None:
         """Forget an instance now (it met "no responders")."""
         self._metadata.pop(instance, None)
+        self._live_until = 0.0
         if self._last_seen.pop(instance, None) is not None:
             log.info("%s instance %s left routing", self._component, instance)
 
@@ -119,6 +130,7 @@ class InstanceTracker:
         if instance not in self._last_seen:
             log.info("%s instance %s joined routing", self._component, instance)
         self._last_seen[instance] = time.monotonic()
+        self._live_until = 0.0
         metadata = info.get("metadata")
         self._metadata[instance] = metadata if isinstance(metadata, dict) else {}
         if self._on_seen is not None:

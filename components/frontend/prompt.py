@@ -146,7 +146,7 @@ class Preprocessor:
                 f"the chat template refused the messages: {error}",
                 param="messages",
             ) from None
-        token_ids: list[int] = self._encoder.encode(text, add_special_tokens=False).ids
+        token_ids = self._ids(text, add_special_tokens=False)
         if not urls and not video_urls:
             return Prompt(token_ids=token_ids, images=[])
         adapter = self.adapter
@@ -173,7 +173,13 @@ class Preprocessor:
     def encode_text(self, text: str) -> list[int]:
         """A completions prompt's token ids (the tokenizer's own special tokens added, no chat
         template)."""
-        return list(self._encoder.encode(text, add_special_tokens=True).ids)
+        return self._ids(text, add_special_tokens=True)
+
+    def _ids(self, text: str, add_special_tokens: bool) -> list[int]:
+        """`text`'s token ids, without the character offsets `encode` also computes (a fifth of
+        its time on a chat prompt)."""
+        [encoding] = self._encoder.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
     async def _load(
         self, urls: list[str], video_urls: list[str], adapter: ModelAdapter

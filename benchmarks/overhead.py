@@ -6,9 +6,12 @@ path's own: triptych E/P/D and EPD on the mock engine streaming one chunk per to
 installed there, started with its TCP_NODELAY shim, speed-up 1e6). Each system is measured in
 turn, in alternating order over `--rounds`, with the same client: streamed text-only chat
 completions of 16 tokens, time to the first chunk with text at concurrency 1, and requests/s at
-concurrency 32. Client, servers and NATS share the machine's cores.
+concurrency 32. Client, servers and NATS share the machine's cores. Dynamo's frontend runs
+on every core (tokio); triptych's runs `--frontend-processes` processes (default 2, one per
+core of the 2-core machine these figures come from).
 
-    python benchmarks/overhead.py [--dynamo-dir DIR] [--rounds 2] [--out FILE]
+    python benchmarks/overhead.py [--dynamo-dir DIR] [--rounds 2] [--frontend-processes 2]
+        [--out FILE]
 
 The JSON holds every measurement, the median of each figure over the rounds, and `ratios`
 whose keys say what is divided by what.
@@ -142,7 +145,8 @@ def _one_round(system: str, args: argparse.Namespace) -> dict[str, Any]:
             return asyncio.run(measure(url, "tiny", args.requests_c1, args.seconds_c32))
         finally:
             dynamo.stop()
-    launcher, url = launch(TRIPTYCH[system], PER_TOKEN, log)
+    processes = ["--frontend-processes", str(args.frontend_processes)]
+    launcher, url = launch(TRIPTYCH[system], [*processes, *PER_TOKEN], log)
     try:
         return asyncio.run(measure(url, args.model, args.requests_c1, args.seconds_c32))
     finally:
@@ -166,6 +170,7 @@ def main() -> None:
     parser.add_argument("--requests-c1", type=int, default=500)
     parser.add_argument("--seconds-c32", type=float, default=20.0)
     parser.add_argument("--model", default="tiny-qwen2.5-vl")
+    parser.add_argument("--frontend-processes", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/overhead_cpu.json"))
     args = parser.parse_args()
     systems = [*TRIPTYCH, *(["Dynamo"] if args.dynamo_dir else [])]
@@ -208,6 +213,7 @@ def main() -> None:
             "request-path overhead: streamed text chat, 16 tokens one chunk per token, "
             "simulated engines at ~0 cost; c=1 TTFT at the first chunk with text, c=32 req/s"
         ),
+        "triptych_frontend_processes": args.frontend_processes,
         "order": order,
         "runs": runs,
         "medians": medians,

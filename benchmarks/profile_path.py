@@ -7,6 +7,7 @@ nats-server's share of the CPU while it runs. Writes, per process, py-spy's coll
 (self time, and inclusive time of the request path's own functions).
 
     python benchmarks/profile_path.py [--topology E/P/D] [--seconds 20] [--rate 200]
+        [--frontend-processes 2]
 """
 
 import argparse
@@ -31,8 +32,10 @@ PYSPY = Path(sys.executable).with_name("py-spy")
 
 
 def processes(launcher_pid: int) -> dict[str, psutil.Process]:
-    """The stack's processes by role (frontend, encode, prefill, decode, nats-server)."""
+    """The stack's processes by role (frontend, encode, prefill, decode, nats-server; the
+    frontend's other processes frontend-2, frontend-3, ...)."""
     found: dict[str, psutil.Process] = {}
+    followers = 0
     for child in psutil.Process(launcher_pid).children(recursive=True):
         try:
             line = " ".join(child.cmdline())
@@ -42,7 +45,11 @@ def processes(launcher_pid: int) -> dict[str, psutil.Process]:
             found["nats-server"] = child
         for role in ("frontend", "encode_worker", "prefill_worker", "decode_worker"):
             if f"triptych.components.{role}" in line:
-                found[role.removesuffix("_worker")] = child
+                name = role.removesuffix("_worker")
+                if "--frontend-group" in line:
+                    followers += 1
+                    name = f"frontend-{followers + 1}"
+                found[name] = child
     return found
 
 
@@ -75,12 +82,14 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--model", default="tiny-qwen2.5-vl")
+    parser.add_argument("--frontend-processes", type=int, default=2)
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks/results/profile_cpu"))
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "stack.log"
-    launcher, url = launch(TRIPTYCH[args.topology], PER_TOKEN, log)
+    processes_flag = ["--frontend-processes", str(args.frontend_processes)]
+    launcher, url = launch(TRIPTYCH[args.topology], [*processes_flag, *PER_TOKEN], log)
     try:
         stack = processes(launcher.pid)
         load = LoadConfig(
@@ -133,6 +142,7 @@ def main() -> None:
         stop(launcher)
     report = {
         "topology": args.topology,
+        "frontend_processes": args.frontend_processes,
         "requests_per_s": result["requests_per_s"],
         "ttft_p50_ms": result["ttft_ms"]["p50"],
         "cpu_cores_per_process": cpu,

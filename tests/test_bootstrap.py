@@ -1,13 +1,15 @@
 """Bootstrap rooms: decode gets the KV hand-off, or prefill's failure at once."""
 
 import asyncio
+import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from triptych.protocol import RoomReady, ServiceError
+from triptych.protocol import ErrorCode, RoomReady, ServiceError
 from triptych.transfer import BootstrapClient, BootstrapServer
+from triptych.transfer.framing import FrameProtocol
 
 Pair = tuple[BootstrapServer, BootstrapClient]
 
@@ -68,3 +70,125 @@ async def test_lost_prefill_fails_waiting_decodes(pair: Pair) -> None:
     await server.close()
     with pytest.raises(ServiceError, match="connection lost"):
         await asyncio.wait_for(joined, 2)
+
+
+def count_writes(connection: FrameProtocol, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """What each socket write of `connection` carried, from now on."""
+    transport = connection._transport
+    assert transport is not None
+    writes: list[bytes] = []
+    write = transport.write
+
+    def counted(data: bytes | bytearray | memoryview) -> None:
+        writes.append(bytes(data))
+        write(data)
+
+    monkeypatch.setattr(transport, "write", counted)
+    return writes
+
+
+async def test_frames_of_one_turn_leave_in_one_write(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joins sent in one event-loop turn reach prefill in one write, and the outcomes prefill
+    publishes in one turn reach decode in one write."""
+    server, client = pair
+    await client.done(server.host, server.port, 999)  # connected (a room nobody knows)
+    await asyncio.sleep(0.05)
+    joins = count_writes(client._connections[server.host, server.port], monkeypatch)
+    (prefill_end,) = server._connections
+    answers = count_writes(prefill_end, monkeypatch)
+    rooms = range(100, 105)
+    slots = [server.open(room) for room in rooms]
+    joined = [asyncio.create_task(client.join(server.host, server.port, room)) for room in rooms]
+    await asyncio.sleep(0.05)
+    assert len(joins) == 1 and joins[0].count(b'"join"') == len(rooms)
+    for room, slot in zip(rooms, slots, strict=True):
+        slot.ready(RoomReady(room=room))
+    assert [ready.room for ready in await asyncio.gather(*joined)] == list(rooms)
+    assert len(answers) == 1 and answers[0].count(b'"ready"') == len(rooms)
+
+
+async def fake_prefill(
+    answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> asyncio.Server:
+    """A bootstrap endpoint that answers each connection with `answer`."""
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+async def test_a_lost_connection_fails_waiting_joins_as_unavailable() -> None:
+    """Prefill's connection closes under a waiting join (no server close, no answer)."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    prefill, client = await fake_prefill(hang_up), BootstrapClient()
+    port = prefill.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ServiceError, match="connection lost") as lost:
+            await asyncio.wait_for(client.join("127.0.0.1", port, 3), 2)
+        assert lost.value.code == ErrorCode.UNAVAILABLE
+    finally:
+        await client.close()
+        prefill.close()
+
+
+async def test_a_bad_frame_from_prefill_fails_waiting_joins_as_unavailable() -> None:
+    async def garble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(struct.pack("!I", 5) + b"nope!")
+        await reader.read()  # until decode closes
+
+    prefill, client = await fake_prefill(garble), BootstrapClient()
+    port = prefill.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ServiceError, match="connection lost: ValidationError") as lost:
+            await asyncio.wait_for(client.join("127.0.0.1", port, 4), 2)
+        assert lost.value.code == ErrorCode.UNAVAILABLE
+    finally:
+        await client.close()
+        prefill.close()
+
+
+async def test_closing_the_client_fails_waiting_joins(pair: Pair) -> None:
+    server, client = pair
+    server.open(5)
+    joined = await waiting_join(pair, 5)
+    await client.close()
+    with pytest.raises(ServiceError, match="connection lost") as lost:
+        await joined
+    assert lost.value.code == ErrorCode.UNAVAILABLE
+
+
+async def test_unreachable_prefill_is_unavailable() -> None:
+    listener = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    listener.close()
+    await listener.wait_closed()
+    with pytest.raises(ServiceError, match="cannot reach prefill bootstrap") as refused:
+        await BootstrapClient().join("127.0.0.1", port, 6)
+    assert refused.value.code == ErrorCode.UNAVAILABLE
+
+
+async def test_a_cancelled_early_join_leaves_the_room(pair: Pair) -> None:
+    """Decode joins before prefill has the request, then gives up: prefill forgets the room."""
+    server = pair[0]
+    joined = await waiting_join(pair, 9)
+    assert server.open_rooms == 1
+    joined.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await joined
+    await asyncio.sleep(0.05)
+    assert server.open_rooms == 0
+
+
+async def test_a_bad_frame_closes_only_its_connection(pair: Pair) -> None:
+    server, client = pair
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(struct.pack("!I", 2**30))  # over the frame limit
+    assert await asyncio.wait_for(reader.read(), 2) == b""  # prefill hung up
+    writer.close()
+    slot = server.open(11)
+    slot.ready(RoomReady(room=11))
+    assert (await asyncio.wait_for(client.join(server.host, server.port, 11), 2)).room == 11

@@ -11,7 +11,6 @@ decode that leaves a room it joined early (prefill refused the request) says `Ro
 the server forgets the room."""
 
 import asyncio
-import contextlib
 import functools
 import logging
 import secrets
@@ -22,10 +21,11 @@ from triptych.protocol import (
     RoomDone,
     RoomFailed,
     RoomJoin,
+    RoomMessage,
     RoomReady,
     ServiceError,
 )
-from triptych.transfer.framing import no_delay, read_frame, write_frame
+from triptych.transfer.framing import FrameProtocol, close_all
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,13 @@ class BootstrapServer:
         self.port = port
         self._rooms: dict[int, _Room] = {}
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[_Decode] = set()
 
     async def start(self) -> None:
         """Listen. Safe to call twice."""
         if self._server is None:
-            self._server = await asyncio.start_server(self._serve, *self._bind)
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(lambda: _Decode(self), *self._bind)
             self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -108,9 +109,7 @@ class BootstrapServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await close_all(self._connections)
 
     def open(self, room: int) -> PrefillRoom:
         """Open a room for one request."""
@@ -144,79 +143,93 @@ class BootstrapServer:
         if entry is not None and not entry.outcome.done():
             entry.outcome.set_result(outcome)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        no_delay(writer)
-        try:
-            while True:
-                message = await read_frame(reader)
-                if isinstance(message, RoomJoin):  # answered once the room's outcome is known
-                    entry = self._room(message.room)
-                    entry.outcome.add_done_callback(functools.partial(_answer, entry, writer))
-                elif isinstance(message, RoomDone) and message.room in self._rooms:
-                    entry = self._rooms[message.room]
-                    entry.done.set()
-                    if not entry.opened:  # decode gave up before prefill had the request
-                        self._settle(message.room, RoomFailed(room=message.room, message="left"))
-                        del self._rooms[message.room]
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except asyncio.CancelledError:
-            # close() ends the connection: the handler ends quietly (asyncio logs a server
-            # callback's cancellation as an error, with a traceback, on every shutdown)
-            pass
-        except ValueError as error:
-            log.warning("bad bootstrap frame: %s", error)
-        finally:
-            writer.close()
-            self._connections.discard(task)
+    def _received(self, connection: "_Decode", message: RoomMessage) -> None:
+        if isinstance(message, RoomJoin):  # answered once the room's outcome is known
+            entry = self._room(message.room)
+            entry.outcome.add_done_callback(functools.partial(_answer, entry, connection))
+        elif isinstance(message, RoomDone) and message.room in self._rooms:
+            entry = self._rooms[message.room]
+            entry.done.set()
+            if not entry.opened:  # decode gave up before prefill had the request
+                self._settle(message.room, RoomFailed(room=message.room, message="left"))
+                del self._rooms[message.room]
 
 
-def _answer(entry: _Room, writer: asyncio.StreamWriter, outcome: "asyncio.Future[Outcome]") -> None:
+class _Decode(FrameProtocol):
+    """Prefill's end of one decode instance's connection."""
+
+    def __init__(self, server: BootstrapServer) -> None:
+        super().__init__()
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._server._connections.add(self)
+
+    def received(self, message: RoomMessage) -> None:
+        self._server._received(self, message)
+
+    def refused(self, error: ValueError) -> None:
+        log.warning("bad bootstrap frame: %s", error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._server._connections.discard(self)
+
+
+def _answer(entry: _Room, connection: _Decode, outcome: "asyncio.Future[Outcome]") -> None:
     """Tell the decode that joined a room its outcome, unless its connection closed since (one
-    small frame: written without waiting for the buffer to drain)."""
-    if writer.is_closing() or outcome.cancelled():
+    small frame: queued without waiting for the buffer to drain)."""
+    if connection.closed or outcome.cancelled():
         return
     entry.delivered = True
-    write_frame(writer, outcome.result())
+    connection.send(outcome.result())
 
 
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+_LOST = "prefill bootstrap connection lost"
+_EOF = "IncompleteReadError"
+"""What a connection that prefill closed is reported as (the stream reader's exception: the
+error text is the same as it was)."""
+
+
+class _Prefill(FrameProtocol):
+    """Decode's end of its connection to one prefill bootstrap endpoint: the joins waiting for
+    their room's outcome fail with UNAVAILABLE when it is lost."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.pending: dict[int, asyncio.Future[Outcome]] = {}
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        error = "prefill bootstrap connection lost"
-        try:
-            while True:
-                message = await read_frame(self.reader)
-                if isinstance(message, RoomReady | RoomFailed):
-                    future = self.pending.pop(message.room, None)
-                    if future is not None and not future.done():
-                        future.set_result(message)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as failure:
-            error = f"{error}: {type(failure).__name__}"
-        finally:
-            for future in self.pending.values():
-                if not future.done():
-                    future.set_exception(ServiceError(ErrorCode.UNAVAILABLE, error))
-            self.pending.clear()
-            self.writer.close()
 
     @property
     def alive(self) -> bool:
-        return not self.task.done()
+        return not self.closed
+
+    def received(self, message: RoomMessage) -> None:
+        if isinstance(message, RoomReady | RoomFailed):
+            future = self.pending.pop(message.room, None)
+            if future is not None and not future.done():
+                future.set_result(message)
+
+    def refused(self, error: ValueError) -> None:
+        self.fail(f"{_LOST}: {type(error).__name__}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.fail(f"{_LOST}: {_EOF if exc is None else type(exc).__name__}")
+
+    def fail(self, error: str) -> None:
+        """Fail every join still waiting (once: the first reason is kept)."""
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ServiceError(ErrorCode.UNAVAILABLE, error))
+        self.pending.clear()
 
 
 class BootstrapClient:
     """The decode side: one persistent connection per prefill bootstrap endpoint."""
 
     def __init__(self) -> None:
-        self._connections: dict[tuple[str, int], _Connection] = {}
+        self._connections: dict[tuple[str, int], _Prefill] = {}
         self._lock = asyncio.Lock()
 
     async def join(self, host: str, port: int, room: int) -> RoomReady:
@@ -224,13 +237,13 @@ class BootstrapClient:
         connection = await self._connect(host, port)
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         connection.pending[room] = future
-        write_frame(connection.writer, RoomJoin(room=room))
-        await connection.writer.drain()
+        connection.send(RoomJoin(room=room))
         try:
+            await connection.drain()
             outcome = await future
         except asyncio.CancelledError:
             if connection.alive:  # leave the room: prefill frees it (or forgets an early join)
-                write_frame(connection.writer, RoomDone(room=room))
+                connection.send(RoomDone(room=room))
             raise
         finally:
             connection.pending.pop(room, None)
@@ -241,18 +254,17 @@ class BootstrapClient:
     async def done(self, host: str, port: int, room: int) -> None:
         """Tell prefill the cache was received."""
         connection = await self._connect(host, port)
-        write_frame(connection.writer, RoomDone(room=room))
-        await connection.writer.drain()
+        connection.send(RoomDone(room=room))
+        await connection.drain()
 
     async def close(self) -> None:
-        """Close every connection. Safe to call twice."""
+        """Close every connection (the joins still waiting fail). Safe to call twice."""
         for connection in self._connections.values():
-            connection.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await connection.task
+            connection.fail(_LOST)
+        await close_all(self._connections.values())
         self._connections.clear()
 
-    async def _connect(self, host: str, port: int) -> _Connection:
+    async def _connect(self, host: str, port: int) -> _Prefill:
         key = (host, port)
         connection = self._connections.get(key)
         if connection is not None and connection.alive:
@@ -260,13 +272,12 @@ class BootstrapClient:
         async with self._lock:
             connection = self._connections.get(key)
             if connection is None or not connection.alive:
+                loop = asyncio.get_running_loop()
                 try:
-                    reader, writer = await asyncio.open_connection(host, port)
+                    _, connection = await loop.create_connection(_Prefill, host, port)
                 except OSError as error:
                     raise ServiceError(
                         ErrorCode.UNAVAILABLE, f"cannot reach prefill bootstrap {host}:{port}"
                     ) from error
-                no_delay(writer)
-                connection = _Connection(reader, writer)
                 self._connections[key] = connection
             return connection

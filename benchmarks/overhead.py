@@ -14,7 +14,8 @@ core of the 2-core machine these figures come from).
         [--out FILE]
 
 The JSON holds every measurement, the median of each figure over the rounds, and `ratios`
-whose keys say what is divided by what.
+whose keys say what is divided by what. Each c=32 run also records the CPU each process (the
+frontend's group as one), the client and the whole machine spent: in cores and per request.
 """
 
 import argparse
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from launcher import launch, stop
@@ -65,7 +68,7 @@ class Dynamo:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._pids: list[int] = []
+        self._pids: dict[str, int] = {}
 
     def start(self) -> str:
         for _ in range(600):  # another Dynamo on the machine: wait for it to go
@@ -87,11 +90,11 @@ class Dynamo:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        self._pids = [
-            int((self.directory / name).read_text())
+        self._pids = {
+            name: int((self.directory / name).read_text())
             for name in ("mocker.pid", "frontend.pid")
             if (self.directory / name).exists()
-        ]
+        }
         for _ in range(120):
             try:
                 if "tiny" in httpx.get(f"{self.URL}/v1/models", timeout=2).text:
@@ -102,15 +105,57 @@ class Dynamo:
         self.stop()
         raise RuntimeError("Dynamo did not come up")
 
+    def processes(self) -> dict[str, psutil.Process]:
+        """The started processes, by pid file name (mocker.pid, frontend.pid)."""
+        return {name: psutil.Process(pid) for name, pid in self._pids.items()}
+
     def stop(self) -> None:
-        for pid in self._pids:
+        for pid in self._pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        self._pids = []
+        self._pids = {}
         time.sleep(3)
 
 
-async def measure(url: str, model: str, requests_c1: int, seconds_c32: float) -> dict[str, Any]:
+def _machine_times() -> tuple[int, int]:
+    """All CPU time and idle time of the machine so far (jiffies, /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields), fields[3] + fields[4]
+
+
+class CpuShare:
+    """CPU used meanwhile, in cores: by each group of processes, by this process (the client)
+    and by the whole machine (`machine_busy`)."""
+
+    def __init__(self, groups: dict[str, list[psutil.Process]]) -> None:
+        self._groups = groups
+        self._begun = self._now()
+
+    def _now(self) -> dict[str, float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        total, idle = _machine_times()
+        now = {
+            name: sum(sum(p.cpu_times()[:2]) for p in group) for name, group in self._groups.items()
+        }
+        return {**now, "client": own.ru_utime + own.ru_stime, "_total": total, "_idle": idle}
+
+    def cores(self, seconds: float) -> dict[str, float]:
+        now = self._now()
+        spent = {name: (now[name] - self._begun[name]) / seconds for name in now}
+        busy = 1 - (now["_idle"] - self._begun["_idle"]) / (now["_total"] - self._begun["_total"])
+        cores = {k: v for k, v in spent.items() if not k.startswith("_")}
+        return {**cores, "machine_busy": busy * (os.cpu_count() or 1)}
+
+
+async def measure(
+    url: str,
+    model: str,
+    requests_c1: int,
+    seconds_c32: float,
+    groups: dict[str, list[psutil.Process]],
+) -> dict[str, Any]:
+    """c=1 TTFT and c=32 throughput, with the CPU each of `groups` (and the client, and the
+    machine) spent per request during the c=32 run (its warm-up included)."""
     common: dict[str, Any] = {
         "url": url,
         "model": model,
@@ -120,12 +165,28 @@ async def measure(url: str, model: str, requests_c1: int, seconds_c32: float) ->
         "ignore_eos": True,
     }
     c1 = await run_load(LoadConfig(concurrency=1, requests=requests_c1, warmup=50, **common))
+    cpu = CpuShare(groups)
+    begun = time.monotonic()
     c32 = await run_load(LoadConfig(concurrency=32, duration=seconds_c32, warmup=320, **common))
+    cores = cpu.cores(time.monotonic() - begun)
     keep = ("requests", "errors", "requests_per_s", "ttft_ms", "latency_ms", "itl_ms")
+    rate = c32["requests_per_s"]
     return {
         "c1": {k: c1[k] for k in keep},
         "c32": {k: c32[k] for k in keep},
+        "c32_cpu_cores": cores,
+        "c32_cpu_ms_per_request": {k: 1000 * v / rate for k, v in cores.items()} if rate else {},
     }
+
+
+def triptych_processes(launcher_pid: int) -> dict[str, list[psutil.Process]]:
+    """A launched stack's processes by component (the frontend's group as one)."""
+    from profile_path import processes
+
+    groups: dict[str, list[psutil.Process]] = {}
+    for role, process in processes(launcher_pid).items():
+        groups.setdefault(role.split("-")[0] if role != "nats-server" else role, []).append(process)
+    return groups
 
 
 def one_round(system: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -142,13 +203,18 @@ def _one_round(system: str, args: argparse.Namespace) -> dict[str, Any]:
         dynamo = Dynamo(args.dynamo_dir)
         url = dynamo.start()
         try:
-            return asyncio.run(measure(url, "tiny", args.requests_c1, args.seconds_c32))
+            groups = {
+                name.removesuffix(".pid"): [process, *process.children(recursive=True)]
+                for name, process in dynamo.processes().items()
+            }
+            return asyncio.run(measure(url, "tiny", args.requests_c1, args.seconds_c32, groups))
         finally:
             dynamo.stop()
     processes = ["--frontend-processes", str(args.frontend_processes)]
     launcher, url = launch(TRIPTYCH[system], [*processes, *PER_TOKEN], log)
     try:
-        return asyncio.run(measure(url, args.model, args.requests_c1, args.seconds_c32))
+        groups = triptych_processes(launcher.pid)
+        return asyncio.run(measure(url, args.model, args.requests_c1, args.seconds_c32, groups))
     finally:
         stop(launcher)
 
@@ -171,9 +237,15 @@ def main() -> None:
     parser.add_argument("--seconds-c32", type=float, default=20.0)
     parser.add_argument("--model", default="tiny-qwen2.5-vl")
     parser.add_argument("--frontend-processes", type=int, default=2)
+    parser.add_argument(
+        "--systems", default="E/P/D,EPD", help="triptych topologies to run (comma-separated)"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/overhead_cpu.json"))
     args = parser.parse_args()
-    systems = [*TRIPTYCH, *(["Dynamo"] if args.dynamo_dir else [])]
+    topologies = [system for system in args.systems.split(",") if system]
+    if unknown := set(topologies) - set(TRIPTYCH):
+        parser.error(f"--systems: not a topology here: {', '.join(sorted(unknown))}")
+    systems = [*topologies, *(["Dynamo"] if args.dynamo_dir else [])]
     runs: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
     order: list[str] = []
     for round_index in range(args.rounds):
@@ -194,19 +266,22 @@ def main() -> None:
             "c1_ttft_p50_ms": median(results, "c1", "ttft_ms", "p50"),
             "c1_latency_p50_ms": median(results, "c1", "latency_ms", "p50"),
             "c32_requests_per_s": median(results, "c32", "requests_per_s"),
+            "c32_machine_cpu_ms_per_request": median(
+                results, "c32_cpu_ms_per_request", "machine_busy"
+            ),
         }
         for system, results in runs.items()
     }
     ratios: dict[str, float] = {}
     if "Dynamo" in medians:
         peer = medians["Dynamo"]
-        for system in TRIPTYCH:
-            mine = medians[system]
+        for system in (s for s in medians if s != "Dynamo"):
+            figures = medians[system]
             ratios[f"{system} c32 req/s / Dynamo c32 req/s"] = (
-                mine["c32_requests_per_s"] / peer["c32_requests_per_s"]
+                figures["c32_requests_per_s"] / peer["c32_requests_per_s"]
             )
             ratios[f"{system} c1 TTFT p50 / Dynamo c1 TTFT p50"] = (
-                mine["c1_ttft_p50_ms"] / peer["c1_ttft_p50_ms"]
+                figures["c1_ttft_p50_ms"] / peer["c1_ttft_p50_ms"]
             )
     report = {
         **report_header(

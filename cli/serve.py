@@ -7,8 +7,6 @@ each to the processes that know it; flags after ``--`` go to every worker as the
 """
 
 import argparse
-import errno
-import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from triptych.cli.supervisor import Supervisor, say
 from triptych.components.frontend.config import FrontendConfig
 from triptych.components.topology import TOPOLOGIES, add_topology_argument
 from triptych.components.worker import worker_parser
+from triptych.runtime.entry import port_in_use, port_taken
 from triptych.runtime.env import flag_variable
 from triptych.runtime.flags import FlagParser, is_secret, is_switch, primary_flag, settable
 
@@ -119,20 +118,8 @@ def _forwarded(
 
 def _check_port(host: str, port: int) -> None:
     """Refuse at once, in one line, an HTTP port another process holds."""
-    if not port:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                sys.exit(
-                    f"triptych serve: port {port} on {host} is already in use: stop what holds "
-                    "it, or pick another with --http-port (0: any free port)"
-                )
-            raise
+    if port and port_taken(host, port):
+        sys.exit(f"triptych serve: {port_in_use(host, port, '--http-port')}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

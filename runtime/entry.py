@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import errno
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -35,6 +36,21 @@ def port_in_use(host: str, port: int, flag: str) -> StartupError:
 def is_port_in_use(error: OSError) -> bool:
     """Whether `error` is a bind that failed because the address is taken."""
     return error.errno == errno.EADDRINUSE or "address already in use" in str(error).lower()
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether another socket is bound to `host`:`port`: a probe binds it alone (no
+    SO_REUSEPORT, so a group of sockets sharing the port refuses it too)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if is_port_in_use(error):
+                return True
+            raise
+    return False
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:

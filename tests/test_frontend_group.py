@@ -4,6 +4,7 @@ to the leader stops them all."""
 
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -60,6 +61,17 @@ def test_a_group_shares_the_port_and_speaks_as_one(stack: Stack) -> None:
     assert all(count > 0 for count in each), each  # all on one: 2 in 2**23
     for _ in range(4):  # a connection each: whichever process answers, the group's sum
         assert chat_requests(scrape(f"{stack.url}/metrics")) == sent
+
+
+def test_a_second_group_is_refused_the_port_a_group_holds(stack: Stack) -> None:
+    """SO_REUSEPORT would let it share the port silently: its leader checks first."""
+    start_topology(stack, "E/P/D", frontend_args=GROUP)
+    command = stack.command("frontend", "--topology", "E/P/D", *GROUP)
+    command += ["--http-port", str(stack.http_port)]
+    env = stack.env()
+    second = subprocess.run(command, check=False, env=env, capture_output=True, timeout=120)
+    assert second.returncode == 1
+    assert f"port {stack.http_port} on 127.0.0.1 is already in use" in second.stderr.decode()
 
 
 def test_a_dead_follower_is_replaced_and_sigterm_stops_the_group(stack: Stack) -> None:

@@ -22,6 +22,7 @@ from triptych.runtime.entry import (
     configure_logging,
     is_port_in_use,
     port_in_use,
+    port_taken,
     serve,
     serving,
 )
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 http = HttpServer(frontend.handler(), refusal, config.max_body_bytes)
                 followers: Followers | None = None
                 try:
-                    port = await listen(http, config)
+                    port = await listen(http, config, leads=args.frontend_group is None)
                     if config.frontend_processes > 1:
                         followers, frontend.group = await _group(
                             config, args.frontend_group, port, argv, stop
@@ -119,17 +120,21 @@ async def _group(
     return followers, group
 
 
-async def listen(http: HttpServer, config: FrontendConfig) -> int:
+async def listen(http: HttpServer, config: FrontendConfig, leads: bool = True) -> int:
     """Bind the HTTP port (the one bound is returned); one line, not a traceback, when it is
-    taken. A group of frontend processes binds it with SO_REUSEPORT."""
+    taken. A group of frontend processes binds it with SO_REUSEPORT, once its leader has made
+    sure nothing else holds it (another group would otherwise share it silently)."""
     # A deeper accept queue than the default 128: a burst waits to be refused with a 503
     # instead of having its connections dropped and retried.
+    host, port = config.http_host, config.http_port
     shared = config.frontend_processes > 1
+    if shared and leads and port and port_taken(host, port):
+        raise port_in_use(host, port, "--http-port")
     try:
-        return await http.listen(config.http_host, config.http_port, 1024, reuse_port=shared)
+        return await http.listen(host, port, 1024, reuse_port=shared)
     except OSError as error:
         if is_port_in_use(error):
-            raise port_in_use(config.http_host, config.http_port, "--http-port") from None
+            raise port_in_use(host, port, "--http-port") from None
         raise
 
 

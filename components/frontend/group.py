@@ -104,11 +104,6 @@ class Group:
                 found[int(path.stem)] = int(json.loads(path.read_text())["metrics"])
         return found
 
-    @property
-    def complete(self) -> bool:
-        """Every process of the group is up and announced."""
-        return len(self.members()) >= self.size
-
     async def metrics(self) -> bytes:
         """The group's metrics: this process's and every other one's that answers, summed."""
         others = [port for pid, port in self.members().items() if pid != os.getpid()]

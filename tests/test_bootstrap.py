@@ -116,36 +116,32 @@ async def fake_prefill(
     return await asyncio.start_server(answer, "127.0.0.1", 0)
 
 
-async def test_a_lost_connection_fails_waiting_joins_as_unavailable() -> None:
+async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Prefill's connection closes under a waiting join (no server close, no answer)."""
+    await reader.read(1)
+    writer.close()
 
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(1)
-        writer.close()
 
-    prefill, client = await fake_prefill(hang_up), BootstrapClient()
+async def garble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Prefill answers a join with a frame that is not a message."""
+    await reader.read(1)
+    writer.write(struct.pack("!I", 5) + b"nope!")
+    await reader.read()  # until decode closes
+
+
+@pytest.mark.parametrize(
+    ("answer", "lost"),
+    [(hang_up, "connection lost"), (garble, "connection lost: ValidationError")],
+)
+async def test_a_broken_connection_fails_waiting_joins_as_unavailable(
+    answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], lost: str
+) -> None:
+    prefill, client = await fake_prefill(answer), BootstrapClient()
     port = prefill.sockets[0].getsockname()[1]
     try:
-        with pytest.raises(ServiceError, match="connection lost") as lost:
+        with pytest.raises(ServiceError, match=lost) as failed:
             await asyncio.wait_for(client.join("127.0.0.1", port, 3), 2)
-        assert lost.value.code == ErrorCode.UNAVAILABLE
-    finally:
-        await client.close()
-        prefill.close()
-
-
-async def test_a_bad_frame_from_prefill_fails_waiting_joins_as_unavailable() -> None:
-    async def garble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(1)
-        writer.write(struct.pack("!I", 5) + b"nope!")
-        await reader.read()  # until decode closes
-
-    prefill, client = await fake_prefill(garble), BootstrapClient()
-    port = prefill.sockets[0].getsockname()[1]
-    try:
-        with pytest.raises(ServiceError, match="connection lost: ValidationError") as lost:
-            await asyncio.wait_for(client.join("127.0.0.1", port, 4), 2)
-        assert lost.value.code == ErrorCode.UNAVAILABLE
+        assert failed.value.code == ErrorCode.UNAVAILABLE
     finally:
         await client.close()
         prefill.close()

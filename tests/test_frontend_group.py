@@ -12,7 +12,7 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.stack import Stack, start_topology
+from tests.stack import Process, Stack, start_topology
 from tests.test_faults import body, wait_until
 from tests.test_metrics import scrape
 from triptych.components.frontend.group import Group
@@ -41,12 +41,19 @@ def own_metrics_ports(directory: Path) -> dict[int, int]:
     }
 
 
-def test_a_group_shares_the_port_and_speaks_as_one(stack: Stack) -> None:
+def start_group(stack: Stack) -> tuple[Process, psutil.Process, Path]:
+    """E/P/D behind a group of two frontend processes: the frontend as started, its leader
+    process and the group's directory."""
     start_topology(stack, "E/P/D", frontend_args=GROUP)
+    frontend = stack.processes[-1]
+    leader = psutil.Process(frontend.popen.pid)
+    return frontend, leader, group_dir(leader)
+
+
+def test_a_group_shares_the_port_and_speaks_as_one(stack: Stack) -> None:
+    _, leader, directory = start_group(stack)
     ready = httpx.get(f"{stack.url}/ready", timeout=10).json()
     assert ready["status"] == "ready" and ready["frontend_processes"] == 2
-    leader = psutil.Process(stack.processes[-1].popen.pid)
-    directory = group_dir(leader)
     members = own_metrics_ports(directory)
     assert set(members) == {leader.pid, leader.children()[0].pid}
 
@@ -75,10 +82,7 @@ def test_a_second_group_is_refused_the_port_a_group_holds(stack: Stack) -> None:
 
 
 def test_a_dead_follower_is_replaced_and_sigterm_stops_the_group(stack: Stack) -> None:
-    start_topology(stack, "E/P/D", frontend_args=GROUP)
-    frontend = stack.processes[-1]
-    leader = psutil.Process(frontend.popen.pid)
-    directory = group_dir(leader)
+    frontend, leader, directory = start_group(stack)
     first = leader.children()[0]
     first.kill()
     first.wait(10)
@@ -103,10 +107,7 @@ def test_a_dead_follower_is_replaced_and_sigterm_stops_the_group(stack: Stack) -
 
 
 def test_a_follower_stops_when_its_leader_is_killed(stack: Stack) -> None:
-    start_topology(stack, "E/P/D", frontend_args=GROUP)
-    frontend = stack.processes[-1]
-    leader = psutil.Process(frontend.popen.pid)
-    directory = group_dir(leader)
+    frontend, leader, directory = start_group(stack)
     follower = leader.children()[0]
     frontend.kill()
     follower.wait(30)

@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -22,6 +23,10 @@ class ResponseStream:
 
     The stream ends at the end marker. It fails when the call's deadline passes or when the
     holder of the stream stays silent (no data, no keepalive) for `idle_timeout` seconds.
+
+    Both limits are kept by one timer per stream (the watchdog), armed when the reader first
+    waits and re-armed only when it fires, rather than by a timeout around every wait, which
+    a stream of tokens would arm and cancel once per token.
     """
 
     def __init__(
@@ -37,9 +42,12 @@ class ResponseStream:
         self.deadline = deadline
         self._idle_timeout = idle_timeout
         self._on_close = on_close
-        self._queue: asyncio.Queue[tuple[bytes, dict[str, str] | None]] = asyncio.Queue()
-        self._queued = 0
-        """Frames in the queue other than keepalives."""
+        self._frames: deque[tuple[bytes, dict[str, str] | None]] = deque()
+        """Arrived frames the reader has not taken (keepalives are only heard, not kept)."""
+        self._heard = 0.0
+        """When (monotonic) the stream was last heard from, or its reader began its wait."""
+        self._waiter: asyncio.Future[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self._finished = False
         self.instance = ""
         """The instance that accepted the call."""
@@ -48,21 +56,28 @@ class ResponseStream:
 
     def feed(self, data: bytes, headers: dict[str, str] | None) -> None:
         """Called by the runtime for each frame that arrives on this stream's subject."""
-        if headers is None or wire.KEEPALIVE not in headers:
-            self._queued += 1
-        self._queue.put_nowait((data, headers))
+        self._heard = time.monotonic()
+        if headers is not None and wire.KEEPALIVE in headers:
+            return
+        self._frames.append((data, headers))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     @property
     def pending(self) -> bool:
         """Whether a frame has arrived that the reader has not taken yet (so a reader that
         batches its writes knows more is coming without waiting). A closed stream has none:
         nobody will read what it still holds."""
-        return self._queued > 0 and not self._finished
+        return bool(self._frames) and not self._finished
 
     def close(self) -> None:
         """Stop receiving. Safe to call twice."""
         if not self._finished:
             self._finished = True
+            if self._waiter is None and self._watchdog is not None:
+                self._watchdog.cancel()  # a reader still waiting keeps its limits
+                self._watchdog = None
             self._on_close(self)
 
     @property
@@ -95,32 +110,40 @@ class ResponseStream:
 
     async def _next_frame(self) -> tuple[bytes, dict[str, str] | None]:
         while True:
-            remaining = self.deadline - time.time()
-            if remaining <= 0:
+            if time.time() >= self.deadline:
                 self.close()
                 raise deadline_exceeded(self.request_id)
-            if not self._queue.empty():  # already here: no timer to arm and cancel
-                frame = self._queue.get_nowait()
-                if frame[1] is not None and wire.KEEPALIVE in frame[1]:
-                    continue
-                self._queued -= 1
-                return frame
-            silent_limit = remaining > self._idle_timeout
+            if self._frames:
+                return self._frames.popleft()
+            await self._wait()
+
+    async def _wait(self) -> None:
+        """Until a frame arrives or the deadline passes; raises when the stream stays silent
+        for the idle timeout meanwhile."""
+        loop = asyncio.get_running_loop()
+        self._heard = time.monotonic()
+        while not self._frames and time.time() < self.deadline:
+            silent = time.monotonic() - self._heard
+            if silent >= self._idle_timeout:
+                self.close()
+                raise unavailable(
+                    f"worker went silent for {self._idle_timeout:g}s", self.request_id
+                )
+            waiter = self._waiter = loop.create_future()
+            if self._watchdog is None:
+                wait = min(self.deadline - time.time(), self._idle_timeout - silent)
+                self._watchdog = loop.call_later(max(0.0, wait), self._bark)
             try:
-                async with asyncio.timeout(min(remaining, self._idle_timeout)):
-                    frame = await self._queue.get()
-            except TimeoutError:
-                if silent_limit:
-                    self.close()
-                    raise unavailable(
-                        f"worker went silent for {self._idle_timeout:g}s", self.request_id
-                    ) from None
-                continue  # the deadline's wait ended (timers may fire a hair early): re-check
-            headers = frame[1]
-            if headers is not None and wire.KEEPALIVE in headers:
-                continue
-            self._queued -= 1
-            return frame
+                await waiter
+            finally:
+                self._waiter = None
+
+    def _bark(self) -> None:
+        """The watchdog's timer: wake the reader to check its limits (it re-arms on waiting)."""
+        self._watchdog = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _error(self, data: bytes, headers: dict[str, str]) -> ServiceError:
         try:

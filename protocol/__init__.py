@@ -1,8 +1,9 @@
 """Wire types: the OpenAI surface and every message that crosses a process boundary.
 
-Pure data (pydantic v2 models and validators), and `settings`: how a config field declares
-its command-line flag. Nothing here does I/O or imports the rest of the project; every other
-layer may import it.
+Pure data (pydantic v2 models and validators); `settings`, how a config field declares its
+command-line flag; and `local`, how peers on one host reach each other's endpoints (the one
+module that opens sockets). Nothing here imports the rest of the project; every other layer
+may import it.
 """
 
 if __name__ != "triptych.protocol":  # the folder is reached only through the package

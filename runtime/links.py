@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
+from triptych.protocol.local import connect, listen_local
 from triptych.runtime import wire
 from triptych.runtime.tasks import TaskOwner
 
@@ -234,6 +235,7 @@ class LinkServer:
 
     def __init__(self) -> None:
         self._server: asyncio.Server | None = None
+        self._local: asyncio.Server | None = None
         self._links: dict[str, _WorkerLink] = {}
         self._all: set[_WorkerLink] = set()
         self._handlers: dict[str, CallHandler] = {}
@@ -242,12 +244,17 @@ class LinkServer:
         self.key = secrets.token_hex(16)
         """What a caller must show in its hello (announced as ``link_key``)."""
 
-    async def start(self, host: str, port: int = 0) -> int:
-        """Listen on `host`; returns the bound port. Safe to call twice."""
+    async def start(self, host: str, port: int = 0, advertised: str | None = None) -> int:
+        """Listen on `host`, and for callers on this host on the UNIX socket named after the
+        `advertised` address (`protocol.local`); returns the bound port. Safe to call twice."""
         if self._server is None:
             loop = asyncio.get_running_loop()
             self._server = await loop.create_server(lambda: _WorkerLink(self), host, port)
             self.port = int(self._server.sockets[0].getsockname()[1])
+            if advertised:
+                self._local = await listen_local(
+                    loop, lambda: _WorkerLink(self), advertised, self.port
+                )
         return self.port
 
     def serve(self, subject: str, handler: CallHandler) -> None:
@@ -261,9 +268,10 @@ class LinkServer:
     async def close(self) -> None:
         """Stop listening and close every link. Safe to call twice."""
         self._handlers.clear()
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        for server in (self._server, self._local):
+            if server is not None:
+                server.close()
+        self._server = self._local = None
         await self._tasks.close()
         for link in list(self._all):
             link.close()
@@ -432,8 +440,8 @@ class LinkDialer:
     async def _dial(self, key: tuple[str, int], secret: str) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, link = await loop.create_connection(
-                lambda: CallerLink(self._prefix, secret, self._on_frame, self._lost), *key
+            _, link = await connect(
+                loop, lambda: CallerLink(self._prefix, secret, self._on_frame, self._lost), *key
             )
         except OSError as error:
             self._failed[key] = time.monotonic()

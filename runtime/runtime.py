@@ -128,14 +128,15 @@ class Runtime:
         """Publish one frame (used by stream sinks)."""
         await self.nc.publish(subject, data, headers=headers)
 
-    async def serve_links(self, host: str) -> int | None:
-        """Offer direct links on `host` (the caller dials the advertised address); returns the
-        port, or None when direct links are off."""
+    async def serve_links(self, host: str, advertised: str | None = None) -> int | None:
+        """Offer direct links on `host` (the caller dials the `advertised` address, and a
+        caller on this host its UNIX socket); returns the port, or None when direct links
+        are off."""
         if not self.config.direct_streams:
             return None
         if self._link_server is None:
             self._link_server = LinkServer()
-        return await self._link_server.start(host)
+        return await self._link_server.start(host, advertised=advertised)
 
     @property
     def link_key(self) -> str:

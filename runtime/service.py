@@ -217,7 +217,8 @@ class Service:
         nc = self._runtime.nc
         ns = self._runtime.config.namespace
         if self._link_host is not None:
-            port = await self._runtime.serve_links(self._link_host)
+            advertised = self._metadata.get("host")
+            port = await self._runtime.serve_links(self._link_host, advertised)
             if port is not None:
                 self._metadata["stream_port"] = str(port)
                 self._metadata[CALLS_METADATA] = "1"

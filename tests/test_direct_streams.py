@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import nats
+import psutil
 
 from tests.stack import Stack, micro_stats, start_topology
 from tests.test_faults import PIXEL
@@ -17,7 +18,7 @@ from tests.test_metrics import scrape, value
 from triptych.components.decode_worker.handler import DisaggregatedHandler
 from triptych.components.prefill_worker.handler import PrefillHandler
 from triptych.engines.mock import MockConfig, MockDecodeEngine, MockPrefillEngine, mock_tokens
-from triptych.protocol import GenerateRequest, SamplingOptions, decode_chunk
+from triptych.protocol import GenerateRequest, SamplingOptions, decode_chunk, local
 from triptych.runtime import Context, Runtime, RuntimeConfig, Service, StreamSink
 from triptych.runtime.nats_server import NatsServer
 from triptych.transfer import BootstrapClient, EmbeddingTransport
@@ -101,6 +102,20 @@ def test_tokens_arrive_in_order_and_complete_over_the_direct_link(stack: Stack) 
     samples = worker_metrics(stack, "decode")
     direct = value(samples, "triptych_stage_response_streams_total", stage="decode", path="direct")
     assert direct >= 8
+    if local.AVAILABLE:  # one host: the links and the room connection are UNIX sockets
+        (prefill,) = asyncio.run(metadata(stack, "prefill"))
+        accepted = {
+            "decode": {local.local_name(decode["host"], int(decode["stream_port"]))},
+            "prefill": {
+                local.local_name(prefill["host"], int(prefill["stream_port"])),
+                local.local_name(prefill["bootstrap_host"], int(prefill["bootstrap_port"])),
+            },
+        }
+        for process in stack.processes:
+            if process.name in accepted:
+                sockets = psutil.Process(process.popen.pid).net_connections(kind="unix")
+                shown = {c.laddr.replace("@", "\0", 1) for c in sockets}  # psutil's spelling
+                assert accepted[process.name] <= shown, sockets
 
 
 def token_ids(events: list[dict[str, Any]]) -> list[int]:

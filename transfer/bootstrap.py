@@ -25,6 +25,7 @@ from triptych.protocol import (
     RoomReady,
     ServiceError,
 )
+from triptych.protocol.local import connect, listen_local
 from triptych.transfer.framing import FrameProtocol, close_all
 
 log = logging.getLogger(__name__)
@@ -95,20 +96,24 @@ class BootstrapServer:
         self.port = port
         self._rooms: dict[int, _Room] = {}
         self._server: asyncio.Server | None = None
+        self._local: asyncio.Server | None = None
         self._connections: set[_Decode] = set()
 
     async def start(self) -> None:
-        """Listen. Safe to call twice."""
+        """Listen (by TCP, and for decode instances on this host by the UNIX socket named after
+        the advertised address: `protocol.local`). Safe to call twice."""
         if self._server is None:
             loop = asyncio.get_running_loop()
             self._server = await loop.create_server(lambda: _Decode(self), *self._bind)
             self.port = self._server.sockets[0].getsockname()[1]
+            self._local = await listen_local(loop, lambda: _Decode(self), self.host, self.port)
 
     async def close(self) -> None:
         """Stop listening and drop every connection. Safe to call twice."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        for server in (self._server, self._local):
+            if server is not None:
+                server.close()
+        self._server = self._local = None
         await close_all(self._connections)
 
     def open(self, room: int) -> PrefillRoom:
@@ -226,7 +231,8 @@ class _Prefill(FrameProtocol):
 
 
 class BootstrapClient:
-    """The decode side: one persistent connection per prefill bootstrap endpoint."""
+    """The decode side: one persistent connection per prefill bootstrap endpoint (by its UNIX
+    socket when prefill is on this host)."""
 
     def __init__(self) -> None:
         self._connections: dict[tuple[str, int], _Prefill] = {}
@@ -274,7 +280,7 @@ class BootstrapClient:
             if connection is None or not connection.alive:
                 loop = asyncio.get_running_loop()
                 try:
-                    _, connection = await loop.create_connection(_Prefill, host, port)
+                    _, connection = await connect(loop, _Prefill, host, port)
                 except OSError as error:
                     raise ServiceError(
                         ErrorCode.UNAVAILABLE, f"cannot reach prefill bootstrap {host}:{port}"

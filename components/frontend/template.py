@@ -2,7 +2,9 @@
 
 Rendering goes through transformers' own compiled template (its hardened Jinja sandbox), so the
 text is exactly what ``tokenizer.apply_chat_template`` produces; only the wrapper work that
-transformers repeats on every call is skipped. A test holds the two outputs equal.
+transformers repeats on every call is skipped, and Jinja's own merge of the template's globals
+(a chain of dicts, walked key by key on every render) is done once. A test holds the two
+outputs equal.
 ``--chat-template`` replaces the checkpoint's template with a file or an inline template.
 """
 
@@ -33,7 +35,8 @@ class ChatTemplate:
         if not isinstance(template, str):
             raise ValueError("the checkpoint has no chat template (give one with --chat-template)")
         self._template = _compile_jinja_template(template)
-        self._variables = dict(tokenizer.special_tokens_map)
+        self._variables = {**self._template.globals, **tokenizer.special_tokens_map}
+        """The template's globals and the tokenizer's special tokens, merged once."""
 
     def render(
         self,
@@ -46,14 +49,19 @@ class ChatTemplate:
         """The prompt text: by default ending with the assistant's turn opener; with
         `continue_final_message`, ending inside the last message (no end-of-turn after it).
         `variables` (a request's ``chat_template_kwargs``) reach the template too."""
-        extra = {k: v for k, v in (variables or {}).items() if k not in _RESERVED}
-        text: str = self._template.render(
-            messages=messages,
-            tools=None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt and not continue_final_message,
-            **{**self._variables, **extra},
-        )
+        context = {
+            **self._variables,
+            **{k: v for k, v in (variables or {}).items() if k not in _RESERVED},
+            "messages": messages,
+            "tools": None,
+            "documents": None,
+            "add_generation_prompt": add_generation_prompt and not continue_final_message,
+        }
+        template = self._template
+        try:  # Template.render, with the context already holding the globals
+            text = "".join(template.root_render_func(template.new_context(context, shared=True)))
+        except Exception:
+            template.environment.handle_exception()
         if continue_final_message:
             text = _cut_after_final(text, messages[-1])
         return text

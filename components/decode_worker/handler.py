@@ -20,13 +20,17 @@ from triptych.transfer import EmbeddingTransport
 from triptych.transfer.bootstrap import new_room
 
 
-async def _stream(chunks: AsyncIterator[TokenChunk], ctx: Context, ttft: nvtx.Mark) -> None:
+async def _stream(started: "_Started", ctx: Context, ttft: nvtx.Mark) -> None:
     """Send chunks as they come; the time-to-first-token ranges end at the first one."""
     with nvtx.start("mm:dec:first_token") as first_token:
-        async for chunk in chunks:
-            first_token.end()
-            ttft.end()
-            await ctx.stream.send_bytes(encode_chunk(chunk), end=chunk.finish_reason is not None)
+        chunk = await started.first()
+        first_token.end()
+        ttft.end()
+    send = ctx.stream.send_bytes
+    if chunk is not None:
+        await send(encode_chunk(chunk), end=chunk.finish_reason is not None)
+        async for chunk in started.chunks:
+            await send(encode_chunk(chunk), end=chunk.finish_reason is not None)
 
 
 class DisaggregatedHandler:
@@ -56,11 +60,11 @@ class DisaggregatedHandler:
             nvtx.start("mm:pd:ttft") as ttft,
         ):
             async with self.engine.admit(request):
-                chunks = await self._bootstrap(request, ctx)
+                started = await self._bootstrap(request, ctx)
                 try:
-                    await _stream(chunks, ctx, ttft)
+                    await _stream(started, ctx, ttft)
                 finally:
-                    await chunks.aclose()
+                    await started.aclose()
 
     async def _bootstrap(self, request: GenerateRequest, ctx: Context) -> "_Started":
         refused: ServiceError | None = None
@@ -125,31 +129,30 @@ def _announced(metadata: dict[str, str], room: int) -> BootstrapInfo | None:
 
 
 class _Started:
-    """A decode stream whose first step (joining the room) may already be running."""
+    """A decode stream whose first step (joining the room) may already be running; after the
+    first chunk, `chunks` is iterated directly."""
 
     def __init__(
-        self, chunks: AsyncIterator[TokenChunk], first: "asyncio.Future[TokenChunk] | None"
+        self, chunks: AsyncIterator[TokenChunk], first: "asyncio.Future[TokenChunk | None] | None"
     ) -> None:
-        self._chunks = chunks
+        self.chunks = chunks
         self._first = first
 
     @classmethod
     def now(cls, chunks: AsyncIterator[TokenChunk]) -> "_Started":
         """Start the first step at once (the join goes out while prefill is being called)."""
-        return cls(chunks, asyncio.ensure_future(anext(chunks)))
+        return cls(chunks, asyncio.ensure_future(anext(chunks, None)))
 
     @classmethod
     def later(cls, chunks: AsyncIterator[TokenChunk]) -> "_Started":
         return cls(chunks, None)
 
-    def __aiter__(self) -> "_Started":
-        return self
-
-    async def __anext__(self) -> TokenChunk:
+    async def first(self) -> TokenChunk | None:
+        """The first chunk (None: the stream ended without one)."""
         first, self._first = self._first, None
         if first is not None:
             return await first
-        return await anext(self._chunks)
+        return await anext(self.chunks, None)
 
     async def aclose(self) -> None:
         """Stop the first step if it still runs, and close the stream."""
@@ -157,7 +160,7 @@ class _Started:
         if first is not None:
             first.cancel()
             await asyncio.gather(first, return_exceptions=True)
-        aclose = getattr(self._chunks, "aclose", None)
+        aclose = getattr(self.chunks, "aclose", None)
         if aclose is not None:
             await aclose()
 
@@ -185,4 +188,4 @@ class AggregatedHandler:
                         request, ctx.request_id, self.transport, self.encoder
                     )
                 chunks = self.engine.generate(ctx.request_id, request, embeddings)
-                await _stream(chunks, ctx, ttft)
+                await _stream(_Started.later(chunks), ctx, ttft)

@@ -7,6 +7,7 @@ drain, and exits non-zero if start-up fails or the control plane is lost for goo
 import asyncio
 import contextlib
 import errno
+import gc
 import signal
 import socket
 import sys
@@ -59,7 +60,12 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
 
 
 async def serving(stop: asyncio.Event, runtime: Runtime) -> int:
-    """Wait until `stop` is set (0) or `runtime` lost NATS for good (`EXIT_NATS_LOST`)."""
+    """Wait until `stop` is set (0) or `runtime` lost NATS for good (`EXIT_NATS_LOST`).
+
+    What the process loaded to get here (modules, the tokenizer, the model's objects) lives as
+    long as it does: it is frozen out of the garbage collector's scans, which would otherwise
+    walk all of it again and again while requests run."""
+    gc.freeze()
     stopped = asyncio.ensure_future(stop.wait())
     lost = asyncio.ensure_future(runtime.lost.wait())
     try:

@@ -35,7 +35,8 @@ class ChatTemplate:
         if not isinstance(template, str):
             raise ValueError("the checkpoint has no chat template (give one with --chat-template)")
         self._template = _compile_jinja_template(template)
-        self._variables = {**self._template.globals, **tokenizer.special_tokens_map}
+        self._globals = dict(self._template.globals)
+        self._variables = {**self._globals, **tokenizer.special_tokens_map}
         """The template's globals and the tokenizer's special tokens, merged once."""
 
     def render(
@@ -57,11 +58,12 @@ class ChatTemplate:
             "documents": None,
             "add_generation_prompt": add_generation_prompt and not continue_final_message,
         }
-        template = self._template
+        template, env = self._template, self._template.environment
         try:  # Template.render, with the context already holding the globals
-            text = "".join(template.root_render_func(template.new_context(context, shared=True)))
+            ctx = env.context_class(env, context, template.name, template.blocks, self._globals)
+            text = "".join(template.root_render_func(ctx))
         except Exception:
-            template.environment.handle_exception()
+            env.handle_exception()
         if continue_final_message:
             text = _cut_after_final(text, messages[-1])
         return text

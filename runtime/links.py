@@ -3,7 +3,8 @@
 NATS stays the control plane (discovery, cancels, and calls to a worker that offers no link).
 Calls and response frames take a shorter way when they can: a caller opens one TCP link to each
 instance that announces ``stream_port`` in its NATS metadata (at the instance's advertised
-``host``, so it works across hosts and pods) and names the stream subjects it owns (its stream
+``host``, so it works across hosts and pods; a caller on the instance's own host connects to its
+UNIX socket instead, `protocol.local`) and names the stream subjects it owns (its stream
 prefix). It then sends its calls on that link when the instance also announces ``link_calls``
 (acknowledged on the link), and the instance writes every frame for those subjects to the link
 instead of publishing it through nats-server. Frames written in one event-loop turn leave in

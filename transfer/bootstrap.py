@@ -1,7 +1,8 @@
 """Bootstrap rooms: how decode finds the KV cache prefill made for it.
 
 Prefill runs a `BootstrapServer` on ``host:port`` and announces that address in its discovery
-metadata. Decode picks a room, `join`s it over a persistent TCP connection and sends prefill
+metadata. Decode picks a room, `join`s it over a persistent connection (TCP, or the endpoint's
+UNIX socket when prefill is on decode's host: `protocol.local`) and sends prefill
 the request naming the room, both at once; the join waits at the server until prefill opens the
 room (a prefill that announces nothing answers decode's call with ``{bootstrap_host,
 bootstrap_port, bootstrap_room}`` instead). Prefill answers the join with `RoomReady` (where the

@@ -17,10 +17,16 @@ def launch(
     log: Path,
     timeout: float = 300,
     env: dict[str, str] | None = None,
+    own_session: bool = True,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Run ``launch/<script> args... --http-port 0`` until it says it serves (it does so once
     ``/ready`` answers 200); returns the launcher and the frontend's base URL. Without `env`
-    the script starts a private NATS; with one that sets NATS_URL, the stack joins that."""
+    the script starts a private NATS; with one that sets NATS_URL, the stack joins that.
+
+    The stack runs in a process group of its own, and by default in a session of its own, as
+    a service would; `own_session` False keeps it in the caller's session. On Linux that
+    decides how it shares the CPU with the caller: the scheduler's autogroups divide the CPU
+    fairly between sessions first, then between the processes within each."""
     if env is None:
         env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
     split = args.index("--") if "--" in args else len(args)  # worker flags follow "--"
@@ -30,7 +36,8 @@ def launch(
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env=env,
-        start_new_session=True,
+        start_new_session=own_session,
+        process_group=None if own_session else 0,
     )
     begun = time.monotonic()
     while time.monotonic() - begun < timeout:

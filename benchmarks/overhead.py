@@ -8,10 +8,13 @@ turn, in alternating order over `--rounds`, with the same client: streamed text-
 completions of 16 tokens, time to the first chunk with text at concurrency 1, and requests/s at
 concurrency 32. Client, servers and NATS share the machine's cores. Dynamo's frontend runs
 on every core (tokio); triptych's runs `--frontend-processes` processes (default 2, one per
-core of the 2-core machine these figures come from).
+core of the 2-core machine these figures come from). Every system runs in a session of its
+own by default (`--sessions own`), as services do, or in the client's (`--sessions shared`):
+Linux's autogroup scheduler shares the CPU fairly between sessions first, so the client and
+the system under test must stand in the same relation for every system.
 
     python benchmarks/overhead.py [--dynamo-dir DIR] [--rounds 2] [--frontend-processes 2]
-        [--out FILE]
+        [--sessions own|shared] [--out FILE]
 
 The JSON holds every measurement, the median of each figure over the rounds, and `ratios`
 whose keys say what is divided by what. Each c=32 run also records the CPU each process (the
@@ -66,8 +69,9 @@ class Dynamo:
 
     URL = "http://127.0.0.1:8000"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, own_session: bool = True) -> None:
         self.directory = directory
+        self.own_session = own_session
         self._pids: dict[str, int] = {}
 
     def start(self) -> str:
@@ -89,6 +93,7 @@ class Dynamo:
             env=env,
             check=True,
             stdout=subprocess.DEVNULL,
+            start_new_session=self.own_session,  # the processes it starts in the background too
         )
         self._pids = {
             name: int((self.directory / name).read_text())
@@ -199,8 +204,9 @@ def one_round(system: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _one_round(system: str, args: argparse.Namespace) -> dict[str, Any]:
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"overhead-{system.replace('/', '')}.log"
+    own_session = args.sessions == "own"
     if system == "Dynamo":
-        dynamo = Dynamo(args.dynamo_dir)
+        dynamo = Dynamo(args.dynamo_dir, own_session)
         url = dynamo.start()
         try:
             groups = {
@@ -211,7 +217,7 @@ def _one_round(system: str, args: argparse.Namespace) -> dict[str, Any]:
         finally:
             dynamo.stop()
     processes = ["--frontend-processes", str(args.frontend_processes)]
-    launcher, url = launch(TRIPTYCH[system], [*processes, *PER_TOKEN], log)
+    launcher, url = launch(TRIPTYCH[system], [*processes, *PER_TOKEN], log, own_session=own_session)
     try:
         groups = triptych_processes(launcher.pid)
         return asyncio.run(measure(url, args.model, args.requests_c1, args.seconds_c32, groups))
@@ -239,6 +245,12 @@ def main() -> None:
     parser.add_argument("--frontend-processes", type=int, default=2)
     parser.add_argument(
         "--systems", default="E/P/D,EPD", help="triptych topologies to run (comma-separated)"
+    )
+    parser.add_argument(
+        "--sessions",
+        choices=("own", "shared"),
+        default="own",
+        help="each system in a session of its own, or in the client's",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/overhead_cpu.json"))
     args = parser.parse_args()
@@ -289,6 +301,7 @@ def main() -> None:
             "simulated engines at ~0 cost; c=1 TTFT at the first chunk with text, c=32 req/s"
         ),
         "triptych_frontend_processes": args.frontend_processes,
+        "sessions": args.sessions,
         "order": order,
         "runs": runs,
         "medians": medians,

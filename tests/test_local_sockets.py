@@ -64,35 +64,31 @@ async def linked(dialer: LinkDialer, server: LinkServer, host: str) -> CallerLin
     raise AssertionError("no link")
 
 
-@pytest.mark.skipif(not local.AVAILABLE, reason="abstract UNIX sockets are Linux's")
-async def test_a_decode_on_prefills_host_joins_rooms_over_a_unix_socket() -> None:
+LINUX_ONLY = pytest.mark.skipif(not local.AVAILABLE, reason="abstract UNIX sockets are Linux's")
+
+
+@pytest.mark.parametrize(
+    ("abstract_sockets", "expected"),
+    [pytest.param(True, socket.AF_UNIX, marks=LINUX_ONLY), (False, socket.AF_INET)],
+)
+async def test_a_decode_joins_rooms_on_prefills_unix_socket_where_there_is_one(
+    monkeypatch: pytest.MonkeyPatch, abstract_sockets: bool, expected: socket.AddressFamily
+) -> None:
+    monkeypatch.setattr(local, "AVAILABLE", abstract_sockets)
     server, client = BootstrapServer(), BootstrapClient()
     await server.start()
     try:
         await room_round_trip(server, client, 11)
         (connection,) = client._connections.values()
-        assert family(connection) == socket.AF_UNIX
+        assert family(connection) == expected
         (served,) = server._connections
-        assert family(served) == socket.AF_UNIX
+        assert family(served) == expected
     finally:
         await client.close()
         await server.close()
 
 
-async def test_without_abstract_sockets_rooms_go_by_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local, "AVAILABLE", False)
-    server, client = BootstrapServer(), BootstrapClient()
-    await server.start()
-    try:
-        await room_round_trip(server, client, 12)
-        (connection,) = client._connections.values()
-        assert family(connection) == socket.AF_INET
-    finally:
-        await client.close()
-        await server.close()
-
-
-@pytest.mark.skipif(not local.AVAILABLE, reason="abstract UNIX sockets are Linux's")
+@LINUX_ONLY
 async def test_a_caller_on_the_workers_host_links_over_a_unix_socket(
     links: tuple[LinkServer, LinkDialer],
 ) -> None:

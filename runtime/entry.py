@@ -64,7 +64,9 @@ async def serving(stop: asyncio.Event, runtime: Runtime) -> int:
 
     What the process loaded to get here (modules, the tokenizer, the model's objects) lives as
     long as it does: it is frozen out of the garbage collector's scans, which would otherwise
-    walk all of it again and again while requests run."""
+    walk all of it again and again while requests run (what start-up left as garbage is
+    collected first, not frozen)."""
+    gc.collect()
     gc.freeze()
     stopped = asyncio.ensure_future(stop.wait())
     lost = asyncio.ensure_future(runtime.lost.wait())

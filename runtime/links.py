@@ -254,7 +254,7 @@ class LinkServer:
             self.port = int(self._server.sockets[0].getsockname()[1])
             if advertised:
                 self._local = await listen_local(
-                    loop, lambda: _WorkerLink(self), advertised, self.port
+                    loop, lambda: _WorkerLink(self), "link", advertised, self.port
                 )
         return self.port
 
@@ -442,7 +442,10 @@ class LinkDialer:
         loop = asyncio.get_running_loop()
         try:
             _, link = await connect(
-                loop, lambda: CallerLink(self._prefix, secret, self._on_frame, self._lost), *key
+                loop,
+                lambda: CallerLink(self._prefix, secret, self._on_frame, self._lost),
+                "link",
+                *key,
             )
         except OSError as error:
             self._failed[key] = time.monotonic()

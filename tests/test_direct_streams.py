@@ -105,10 +105,12 @@ def test_tokens_arrive_in_order_and_complete_over_the_direct_link(stack: Stack) 
     if local.AVAILABLE:  # one host: the links and the room connection are UNIX sockets
         (prefill,) = asyncio.run(metadata(stack, "prefill"))
         accepted = {
-            "decode": {local.local_name(decode["host"], int(decode["stream_port"]))},
+            "decode": {local.local_name("link", decode["host"], int(decode["stream_port"]))},
             "prefill": {
-                local.local_name(prefill["host"], int(prefill["stream_port"])),
-                local.local_name(prefill["bootstrap_host"], int(prefill["bootstrap_port"])),
+                local.local_name("link", prefill["host"], int(prefill["stream_port"])),
+                local.local_name(
+                    "bootstrap", prefill["bootstrap_host"], int(prefill["bootstrap_port"])
+                ),
             },
         }
         for process in stack.processes:

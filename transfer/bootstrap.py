@@ -107,7 +107,9 @@ class BootstrapServer:
             loop = asyncio.get_running_loop()
             self._server = await loop.create_server(lambda: _Decode(self), *self._bind)
             self.port = self._server.sockets[0].getsockname()[1]
-            self._local = await listen_local(loop, lambda: _Decode(self), self.host, self.port)
+            self._local = await listen_local(
+                loop, lambda: _Decode(self), "bootstrap", self.host, self.port
+            )
 
     async def close(self) -> None:
         """Stop listening and drop every connection. Safe to call twice."""
@@ -281,7 +283,7 @@ class BootstrapClient:
             if connection is None or not connection.alive:
                 loop = asyncio.get_running_loop()
                 try:
-                    _, connection = await connect(loop, _Prefill, host, port)
+                    _, connection = await connect(loop, _Prefill, "bootstrap", host, port)
                 except OSError as error:
                     raise ServiceError(
                         ErrorCode.UNAVAILABLE, f"cannot reach prefill bootstrap {host}:{port}"

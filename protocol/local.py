@@ -2,11 +2,11 @@
 
 Each TCP endpoint a worker announces (its direct links, prefill's bootstrap rooms) also listens
 on a Linux abstract UNIX socket named after its kind and the address it announces
-(``@triptych-link:10.0.0.5:41234`` in ``ss -xl``). An abstract name lives
-in a network namespace, so only peers that share the endpoint's host (or pod) can reach it:
-they connect there and skip the TCP/IP stack, which costs a small loopback message several
-times what a UNIX socket does. Every other peer, and every system without abstract sockets,
-connects by TCP. The endpoint's own checks (a link's key) apply whichever way a peer comes in.
+(``@triptych-link:10.0.0.5:41234`` in ``ss -xl``). An abstract name lives in a network
+namespace, so only peers that share the endpoint's host (or pod) can reach it: they connect
+there and skip the TCP/IP stack, which costs a small loopback message several times what a
+UNIX socket does. Every other peer, and every system without abstract sockets, connects by TCP.
+The endpoint's own checks (a link's key) apply whichever way a peer comes in.
 """
 
 import asyncio

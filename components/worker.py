@@ -31,6 +31,7 @@ from triptych.runtime.entry import (
     port_in_use,
     serve,
     serving,
+    settle_heap,
 )
 from triptych.runtime.flags import FlagParser, add_logging_arguments, add_model_arguments
 from triptych.runtime.port_file import write_port_file
@@ -253,6 +254,7 @@ def run_worker(
                 if stop.is_set():  # stopped while the engines loaded: never join routing
                     log.info("%s: stopped before it served", component)
                     return 0
+                settle_heap()
                 await _join(service, engines, config.port_file, status.port)
                 ready = True
                 exit_status = await serving(stop, runtime)

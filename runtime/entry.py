@@ -59,15 +59,18 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     observability_logs.configure_logging(level, fmt)
 
 
-async def serving(stop: asyncio.Event, runtime: Runtime) -> int:
-    """Wait until `stop` is set (0) or `runtime` lost NATS for good (`EXIT_NATS_LOST`).
-
-    What the process loaded to get here (modules, the tokenizer, the model's objects) lives as
-    long as it does: it is frozen out of the garbage collector's scans, which would otherwise
-    walk all of it again and again while requests run (what start-up left as garbage is
-    collected first, not frozen)."""
+def settle_heap() -> None:
+    """Call once start-up is done, before the process announces itself: what it loaded
+    (modules, the tokenizer, the model's objects) lives as long as it does, so it is frozen
+    out of the garbage collector's scans, which would otherwise walk all of it again and again
+    while requests run. What start-up left as garbage is collected first, not frozen; that
+    full collection pauses the process, which is why it comes before anyone may call it."""
     gc.collect()
     gc.freeze()
+
+
+async def serving(stop: asyncio.Event, runtime: Runtime) -> int:
+    """Wait until `stop` is set (0) or `runtime` lost NATS for good (`EXIT_NATS_LOST`)."""
     stopped = asyncio.ensure_future(stop.wait())
     lost = asyncio.ensure_future(runtime.lost.wait())
     try:

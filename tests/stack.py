@@ -127,8 +127,10 @@ class Stack:
         """Base URL of the frontend."""
         return f"http://127.0.0.1:{self.http_port}"
 
-    def wait_ready(self, timeout: float = 300) -> None:
-        """Wait until the frontend announced its port and its /ready answers 200."""
+    def wait_ready(self, timeout: float = 300, instances: int = 1) -> None:
+        """Wait until the frontend announced its port, its /ready answers 200 and it sees at
+        least `instances` instances of every stage it calls (one is enough for 200, and a test
+        that started more may depend on where requests go)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for process in self.processes:
@@ -141,7 +143,9 @@ class Stack:
                     continue
                 self.http_port = ports["http"]
             try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                ready = httpx.get(f"{self.url}/ready", timeout=1)
+                seen = ready.json().get("instances", {}) if ready.status_code == 200 else {}
+                if seen and min(seen.values()) >= instances:
                     return
             except httpx.HTTPError:
                 pass
@@ -183,7 +187,7 @@ def start_topology(
             name = worker.module.removesuffix("_worker")  # the component it enters by
             stack.start(name, worker.module, *worker.args, *args, env=envs.get(name))
     stack.frontend(topology, *frontend_args, env=envs.get("frontend"))
-    stack.wait_ready(ready_timeout)
+    stack.wait_ready(ready_timeout, instances=copies)
     return stack
 
 

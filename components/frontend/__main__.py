@@ -25,6 +25,7 @@ from triptych.runtime.entry import (
     port_taken,
     serve,
     serving,
+    settle_heap,
 )
 from triptych.runtime.port_file import write_port_file
 from triptych.transfer import TransferAgent
@@ -69,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 http = HttpServer(frontend.handler(), refusal, config.max_body_bytes)
                 followers: Followers | None = None
                 try:
+                    settle_heap()
                     port = await listen(http, config, leads=args.frontend_group is None)
                     if config.frontend_processes > 1:
                         followers, frontend.group = await _group(

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -339,7 +340,11 @@ def test_a_stage_scales_by_its_replicas_alone(tmp_path: Path, tiny_model: Path) 
         local.start(first="triptych-nats")
         local.wait_ready(local.pods, 240)
         frontend = next(p for p in local.pods if p.name == "triptych-frontend")
-        ready = httpx.get(f"http://{frontend.address}:8000/ready", timeout=5).json()
+        for _ in range(100):  # the frontend's discovery may see the second decode pod a bit later
+            ready = httpx.get(f"http://{frontend.address}:8000/ready", timeout=5).json()
+            if ready["instances"]["decode"] == 2:
+                break
+            time.sleep(0.1)
         assert ready["instances"]["decode"] == 2
         for i in range(12):
             reply = httpx.post(

@@ -17,14 +17,27 @@ def tokenizer(tiny_model: Path) -> object:
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "window"])
 @pytest.mark.parametrize("step", [1, 2, 5])
-def test_incremental_text_equals_whole_decode(tokenizer: object, step: int) -> None:
+def test_incremental_text_equals_whole_decode(tokenizer: object, step: int, stream: bool) -> None:
     ids = tokenizer.encode(TEXT, add_special_tokens=False)  # type: ignore[attr-defined]
     detokenizer = Detokenizer(tokenizer)
+    if not stream:  # as after `tokenizers`' stream refused a step
+        detokenizer._stream = None
     pieces = [detokenizer.add(ids[i : i + step]) for i in range(0, len(ids), step)]
     pieces.append(detokenizer.flush())
     assert "".join(pieces) == TEXT
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_a_character_cut_by_the_end_of_generation_is_flushed(tokenizer: object) -> None:
+    ids = tokenizer.encode("ok 日本", add_special_tokens=False)  # type: ignore[attr-defined]
+    whole = tokenizer.decode(ids[:-1])  # type: ignore[attr-defined]
+    assert whole.endswith("\ufffd"), "the tiny tokenizer splits 本 into byte tokens"
+    detokenizer = Detokenizer(tokenizer)
+    shown = "".join(detokenizer.add([token]) for token in ids[:-1])
+    assert "\ufffd" not in shown
+    assert shown + detokenizer.flush() == whole
 
 
 def test_stop_string_split_across_deltas_is_never_shown() -> None:

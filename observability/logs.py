@@ -44,6 +44,10 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
         )
+    # Neither format shows the caller's file and line, the thread or the process: not looking
+    # them up takes a quarter off every record (an access line per request in the frontend).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from triptych.protocol.openai import Reply, SamplingFields, Usage
+from triptych.protocol.openai import Reply, SamplingFields, TokenIdsOut, Usage
 from triptych.protocol.sampling import MAX_TOP_LOGPROBS, FinishReason
 
 DEFAULT_MAX_TOKENS = 16
@@ -80,8 +80,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
-    token_ids: list[int] | None = None
-    """Generated token ids, when the request asked for them (`return_token_ids`)."""
+    token_ids: TokenIdsOut = None
 
 
 class CompletionResponse(Reply):

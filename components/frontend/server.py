@@ -127,7 +127,7 @@ class Frontend:
                 return []
             return [image.content_key for image in request.images if image.content_key]
         aggregated = self.config.topology in ("EPD", "E/PD")
-        if aggregated and self.config.prefix_routing == "affinity":
+        if aggregated and self.config.prefix_routing == "affinity" and entry.has_choice:
             return route_keys(request)
         return []
 

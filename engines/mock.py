@@ -83,9 +83,9 @@ def mock_tokens(request: GenerateRequest, low: int, high: int) -> list[int]:
     of its prompt and seed alone, the same in every process.
 
     Drawn from a 64-bit linear congruential generator (Knuth's MMIX constants) seeded with
-    the hash of the prompt's ids and the seed: integers hash alike in every process, and this
-    costs a fifth of hashing the prompt's text and seeding a Mersenne twister, per request
-    on the decode worker."""
+    the hash of the prompt's ids and the seed (-1 for none; seeds are not negative): integers
+    hash alike in every process, and this costs decode under half of what hashing the
+    prompt's text and seeding a Mersenne twister did, per request."""
     seed = request.sampling.seed
     state = hash((*request.token_ids, -1 if seed is None else seed)) & _MASK_64
     width = high - low

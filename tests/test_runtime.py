@@ -1,6 +1,7 @@
 """The service runtime on a real nats-server: routing, streaming, deadlines, cancellation."""
 
 import asyncio
+import functools
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -367,80 +368,52 @@ async def test_calls_travel_on_the_direct_link_when_the_worker_offers_one(
     assert served == (0 if on_link else 1)
 
 
-async def test_a_link_that_drops_before_the_acknowledgement_moves_the_call_on(
+async def _drop_link(offered: list[str], call: Any) -> None:
+    offered.append(call.headers[wire.REQUEST_ID])
+    call.link.close()
+
+
+async def _hold(offered: list[str], call: Any) -> None:
+    offered.append(call.headers[wire.REQUEST_ID])
+    await asyncio.Event().wait()  # never answers
+
+
+@pytest.mark.parametrize(
+    ("misbehave", "ack_timeout_s"), [(_drop_link, 60.0), (_hold, 0.3)], ids=["drops", "holds"]
+)
+async def test_a_call_its_link_does_not_accept_moves_on(
     nats_server: NatsServer,
+    misbehave: Callable[[list[str], Any], Coroutine[Any, Any, None]],
+    ack_timeout_s: float,
 ) -> None:
     """A worker whose link closes while a call waits for its acknowledgement is gone: the
     call goes to the next instance at once, not after the acknowledgement's time-out (longer
-    here than the calls' deadlines)."""
+    here than the calls' deadlines). One that holds calls on its link without acknowledging
+    them is slow: each such call waits out the time-out, then goes to the next instance."""
     config = RuntimeConfig(
         nats_url=nats_server.url,
-        namespace=f"drop{time.monotonic_ns()}",
+        namespace=f"misbehave{time.monotonic_ns()}",
         discovery_interval_s=0.2,
-        ack_timeout_s=60.0,
+        ack_timeout_s=ack_timeout_s,
     )
     async with (
         Runtime(config, "caller") as caller,
         Runtime(config, "w1") as w1,
         Runtime(config, "w2") as w2,
     ):
-        frozen, survivor = await started(w1), await started(w2)
+        faulty, survivor = await started(w1), await started(w2)
         client = await caller.client("echo")
         await linked(caller, count=2)
-        dropped: list[str] = []
+        offered: list[str] = []
         subject = wire.endpoint_subject(
-            config.namespace, "echo", "generate", frozen.service.instance_id
+            config.namespace, "echo", "generate", faulty.service.instance_id
         )
-        w1.serve_calls(subject, _drop_link(dropped))  # accepts nothing: its link closes
+        w1.serve_calls(subject, functools.partial(misbehave, offered))
         for i in range(4):
             stream = await client.call(Ask(), request_id=f"c{i}", deadline=soon())
             assert stream.instance == survivor.service.instance_id
             assert len(await collect(stream)) == 1
-        assert dropped  # round-robin offered it at least one call
-
-
-async def test_a_call_its_link_never_acknowledges_moves_on_after_the_ack_timeout(
-    nats_server: NatsServer,
-) -> None:
-    """A worker that holds calls on its link without acknowledging them is slow: each such
-    call waits out the acknowledgement's time-out, then goes to the next instance."""
-    config = RuntimeConfig(
-        nats_url=nats_server.url,
-        namespace=f"hold{time.monotonic_ns()}",
-        discovery_interval_s=0.2,
-        ack_timeout_s=0.3,
-    )
-    async with (
-        Runtime(config, "caller") as caller,
-        Runtime(config, "w1") as w1,
-        Runtime(config, "w2") as w2,
-    ):
-        silent, survivor = await started(w1), await started(w2)
-        client = await caller.client("echo")
-        await linked(caller, count=2)
-        held: list[str] = []
-        subject = wire.endpoint_subject(
-            config.namespace, "echo", "generate", silent.service.instance_id
-        )
-
-        async def hold(call: Any) -> None:
-            held.append(call.headers[wire.REQUEST_ID])
-            await asyncio.Event().wait()  # never answers
-
-        w1.serve_calls(subject, hold)
-        for i in range(4):
-            stream = await client.call(Ask(), request_id=f"h{i}", deadline=soon())
-            assert stream.instance == survivor.service.instance_id
-            assert len(await collect(stream)) == 1
-        assert held  # round-robin offered it at least one call
-
-
-def _drop_link(dropped: list[str]) -> Callable[[Any], Coroutine[Any, Any, None]]:
-    async def drop(call: Any) -> None:
-        dropped.append(call.headers[wire.REQUEST_ID])
-        call.link.close()
-
-    return drop
+        assert offered  # round-robin offered it at least one call
 
 
 async def test_a_link_without_the_instance_key_is_closed(nats_server: NatsServer) -> None:

@@ -14,25 +14,26 @@ import logging
 import socket
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 AVAILABLE = sys.platform.startswith("linux")
 """Whether this system has abstract UNIX sockets."""
 
 P = TypeVar("P", bound=asyncio.Protocol)
+Kind = Literal["link", "bootstrap"]
+"""The endpoints that listen on a same-host socket: direct links, prefill's bootstrap rooms."""
 log = logging.getLogger(__name__)
 
 
-def local_name(kind: str, host: str, port: int) -> str:
-    """The abstract UNIX socket name of the `kind` endpoint (``link``, ``bootstrap``)
-    announced as `host`:`port`."""
+def local_name(kind: Kind, host: str, port: int) -> str:
+    """The abstract UNIX socket name of the `kind` endpoint announced as `host`:`port`."""
     return f"\0triptych-{kind}:{host}:{port}"
 
 
 async def listen_local(
     loop: asyncio.AbstractEventLoop,
     factory: Callable[[], asyncio.Protocol],
-    kind: str,
+    kind: Kind,
     host: str,
     port: int,
 ) -> asyncio.Server | None:
@@ -54,7 +55,7 @@ async def listen_local(
 
 
 async def connect(
-    loop: asyncio.AbstractEventLoop, factory: Callable[[], P], kind: str, host: str, port: int
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], P], kind: Kind, host: str, port: int
 ) -> tuple[asyncio.BaseTransport, P]:
     """Connect to the `kind` endpoint announced as `host`:`port`: by its UNIX socket when it
     is on this host, else by TCP."""

@@ -5,7 +5,8 @@ Poisson arrivals). For each mix (one 448x448 image; three 1024x1024 images):
 
 1. two EPD workers (one per GPU) serve rising request rates until TTFT p99 passes the target;
    meanwhile the planner reads the workers' live load signals (``load_*`` in their NATS
-   metadata) and calibrates its encode and prefill costs from them;
+   metadata) and calibrates its encode and prefill costs from them, and the frontend's host
+   time per image from its ``/metrics`` over the sweep;
 2. the planner plans the split for the mix's workload profile on the GPUs
    (``python -m triptych.components.planner plan`` does the same from the command line);
 3. the planner's split is launched and serves the same rates.
@@ -56,11 +57,12 @@ from triptych.components.planner.model import (
     StageCosts,
     WorkloadProfile,
     calibrate,
+    calibrate_frontend,
     calibrate_latency,
     capacity,
 )
 from triptych.components.planner.placement import plan
-from triptych.components.planner.signals import read_signals
+from triptych.components.planner.signals import image_decode_seconds, read_signals
 from triptych.protocol.load import StageLoad
 from triptych.runtime import Runtime, RuntimeConfig
 from triptych.runtime.nats_server import NatsServer
@@ -282,7 +284,8 @@ async def sweep(
     count: int = LOADERS,
 ) -> dict[str, Any]:
     """Rising rates until TTFT p99 passes the target (or time runs out), with the stages'
-    signals at the end of the last rate's arrivals (the most load: the best calibration)."""
+    signals at the end of the last rate's arrivals (the most load: the best calibration) and
+    the frontend's CPU seconds per image decoded over the rates."""
     rows: list[dict[str, Any]] = []
     signals: dict[str, list[dict[str, Any]]] = {}
     warm_bodies, bodies = bodies[: 8 * WARM_ROUNDS], bodies[8 * WARM_ROUNDS :]
@@ -292,6 +295,7 @@ async def sweep(
         except httpx.HTTPStatusError as error:
             return {"rows": [], "goodput_req_per_s": 0.0, "signals": {}, "error": str(error)}
     print(f"  warm-up: {json.dumps(warm)}", flush=True)
+    decoded = await image_decode_seconds(f"{url}/metrics")
     loaders = Loaders(url, bodies, min(count, math.ceil(max(mix["rates"]) / PER_LOADER)))
     try:
         for seed, rate in enumerate(mix["rates"]):
@@ -311,10 +315,12 @@ async def sweep(
         with contextlib.suppress(OSError):  # a load generator that died cannot be told
             loaders.close()
     passing = [r["throughput_req_per_s"] for r in rows if within_target(r)]
+    frontend = (await image_decode_seconds(f"{url}/metrics")).per_image_since(decoded)
     return {
         "rows": rows,
         "goodput_req_per_s": max(passing, default=0.0),
         "signals": signals,
+        "frontend_s_per_image": frontend,
         "warm_up": warm,
     }
 
@@ -439,6 +445,7 @@ def main() -> None:
                 for stage, loads in baseline[name]["signals"].items()
             }
             costs = calibrate(defaults, profile, measured)
+            costs = calibrate_frontend(costs, profile, baseline[name].get("frontend_s_per_image"))
             epd = [GpuPack(aggregated=1)] * args.gpus
             rows = baseline[name]["rows"]
             if rows and rows[0]["ttft_ms_p50"] is not None:  # the lowest rate's

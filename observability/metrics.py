@@ -97,6 +97,11 @@ IMAGE_TOKENS = LoopHistogram(
     "Image placeholder tokens per request",
     buckets=TOKENS,
 )
+IMAGE_DECODE = Histogram(
+    "triptych_frontend_image_decode_seconds",
+    "CPU time the frontend spent decoding one image and digesting its pixels (a worker thread's)",
+    buckets=LATENCY,
+)
 VIDEOS = LoopHistogram("triptych_frontend_videos_per_request", "Videos per request", buckets=COUNTS)
 VIDEO_FRAMES = LoopCounter(
     "triptych_frontend_video_frames_total", "Video frames sampled for the vision tower"

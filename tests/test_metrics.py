@@ -95,6 +95,8 @@ def test_metrics_move_as_requests_flow(stack: Stack) -> None:
     grew("triptych_frontend_output_tokens_total", 24)
     grew("triptych_frontend_images_per_request_sum", 2)
     grew("triptych_frontend_image_tokens_per_request_sum", 8)
+    grew("triptych_frontend_image_decode_seconds_count", 2)
+    grew("triptych_frontend_image_decode_seconds_sum", 1e-6)  # CPU time, never zero
     grew("triptych_frontend_client_disconnects_total", 1)
     assert value(after, "triptych_frontend_requests_in_flight") == 0
 

@@ -11,6 +11,7 @@ import base64
 import io
 import itertools
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -33,10 +34,12 @@ from triptych.components.planner.model import (
     StageCosts,
     WorkloadProfile,
     calibrate,
+    calibrate_frontend,
     calibrate_latency,
     capacity,
 )
 from triptych.components.planner.placement import Bounds, plan
+from triptych.components.planner.signals import ImageDecodeTotals
 from triptych.engines.hf.config import HfConfig
 from triptych.engines.hf.core import EngineCore
 from triptych.engines.hf.model import LanguageModel
@@ -239,6 +242,23 @@ def test_calibration_takes_the_measured_costs() -> None:
     )
     assert host.preprocess_s(THREE_1024) == pytest.approx(3 * 0.05)
     assert host.encode_gpu_s(THREE_1024) == costs.encode_gpu_s(THREE_1024)  # no busy time
+
+
+def test_the_frontends_host_time_per_image_is_calibrated_from_its_totals() -> None:
+    costs = StageCosts()
+    earlier, later = ImageDecodeTotals(seconds=0.5, images=10), ImageDecodeTotals(2.5, 30)
+    assert later.per_image_since() == pytest.approx(2.5 / 30)
+    assert later.per_image_since(earlier) == pytest.approx(0.1)  # 2 s over 20 images
+    assert later.per_image_since(later) is None  # nothing decoded in between
+    measured = calibrate_frontend(costs, THREE_1024, 0.1)
+    assert measured.frontend_s(THREE_1024) == pytest.approx(3 * 0.1)
+    assert calibrate_frontend(costs, THREE_1024, None) == costs
+    # a dearer frontend is a longer path to the first token, whatever the split
+    pack = [GpuPack(aggregated=1)] * 2
+    assert (
+        capacity(pack, THREE_1024, measured).unloaded_ttft_s
+        > capacity(pack, THREE_1024, costs).unloaded_ttft_s
+    )
 
 
 def test_an_encoder_beside_a_decoder_gets_a_time_slice_not_the_idle_rest() -> None:
@@ -649,3 +669,52 @@ def test_serve_starts_a_worker_per_listed_gpu_with_its_stage_budget(tmp_path: Pa
         if name.startswith("encode"):
             assert budget(flags) == "0.11" and env["CUDA_VISIBLE_DEVICES"] == name[-1]
     assert budget(workers["decode"][0]) == "0.6" and budget(workers["prefill"][0]) is None
+
+
+def test_plan_reads_the_frontends_host_time_per_image_from_its_metrics(stack: Stack) -> None:
+    start_topology(stack, "EPD", frontend_args=("--frontend-processes", "2"))
+    for seed in range(4):  # two images each, over however many of its processes
+        reply = httpx.post(f"{stack.url}/v1/chat/completions", json=request(2, seed), timeout=60)
+        assert reply.status_code == 200, reply.text
+
+    def planner(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "triptych.components.planner", "plan", *args]
+        return subprocess.run(
+            command,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=stack.env(),
+            cwd=ROOT,
+        )
+
+    metrics_url = f"{stack.url}/metrics"
+    done = planner("--gpus", "2", "--image-size", "56", "--frontend-metrics", metrics_url)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    frontend = report["frontend"]
+    assert frontend["images_decoded"] == 8  # summed over the group
+    per_image = frontend["seconds_per_image"]
+    assert 0 < per_image < 1
+    profile = WorkloadProfile(images_per_request=1, image_width=56, image_height=56)
+    assert report["costs"]["frontend_s_per_patch"] == pytest.approx(
+        per_image / profile.patches_per_image
+    )
+    # metrics of a process that decoded no image: the default stays, and it says so
+    port = asyncio.run(metrics_ports(stack, "decode"))[0]
+    idle = planner("--frontend-metrics", f"http://127.0.0.1:{port}/metrics")
+    assert idle.returncode == 0, idle.stderr
+    assert json.loads(idle.stdout)["frontend"] == {"images_decoded": 0, "seconds_per_image": None}
+    default = StageCosts().frontend_s_per_patch
+    assert json.loads(idle.stdout)["costs"]["frontend_s_per_patch"] == default
+    assert "no image decoded there yet" in idle.stderr
+    # metrics that cannot be read: one line, and no plan
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/metrics"
+        unread = planner("--frontend-metrics", url)
+    assert unread.returncode == 2
+    assert unread.stdout == ""
+    assert unread.stderr.startswith(f"--frontend-metrics: {url}:")
+    assert unread.stderr.count("\n") == 1

@@ -1,8 +1,9 @@
 """``python -m triptych.components.planner plan|watch``
 
 ``plan``: the split and placement for a workload profile on N GPUs, optionally with costs
-calibrated from the stages' live signals (``--calibrate``); prints the plan as JSON, with the
-launch command that starts it.
+calibrated from the stages' live signals (``--calibrate``) and the frontend's host time per
+image from its ``/metrics`` (``--frontend-metrics``); prints the plan as JSON, with the launch
+command that starts it.
 
 ``watch``: every ``--interval-s``, reads every stage's live signals from NATS, decides replica
 counts within ``--STAGE-replicas MIN:MAX`` with hysteresis, and (with ``--kube-api`` or
@@ -21,9 +22,14 @@ from pathlib import Path
 
 from triptych.components.planner.controller import Controller, Policy
 from triptych.components.planner.kube import DeploymentScaler, ScaleError
-from triptych.components.planner.model import StageCosts, WorkloadProfile, calibrate
+from triptych.components.planner.model import (
+    StageCosts,
+    WorkloadProfile,
+    calibrate,
+    calibrate_frontend,
+)
 from triptych.components.planner.placement import Bounds, plan
-from triptych.components.planner.signals import StageSignals, read_signals
+from triptych.components.planner.signals import StageSignals, image_decode_seconds, read_signals
 from triptych.protocol.settings import add_settings, settings_from
 from triptych.runtime import Runtime, RuntimeConfig
 from triptych.runtime.entry import configure_logging, serve
@@ -106,6 +112,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace the cost defaults with what the live stages measure (NATS)",
     )
+    planning.add_argument(
+        "--frontend-metrics",
+        metavar="URL",
+        default=None,
+        help="a frontend's /metrics URL: its host time per image (the mean since it started) "
+        "replaces the default",
+    )
     RuntimeConfig.add_arguments(planning)
 
     watching = commands.add_parser("watch", help="scale the stages from their live signals")
@@ -141,6 +154,19 @@ async def run_plan(args: argparse.Namespace) -> int:
         async with Runtime(RuntimeConfig.from_args(args), name="planner") as runtime:
             signals = await read_signals(runtime, STAGES)
         costs = calibrate(costs, profile, {s: sig.loads for s, sig in signals.items()})
+    frontend: dict[str, object] = {}
+    if args.frontend_metrics:
+        try:
+            totals = await image_decode_seconds(args.frontend_metrics)
+        except (OSError, ValueError) as error:
+            print(f"--frontend-metrics: {error}", file=sys.stderr)
+            return 2
+        per_image = totals.per_image_since()
+        if per_image is None:
+            message = "--frontend-metrics: no image decoded there yet; the default stays"
+            print(message, file=sys.stderr)
+        costs = calibrate_frontend(costs, profile, per_image)
+        frontend = {"images_decoded": totals.images, "seconds_per_image": per_image}
     chosen = plan(
         profile,
         costs,
@@ -152,6 +178,8 @@ async def run_plan(args: argparse.Namespace) -> int:
     report = {"profile": profile.__dict__, "costs": costs.__dict__, "plan": chosen.describe()}
     if signals:
         report["signals"] = {s: [x.model_dump() for x in sig.loads] for s, sig in signals.items()}
+    if frontend:
+        report["frontend"] = frontend
     print(json.dumps(report, indent=2))
     return 0
 

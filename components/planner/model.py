@@ -164,6 +164,17 @@ def calibrate(
     return updated
 
 
+def calibrate_frontend(
+    costs: StageCosts, profile: WorkloadProfile, seconds_per_image: float | None
+) -> StageCosts:
+    """`costs` with the frontend's host time per image as its processes measured it (decoding
+    an image and digesting its pixels, ``triptych_frontend_image_decode_seconds``), spread
+    over the profile's patches like the encoders' host time; unchanged without a figure."""
+    if seconds_per_image is None or seconds_per_image <= 0:
+        return costs
+    return replace(costs, frontend_s_per_patch=seconds_per_image / profile.patches_per_image)
+
+
 @dataclass(frozen=True)
 class GpuPack:
     """The workers one GPU runs: dedicated encoders, prefill, decode, or one aggregated EPD."""

@@ -3,6 +3,9 @@
 Every worker answers ``$SRV.PING.<namespace>-<component>`` with its metadata, whose ``load_*``
 entries it refreshes every second (`StageLoad`). One round asks each stage once and gathers
 the answers that arrive within `wait_s`.
+
+The frontend is no NATS service; its host time per image comes from its ``/metrics``
+(`image_decode_seconds`).
 """
 
 import asyncio
@@ -11,8 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
 from triptych.protocol.load import StageLoad
 from triptych.runtime import Runtime, wire
+
+IMAGE_DECODE = "triptych_frontend_image_decode_seconds"
+"""The frontend's histogram of CPU seconds per image decoded (`observability.metrics`)."""
 
 
 @dataclass
@@ -63,3 +72,40 @@ async def read_signals(
         if load is not None:
             result[stage].loads.append(load)
     return result
+
+
+@dataclass(frozen=True)
+class ImageDecodeTotals:
+    """What a frontend's ``/metrics`` says of its image decoding since it started (summed over
+    its processes)."""
+
+    seconds: float
+    images: int
+
+    def per_image_since(self, earlier: "ImageDecodeTotals | None" = None) -> float | None:
+        """CPU seconds per image decoded since `earlier` (since start without it); None when
+        no image was decoded in between."""
+        seconds = self.seconds - (earlier.seconds if earlier else 0.0)
+        images = self.images - (earlier.images if earlier else 0)
+        return seconds / images if images > 0 else None
+
+
+async def image_decode_seconds(metrics_url: str, timeout_s: float = 5.0) -> ImageDecodeTotals:
+    """The frontend's image decoding totals from its ``/metrics`` at `metrics_url`; raises
+    `OSError` when it cannot be read, `ValueError` when it holds no such histogram."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.get(metrics_url) as response,
+        ):
+            response.raise_for_status()
+            text = await response.text()
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise OSError(f"{metrics_url}: {error or type(error).__name__}") from None
+    for family in text_string_to_metric_families(text):
+        if family.name == IMAGE_DECODE:
+            values = {sample.name: sample.value for sample in family.samples}
+            return ImageDecodeTotals(
+                values.get(f"{IMAGE_DECODE}_sum", 0.0), int(values.get(f"{IMAGE_DECODE}_count", 0))
+            )
+    raise ValueError(f"{metrics_url} has no {IMAGE_DECODE} (not a triptych frontend?)")

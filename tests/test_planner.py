@@ -709,6 +709,10 @@ def test_plan_reads_the_frontends_host_time_per_image_from_its_metrics(stack: St
     default = StageCosts().frontend_s_per_patch
     assert json.loads(idle.stdout)["costs"]["frontend_s_per_patch"] == default
     assert "no image decoded there yet" in idle.stderr
+    # a page that is no metrics: one line, and no plan
+    models = planner("--frontend-metrics", f"{stack.url}/v1/models")
+    assert (models.returncode, models.stdout) == (2, "")
+    assert "/v1/models is not Prometheus text" in models.stderr
     # metrics that cannot be read: one line, and no plan
     with socket.socket() as closed:  # bound, never listening: connections are refused
         closed.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from triptych.protocol.load import StageLoad
 from triptych.runtime import Runtime, wire
 
-IMAGE_DECODE = "triptych_frontend_image_decode_seconds"
+IMAGE_DECODE_METRIC = "triptych_frontend_image_decode_seconds"
 """The frontend's histogram of CPU seconds per image decoded (`observability.metrics`)."""
 
 
@@ -102,10 +102,15 @@ async def image_decode_seconds(metrics_url: str, timeout_s: float = 5.0) -> Imag
             text = await response.text()
     except (aiohttp.ClientError, TimeoutError) as error:
         raise OSError(f"{metrics_url}: {error or type(error).__name__}") from None
-    for family in text_string_to_metric_families(text):
-        if family.name == IMAGE_DECODE:
+    name = IMAGE_DECODE_METRIC
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as error:
+        raise ValueError(f"{metrics_url} is not Prometheus text ({error})") from None
+    for family in families:
+        if family.name == name:
             values = {sample.name: sample.value for sample in family.samples}
             return ImageDecodeTotals(
-                values.get(f"{IMAGE_DECODE}_sum", 0.0), int(values.get(f"{IMAGE_DECODE}_count", 0))
+                values.get(f"{name}_sum", 0.0), int(values.get(f"{name}_count", 0))
             )
-    raise ValueError(f"{metrics_url} has no {IMAGE_DECODE} (not a triptych frontend?)")
+    raise ValueError(f"{metrics_url} has no {name} (not a triptych frontend?)")
